@@ -1,0 +1,22 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -> the tiny k1.5 RL demo on CPU
+#   make test   -> the full test suite on 8 fake CPU devices
+PY := .venv/bin/python
+WORKDIR ?= runs/demo
+
+.venv/.installed: setup.py
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,notebooks]"
+	touch $@
+
+install: .venv/.installed
+
+demo: install
+	$(PY) -m launch.train_rl --config=experiments/rl_arith.py:tiny --workdir=$(WORKDIR)
+
+test: install
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 -q --durations=15
+
+.PHONY: install demo test
