@@ -1,0 +1,131 @@
+"""Causal grouped-query attention kernels and the attention module.
+
+Masks are built from positions (a key is visible when its position <= the query's and, for
+packed rows, it is in the same segment), so the same kernels serve the full forward, packed
+batches and the KV-cache decode path (cache slot index == position).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from kimi_jax.model.config import ModelConfig
+from kimi_jax.model.layers import Dense, RMSNorm, rotary_embedding
+from kimi_jax.sharding.rules import constrain
+
+_NEG_INF = -1e30
+
+
+def causal_mask(q_pos_BxT, k_pos_BxS, q_seg_BxT=None, k_seg_BxS=None) -> jax.Array:
+  """Boolean mask [B, 1, T, S]: key visible if earlier-or-equal position and same segment."""
+  mask = k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]
+  if q_seg_BxT is not None:
+    mask &= q_seg_BxT[:, :, None] == k_seg_BxS[:, None, :]
+  return mask[:, None]
+
+
+def _grouped_scores(q_BxTxHxD, k_BxSxKxD, mask_Bx1xTxS):
+  """Scaled logits [B, K, G, T, S] in float32, masked entries at -inf-like."""
+  b, t, h, d = q_BxTxHxD.shape
+  kv = k_BxSxKxD.shape[2]
+  q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
+                      preferred_element_type=jnp.float32) * (d ** -0.5)
+  return jnp.where(mask_Bx1xTxS[:, :, None], scores, _NEG_INF)
+
+
+def _per_head_max(scores_BxKxGxTxS) -> jax.Array:
+  return scores_BxKxGxTxS.max(axis=(0, 3, 4)).reshape(-1)  # [H], head = k * G + g
+
+
+def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1xTxS):
+  """Attention through `jax.nn.dot_product_attention` (fused where the backend allows)."""
+  return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask_Bx1xTxS)
+
+
+def _pad_to_blocks(x, block, axis):
+  pad = (-x.shape[axis]) % block
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def blockwise_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1xTxS, block_size: int):
+  """Attention computed one query block at a time under remat.
+
+  Each block materialises [block, S] scores only, and the backward pass recomputes them, so
+  activation memory grows linearly with sequence length instead of quadratically.
+  """
+  b, t, h, d = q_BxTxHxD.shape
+  block = min(block_size, t)
+  q_blocks = _pad_to_blocks(q_BxTxHxD, block, 1).reshape(b, -1, block, h, d).swapaxes(0, 1)
+  m_blocks = _pad_to_blocks(mask_Bx1xTxS, block, 2)
+  m_blocks = m_blocks.reshape(b, 1, -1, block, m_blocks.shape[-1]).transpose(2, 0, 1, 3, 4)
+
+  @jax.checkpoint
+  def one_block(args):
+    q_blk, m_blk = args
+    scores = _grouped_scores(q_blk, k_BxSxKxD, m_blk)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
+    return out.reshape(b, block, h, d)
+
+  out = jax.lax.map(one_block, (q_blocks, m_blocks))
+  return out.swapaxes(0, 1).reshape(b, -1, h, d)[:, :t]
+
+
+def max_attention_logits(q_BxTxHxD, k_BxSxKxD, mask_Bx1xTxS, block_size: int) -> jax.Array:
+  """Per-head max of the scaled q.k logit over valid pairs, [H], blockwise in memory."""
+  b, t, h, d = q_BxTxHxD.shape
+  block = min(block_size, t)
+  q_blocks = _pad_to_blocks(q_BxTxHxD, block, 1).reshape(b, -1, block, h, d).swapaxes(0, 1)
+  m_blocks = _pad_to_blocks(mask_Bx1xTxS, block, 2)  # padded query rows are fully masked
+  m_blocks = m_blocks.reshape(b, 1, -1, block, m_blocks.shape[-1]).transpose(2, 0, 1, 3, 4)
+  per_block = jax.lax.map(lambda a: _per_head_max(_grouped_scores(a[0], k_BxSxKxD, a[1])),
+                          (q_blocks, m_blocks))
+  return jax.lax.stop_gradient(per_block.max(axis=0))
+
+
+class Attention(nn.Module):
+  """GQA self-attention with RoPE, optional QKV bias and q/k-norm, optional KV cache."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, kv_cache, return_max_logits):
+    cfg = self.config
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    b, t, _ = x_BxTxD.shape
+    h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    proj = functools.partial(Dense, dtype=dtype, param_dtype=pdtype)
+    q = proj(h * d, ("embed", "heads"), cfg.qkv_bias, name="q_proj")(x_BxTxD).reshape(b, t, h, d)
+    k = proj(kv * d, ("embed", "kv_heads"), cfg.qkv_bias, name="k_proj")(x_BxTxD).reshape(b, t, kv, d)
+    v = proj(kv * d, ("embed", "kv_heads"), cfg.qkv_bias, name="v_proj")(x_BxTxD).reshape(b, t, kv, d)
+    if cfg.qk_norm:
+      q = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="q_norm")(q)
+      k = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="k_norm")(k)
+    q = constrain(rotary_embedding(q, positions_BxT, cfg.rope_theta), ("batch", "length", "act_heads", None))
+    k = rotary_embedding(k, positions_BxT, cfg.rope_theta)
+
+    if kv_cache is None:
+      keys, values, k_pos, k_seg, q_seg = k, v, positions_BxT, segment_ids_BxT, segment_ids_BxT
+      new_cache = None
+    else:
+      rows = jnp.arange(b)[:, None]
+      keys = kv_cache[0].at[rows, positions_BxT].set(k.astype(kv_cache[0].dtype))
+      values = kv_cache[1].at[rows, positions_BxT].set(v.astype(kv_cache[1].dtype))
+      new_cache = (keys, values)
+      k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
+      k_seg = q_seg = None
+    mask = causal_mask(positions_BxT, k_pos, q_seg, k_seg)
+
+    if cfg.attention == "blockwise":
+      out = blockwise_attention(q, keys, values, mask, cfg.attention_block_size)
+    else:
+      out = dot_product_attention(q, keys, values, mask)
+    out = constrain(out, ("batch", "length", "act_heads", None)).reshape(b, t, h * d)
+    y = proj(x_BxTxD.shape[-1], ("heads", "embed"), False, name="o_proj")(out)
+    max_logits_H = (max_attention_logits(q, keys, mask, cfg.attention_block_size)
+                    if return_max_logits else None)
+    return y, new_cache, max_logits_H
