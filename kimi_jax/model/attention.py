@@ -51,39 +51,52 @@ def _pad_to_blocks(x, block, axis):
   return jnp.pad(x, widths)
 
 
-def blockwise_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1xTxS, block_size: int):
+def _query_blocks(q_BxTxHxD, q_pos_BxT, q_seg_BxT, block):
+  """Split queries (and their positions/segments) into [num_blocks, B, block, ...] slices.
+
+  Padded query rows get position -1, so they see no key and are dropped afterwards.
+  """
+  b, t, h, d = q_BxTxHxD.shape
+  split = lambda x: x.reshape(b, -1, block, *x.shape[2:]).swapaxes(0, 1)
+  q_blocks = split(_pad_to_blocks(q_BxTxHxD, block, 1))
+  pos_blocks = split(jnp.pad(q_pos_BxT, ((0, 0), (0, (-t) % block)), constant_values=-1))
+  seg_blocks = None if q_seg_BxT is None else split(_pad_to_blocks(q_seg_BxT, block, 1))
+  return q_blocks, pos_blocks, seg_blocks
+
+
+def blockwise_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, k_pos_BxS, q_seg_BxT,
+                        k_seg_BxS, block_size: int):
   """Attention computed one query block at a time under remat.
 
-  Each block materialises [block, S] scores only, and the backward pass recomputes them, so
-  activation memory grows linearly with sequence length instead of quadratically.
+  Each block materialises only its [block, S] scores and mask (built from positions), and the
+  backward pass recomputes them, so memory grows linearly with sequence length.
   """
   b, t, h, d = q_BxTxHxD.shape
   block = min(block_size, t)
-  q_blocks = _pad_to_blocks(q_BxTxHxD, block, 1).reshape(b, -1, block, h, d).swapaxes(0, 1)
-  m_blocks = _pad_to_blocks(mask_Bx1xTxS, block, 2)
-  m_blocks = m_blocks.reshape(b, 1, -1, block, m_blocks.shape[-1]).transpose(2, 0, 1, 3, 4)
 
   @jax.checkpoint
   def one_block(args):
-    q_blk, m_blk = args
-    scores = _grouped_scores(q_blk, k_BxSxKxD, m_blk)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
+    q_blk, pos_blk, seg_blk = args
+    mask = causal_mask(pos_blk, k_pos_BxS, seg_blk, k_seg_BxS)
+    probs = jax.nn.softmax(_grouped_scores(q_blk, k_BxSxKxD, mask), axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_BxSxKxD.dtype), v_BxSxKxD)
     return out.reshape(b, block, h, d)
 
-  out = jax.lax.map(one_block, (q_blocks, m_blocks))
+  out = jax.lax.map(one_block, _query_blocks(q_BxTxHxD, q_pos_BxT, q_seg_BxT, block))
   return out.swapaxes(0, 1).reshape(b, -1, h, d)[:, :t]
 
 
-def max_attention_logits(q_BxTxHxD, k_BxSxKxD, mask_Bx1xTxS, block_size: int) -> jax.Array:
+def max_attention_logits(q_BxTxHxD, k_BxSxKxD, q_pos_BxT, k_pos_BxS, q_seg_BxT, k_seg_BxS,
+                         block_size: int) -> jax.Array:
   """Per-head max of the scaled q.k logit over valid pairs, [H], blockwise in memory."""
-  b, t, h, d = q_BxTxHxD.shape
-  block = min(block_size, t)
-  q_blocks = _pad_to_blocks(q_BxTxHxD, block, 1).reshape(b, -1, block, h, d).swapaxes(0, 1)
-  m_blocks = _pad_to_blocks(mask_Bx1xTxS, block, 2)  # padded query rows are fully masked
-  m_blocks = m_blocks.reshape(b, 1, -1, block, m_blocks.shape[-1]).transpose(2, 0, 1, 3, 4)
-  per_block = jax.lax.map(lambda a: _per_head_max(_grouped_scores(a[0], k_BxSxKxD, a[1])),
-                          (q_blocks, m_blocks))
+  block = min(block_size, q_BxTxHxD.shape[1])
+
+  def one_block(args):
+    q_blk, pos_blk, seg_blk = args
+    mask = causal_mask(pos_blk, k_pos_BxS, seg_blk, k_seg_BxS)
+    return _per_head_max(_grouped_scores(q_blk, k_BxSxKxD, mask))
+
+  per_block = jax.lax.map(one_block, _query_blocks(q_BxTxHxD, q_pos_BxT, q_seg_BxT, block))
   return jax.lax.stop_gradient(per_block.max(axis=0))
 
 
@@ -118,14 +131,14 @@ class Attention(nn.Module):
       new_cache = (keys, values)
       k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
       k_seg = q_seg = None
-    mask = causal_mask(positions_BxT, k_pos, q_seg, k_seg)
-
     if cfg.attention == "blockwise":
-      out = blockwise_attention(q, keys, values, mask, cfg.attention_block_size)
+      out = blockwise_attention(q, keys, values, positions_BxT, k_pos, q_seg, k_seg,
+                                cfg.attention_block_size)
     else:
-      out = dot_product_attention(q, keys, values, mask)
+      out = dot_product_attention(q, keys, values, causal_mask(positions_BxT, k_pos, q_seg, k_seg))
     out = constrain(out, ("batch", "length", "act_heads", None)).reshape(b, t, h * d)
     y = proj(x_BxTxD.shape[-1], ("heads", "embed"), False, name="o_proj")(out)
-    max_logits_H = (max_attention_logits(q, keys, mask, cfg.attention_block_size)
+    max_logits_H = (max_attention_logits(q, keys, positions_BxT, k_pos, q_seg, k_seg,
+                                         cfg.attention_block_size)
                     if return_max_logits else None)
     return y, new_cache, max_logits_H
