@@ -1,0 +1,48 @@
+"""PNG plots of metric histories (what people would rather look at than read)."""
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_metrics(records: list[dict], keys: list[str], path: str, title: str = "",
+                 x_key: str = "step") -> None:
+  """One panel per metric key, x = `x_key`; keys missing from every record are skipped."""
+  keys = [k for k in keys if any(k in r for r in records)]
+  if not keys:
+    raise ValueError(f"none of the keys {keys} appear in the records")
+  cols = min(3, len(keys))
+  rows = math.ceil(len(keys) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+  for ax, key in zip(axes.flat, keys):
+    points = [(r[x_key], r[key]) for r in records if key in r]
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
+    ax.set_title(key)
+    ax.set_xlabel(x_key)
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(keys):]:
+    ax.axis("off")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_series(series: dict[str, tuple[list, list]], path: str, xlabel: str, ylabel: str,
+                title: str = "") -> None:
+  """Several labelled (x, y) lines on one axis: ablation sweeps side by side."""
+  fig, ax = plt.subplots(figsize=(5.5, 3.6))
+  for label, (xs, ys) in series.items():
+    ax.plot(xs, ys, marker="o", markersize=3, label=label)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
