@@ -43,16 +43,42 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",)))
 
 
-def jit_step(step_fn, mesh: Mesh, state_shardings, **static):
-  """jit `step_fn(state, batch, **static)` with explicit shardings and state donation.
-
-  Activations are pinned by the rules table while tracing (`activation_mesh`).
-  """
-  bound = functools.partial(step_fn, **static)
+def _with_activation_mesh(fn, mesh: Mesh, static):
+  bound = functools.partial(fn, **static)
 
   def traced(state, batch):
     with activation_mesh(mesh):
       return bound(state, batch)
 
-  return jax.jit(traced, in_shardings=(state_shardings, batch_sharding(mesh)),
+  return traced
+
+
+def jit_step(step_fn, mesh: Mesh, state_shardings, **static):
+  """jit `step_fn(state, batch, **static) -> (state, metrics)` with explicit shardings and
+  state donation. Activations are pinned by the rules table while tracing."""
+  return jax.jit(_with_activation_mesh(step_fn, mesh, static),
+                 in_shardings=(state_shardings, batch_sharding(mesh)),
                  out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def jit_eval(eval_fn, mesh: Mesh, state_shardings, **static):
+  """jit a read-only `eval_fn(state, batch, **static) -> outputs` (no donation)."""
+  return jax.jit(_with_activation_mesh(eval_fn, mesh, static),
+                 in_shardings=(state_shardings, batch_sharding(mesh)))
+
+
+def masked_logprob_sums(state, batch, config: ModelConfig) -> jax.Array:
+  """S_B = sum of loss-masked response log-probs under `state.params` (e.g. S_ref)."""
+  return (token_logprobs(config, state.params, batch) * batch["loss_mask"]).sum(axis=-1)
+
+
+def rl_loss(params, batch, config: ModelConfig, policy_loss):
+  """`policy_loss(logp_BxT, batch) -> (loss, metrics)`, e.g. the bound mirror-descent loss."""
+  return policy_loss(token_logprobs(config, params, batch), batch)
+
+
+def rl_step(state, batch, config: ModelConfig, policy_loss):
+  """One optimizer step on the policy loss of one minibatch of whole prompt groups."""
+  grads, metrics = jax.grad(rl_loss, has_aux=True)(state.params, batch, config, policy_loss)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  return state.apply_gradients(grads), metrics
