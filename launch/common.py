@@ -1,0 +1,24 @@
+"""Flag handling shared by every entry point: config file, workdir, multi-host start."""
+from absl import flags
+from ml_collections import config_flags
+
+CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variant]",
+                                         lock_config=True)
+WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and plots")
+MULTIHOST = flags.DEFINE_bool("multihost", False,
+                              "call jax.distributed.initialize() (TPU pods, SLURM GPU clusters)")
+
+
+def start(argv) -> tuple:
+  """Validate argv, start the distributed runtime if asked; return (config, workdir)."""
+  from absl import app
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=experiments/rl_arith.py:tiny")
+  if not WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  if MULTIHOST.value:
+    import jax
+    jax.distributed.initialize()
+  return CONFIG.value, WORKDIR.value
