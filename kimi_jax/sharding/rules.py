@@ -36,8 +36,13 @@ _ACTIVE_MESH = contextvars.ContextVar("kimi_jax_active_mesh", default=None)
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
+  """A (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices.
+
+  Without -1 the mesh takes the first data*fsdp*tensor devices (e.g. a 1-device run).
+  """
   devices = np.asarray(jax.devices() if devices is None else devices)
+  if -1 not in (data, fsdp, tensor):
+    devices = devices[:data * fsdp * tensor]
   shape = [data, fsdp, tensor]
   if shape.count(-1) > 1:
     raise ValueError(f"mesh shape {shape}: at most one axis may be -1")

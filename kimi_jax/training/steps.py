@@ -67,9 +67,10 @@ def jit_eval(eval_fn, mesh: Mesh, state_shardings, **static):
                  in_shardings=(state_shardings, batch_sharding(mesh)))
 
 
-def masked_logprob_sums(state, batch, config: ModelConfig) -> jax.Array:
-  """S_B = sum of loss-masked response log-probs under `state.params` (e.g. S_ref)."""
-  return (token_logprobs(config, state.params, batch) * batch["loss_mask"]).sum(axis=-1)
+def masked_token_logprobs(state, batch, config: ModelConfig) -> jax.Array:
+  """Loss-masked per-token log-probs under `state.params` [B, T] (pi_theta_i before updates:
+  summed they give S_ref; per token they are GRPO's old log-probs)."""
+  return token_logprobs(config, state.params, batch) * batch["loss_mask"]
 
 
 def rl_loss(params, batch, config: ModelConfig, policy_loss):

@@ -1,0 +1,89 @@
+"""k1.5 RL on the synthetic multi-step arithmetic task (long-CoT SFT warm-up, then RL).
+
+Run (the README's main job, CPU, < 15 minutes on 2 cores):
+  python -m launch.train_rl --config=experiments/rl_arith.py:tiny --workdir=runs/demo
+Variants: `tiny` (CPU demo), `tiny_nolp` (same, length penalty off: for the length ablation),
+`smoke` (seconds; used by tests), `small` (a single accelerator).
+Override any field: --config.rl.tau=0.05 --config.rl.length_penalty.weight=0.0
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.task = ml_collections.ConfigDict(dict(
+      name="arith", levels=(1, 2, 3, 4), max_operand=9, num_train=4000, num_heldout=256))
+
+  # Char-level tokenizer; vocab padded to a multiple of 8 so it shards over `tensor`.
+  c.model = ml_collections.ConfigDict(dict(
+      architecture="qwen2", hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
+      num_kv_heads=2, head_dim=16, rope_theta=10000.0, qkv_bias=True, vocab_multiple=8,
+      dtype="float32", attention="dot_product", remat=False))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+
+  c.sft = ml_collections.ConfigDict(dict(
+      steps=250, batch_size=64, seq_len=64, learning_rate=3e-3, warmup_steps=50,
+      weight_decay=0.01))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=1e-3, weight_decay=0.0, b1=0.9, b2=0.99, grad_clip=1.0))
+
+  c.rl = ml_collections.ConfigDict(dict(
+      iterations=30,
+      prompts_per_iteration=32,
+      k=8,  # samples per prompt
+      temperature=1.0,
+      loss="mirror_descent",  # mirror_descent (k1.5) | grpo | reinforce
+      tau=0.05,
+      baseline="mean",  # mean (paper) | log_mean_exp (exact tau log Z)
+      length_normalize=False,
+      groups_per_minibatch=8,
+      epochs=1,  # passes over the iteration's data; steps/iteration = epochs * minibatches
+      max_response_tokens=56,
+      segment_tokens=56,  # < max_response_tokens turns partial rollouts on
+      train_old_segments=True,
+      repetition_ngram=4, repetition_count=4, repetition_penalty=-0.5,
+      length_penalty=ml_collections.ConfigDict(dict(weight=0.2, warmup_iterations=10)),
+      clip_eps=0.2))  # grpo only
+
+  c.sampler = ml_collections.ConfigDict(dict(
+      strategy="prioritized", epsilon=0.05, curriculum_switch_iteration=0))
+
+  c.rollout = ml_collections.ConfigDict(dict(
+      backend="engine", urls=(), max_batch=128, max_seq_len=72))
+
+  c.eval = ml_collections.ConfigDict(dict(every=10, max_new_tokens=56))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=5, keep=2, async_save=True))
+  c.metrics = ml_collections.ConfigDict(dict(tensorboard=True))
+  return c
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  c = base_config()
+  if arg == "tiny":
+    pass
+  elif arg == "tiny_nolp":
+    c.rl.length_penalty.weight = 0.0
+  elif arg == "smoke":
+    c.task.num_train, c.task.num_heldout = 200, 32
+    c.sft.steps, c.sft.batch_size = 20, 16
+    c.rl.iterations, c.rl.prompts_per_iteration, c.rl.k = 3, 4, 4
+    c.rl.groups_per_minibatch = 2
+    c.rl.length_penalty.warmup_iterations = 1
+    c.eval.every = 2
+    c.checkpoint.every = 1
+    c.metrics.tensorboard = False
+  elif arg == "small":
+    c.model.update(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
+                   num_kv_heads=4, head_dim=64, dtype="bfloat16")
+    c.task.levels, c.task.max_operand = (1, 2, 3, 4, 5, 6), 99
+    c.rl.update(iterations=200, prompts_per_iteration=128, k=16, max_response_tokens=160,
+                segment_tokens=160)
+    c.rollout.update(max_batch=512, max_seq_len=192)
+  else:
+    raise ValueError(f"unknown config variant {arg!r}: tiny, tiny_nolp, smoke, small")
+  c.lock()
+  return c
