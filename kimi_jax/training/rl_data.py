@@ -33,10 +33,10 @@ def _is_finished(trajectory: Trajectory, finish_reason: dict, limits: RolloutLim
 
 
 def collect_groups(generate, groups: Sequence[Group], buffer: PartialRolloutBuffer,
-                   limits: RolloutLimits, version: int, seed_base: int) -> list[Group]:
+                   limits: RolloutLimits, version: int, seed_base: int) -> tuple[list[Group], int]:
   """Advance every unfinished trajectory of `groups` + the buffer by one segment.
 
-  Returns the groups that are now complete; incomplete ones go (back) into `buffer`.
+  Returns (groups now complete, tokens generated); incomplete groups go (back) into `buffer`.
   """
   pending = buffer.take_all() + list(groups)
   todo = [t for g in pending for t in g.trajectories if not t.finished]
@@ -56,7 +56,7 @@ def collect_groups(generate, groups: Sequence[Group], buffer: PartialRolloutBuff
   complete = []
   for group in pending:
     (complete.append if group.complete else buffer.put)(group)
-  return complete
+  return complete, sum(len(c.output_ids) for c in completions)
 
 
 def loss_token_mask(trajectory: Trajectory, current_version: int, train_old_segments: bool):

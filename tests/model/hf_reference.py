@@ -25,6 +25,6 @@ def tiny_hf_model(arch: str, tie: bool = False, seed: int = 0):
   return model
 
 
-def hf_logits(model, tokens_BxT) -> "np.ndarray":
+def hf_logits(model, tokens_BxT):
   with torch.no_grad():
     return model(torch.as_tensor(tokens_BxT)).logits.numpy()

@@ -1,9 +1,7 @@
 """Our LM against transformers (torch CPU) on tiny random Qwen2 / Llama / Qwen3 models."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from kimi_jax.checkpointing import hf

@@ -56,11 +56,12 @@ def test_long_responses_finish_over_several_iterations_with_versions():
   limits = RolloutLimits(max_response_tokens=32, segment_tokens=4)
   buffer = PartialRolloutBuffer()
   groups = new_groups([P("a", "1", "x"), P("b", "2", "y")], encode, k=2, first_group_id=0, version=0)
-  complete = collect_groups(policy, groups, buffer, limits, version=0, seed_base=0)
+  complete, tokens = collect_groups(policy, groups, buffer, limits, version=0, seed_base=0)
   assert [g.prompt_id for g in complete] == ["a"] and len(buffer) == 1
+  assert tokens == 2 * 3 + 2 * 4
   finished_by_version = {}
   for version in (1, 2):
-    for g in collect_groups(policy, [], buffer, limits, version=version, seed_base=100 * version):
+    for g in collect_groups(policy, [], buffer, limits, version=version, seed_base=100 * version)[0]:
       finished_by_version[version] = g
   long_group = finished_by_version[2]
   for t in long_group.trajectories:
@@ -75,8 +76,8 @@ def test_response_cap_finishes_truncated_trajectories():
   limits = RolloutLimits(max_response_tokens=6, segment_tokens=4)
   buffer = PartialRolloutBuffer()
   groups = new_groups([P("b", "2", "y")], encode, k=1, first_group_id=0, version=0)
-  assert collect_groups(policy, groups, buffer, limits, 0, 0) == []
-  (group,) = collect_groups(policy, [], buffer, limits, 1, 0)
+  assert collect_groups(policy, groups, buffer, limits, 0, 0) == ([], 4)
+  (group,), _ = collect_groups(policy, [], buffer, limits, 1, 0)
   assert policy.calls[-1] == [2]  # only the remaining 2 tokens were requested
   assert group.trajectories[0].finish_reason["type"] == "length"
 
@@ -87,7 +88,7 @@ def _two_segment_group():
   groups = new_groups([P("b", "2", "y")], encode, k=1, first_group_id=7, version=3)
   limits = RolloutLimits(max_response_tokens=8, segment_tokens=2)
   collect_groups(policy, groups, buffer, limits, 3, 0)
-  return collect_groups(policy, [], buffer, limits, 4, 0)
+  return collect_groups(policy, [], buffer, limits, 4, 0)[0]
 
 
 def test_loss_mask_follows_segment_policy():

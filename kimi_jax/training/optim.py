@@ -1,0 +1,17 @@
+"""Optimizer construction from an `optimizer` config block."""
+import optax
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+def build_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
+  """AdamW, or Muon (Moonlight scaling, sharing AdamW's lr and weight decay), with clipping."""
+  lr = cfg.learning_rate if schedule is None else schedule
+  if cfg.name == "adamw":
+    tx = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+  elif cfg.name == "muon":
+    from kimi_jax.optimizers.muon import muon
+    tx = muon(lr, weight_decay=cfg.weight_decay)
+  else:
+    raise ValueError(f"optimizer.name={cfg.name!r}: expected one of {OPTIMIZERS}")
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx) if cfg.grad_clip else tx
