@@ -1,0 +1,242 @@
+"""Prompt sets from JSONL and Parquet files, validated row by row.
+
+A row maps onto `Prompt` through a `Schema` (which key holds which field, and how the answer and
+difficulty are parsed). Every malformed row becomes a `RowError` naming file, line and field;
+`read_prompts` returns (prompts, errors) and `load_prompts` raises one `DataValidationError`
+listing all of them, so no row is ever dropped silently. For Parquet the "line" is the 1-based
+row number.
+
+Answer formats: GSM8K ("... #### 1,234" -> "1234") and MATH (the last \\boxed{...} of the
+solution, nested braces allowed).
+"""
+import dataclasses
+import json
+import os
+import pathlib
+import re
+from typing import Any, Callable
+
+import pyarrow.parquet as pq
+
+SHARED_DATA_ENV = "KIMI_JAX_SHARED_DATA"
+_REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Prompt:
+  question: str
+  answer: str
+  id: str
+  difficulty: int | None = None
+  domain: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RowError:
+  file: str
+  line: int  # 1-based line (JSONL) or row (Parquet)
+  field: str
+  message: str
+
+  def __str__(self) -> str:
+    return f"{self.file}:{self.line}: field {self.field!r}: {self.message}"
+
+
+class DataValidationError(ValueError):
+  """Raised by `load_prompts`; `.errors` holds every bad row."""
+
+  def __init__(self, errors: list[RowError]):
+    self.errors = errors
+    super().__init__(f"{len(errors)} malformed row(s):\n" + "\n".join(map(str, errors)))
+
+
+def as_text(value: Any) -> str:
+  """A string, or an integer written as one (answers are often numbers in JSON)."""
+  if isinstance(value, str):
+    return value
+  if isinstance(value, int) and not isinstance(value, bool):
+    return str(value)
+  raise ValueError(f"expected a string, got {type(value).__name__} {value!r}")
+
+
+def as_nonempty_text(value: Any) -> str:
+  text = as_text(value)
+  if not text.strip():
+    raise ValueError("empty")
+  return text
+
+
+def as_int(value: Any) -> int:
+  if isinstance(value, int) and not isinstance(value, bool):
+    return value
+  raise ValueError(f"expected an integer, got {type(value).__name__} {value!r}")
+
+
+def gsm8k_answer(text: str) -> str | None:
+  """The number after the last "####", thousands separators removed; None if absent."""
+  _, marker, tail = text.rpartition("####")
+  answer = tail.strip().replace(",", "")
+  return answer if marker and answer else None
+
+
+def _braced(text: str) -> str | None:
+  """Content of the brace group opening `text`; escaped braces (\\{, \\}) are content."""
+  depth, i = 0, 0
+  while i < len(text):
+    if text[i] == "\\":
+      i += 2
+      continue
+    depth += {"{": 1, "}": -1}.get(text[i], 0)
+    if depth == 0:
+      return text[1:i]
+    i += 1
+  return None
+
+
+def boxed_answer(text: str) -> str | None:
+  """Content of the last \\boxed{...} (or \\fbox{...}); None if absent or unbalanced.
+
+  Braces nest. The brace-less form `\\boxed 5` yields the token after the space.
+  """
+  start, command = max((text.rfind(c), c) for c in ("\\boxed", "\\fbox"))
+  if start < 0:
+    return None
+  rest = text[start + len(command):]
+  if rest.startswith("{"):
+    return _braced(rest)
+  token = re.match(r"\s+([^\s$]+)", rest)
+  return token.group(1) if token else None
+
+
+def _required(extract: Callable[[str], str | None], what: str) -> Callable[[Any], str]:
+  def parse(value: Any) -> str:
+    answer = extract(as_text(value))
+    if answer is None:
+      raise ValueError(f"no {what} answer in {value!r:.80}")
+    return answer
+  return parse
+
+
+def math_level(value: Any) -> int:
+  """MATH's "Level 3" -> 3."""
+  text = as_text(value)
+  number = text.removeprefix("Level").strip()
+  if not number.isdigit():
+    raise ValueError(f"expected 'Level N', got {text!r}")
+  return int(number)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+  """Which row key feeds each Prompt field and how it is parsed (parsers raise ValueError).
+
+  Optional keys (id, difficulty, domain) may be absent or null in a row; a row without an id
+  gets "<file stem>-<line>".
+  """
+  question: str = "question"
+  answer: str = "answer"
+  id: str = "id"
+  difficulty: str = "difficulty"
+  domain: str = "domain"
+  parse_answer: Callable[[Any], str] = as_text
+  parse_difficulty: Callable[[Any], int] = as_int
+
+
+GSM8K = Schema(parse_answer=_required(gsm8k_answer, "'#### N'"))
+MATH = Schema(question="problem", answer="solution", difficulty="level", domain="type",
+              parse_answer=_required(boxed_answer, "\\boxed{}"), parse_difficulty=math_level)
+
+
+def _field_parsers(schema: Schema):
+  """(Prompt field, row key, parser, required) for each field."""
+  return (("question", schema.question, as_nonempty_text, True),
+          ("answer", schema.answer, schema.parse_answer, True),
+          ("id", schema.id, as_text, False),
+          ("difficulty", schema.difficulty, schema.parse_difficulty, False),
+          ("domain", schema.domain, as_text, False))
+
+
+def _row_to_prompt(row: Any, schema: Schema, default_id: str) -> tuple[Prompt | None, list]:
+  """(prompt, []) or (None, [(row key, message), ...])."""
+  if not isinstance(row, dict):
+    return None, [("<row>", f"expected a JSON object, got {type(row).__name__}")]
+  problems, values = [], {}
+  for name, key, parse, required in _field_parsers(schema):
+    if row.get(key) is None:
+      if required:
+        problems.append((key, "missing"))
+      continue
+    try:
+      values[name] = parse(row[key])
+    except ValueError as e:
+      problems.append((key, str(e)))
+  if problems:
+    return None, problems
+  values.setdefault("id", default_id)
+  return Prompt(**values), []
+
+
+def _jsonl_rows(path: str):
+  with open(path, encoding="utf-8") as f:
+    for line_number, line in enumerate(f, start=1):
+      if line.strip():
+        try:
+          yield line_number, json.loads(line)
+        except json.JSONDecodeError as e:
+          yield line_number, e
+
+
+def _parquet_rows(path: str):
+  yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+
+
+_READERS = {".jsonl": _jsonl_rows, ".parquet": _parquet_rows}
+
+
+def read_prompts(path: str, schema: Schema = Schema()) -> tuple[list[Prompt], list[RowError]]:
+  """All valid prompts of a .jsonl or .parquet file, and an error for every other row."""
+  suffix = pathlib.Path(path).suffix
+  if suffix not in _READERS:
+    raise ValueError(f"{path}: unsupported file type {suffix!r} (expected one of {list(_READERS)})")
+  stem = pathlib.Path(path).stem
+  prompts, errors, first_line_of_id = [], [], {}
+  for line, row in _READERS[suffix](path):
+    if isinstance(row, json.JSONDecodeError):
+      errors.append(RowError(path, line, "<json>", f"invalid JSON: {row.msg}"))
+      continue
+    prompt, problems = _row_to_prompt(row, schema, f"{stem}-{line}")
+    errors.extend(RowError(path, line, field, message) for field, message in problems)
+    if prompt is None:
+      continue
+    if prompt.id in first_line_of_id:
+      errors.append(RowError(path, line, schema.id,
+                             f"duplicate id {prompt.id!r} (first on line {first_line_of_id[prompt.id]})"))
+      continue
+    first_line_of_id[prompt.id] = line
+    prompts.append(prompt)
+  return prompts, errors
+
+
+def load_prompts(path: str, schema: Schema = Schema()) -> list[Prompt]:
+  """Like `read_prompts`, but any malformed row raises a DataValidationError listing all."""
+  prompts, errors = read_prompts(path, schema)
+  if errors:
+    raise DataValidationError(errors)
+  return prompts
+
+
+def shared_data_path(relative: str) -> str:
+  """<repo>/../shared/data/`relative`, or under $KIMI_JAX_SHARED_DATA when set."""
+  root = os.environ.get(SHARED_DATA_ENV) or str(_REPO_ROOT.parent / "shared" / "data")
+  return os.path.join(root, relative)
+
+
+def load_gsm8k(path: str | None = None) -> list[Prompt]:
+  """GSM8K rows {"question", "answer": "...#### N"}; defaults to the shared test split."""
+  prompts = load_prompts(path or shared_data_path("gsm8k/test.jsonl"), GSM8K)
+  return [dataclasses.replace(p, domain=p.domain or "math") for p in prompts]
+
+
+def load_math(path: str) -> list[Prompt]:
+  """MATH rows {"problem", "solution" with \\boxed{}, "level": "Level N", "type"}."""
+  return load_prompts(path, MATH)
