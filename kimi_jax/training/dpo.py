@@ -1,0 +1,92 @@
+"""DPO training: pair batches, reference log-probs computed once, the pure jitted `dpo_step`.
+
+Batch layout (what `pair_batch` builds and `dpo_step` reads): 2B right-padded rows, rows [0, B)
+the chosen responses and rows [B, 2B) the rejected ones, row b + B being the rejected partner of
+row b. Keys `tokens`, `targets`, `loss_mask` [2B, T] (response-only mask) and `ref_logp_sum`
+[2B], the response log-prob sums under the frozen reference. One forward pass scores both sides.
+"""
+import itertools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from kimi_jax.losses.dpo import dpo_loss
+from kimi_jax.losses.masking import sequence_logprob
+from kimi_jax.model import ModelConfig
+from kimi_jax.training.steps import jit_eval, jit_step, masked_token_logprobs, token_logprobs
+
+
+def pair_batch(pairs: Sequence[tuple[list[int], list[int], list[int]]], seq_len: int,
+               pad_id: int) -> dict[str, np.ndarray]:
+  """(prompt_ids, chosen_ids, rejected_ids) triples -> the [2B, seq_len] layout above.
+
+  Position p predicts token p + 1, so a response token at index P + i is scored at P + i - 1.
+  """
+  if not pairs:
+    raise ValueError("pairs: need at least one (prompt_ids, chosen_ids, rejected_ids) triple")
+  rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+  tokens = np.full((len(rows), seq_len + 1), pad_id, np.int32)
+  loss_mask = np.zeros((len(rows), seq_len), np.float32)
+  for row, (prompt_ids, response_ids) in enumerate(rows):
+    where = f"pair {row % len(pairs)} ({'chosen' if row < len(pairs) else 'rejected'})"
+    if not prompt_ids or not response_ids:
+      raise ValueError(f"{where}: prompt_ids and response ids must be non-empty")
+    full = list(prompt_ids) + list(response_ids)
+    if len(full) > seq_len + 1:
+      raise ValueError(f"{where}: prompt+response has {len(full)} tokens, more than "
+                       f"seq_len+1={seq_len + 1}")
+    tokens[row, :len(full)] = full
+    loss_mask[row, len(prompt_ids) - 1:len(full) - 1] = 1.0
+  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": loss_mask}
+
+
+def dpo_objective(params, batch, config: ModelConfig, beta):
+  """DPO loss of `params` on one pair batch (layout above)."""
+  logp_2BxT = token_logprobs(config, params, batch)
+  seq_logp_2B = sequence_logprob(logp_2BxT, batch["loss_mask"], length_normalize=False)
+  policy_chosen_B, policy_rejected_B = jnp.split(seq_logp_2B, 2)
+  ref_chosen_B, ref_rejected_B = jnp.split(batch["ref_logp_sum"], 2)
+  return dpo_loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, beta)
+
+
+def dpo_step(state, batch, config: ModelConfig, beta):
+  """One optimizer step on the DPO loss."""
+  grads, metrics = jax.grad(dpo_objective, has_aux=True)(state.params, batch, config, beta)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  return state.apply_gradients(grads), metrics
+
+
+def with_reference_logprobs(reference_state, shardings, mesh, config: ModelConfig,
+                            batches: Sequence[dict]) -> list[dict]:
+  """Copies of `batches` with `ref_logp_sum` under `reference_state`'s params (run once)."""
+  logprobs = jit_eval(masked_token_logprobs, mesh, shardings, config=config)
+  return [{**batch, "ref_logp_sum": np.asarray(logprobs(reference_state, batch)).sum(axis=-1)}
+          for batch in batches]
+
+
+def run_dpo(state, shardings, mesh, model_config: ModelConfig, batches: Sequence[dict], beta: float,
+            num_steps: int, writer=None, log_every: int = 50, desc: str = "dpo"):
+  """`num_steps` DPO steps cycling through `batches` (pair batches without `ref_logp_sum`).
+
+  The reference is `state` as passed in (the SFT model): its log-prob sums are computed for
+  every batch before the first update, so no second copy of the params stays in memory.
+  Returns (state, last metrics). Progress is shown as a bar; metrics go to `writer`.
+  """
+  batches = with_reference_logprobs(state, shardings, mesh, model_config, batches)
+  step = jit_step(dpo_step, mesh, shardings, config=model_config, beta=beta)
+  metrics = {}
+  with tqdm(zip(range(num_steps), itertools.cycle(batches)), total=num_steps, desc=desc,
+            dynamic_ncols=True) as bar:
+    for i, batch in bar:
+      state, metrics = step(state, batch)
+      if (i + 1) % log_every == 0 or i + 1 == num_steps:
+        metrics = jax.device_get(metrics)
+        bar.set_postfix(loss=f"{float(metrics['loss']):.4f}",
+                        acc=f"{float(metrics['accuracy']):.2f}")
+        if writer is not None:
+          writer.write(i + 1, {f"{desc}/{k}": v for k, v in metrics.items()})
+  return state, jax.device_get(metrics)
