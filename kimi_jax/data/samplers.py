@@ -19,7 +19,6 @@ steps). Difficulty levels are integers, larger = harder.
 
 No prefetch: a batch is drawn only when asked for, after the previous step's `update`.
 """
-import base64
 import dataclasses
 import hashlib
 from typing import Any, Mapping, Protocol, Sequence
@@ -116,14 +115,10 @@ def make_strategy(config: Mapping[str, Any]) -> Strategy:
     raise ValueError(f"sampler strategy {name!r} needs config field {e.args[0]!r}") from None
 
 
-def _encode(array: np.ndarray) -> str:
-  return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
-
-
-def _decode(text: str, dtype, length: int, name: str) -> np.ndarray:
-  array = np.frombuffer(base64.b64decode(text), dtype=dtype).copy()
+def _table_column(values: list, dtype, length: int, name: str) -> np.ndarray:
+  array = np.asarray(values, dtype)
   if array.shape != (length,):
-    raise ValueError(f"sampler state {name!r}: {array.shape[0]} entries for {length} prompts")
+    raise ValueError(f"sampler state {name!r}: shape {array.shape} for {length} prompts")
   return array
 
 
@@ -148,14 +143,14 @@ class SuccessTable:
     rate_U = np.maximum(1.0 / self.visits_N[unique_U], self.ema_rate)
     self.success_N[unique_U] += rate_U * (mean_U - self.success_N[unique_U])
 
-  def state(self) -> dict[str, str]:
-    return {"success": _encode(self.success_N.astype("<f8")),
-            "visits": _encode(self.visits_N.astype("<i8"))}
+  def state(self) -> dict[str, list]:
+    """Plain lists: JSON writes floats with repr, which reads back bit-exactly."""
+    return {"success": self.success_N.tolist(), "visits": self.visits_N.tolist()}
 
-  def restore(self, state: Mapping[str, str]) -> None:
+  def restore(self, state: Mapping[str, list]) -> None:
     n = len(self.success_N)
-    self.success_N = _decode(state["success"], "<f8", n, "success").astype(np.float64)
-    self.visits_N = _decode(state["visits"], "<i8", n, "visits").astype(np.int64)
+    self.success_N = _table_column(state["success"], np.float64, n, "success")
+    self.visits_N = _table_column(state["visits"], np.int64, n, "visits")
 
 
 class PromptSampler(grain.IterDataset):
