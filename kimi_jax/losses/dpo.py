@@ -3,10 +3,11 @@
 With S = a response's log-prob sum under the policy and S_ref the same under the reference,
 the implicit reward of a response is beta (S - S_ref) and the loss over B preference pairs is
 
-  mean_b -log sigmoid(beta m_b),   m_b = (S_chosen_b - S_ref_chosen_b) - (S_rejected_b - S_ref_rejected_b),
+  mean_b -log sigmoid(beta m_b),  m_b = (S_c_b - S_ref_c_b) - (S_r_b - S_ref_r_b)
 
-whose gradient w.r.t. S_chosen_b is -beta sigmoid(-beta m_b) / B (and the negative of that for
-S_rejected_b). With policy = reference every margin is 0 and the loss is log 2.
+over chosen (c) and rejected (r) responses. Its gradient w.r.t. S_c_b is -beta sigmoid(-beta m_b)
+/ B and the negative of that w.r.t. S_r_b. With policy = reference every margin is 0 and the
+loss is log 2.
 """
 import jax
 import jax.numpy as jnp
