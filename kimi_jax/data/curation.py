@@ -92,7 +92,8 @@ def hack_category(prompt: Prompt) -> tuple[str, str] | None:
 
 
 def count_correct(prompts: Sequence[Prompt], generate: Generate, reward: Reward, n: int,
-                  temperature: float, max_new_tokens: int, template: str = "{question}") -> list[int]:
+                  temperature: float, max_new_tokens: int,
+                  template: str = "{question}") -> list[int]:
   """Correct completions out of `n` per prompt, the prompt text being `template` filled in."""
   texts = [template.format(question=p.question) for p in prompts]
   completions = generate(texts, n, temperature, max_new_tokens) if texts else []

@@ -19,6 +19,7 @@ steps). Difficulty levels are integers, larger = harder.
 
 No prefetch: a batch is drawn only when asked for, after the previous step's `update`.
 """
+import collections
 import dataclasses
 import hashlib
 from typing import Any, Mapping, Protocol, Sequence
@@ -86,11 +87,15 @@ class Curriculum:
   needs_difficulty = True
 
   def weights(self, success_N, difficulty_N, step):
-    return self.base.weights(success_N, difficulty_N, step) * self.schedule.allowed(step, difficulty_N)
+    allowed_N = self.schedule.allowed(step, difficulty_N)
+    return self.base.weights(success_N, difficulty_N, step) * allowed_N
 
 
 def _base_strategy(config: Mapping[str, Any]) -> Uniform | Prioritized:
-  return Prioritized(config["epsilon"]) if config.get("base") == "prioritized" else Uniform()
+  base = config.get("base", "uniform")
+  if base not in ("uniform", "prioritized"):
+    raise ValueError(f"sampler.base: unknown {base!r}; one of ['prioritized', 'uniform']")
+  return _STRATEGY_BUILDERS[base](config)
 
 
 _STRATEGY_BUILDERS = {
@@ -162,8 +167,8 @@ class PromptSampler(grain.IterDataset):
     super().__init__()
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
-    if global_batch_size % self.process_count:
-      raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
+    if global_batch_size < 1 or global_batch_size % self.process_count:
+      raise ValueError(f"global_batch_size {global_batch_size} is not a positive multiple of "
                        f"process_count {self.process_count}")
     if not 0 <= self.process_index < self.process_count:
       raise ValueError(f"process_index {self.process_index} not in [0, {self.process_count})")
@@ -172,7 +177,8 @@ class PromptSampler(grain.IterDataset):
     self.prompts = list(prompts)
     self.index_of = {p.id: i for i, p in enumerate(self.prompts)}
     if len(self.index_of) != len(self.prompts):
-      raise ValueError("prompt ids are not unique")
+      repeated = sorted(i for i, n in collections.Counter(p.id for p in self.prompts).items() if n > 1)
+      raise ValueError(f"prompt ids are not unique: {repeated[:5]}")
     self.difficulty_N = np.array([NO_DIFFICULTY if p.difficulty is None else p.difficulty
                                   for p in self.prompts], np.int64)
     missing = [p.id for p in self.prompts if p.difficulty is None]
@@ -228,7 +234,8 @@ class SamplerIterator(grain.DatasetIterator):
     unknown = [i for i in prompt_ids if i not in self._sampler.index_of]
     if unknown:
       raise KeyError(f"unknown prompt ids: {unknown[:5]}")
-    self.table.update(np.array([self._sampler.index_of[i] for i in prompt_ids], np.int64), rewards_M)
+    index_M = np.array([self._sampler.index_of[i] for i in prompt_ids], np.int64)
+    self.table.update(index_M, rewards_M)
 
   def get_state(self) -> dict[str, Any]:
     return {"step": self.step, "fingerprint": self._sampler.fingerprint, **self.table.state()}

@@ -209,8 +209,8 @@ def read_prompts(path: str, schema: Schema = Schema()) -> tuple[list[Prompt], li
     if prompt is None:
       continue
     if prompt.id in first_line_of_id:
-      errors.append(RowError(path, line, schema.id,
-                             f"duplicate id {prompt.id!r} (first on line {first_line_of_id[prompt.id]})"))
+      first = first_line_of_id[prompt.id]
+      errors.append(RowError(path, line, schema.id, f"duplicate id {prompt.id!r} (first on line {first})"))
       continue
     first_line_of_id[prompt.id] = line
     prompts.append(prompt)

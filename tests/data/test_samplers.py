@@ -145,6 +145,9 @@ def test_make_strategy_from_config():
       Curriculum(GradualSchedule(1, 10), Prioritized(0.05)))
   with pytest.raises(ValueError, match="unknown 'greedy'"):
     make_strategy({"strategy": "greedy"})
+  with pytest.raises(ValueError, match="sampler.base: unknown 'prioritised'"):
+    make_strategy({"strategy": "gradual_curriculum", "start_level": 1, "steps_per_level": 10,
+                   "base": "prioritised"})
   with pytest.raises(ValueError, match="needs config field 'hard_level'"):
     make_strategy({"strategy": "switch_curriculum", "switch_step": 24})
 
@@ -225,7 +228,9 @@ def test_process_slices_cover_the_global_batch():
 
 def test_bad_process_layout():
   prompts = prompts_with_levels([1, 2])
-  with pytest.raises(ValueError, match="not divisible by process_count 4"):
+  with pytest.raises(ValueError, match="not a positive multiple of process_count 4"):
     sampler(prompts, Uniform(), batch=6, process_count=4)
+  with pytest.raises(ValueError, match=r"prompt ids are not unique: \['p0'\]"):
+    sampler(prompts + prompts[:1], Uniform())
   with pytest.raises(ValueError, match=r"process_index 2 not in \[0, 2\)"):
     sampler(prompts, Uniform(), batch=6, process_index=2, process_count=2)

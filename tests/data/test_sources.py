@@ -51,7 +51,8 @@ def test_jsonl_every_bad_row_reported_with_file_line_field(tmp_path):
 def test_parquet_rows_numbered_from_one(tmp_path):
   path = str(tmp_path / "set.parquet")
   pq.write_table(pa.Table.from_pylist([
-      {"problem": "p1", "solution": "so \\boxed{\\frac{1}{2}}", "level": "Level 3", "type": "Algebra"},
+      {"problem": "p1", "solution": "so \\boxed{\\frac{1}{2}}", "level": "Level 3",
+       "type": "Algebra"},
       {"problem": "p2", "solution": "no box here", "level": "Level ?", "type": "Geometry"},
   ]), path)
   prompts, errors = read_prompts(path, MATH)
