@@ -20,13 +20,13 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class ChatTemplate:
+  """Text put around the question (e.g. a chat model's user/assistant markers)."""
   prefix: str = ""
   suffix: str = ""
   add_bos: bool = False
 
 
 PLAIN = ChatTemplate()
-CHATML = ChatTemplate("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Prompt:
+  """One RL prompt: the question, its reference answer and optional curriculum labels."""
   question: str
   answer: str
   id: str

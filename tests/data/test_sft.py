@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from kimi_jax.data.sft import (CHATML, PLAIN, ChatTemplate, Example, PackedBatches,
+from kimi_jax.data.sft import (PLAIN, ChatTemplate, Example, PackedBatches,
                                encode_example, encode_prompt, pack_examples, plan_rows)
 from kimi_jax.data.synthetic import CHARSET, make_dataset, solve, target_response
 from kimi_jax.data.tokenizer import char_tokenizer
@@ -174,4 +174,3 @@ def test_synthetic_task_fits_the_demo_rows():
   batch = next(iter(PackedBatches(examples, batch_size=8, seq_len=64, pad_id=tok.pad_id, seed=0)))
   text = tok.decode(batch["tokens"][0][batch["segment_ids"][0] == 1])
   assert text.split("=", 1)[0] + "=" in {p.question for p in prompts}
-  assert CHATML.suffix.endswith("assistant\n")
