@@ -49,8 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
       length_penalty=ml_collections.ConfigDict(dict(weight=0.2, warmup_iterations=10)),
       clip_eps=0.2))  # grpo only
 
+  # strategy: uniform | prioritized | switch_curriculum | gradual_curriculum (DESIGN.md 4).
   c.sampler = ml_collections.ConfigDict(dict(
-      strategy="prioritized", epsilon=0.05, curriculum_switch_iteration=0))
+      strategy="prioritized", epsilon=0.05, ema_rate=0.0, base="prioritized",
+      switch_step=24, hard_level=4, start_level=1, steps_per_level=8))
 
   c.rollout = ml_collections.ConfigDict(dict(
       backend="engine", urls=(), max_batch=128, max_seq_len=72))
@@ -69,7 +71,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.rl.length_penalty.weight = 0.0
   elif arg == "smoke":
     c.task.num_train, c.task.num_heldout = 200, 32
-    c.sft.steps, c.sft.batch_size = 20, 16
+    c.sft.steps, c.sft.batch_size, c.sft.warmup_steps = 20, 16, 5
     c.rl.iterations, c.rl.prompts_per_iteration, c.rl.k = 3, 4, 4
     c.rl.groups_per_minibatch = 2
     c.rl.length_penalty.warmup_iterations = 1

@@ -1,0 +1,327 @@
+"""The k1.5 synchronous RL loop (DESIGN.md section 1).
+
+prompts -> k samples per prompt -> rewards (+ length penalty) -> S_ref -> optimizer reset ->
+M minibatch steps of the pure `rl_step` -> weight sync -> sampler feedback -> metrics ->
+checkpoint. Everything configurable arrives in `config` (experiments/rl_*.py).
+"""
+import json
+import os
+import time
+
+import jax
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from kimi_jax.checkpointing.manager import RunCheckpointer
+from kimi_jax.data.samplers import PromptSampler, make_strategy
+from kimi_jax.data.sft import ChatTemplate, PackedBatches, encode_example
+from kimi_jax.data.sft import encode_prompt as template_encode_prompt
+from kimi_jax.data.tokenizer import char_tokenizer
+from kimi_jax.eval.metrics import summarize
+from kimi_jax.metrics.plots import plot_metrics
+from kimi_jax.metrics.writers import JsonlWriter, MultiWriter, TensorBoardWriter, read_jsonl
+from kimi_jax.model import ModelConfig
+from kimi_jax.rewards.length_penalty import apply_length_penalty
+from kimi_jax.rollout.engine import RolloutEngine, SamplingParams
+from kimi_jax.rollout.replay_buffer import Group, PartialRolloutBuffer, Trajectory
+from kimi_jax.sharding.rules import make_mesh
+from kimi_jax.training import rl_data
+from kimi_jax.training.optim import build_optimizer
+from kimi_jax.training.rl_losses import make_policy_loss
+from kimi_jax.training.sft import run_sft
+from kimi_jax.training.state import (TrainState, init_train_state, reset_opt_state,
+                                     train_state_shardings)
+from kimi_jax.training.steps import jit_eval, jit_step, masked_token_logprobs, rl_step
+from kimi_jax.training.tasks import build_task
+
+
+def pad_groups(groups: list[Group], groups_per_minibatch: int, k: int) -> list[Group]:
+  """Append empty finished groups so the count divides into equal minibatches."""
+  missing = (-len(groups)) % groups_per_minibatch
+  return groups + [Group(-1, "", "", [Trajectory(g.trajectories[0].prompt_ids, finished=True)
+                                      for _ in range(k)])
+                   for g in groups[:1] * missing]
+
+
+class PolicyTrainer:
+  """The jitted functions of one run: S_ref, rl_step, and the optimizer reset."""
+
+  def __init__(self, mesh, shardings, model_config, rl_config):
+    self.shardings = shardings
+    self.token_logprobs = jit_eval(masked_token_logprobs, mesh, shardings, config=model_config)
+    self.step = jit_step(rl_step, mesh, shardings, config=model_config,
+                         policy_loss=make_policy_loss(rl_config))
+    self.rl = rl_config
+
+  def train(self, state, batch: dict[str, np.ndarray]):
+    """S_ref once before any update, reset, then M minibatch steps. Returns (state, metrics)."""
+    batch["ref_logp"] = np.asarray(self.token_logprobs(state, batch))
+    batch["ref_logp_sum"] = batch["ref_logp"].sum(axis=-1)
+    state = reset_opt_state(state, self.shardings)
+    num_minibatches = batch["tokens"].shape[0] // (self.rl.groups_per_minibatch * self.rl.k)
+    minibatches = rl_data.split_minibatches(batch, self.rl.k, num_minibatches)
+    step_metrics = []
+    for _ in range(self.rl.epochs):
+      for mb in minibatches:
+        state, metrics = self.step(state, mb)
+        step_metrics.append(metrics)
+    new_sums = np.asarray(self.token_logprobs(state, batch)).sum(axis=-1)
+    real = batch["loss_mask"].sum(-1) > 0
+    metrics = {k: float(np.mean([jax.device_get(m[k]) for m in step_metrics]))
+               for k in step_metrics[0]}
+    # Monte-Carlo KL(pi_i || pi_new) on pi_i's own samples: E[S_ref - S_new].
+    metrics["kl_prev"] = float(np.mean(batch["ref_logp_sum"][real] - new_sums[real]))
+    metrics["updates"] = len(step_metrics)
+    return state, metrics
+
+
+def score_groups(groups: list[Group], decode, reward_fn, rl_config, iteration: int):
+  """Rewards per trajectory (group order): task reward, repetition penalty, length penalty."""
+  trajectories = [(g, t) for g in groups for t in g.trajectories]
+  correct_B = np.array([reward_fn(decode(t.response_ids), g.answer) > 0 for g, t in trajectories])
+  lengths_B = np.array([len(t.response_ids) for _, t in trajectories])
+  group_ids_B = np.array([g.group_id for g, _ in trajectories])
+  repeated_B = np.array([t.repetition for _, t in trajectories])
+  rewards_B = correct_B.astype(np.float64) + rl_config.repetition_penalty * repeated_B
+  rewards_B = apply_length_penalty(rewards_B, lengths_B, correct_B, group_ids_B,
+                                   rl_config.length_penalty.weight, iteration,
+                                   rl_config.length_penalty.warmup_iterations)
+  return rewards_B, correct_B, lengths_B
+
+
+def print_row(iteration: int, metrics: dict, header: bool) -> None:
+  cols = [("iter", "{:>4d}", iteration), ("reward", "{:>7.3f}", metrics["reward"]),
+          ("acc", "{:>6.3f}", metrics["accuracy"]), ("len", "{:>6.1f}", metrics["length_mean"]),
+          ("kl_prev", "{:>9.2e}", metrics["kl_prev"]), ("tok/s", "{:>8.0f}", metrics["tokens_per_s"]),
+          ("buffer", "{:>6d}", metrics["buffer_groups"]),
+          ("heldout", "{:>8s}", f"{metrics['eval/pass@1']:.3f}" if "eval/pass@1" in metrics else "")]
+  if header:
+    tqdm.write(" ".join(f"{name:>{len(fmt.format(value))}}" for name, fmt, value in cols))
+  tqdm.write(" ".join(fmt.format(value) for _, fmt, value in cols))
+
+
+TEMPLATE = ChatTemplate(add_bos=True)  # <bos> question | response <eos>
+
+
+def encode_prompt(tokenizer, question: str) -> list[int]:
+  """Prompt ids exactly as the SFT warm-up saw them."""
+  return template_encode_prompt(tokenizer, TEMPLATE, question)
+
+
+def build_model_config(model_cfg, tokenizer) -> ModelConfig:
+  fields = {k: v for k, v in model_cfg.items() if k != "vocab_multiple"}
+  vocab = -(-tokenizer.vocab_size // model_cfg.vocab_multiple) * model_cfg.vocab_multiple
+  return ModelConfig(vocab_size=vocab, bos_token_id=tokenizer.bos_id,
+                     eos_token_id=tokenizer.eos_id, **fields)
+
+
+def engine_generate(engine, temperature: float, eos_id: int):
+  """Adapt the in-process engine to collect_groups' `generate(inputs, budgets, seeds)`."""
+  def generate(inputs, max_new_tokens, seeds):
+    params = [SamplingParams(temperature=temperature, max_new_tokens=m, seed=s,
+                             stop_token_ids=(eos_id,))
+              for m, s in zip(max_new_tokens, seeds)]
+    return engine.generate(inputs, params)
+  return generate
+
+
+def evaluate_greedy(engine, tokenizer, task, prompts, max_new_tokens: int):
+  """Greedy pass@1, length and token efficiency on `prompts` with the current weights."""
+  inputs = [encode_prompt(tokenizer, p.question) for p in prompts]
+  completions = engine.generate(inputs, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens,
+                                                      stop_token_ids=(tokenizer.eos_id,)))
+  correct = [[task.reward(tokenizer.decode(c.output_ids), p.answer) > 0]
+             for c, p in zip(completions, prompts)]
+  lengths = [[len(c.output_ids)] for c in completions]
+  return summarize(np.array(correct), np.array(lengths), k=1,
+                   difficulty_P=np.array([p.difficulty for p in prompts]))
+
+
+def sft_warmup(config, task, tokenizer, model_config, mesh, writer):
+  """Long-CoT SFT warm-up on the task's reference responses; returns trained params."""
+  sft = config.sft
+  schedule = optax.warmup_cosine_decay_schedule(0.0, sft.learning_rate, sft.warmup_steps,
+                                                sft.steps, sft.learning_rate / 10)
+  tx = optax.adamw(schedule, weight_decay=sft.weight_decay)
+  state, shardings = init_train_state(model_config, tx, mesh, jax.random.key(config.seed))
+  examples = [encode_example(tokenizer, TEMPLATE, p.question, task.reference_response(p))
+              for p in task.train]
+  batches = iter(PackedBatches(examples, sft.batch_size, sft.seq_len, tokenizer.pad_id, config.seed))
+  state, _ = run_sft(state, shardings, mesh, model_config, batches, sft.steps, writer, desc="sft")
+  return state.params
+
+
+def _saved_tree(state) -> dict:
+  return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
+def _extra_state(iteration, sampler, buffer, sft_eval) -> dict:
+  return {"iteration": iteration, "sampler": sampler.get_state(), "buffer": buffer.to_json(),
+          "sft_eval": sft_eval}
+
+
+def run(config, workdir: str) -> dict:
+  """Train with k1.5 RL per `config`; resumes from `workdir`'s latest checkpoint."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  rl = config.rl
+  task = build_task(config.task, config.seed)
+  tokenizer = char_tokenizer(task.charset)
+  tokenizer.save(os.path.join(workdir, "tokenizer"))
+  model_config = build_model_config(config.model, tokenizer)
+  mesh = make_mesh(**config.mesh)
+  tx = build_optimizer(config.optimizer)
+  abstract, shardings = train_state_shardings(model_config, tx, mesh)
+  checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
+                                 config.checkpoint.async_save)
+  sampler = iter(PromptSampler(task.train, make_strategy(config.sampler), rl.prompts_per_iteration,
+                               config.seed, ema_rate=config.sampler.ema_rate))
+  latest = checkpointer.latest_step()
+  writer = build_writer(config, workdir, truncate_after=latest)
+
+  if latest is None:
+    state, _ = init_train_state(model_config, tx, mesh, jax.random.key(config.seed))
+    state = state.replace(params=sft_warmup(config, task, tokenizer, model_config, mesh, writer))
+    buffer, start, sft_eval = PartialRolloutBuffer(), 0, None
+  else:
+    restored, extra = checkpointer.restore(latest, _saved_tree(abstract), _saved_tree(shardings))
+    state = TrainState(tx=tx, **restored)
+    sampler.set_state(extra["sampler"])
+    buffer, start, sft_eval = (PartialRolloutBuffer.from_json(extra["buffer"]), extra["iteration"],
+                               extra["sft_eval"])
+    tqdm.write(f"resumed from checkpoint {latest} (iteration {start})")
+  engine = RolloutEngine(model_config, state.params, max_batch=config.rollout.max_batch,
+                         max_seq_len=config.rollout.max_seq_len, eos_token_ids=(tokenizer.eos_id,),
+                         weight_version=str(start), repetition_ngram=rl.repetition_ngram,
+                         repetition_count=rl.repetition_count)
+  if sft_eval is None:
+    sft_eval = evaluate_greedy(engine, tokenizer, task, task.heldout,
+                               config.eval.max_new_tokens).as_dict("sft")
+    writer.write(0, sft_eval)
+    checkpointer.save(0, _saved_tree(state), _extra_state(0, sampler, buffer, sft_eval))
+
+  trainer = PolicyTrainer(mesh, shardings, model_config, rl)
+  generate = engine_generate(engine, rl.temperature, tokenizer.eos_id)
+  limits = rl_data.RolloutLimits(rl.max_response_tokens, rl.segment_tokens)
+  seq_len = config.rollout.max_seq_len
+  for iteration in tqdm(range(start, rl.iterations), desc="rl", initial=start, total=rl.iterations):
+    metrics, state = rl_iteration(iteration, state, trainer, generate, sampler, buffer, task,
+                                  tokenizer, limits, seq_len, config)
+    t0 = time.perf_counter()
+    engine.update_weights(state.params, str(iteration + 1))
+    metrics["time/sync"] = time.perf_counter() - t0
+    if (iteration + 1) % config.eval.every == 0 or iteration + 1 == rl.iterations:
+      metrics.update(evaluate_greedy(engine, tokenizer, task, task.heldout,
+                                     config.eval.max_new_tokens).as_dict("eval"))
+    writer.write(iteration + 1, metrics)
+    print_row(iteration + 1, metrics, header=iteration == start)
+    if (iteration + 1) % config.checkpoint.every == 0 or iteration + 1 == rl.iterations:
+      checkpointer.save(iteration + 1, _saved_tree(state), _extra_state(iteration + 1, sampler, buffer, sft_eval))
+  checkpointer.close()
+  writer.close()
+  return write_summary(workdir)
+
+
+def request_seed_base(seed: int, iteration: int) -> int:
+  return int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0]) % (1 << 30)
+
+
+def rollout_metrics(groups: list[Group], rewards_B, correct_B, lengths_B) -> dict:
+  trajectories = [t for g in groups for t in g.trajectories]
+  logprobs = np.concatenate([np.asarray(t.logprobs) for t in trajectories]) if trajectories else np.zeros(1)
+  return {
+      "reward": float(np.mean(rewards_B)), "accuracy": float(np.mean(correct_B)),
+      "length_mean": float(np.mean(lengths_B)), "length_p50": float(np.median(lengths_B)),
+      "length_p90": float(np.percentile(lengths_B, 90)), "length_max": int(np.max(lengths_B)),
+      "lengths": np.asarray(lengths_B),
+      "repetition_frac": float(np.mean([t.repetition for t in trajectories])),
+      "truncated_frac": float(np.mean([t.finish_reason["type"] == "length" for t in trajectories])),
+      "multi_segment_frac": float(np.mean([t.num_segments > 1 for t in trajectories])),
+      # Sampled-token negative log-prob: an entropy estimate (exact in expectation at T=1).
+      "entropy": float(-np.mean(logprobs)),
+  }
+
+
+def rl_iteration(iteration, state, trainer, generate, sampler, buffer, task, tokenizer, limits,
+                 seq_len, config):
+  """One k1.5 iteration from prompts to updated params. Returns (metrics, state)."""
+  rl = config.rl
+  t0 = time.perf_counter()
+  prompts = next(sampler)
+  groups = rl_data.new_groups(prompts, lambda q: encode_prompt(tokenizer, q), rl.k,
+                              iteration * rl.prompts_per_iteration, iteration)
+  complete, new_tokens = rl_data.collect_groups(generate, groups, buffer, limits, iteration,
+                                                request_seed_base(config.seed, iteration))
+  t1 = time.perf_counter()
+  metrics = {"complete_groups": len(complete), "buffer_groups": len(buffer),
+             "tokens_per_s": new_tokens / max(t1 - t0, 1e-9), "time/rollout": t1 - t0}
+  if not complete:
+    return metrics, state
+  rewards_B, correct_B, lengths_B = score_groups(complete, tokenizer.decode, task.reward, rl, iteration)
+  t2 = time.perf_counter()
+  padded = pad_groups(complete, rl.groups_per_minibatch, rl.k)
+  pad_rows = (len(padded) - len(complete)) * rl.k
+  batch = rl_data.build_rl_batch(padded, np.concatenate([rewards_B, np.zeros(pad_rows)]), seq_len,
+                                 tokenizer.pad_id, iteration, rl.train_old_segments)
+  state, train_metrics = trainer.train(state, batch)
+  sampler.update([g.prompt_id for g in complete for _ in g.trajectories], correct_B)
+  metrics.update(rollout_metrics(complete, rewards_B, correct_B, lengths_B))
+  metrics.update(train_metrics)
+  metrics.update({"time/reward": t2 - t1, "time/train": time.perf_counter() - t2})
+  return metrics, state
+
+
+def build_writer(config, workdir: str, truncate_after: int | None):
+  writers = [JsonlWriter(os.path.join(workdir, "metrics.jsonl"), truncate_after=truncate_after)]
+  if config.metrics.tensorboard:
+    writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard")))
+  return MultiWriter(writers)
+
+
+PLOT_KEYS = ["reward", "accuracy", "eval/pass@1", "length_mean", "kl_prev", "entropy",
+             "grad_norm", "tokens_per_s", "buffer_groups"]
+
+
+def write_summary(workdir: str) -> dict:
+  """summary.json (SFT vs final held-out eval) and the RL curves plot, from metrics.jsonl."""
+  records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  summary = {}
+  for record in records:  # later records win: the last eval after RL
+    summary.update({k: v for k, v in record.items() if k.startswith(("sft/", "eval/"))})
+  rl_records = [r for r in records if "reward" in r or "eval/pass@1" in r]
+  plot_metrics(rl_records, PLOT_KEYS, os.path.join(workdir, "rl_curves.png"), title="k1.5 RL",
+               x_key="step")
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  tqdm.write("summary: " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items()
+                                     if k.endswith("pass@1") or k.endswith("mean_tokens")))
+  return summary
+
+
+def validate_config(config) -> None:
+  """Fail at start with the offending key rather than deep inside the loop."""
+  rl = config.rl
+  checks = [
+      ("rl.tau", rl.tau > 0, "must be > 0"),
+      ("rl.k", rl.k >= 2, "needs >= 2 samples per prompt for a group baseline"),
+      ("rl.iterations", rl.iterations >= 1, "must be >= 1"),
+      ("rl.segment_tokens", 0 < rl.segment_tokens <= rl.max_response_tokens,
+       "must be in (0, rl.max_response_tokens]"),
+      ("rl.groups_per_minibatch", rl.groups_per_minibatch >= 1, "must be >= 1"),
+      ("rl.temperature", rl.temperature > 0, "must be > 0 for on-policy sampling"),
+      ("rollout.max_seq_len", config.rollout.max_seq_len >= rl.max_response_tokens + 1,
+       "must exceed rl.max_response_tokens (prompt + response must fit)"),
+      ("rollout.backend", config.rollout.backend == "engine",
+       "only 'engine' runs in-process; for SGLang servers use backend='sglang' with urls"),
+  ]
+  for key, ok, why in checks:
+    if not ok:
+      raise ValueError(f"config.{key}={_lookup(config, key)!r}: {why}")
+
+
+def _lookup(config, dotted: str):
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
