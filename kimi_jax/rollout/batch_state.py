@@ -1,0 +1,161 @@
+"""Device-side state of the sampling batch and the two jitted programs that advance it.
+
+The batch has a fixed shape (max_batch rows, max_seq_len KV slots), so `prefill` compiles once
+per (rows, prompt length) bucket and `decode_chunk` once per engine. Every row holds one request:
+its tokens (slot index == position), its KV cache, its sampling settings and its stop rules.
+Sampling, emission and stopping live on device in `decode_chunk` only, so a chunk of decode
+steps needs no host round-trip and the prefill programs stay small.
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kimi_jax.model import ModelConfig, decode_lm, init_kv_cache
+from kimi_jax.rollout.repetition import repeated_loop
+from kimi_jax.rollout.sampling import request_key_data, row_keys, sample_tokens
+
+# Per-row finish codes, set on device when a row's request stops.
+RUNNING, STOPPED, LENGTH, REPEATED = 0, 1, 2, 3
+
+
+@struct.dataclass
+class BatchState:
+  kv_cache: tuple  # per layer (keys, values) [B, S, KV, Dh]
+  history_BxS: jax.Array  # token at each position: prompt then output
+  position_B: jax.Array  # position of the newest token (the next decode input)
+  active_B: jax.Array
+  finish_B: jax.Array  # finish code of the row's request
+  num_generated_B: jax.Array
+  max_new_B: jax.Array
+  temperature_B: jax.Array
+  top_p_B: jax.Array
+  top_k_B: jax.Array
+  min_p_B: jax.Array
+  key_data_Bx2: jax.Array
+  stop_ids_BxK: jax.Array  # padded with -1
+
+
+class Admission(NamedTuple):
+  """New requests for R rows (padding rows have row index B and are dropped)."""
+
+  rows_R: jax.Array
+  prompts_RxT: jax.Array  # right-padded
+  lengths_R: jax.Array
+  max_new_R: jax.Array
+  temperature_R: jax.Array
+  top_p_R: jax.Array
+  top_k_R: jax.Array
+  min_p_R: jax.Array
+  seed_lo_R: jax.Array  # uint32 halves of the 64-bit seed
+  seed_hi_R: jax.Array
+  sample_index_R: jax.Array
+  stop_ids_RxK: jax.Array
+
+
+class Emitted(NamedTuple):
+  """What a decode chunk produced, step-major: tokens, log-probs and emission mask [C, B]."""
+
+  tokens_CxB: jax.Array
+  logprobs_CxB: jax.Array
+  emitted_CxB: jax.Array
+  finish_B: jax.Array
+
+
+def init_batch_state(config: ModelConfig, max_batch: int, max_seq_len: int,
+                     max_stop_ids: int) -> BatchState:
+  b = max_batch
+  zeros = lambda dtype: jnp.zeros((b,), dtype)
+  return BatchState(
+      kv_cache=init_kv_cache(config, b, max_seq_len),
+      history_BxS=jnp.zeros((b, max_seq_len), jnp.int32),
+      position_B=zeros(jnp.int32), active_B=zeros(bool), finish_B=zeros(jnp.int32),
+      num_generated_B=zeros(jnp.int32), max_new_B=zeros(jnp.int32),
+      temperature_B=zeros(jnp.float32), top_p_B=jnp.ones((b,), jnp.float32),
+      top_k_B=zeros(jnp.int32), min_p_B=zeros(jnp.float32),
+      key_data_Bx2=jnp.zeros((b, 2), jnp.uint32),
+      stop_ids_BxK=jnp.full((b, max_stop_ids), -1, jnp.int32))
+
+
+def _record(state: BatchState, logits_BxV, budget, ngram: int, count: int):
+  """Sample one token for active rows within `budget`, append it and apply stop rules."""
+  b, s = state.history_BxS.shape
+  emit_B = state.active_B & (jnp.cumsum(state.active_B) <= budget)
+  next_position_B = state.position_B + 1
+  tokens_B, logprobs_B = sample_tokens(
+      logits_BxV, state.temperature_B, state.top_p_B, state.top_k_B, state.min_p_B,
+      row_keys(state.key_data_Bx2, next_position_B))
+  write_at_B = jnp.where(emit_B, next_position_B, s)  # out of range -> dropped
+  history_BxS = state.history_BxS.at[jnp.arange(b), write_at_B].set(tokens_B, mode="drop")
+  position_B = jnp.where(emit_B, next_position_B, state.position_B)
+  num_generated_B = state.num_generated_B + emit_B
+  stopped_B = jnp.any(tokens_B[:, None] == state.stop_ids_BxK, axis=1)
+  repeated_B = repeated_loop(history_BxS, position_B, num_generated_B, ngram, count)
+  full_B = (num_generated_B >= state.max_new_B) | (position_B >= s - 1)
+  code_B = jnp.select([stopped_B, repeated_B, full_B], [STOPPED, REPEATED, LENGTH], RUNNING)
+  finished_B = emit_B & (code_B != RUNNING)
+  state = state.replace(
+      history_BxS=history_BxS, position_B=position_B, num_generated_B=num_generated_B,
+      active_B=state.active_B & ~finished_B,
+      finish_B=jnp.where(finished_B, code_B, state.finish_B))
+  return state, (tokens_B, logprobs_B, emit_B), budget - jnp.sum(emit_B)
+
+
+def prefill(config: ModelConfig, params, state: BatchState, admission: Admission) -> BatchState:
+  """Write R new requests into their rows: KV cache of the prompt, settings and stop rules.
+
+  The row's newest token is the last prompt token, so the next decode step samples the first
+  output token like any other (its K/V entry is rewritten with the same values).
+  """
+  a = admission
+  r, t = a.prompts_RxT.shape
+  s = state.history_BxS.shape[1]
+  positions_RxT = jnp.broadcast_to(jnp.arange(t), (r, t))
+  _, prompt_cache = decode_lm(config, params, a.prompts_RxT, positions_RxT,
+                              init_kv_cache(config, r, t))
+  put = lambda target, value: target.at[a.rows_R].set(value, mode="drop")
+  kv_cache = tuple((k.at[a.rows_R, :t].set(pk, mode="drop"), v.at[a.rows_R, :t].set(pv, mode="drop"))
+                   for (k, v), (pk, pv) in zip(state.kv_cache, prompt_cache))
+  prompts_RxS = jnp.zeros((r, s), jnp.int32).at[:, :t].set(a.prompts_RxT)
+  return state.replace(
+      kv_cache=kv_cache, history_BxS=put(state.history_BxS, prompts_RxS),
+      position_B=put(state.position_B, a.lengths_R - 1), active_B=put(state.active_B, True),
+      finish_B=put(state.finish_B, RUNNING), num_generated_B=put(state.num_generated_B, 0),
+      max_new_B=put(state.max_new_B, a.max_new_R),
+      temperature_B=put(state.temperature_B, a.temperature_R), top_p_B=put(state.top_p_B, a.top_p_R),
+      top_k_B=put(state.top_k_B, a.top_k_R), min_p_B=put(state.min_p_B, a.min_p_R),
+      key_data_Bx2=put(state.key_data_Bx2,
+                       request_key_data(a.seed_lo_R, a.seed_hi_R, a.sample_index_R)),
+      stop_ids_BxK=put(state.stop_ids_BxK, a.stop_ids_RxK))
+
+
+def decode_chunk(config: ModelConfig, params, state: BatchState, release_B, budget, exit_when_free,
+                 *, num_steps: int, ngram: int, count: int):
+  """Up to `num_steps` decode steps over the whole batch in one device program.
+
+  Rows in `release_B` are retired first (aborted on the host). The loop ends early when no row
+  is active, when the budget is spent, or once `exit_when_free` rows are free to be refilled.
+  """
+  b = state.history_BxS.shape[0]
+  state = state.replace(active_B=state.active_B & ~release_B)
+  emitted = (jnp.zeros((num_steps, b), jnp.int32), jnp.zeros((num_steps, b), jnp.float32),
+             jnp.zeros((num_steps, b), bool))
+
+  def keep_going(carry):
+    step, state, budget, _ = carry
+    num_active = jnp.sum(state.active_B)
+    return (step < num_steps) & (num_active > 0) & (b - num_active < exit_when_free) & (budget > 0)
+
+  def one_step(carry):
+    step, state, budget, emitted = carry
+    tokens_Bx1 = jnp.take_along_axis(state.history_BxS, state.position_B[:, None], axis=1)
+    logits_Bx1xV, kv_cache = decode_lm(config, params, tokens_Bx1, state.position_B[:, None],
+                                       state.kv_cache)
+    state, new, budget = _record(state.replace(kv_cache=kv_cache), logits_Bx1xV[:, 0], budget,
+                                 ngram, count)
+    emitted = tuple(buf.at[step].set(value) for buf, value in zip(emitted, new))
+    return step + 1, state, budget, emitted
+
+  _, state, _, emitted = jax.lax.while_loop(keep_going, one_step, (0, state, budget, emitted))
+  return state, Emitted(*emitted, state.finish_B)

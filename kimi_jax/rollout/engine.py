@@ -1,0 +1,327 @@
+"""In-process rollout engine: KV-cached batched sampling with continuous batching.
+
+The host keeps a FIFO of requests and a table of which request occupies which batch row. Each
+`step` admits queued requests into free rows (one bucketed prefill) and then runs a chunk of
+decode steps on device; the chunk returns early once enough rows are free to be worth
+refilling, so one long sample never idles the batch. Weights are a jit argument: swapping them
+keeps every compiled program.
+"""
+import collections
+import dataclasses
+import functools
+from typing import Callable, NamedTuple, Sequence
+
+import flax
+import jax
+import numpy as np
+
+from kimi_jax.model import ModelConfig
+from kimi_jax.rollout import batch_state
+from kimi_jax.rollout.batch_state import LENGTH, REPEATED, RUNNING, STOPPED, Admission
+from kimi_jax.rollout.types import (REPETITION_MATCH, Completion, SamplingParams, abort_reason,
+                                    length_reason, stop_reason)
+
+__all__ = ["Completion", "RolloutEngine", "SamplingParams", "Update"]
+
+_NO_BUDGET = 2 ** 30
+_MIN_PROMPT_BUCKET = 8
+
+
+class Update(NamedTuple):
+  """New tokens of one request from one `step`; `completion` is set once it has finished."""
+
+  uid: int
+  new_ids: list[int]
+  new_logprobs: list[float]
+  completion: Completion | None
+
+
+@dataclasses.dataclass
+class _Request:
+  uid: int
+  prompt_ids: list[int]
+  sampling: SamplingParams
+  sample_index: int
+  seed: int
+  stop_ids: tuple[int, ...]
+  output_ids: list[int] = dataclasses.field(default_factory=list)
+  logprobs: list[float] = dataclasses.field(default_factory=list)
+
+
+def _bucket(n: int, minimum: int, cap: int) -> int:
+  """Smallest power of two >= max(n, minimum), capped (bounds the number of compilations)."""
+  return min(cap, 1 << (max(n, minimum) - 1).bit_length())
+
+
+def _plain_tree(params):
+  return flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else params
+
+
+class RolloutEngine:
+  """Samples completions from our LM; see `generate` (batch API) and `submit`/`step` (serving).
+
+  Args:
+    config, params: the model.
+    max_batch: rows decoded together (fixed shape).
+    max_seq_len: KV slots per row: prompt + output tokens must fit. A row that fills its slots
+      finishes with finish reason "length".
+    eos_token_ids: stop every request unless it sets `ignore_eos`.
+    weight_version: reported in every completion; changed by `update_weights`.
+    repetition_ngram, repetition_count: stop a sample whose last ngram*count tokens are one
+      loop of period <= ngram (finish reason {"type": "stop", "matched": "repetition"},
+      `Completion.repetition`). 0 disables.
+    chunk_steps: decode steps per device program (host round-trip).
+    refill_rows: a chunk ends early once this many rows are free and requests wait
+      (default max_batch // 8, at least 1).
+    max_stop_ids: stop ids per request (stop_token_ids + eos), a fixed device shape.
+    seed: draws the seeds of requests that give none.
+    device: where params and the batch live (default: the first device).
+  """
+
+  def __init__(self, config: ModelConfig, params, *, max_batch: int, max_seq_len: int,
+               eos_token_ids: Sequence[int] = (), weight_version: str = "0",
+               repetition_ngram: int = 0, repetition_count: int = 0, chunk_steps: int = 16,
+               refill_rows: int | None = None, max_stop_ids: int = 8, seed: int = 0, device=None):
+    if max_batch < 1:
+      raise ValueError(f"max_batch={max_batch}: must be >= 1")
+    if max_seq_len < 2:
+      raise ValueError(f"max_seq_len={max_seq_len}: must be >= 2 (a prompt token and an output)")
+    if repetition_ngram < 0 or (repetition_ngram > 0) != (repetition_count >= 2):
+      raise ValueError(f"repetition_ngram={repetition_ngram}, repetition_count={repetition_count}: "
+                       "use ngram >= 1 with count >= 2, or ngram = 0 to disable")
+    if chunk_steps < 1:
+      raise ValueError(f"chunk_steps={chunk_steps}: must be >= 1")
+    self.config = config
+    self.max_batch = max_batch
+    self.max_seq_len = max_seq_len
+    self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
+    self.weight_version = str(weight_version)
+    self.refill_rows = refill_rows or max(1, max_batch // 8)
+    self.max_stop_ids = max_stop_ids
+    self._device = device or jax.devices()[0]
+    self._params = jax.device_put(_plain_tree(params), self._device)
+    self._state = jax.device_put(
+        batch_state.init_batch_state(config, max_batch, max_seq_len, max_stop_ids), self._device)
+    self._traces = collections.Counter()
+    stopping = dict(ngram=repetition_ngram, count=repetition_count)
+    self._prefill = self._jit("prefill", functools.partial(batch_state.prefill, config))
+    self._decode = self._jit("decode", functools.partial(
+        batch_state.decode_chunk, config, num_steps=chunk_steps, **stopping))
+    self._seed_rng = np.random.default_rng(seed)
+    self._queue: collections.deque[_Request] = collections.deque()
+    self._rows: list[_Request | None] = [None] * max_batch
+    self._release_B = np.zeros(max_batch, bool)
+    self._finished_at_submit: list[Update] = []
+    self._next_uid = 0
+
+  def _jit(self, name: str, fn: Callable):
+    def counted(*args):
+      self._traces[name] += 1  # runs only while tracing, i.e. once per compilation
+      return fn(*args)
+    return jax.jit(counted, donate_argnums=(1,))
+
+  @property
+  def num_compilations(self) -> dict[str, int]:
+    """Programs traced so far, by name ("prefill" per bucket, "decode" once)."""
+    return dict(self._traces)
+
+  @property
+  def num_running(self) -> int:
+    return sum(r is not None for r in self._rows)
+
+  @property
+  def num_queued(self) -> int:
+    return len(self._queue)
+
+  @property
+  def has_work(self) -> bool:
+    return bool(self._queue or self.num_running or self._finished_at_submit)
+
+  def update_weights(self, params, weight_version: str) -> None:
+    """Swap in new parameters (same tree, shapes and dtypes); nothing recompiles."""
+    new = _plain_tree(params)
+    old_paths = jax.tree_util.tree_flatten_with_path(self._params)[0]
+    new_paths = jax.tree_util.tree_flatten_with_path(new)[0]
+    old_specs = {jax.tree_util.keystr(p): (x.shape, x.dtype) for p, x in old_paths}
+    new_specs = {jax.tree_util.keystr(p): (np.shape(x), np.result_type(x)) for p, x in new_paths}
+    if old_specs != new_specs:
+      diff = sorted(k for k in old_specs.keys() | new_specs.keys()
+                    if old_specs.get(k) != new_specs.get(k))
+      raise ValueError(f"update_weights: params differ from the engine's in {diff[:5]} "
+                       f"(ours {[old_specs.get(k) for k in diff[:5]]}, "
+                       f"given {[new_specs.get(k) for k in diff[:5]]})")
+    self._params = jax.device_put(new, self._device)
+    self.weight_version = str(weight_version)
+
+  # ---- serving API: submit / step / abort ----
+
+  def submit(self, prompts: Sequence[Sequence[int]],
+             sampling: SamplingParams | Sequence[SamplingParams]) -> list[int]:
+    """Queue `n` samples per prompt; returns their ids grouped [p0 x n, p1 x n, ...]."""
+    per_prompt = ([sampling] * len(prompts) if isinstance(sampling, SamplingParams)
+                  else list(sampling))
+    if len(per_prompt) != len(prompts):
+      raise ValueError(f"sampling: {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+    checked = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
+    stops = [self._stop_ids(i, sp) for i, sp in enumerate(per_prompt)]
+    uids = []
+    for prompt_ids, sp, stop_ids in zip(checked, per_prompt, stops):
+      seed = int(self._seed_rng.integers(2 ** 63)) if sp.seed is None else int(sp.seed)
+      for j in range(sp.n):
+        request = _Request(self._next_uid, prompt_ids, sp, j, seed, stop_ids)
+        self._next_uid += 1
+        uids.append(request.uid)
+        if sp.max_new_tokens == 0:
+          self._finished_at_submit.append(Update(request.uid, [], [],
+                                                 self._complete(request, length_reason(0))))
+        else:
+          self._queue.append(request)
+    return uids
+
+  def _check_prompt(self, index: int, prompt) -> list[int]:
+    ids = [int(t) for t in prompt]
+    if not ids:
+      raise ValueError(f"prompts[{index}]: empty prompt")
+    bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+    if bad:
+      raise ValueError(f"prompts[{index}]: token ids {bad[:5]} outside [0, {self.config.vocab_size})")
+    if len(ids) >= self.max_seq_len:
+      raise ValueError(f"prompts[{index}]: {len(ids)} tokens leave no room for output in "
+                       f"max_seq_len={self.max_seq_len}")
+    return ids
+
+  def _stop_ids(self, index: int, sp: SamplingParams) -> tuple[int, ...]:
+    ids = tuple(dict.fromkeys(sp.stop_token_ids + (() if sp.ignore_eos else self.eos_token_ids)))
+    if len(ids) > self.max_stop_ids:
+      raise ValueError(f"sampling[{index}].stop_token_ids: {len(ids)} stop ids (with eos) exceed "
+                       f"max_stop_ids={self.max_stop_ids}")
+    return ids
+
+  def abort(self, uids: Sequence[int] | None = None, message: str = "aborted") -> list[Update]:
+    """Finish the given (default: all) unfinished requests with reason "abort", tokens so far."""
+    wanted = None if uids is None else set(uids)
+    hit = lambda r: r is not None and (wanted is None or r.uid in wanted)
+    updates = [Update(r.uid, [], [], self._complete(r, abort_reason(message)))
+               for r in self._queue if hit(r)]
+    self._queue = collections.deque(r for r in self._queue if not hit(r))
+    for row, request in enumerate(self._rows):
+      if hit(request):
+        updates.append(Update(request.uid, [], [], self._complete(request, abort_reason(message))))
+        self._rows[row] = None
+        self._release_B[row] = True
+    return updates
+
+  def step(self, token_budget: int | None = None) -> list[Update]:
+    """Admit waiting requests, run one decode chunk; emit at most `token_budget` tokens."""
+    budget = _NO_BUDGET if token_budget is None else token_budget
+    updates, self._finished_at_submit = self._finished_at_submit, []
+    free_rows = [i for i, r in enumerate(self._rows) if r is None]
+    admit = min(len(free_rows), len(self._queue), budget)
+    if admit:
+      admission = self._admission(free_rows[:admit], [self._queue.popleft() for _ in range(admit)])
+      self._state = self._prefill(self._params, self._state, admission)
+    if self.num_running and budget > 0:
+      exit_when_free = (min(self.refill_rows, len(self._queue)) if self._queue
+                        else self.max_batch + 1)
+      self._state, emitted = self._decode(self._params, self._state, self._release_B,
+                                          np.int32(budget), np.int32(exit_when_free))
+      self._release_B = np.zeros(self.max_batch, bool)
+      updates += self._absorb(emitted)
+    return updates
+
+  def _admission(self, rows: list[int], requests: list[_Request]) -> Admission:
+    r = _bucket(len(requests), 1, self.max_batch)
+    t = _bucket(max(len(q.prompt_ids) for q in requests), _MIN_PROMPT_BUCKET, self.max_seq_len)
+    prompts = np.zeros((r, t), np.int32)
+    stop_ids = np.full((r, self.max_stop_ids), -1, np.int32)
+    lengths = np.ones(r, np.int32)
+    for i, q in enumerate(requests):
+      prompts[i, :len(q.prompt_ids)] = q.prompt_ids
+      stop_ids[i, :len(q.stop_ids)] = q.stop_ids
+      lengths[i] = len(q.prompt_ids)
+      self._rows[rows[i]] = q
+      self._release_B[rows[i]] = False
+    column = lambda values, dtype: np.array(values + [0] * (r - len(values)), dtype)
+    sp = [q.sampling for q in requests]
+    return Admission(
+        rows_R=column(rows, np.int32) + np.where(np.arange(r) < len(rows), 0, self.max_batch),
+        prompts_RxT=prompts, lengths_R=lengths,
+        max_new_R=column([s.max_new_tokens for s in sp], np.int32),
+        temperature_R=column([s.temperature for s in sp], np.float32),
+        top_p_R=column([s.top_p for s in sp], np.float32),
+        top_k_R=column([s.top_k for s in sp], np.int32),
+        min_p_R=column([s.min_p for s in sp], np.float32),
+        seed_lo_R=column([q.seed & 0xFFFFFFFF for q in requests], np.uint32),
+        seed_hi_R=column([(q.seed >> 32) & 0xFFFFFFFF for q in requests], np.uint32),
+        sample_index_R=column([q.sample_index for q in requests], np.uint32),
+        stop_ids_RxK=stop_ids)
+
+  def _absorb(self, emitted: batch_state.Emitted) -> list[Update]:
+    """Append a decode chunk's tokens to their requests; complete the requests that finished."""
+    tokens_CxB, logprobs_CxB, emitted_CxB, finish_B = jax.device_get(emitted)
+    updates = []
+    for row, request in enumerate(self._rows):
+      if request is None:
+        continue
+      mask_C = emitted_CxB[:, row]
+      new_ids = tokens_CxB[mask_C, row].tolist()
+      new_logprobs = logprobs_CxB[mask_C, row].tolist()
+      request.output_ids += new_ids
+      request.logprobs += new_logprobs
+      code = int(finish_B[row])
+      completion = None
+      if code != RUNNING:
+        completion = self._complete(request, self._finish_reason(code, request))
+        self._rows[row] = None
+      if new_ids or completion:
+        updates.append(Update(request.uid, new_ids, new_logprobs, completion))
+    return updates
+
+  @staticmethod
+  def _finish_reason(code: int, request: _Request) -> dict:
+    if code == STOPPED:
+      return stop_reason(request.output_ids[-1])
+    if code == REPEATED:
+      return stop_reason(REPETITION_MATCH)
+    assert code == LENGTH, code
+    return length_reason(len(request.output_ids))
+
+  def _complete(self, request: _Request, finish_reason: dict) -> Completion:
+    return Completion(request.prompt_ids, request.output_ids, request.logprobs, finish_reason,
+                      repetition=finish_reason.get("matched") == REPETITION_MATCH,
+                      weight_version=self.weight_version)
+
+  # ---- batch API ----
+
+  def generate(self, prompts: Sequence[Sequence[int]],
+               sampling: SamplingParams | Sequence[SamplingParams], *,
+               token_budget: int | None = None, should_abort: Callable[[], bool] | None = None,
+               on_token: Callable[[int, list[int], list[float]], None] | None = None
+               ) -> list[Completion]:
+    """Sample completions, grouped [p0 x n, p1 x n, ...].
+
+    token_budget: output tokens for the whole call; once spent, unfinished samples come back
+      with finish reason "abort" and their tokens so far (resume them from prompt + output).
+    should_abort: polled between decode chunks; True aborts every unfinished sample.
+    on_token(index, new_ids, new_logprobs): called as tokens arrive (index into the result).
+    """
+    if self.has_work:
+      raise RuntimeError("generate() needs an idle engine; this one is serving submitted requests")
+    uids = self.submit(prompts, sampling)
+    index = {uid: i for i, uid in enumerate(uids)}
+    results: list[Completion | None] = [None] * len(uids)
+    spent = 0
+    while self.has_work:
+      if should_abort is not None and should_abort():
+        updates = self.abort(message="aborted by the caller")
+      elif token_budget is not None and spent >= token_budget:
+        updates = self.abort(message=f"token budget of {token_budget} spent")
+      else:
+        updates = self.step(None if token_budget is None else token_budget - spent)
+      for update in updates:
+        spent += len(update.new_ids)
+        if on_token is not None and update.new_ids:
+          on_token(index[update.uid], update.new_ids, update.new_logprobs)
+        if update.completion is not None:
+          results[index[update.uid]] = update.completion
+    return results

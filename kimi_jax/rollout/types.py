@@ -1,0 +1,74 @@
+"""Request and result types shared by the engine, the server and the SGLang client.
+
+Field names and meanings follow SGLang's native API (DESIGN.md section 6).
+"""
+import dataclasses
+import operator
+
+STOP, LENGTH, ABORT = "stop", "length", "abort"
+# A sample stopped by the repeated n-gram detector finishes with type "stop" and this "matched"
+# value (SGLang has no such reason; a stop string never collides because ours are token ids).
+REPETITION_MATCH = "repetition"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """Per-request sampling settings, with SGLang's names, defaults and validity rules."""
+
+  temperature: float = 1.0  # 0 = greedy
+  top_p: float = 1.0
+  top_k: int = -1  # -1 = all
+  min_p: float = 0.0
+  max_new_tokens: int = 128
+  stop_token_ids: tuple[int, ...] = ()
+  n: int = 1
+  seed: int | None = None
+  ignore_eos: bool = False
+
+  def __post_init__(self):
+    def require(ok, field, why):
+      if not ok:
+        raise ValueError(f"SamplingParams.{field}={getattr(self, field)!r}: {why}")
+
+    require(self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
+    require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+    require(self.top_k == -1 or self.top_k >= 1, "top_k", "must be -1 (all) or >= 1")
+    require(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+    require(self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0")
+    require(self.n >= 1, "n", "must be >= 1")
+    try:
+      stop_ids = tuple(operator.index(t) for t in self.stop_token_ids)
+    except TypeError:
+      stop_ids = (-1,)
+    require(all(t >= 0 for t in stop_ids), "stop_token_ids", "must be non-negative ints")
+    object.__setattr__(self, "stop_token_ids", stop_ids)
+
+
+@dataclasses.dataclass
+class Completion:
+  """One sample: the tokens after the prompt and their rollout log-probs.
+
+  `logprobs[i]` is log_softmax(logits / T)[output_ids[i]] before top-k/top-p/min-p filtering
+  (SGLang's definition; T = 1 for greedy). `output_ids` keeps the stop token, if any.
+  `finish_reason` is {"type": "stop", "matched": id | "repetition"}, {"type": "length",
+  "length": N} or {"type": "abort", "message": str}.
+  """
+
+  prompt_ids: list[int]
+  output_ids: list[int]
+  logprobs: list[float]
+  finish_reason: dict
+  repetition: bool = False
+  weight_version: str = "0"
+
+
+def stop_reason(matched) -> dict:
+  return {"type": STOP, "matched": matched}
+
+
+def length_reason(length: int) -> dict:
+  return {"type": LENGTH, "length": length}
+
+
+def abort_reason(message: str) -> dict:
+  return {"type": ABORT, "message": message}

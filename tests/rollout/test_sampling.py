@@ -1,0 +1,85 @@
+"""Sampling filters, log-probs and the repetition detector against numpy references."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kimi_jax.rollout.repetition import repeated_loop
+from kimi_jax.rollout.sampling import kept_mask, log_probs, sample_tokens
+from kimi_jax.rollout.types import SamplingParams
+from tests.rollout.tiny_model import is_loop, kept_set, log_softmax
+
+# float32 log-softmax against float64: differences are a few ulps of values of size ~10.
+LOGPROB_ATOL = 1e-5
+
+SETTINGS = [  # (temperature, top_p, top_k, min_p)
+    (1.0, 1.0, -1, 0.0), (0.7, 0.5, -1, 0.0), (1.3, 1.0, 3, 0.0), (1.0, 1.0, -1, 0.2),
+    (0.9, 0.8, 5, 0.05), (1.0, 1e-6, -1, 0.0), (2.0, 1.0, 1, 0.0), (1.0, 1.0, -1, 1.0),
+]
+
+
+def _columns(settings):
+  t, p, k, m = (np.array(col) for col in zip(*settings))
+  return (jnp.asarray(t, jnp.float32), jnp.asarray(p, jnp.float32), jnp.asarray(k, jnp.int32),
+          jnp.asarray(m, jnp.float32))
+
+
+def test_kept_mask_matches_float64_reference():
+  logits_BxV = np.random.default_rng(0).normal(0, 2, (len(SETTINGS), 50))
+  t_B, p_B, k_B, m_B = _columns(SETTINGS)
+  mask = np.asarray(kept_mask(log_probs(jnp.asarray(logits_BxV, jnp.float32), t_B), p_B, k_B, m_B))
+  for row, (t, p, k, m) in enumerate(SETTINGS):
+    assert set(np.flatnonzero(mask[row]).tolist()) == kept_set(logits_BxV[row], t, p, k, m), row
+
+
+def test_sample_tokens_stays_in_kept_set_and_reports_unfiltered_logprobs():
+  rng = np.random.default_rng(1)
+  settings = SETTINGS * 64
+  logits_BxV = rng.normal(0, 2, (len(settings), 40))
+  t_B, p_B, k_B, m_B = _columns(settings)
+  keys = jax.random.split(jax.random.key(0), len(settings))
+  tokens, logprobs = sample_tokens(jnp.asarray(logits_BxV, jnp.float32), t_B, p_B, k_B, m_B, keys)
+  for row, (t, p, k, m) in enumerate(settings):
+    assert int(tokens[row]) in kept_set(logits_BxV[row], t, p, k, m)
+    expected = log_softmax(logits_BxV[row] / t)[int(tokens[row])]  # before filtering
+    np.testing.assert_allclose(float(logprobs[row]), expected, atol=LOGPROB_ATOL)
+
+
+def test_greedy_rows_take_argmax_with_temperature_one_logprobs():
+  logits_BxV = np.random.default_rng(2).normal(0, 2, (4, 30))
+  zeros = jnp.zeros(4)
+  tokens, logprobs = sample_tokens(jnp.asarray(logits_BxV, jnp.float32), zeros, jnp.full(4, 0.1),
+                                   jnp.full(4, 2, jnp.int32), zeros,
+                                   jax.random.split(jax.random.key(0), 4))
+  np.testing.assert_array_equal(tokens, logits_BxV.argmax(-1))
+  expected = log_softmax(logits_BxV)[np.arange(4), logits_BxV.argmax(-1)]
+  np.testing.assert_allclose(logprobs, expected, atol=LOGPROB_ATOL)
+
+
+@pytest.mark.parametrize("outputs", [
+    [1, 2] * 4, [5] * 8, [1, 2, 3] * 3, [7, 1, 2] + [1, 2] * 4, [1, 2] * 3 + [1, 3],
+    [1, 2, 3, 4] * 2, [9] * 7, [4, 4, 5, 4, 4, 5, 4, 4], list(range(8)),
+])
+def test_repeated_loop_matches_reference(outputs):
+  ngram, count, length = 3, 3, 24
+  prompt = [11, 12, 11, 12, 11, 12]  # a loop inside the prompt must not count
+  seq = prompt + outputs
+  history = np.zeros((1, length), np.int32)
+  history[0, :len(seq)] = seq
+  got = repeated_loop(jnp.asarray(history), jnp.array([len(seq) - 1]), jnp.array([len(outputs)]),
+                      ngram, count)
+  assert bool(got[0]) == is_loop(outputs, ngram, count)
+
+
+def test_repeated_loop_ignores_the_prompt():
+  history = jnp.asarray([[3, 3, 3, 3, 3, 3, 3, 0]])
+  assert not repeated_loop(history, jnp.array([6]), jnp.array([2]), 1, 4)[0]
+  assert repeated_loop(history, jnp.array([6]), jnp.array([4]), 1, 4)[0]
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5),
+                                         ("top_k", 0), ("min_p", 1.5), ("max_new_tokens", -1),
+                                         ("n", 0), ("stop_token_ids", (-3,))])
+def test_invalid_sampling_params_name_the_field(field, value):
+  with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+    SamplingParams(**{field: value})
