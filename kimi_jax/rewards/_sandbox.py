@@ -250,6 +250,7 @@ def _launch(source: str, stdin: str, limits: Limits, packages: tuple[str, ...], 
       except ProcessLookupError:
         pass
       proc.wait()
+      # Even under bubblewrap: its monitor may exit before the pid namespace is torn down.
       if uid is not None:
         _kill_all_of(uid)
     wall_s = time.monotonic() - start

@@ -1,0 +1,89 @@
+"""Reward registry: a config names the reward of each task; scores combine with the length penalty.
+
+A reward is a batch function (responses_B, answers_B) -> rewards_B with values in [0, 1], 1
+meaning correct. Built in: "math" (`math.math_rewards`: answers are gold answers) and "code"
+(`code.code_rewards`: answers are JSON test cases). Anything else registers by name, e.g. the RL
+demo's synthetic arithmetic task: `REGISTRY.register("arith", per_response(fn))`.
+
+A config maps task names (a prompt's `domain`) to reward names, e.g. {"gsm8k": "math",
+"arith": "arith"}; `score_rollout` calls each reward once on the rows of its tasks, then adds the
+k1.5 length penalty per prompt group (`length_penalty.apply_length_penalty`).
+"""
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from kimi_jax.rewards.code import code_rewards
+from kimi_jax.rewards.length_penalty import apply_length_penalty
+from kimi_jax.rewards.math import math_rewards
+
+BatchReward = Callable[[Sequence[str], Sequence[str]], np.ndarray]
+
+
+def per_response(reward: Callable[[str, str], float]) -> BatchReward:
+  """A batch reward from a (response, answer) -> reward function."""
+  def batch(responses: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+    return np.array([reward(r, a) for r, a in zip(responses, answers)], np.float64)
+  return batch
+
+
+class RewardRegistry:
+  """Rewards by name."""
+
+  def __init__(self):
+    self._rewards: dict[str, BatchReward] = {}
+
+  def register(self, name: str, reward: BatchReward) -> None:
+    if name in self._rewards:
+      raise ValueError(f"reward {name!r} is already registered")
+    self._rewards[name] = reward
+
+  def get(self, name: str) -> BatchReward:
+    if name not in self._rewards:
+      raise ValueError(f"unknown reward {name!r}; registered: {sorted(self._rewards)}")
+    return self._rewards[name]
+
+  def task_rewards(self, reward_by_task: Mapping[str, str], tasks_B: Sequence[str],
+                   responses_B: Sequence[str], answers_B: Sequence[str]) -> np.ndarray:
+    """Reward of every row from its task's reward, one batched call per task; float64 [B]."""
+    if not len(tasks_B) == len(responses_B) == len(answers_B):
+      raise ValueError(f"got {len(tasks_B)} tasks, {len(responses_B)} responses and "
+                       f"{len(answers_B)} answers")
+    missing = sorted(set(tasks_B) - set(reward_by_task))
+    if missing:
+      raise ValueError(f"no reward configured for task(s) {missing}; "
+                       f"configured: {sorted(reward_by_task)}")
+    tasks_B = np.asarray(tasks_B, dtype=object)
+    rewards_B = np.zeros(len(tasks_B))
+    for task in dict.fromkeys(tasks_B):
+      rows = np.flatnonzero(tasks_B == task)
+      name = reward_by_task[task]
+      values = np.asarray(self.get(name)([responses_B[i] for i in rows],
+                                         [answers_B[i] for i in rows]), np.float64)
+      if values.shape != rows.shape or not np.all((values >= 0.0) & (values <= 1.0)):
+        raise ValueError(f"reward {name!r} must return {len(rows)} values in [0, 1], got "
+                         f"shape {values.shape}, range [{values.min(initial=0.0)}, "
+                         f"{values.max(initial=0.0)}]")
+      rewards_B[rows] = values
+    return rewards_B
+
+
+REGISTRY = RewardRegistry()
+REGISTRY.register("math", math_rewards)
+REGISTRY.register("code", code_rewards)
+
+
+def score_rollout(reward_by_task: Mapping[str, str], tasks_B: Sequence[str],
+                  responses_B: Sequence[str], answers_B: Sequence[str], lengths_B, group_ids_B,
+                  length_penalty_weight: float, length_penalty_warmup: int, iteration: int,
+                  registry: RewardRegistry = REGISTRY) -> tuple[np.ndarray, np.ndarray]:
+  """(rewards_B, correct_B): task reward + w * per-group length reward; correct = reward 1.
+
+  `lengths_B` are response lengths in tokens, `group_ids_B` the prompt group of each row; w is
+  `length_penalty_weight` from iteration `length_penalty_warmup` on, 0 before.
+  """
+  task_B = registry.task_rewards(reward_by_task, tasks_B, responses_B, answers_B)
+  correct_B = task_B == 1.0
+  rewards_B = apply_length_penalty(task_B, lengths_B, correct_B, group_ids_B,
+                                   length_penalty_weight, iteration, length_penalty_warmup)
+  return rewards_B, correct_B

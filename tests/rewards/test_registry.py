@@ -1,0 +1,66 @@
+"""Reward registry: per-task dispatch, length penalty on top, built-in math and code rewards."""
+import json
+
+import numpy as np
+import pytest
+
+from kimi_jax.data import synthetic
+from kimi_jax.rewards.registry import REGISTRY, RewardRegistry, per_response, score_rollout
+
+EXACT = 1e-12  # hand values below are sums of a few short binary fractions
+
+
+@pytest.fixture
+def registry():
+  r = RewardRegistry()
+  r.register("arith", per_response(lambda response, answer: float(
+      synthetic.is_correct(response, answer))))
+  r.register("parity", per_response(lambda response, answer: float(
+      int(response) % 2 == int(answer))))
+  return r
+
+
+def test_dispatch_by_task_and_length_penalty(registry):
+  tasks = ["arith", "arith", "arith", "even_odd", "even_odd"]
+  responses = ["7+5=12#12", "7+5=13#13", "1+1=2#2", "4", "7"]
+  answers = ["12", "12", "2", "0", "0"]
+  lengths = [10, 20, 30, 5, 5]
+  groups = [0, 0, 0, 1, 1]
+  rewards, correct = score_rollout({"arith": "arith", "even_odd": "parity"}, tasks, responses,
+                                   answers, lengths, groups, length_penalty_weight=0.2,
+                                   length_penalty_warmup=3, iteration=3, registry=registry)
+  np.testing.assert_array_equal(correct, [True, False, True, True, False])
+  # Group 0: lambda = 0.5 - (len - 10) / 20 = (0.5, 0, -0.5); the wrong one keeps min(0, 0).
+  # Group 1: equal lengths -> no length reward.
+  np.testing.assert_allclose(rewards, [1 + 0.2 * 0.5, 0.0, 1 - 0.2 * 0.5, 1.0, 0.0], atol=EXACT)
+
+
+def test_length_penalty_is_off_during_warmup(registry):
+  rewards, _ = score_rollout({"arith": "arith"}, ["arith"] * 2, ["1+1=2#2", "1+1=3#3"],
+                             ["2", "2"], [4, 40], [0, 0], length_penalty_weight=0.2,
+                             length_penalty_warmup=3, iteration=2, registry=registry)
+  np.testing.assert_array_equal(rewards, [1.0, 0.0])
+
+
+def test_builtin_math_and_code_rewards():
+  tests = json.dumps([["2 3", "5"], ["10 -4", "6"]])
+  program = "```python\nprint(sum(map(int, input().split())))\n```"
+  tasks = ["gsm8k", "gsm8k", "code"]
+  rewards = REGISTRY.task_rewards({"gsm8k": "math", "code": "code"}, tasks,
+                                  ["So #### 1,200", r"\boxed{1201}", program],
+                                  ["1200", "1200", tests])
+  np.testing.assert_array_equal(rewards, [1.0, 0.0, 1.0])
+
+
+def test_errors_name_the_problem(registry):
+  with pytest.raises(ValueError, match="already registered"):
+    registry.register("arith", per_response(lambda r, a: 0.0))
+  with pytest.raises(ValueError, match=r"unknown reward 'nope'; registered: \['arith', 'parity'\]"):
+    registry.task_rewards({"t": "nope"}, ["t"], ["r"], ["a"])
+  with pytest.raises(ValueError, match=r"no reward configured for task\(s\) \['other'\]"):
+    registry.task_rewards({"t": "arith"}, ["t", "other"], ["r", "r"], ["a", "a"])
+  with pytest.raises(ValueError, match="got 2 tasks, 1 responses and 1 answers"):
+    registry.task_rewards({"t": "arith"}, ["t", "t"], ["r"], ["a"])
+  registry.register("broken", lambda responses, answers: np.full(len(responses), 2.0))
+  with pytest.raises(ValueError, match=r"reward 'broken' must return 1 values in \[0, 1\]"):
+    registry.task_rewards({"t": "broken"}, ["t"], ["r"], ["a"])
