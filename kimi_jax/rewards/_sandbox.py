@@ -19,6 +19,7 @@ Layers, outermost first:
 """
 import dataclasses
 import functools
+import importlib.util
 import math
 import os
 import queue
@@ -179,7 +180,6 @@ def _bwrap_argv(limits: Limits, program_path: str, packages: dict[str, str],
 @functools.cache
 def _package_dirs(names: tuple[str, ...]) -> dict[str, str]:
   """Directory of each importable top-level package, found without importing it."""
-  import importlib.util
   dirs = {}
   for name in names:
     spec = importlib.util.find_spec(name)
@@ -223,11 +223,11 @@ def _launch(source: str, stdin: str, limits: Limits, packages: tuple[str, ...], 
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
     if bwrap:
       sandbox_argv = _bwrap_argv(limits, program_path, package_dirs, python)
-      cwd = env["HOME"] = _SANDBOX_DIR
+      env["HOME"] = _SANDBOX_DIR
       packages_dir = _PACKAGES_DIR
     else:
       sandbox_argv = []
-      cwd = env["HOME"] = run_dir
+      env["HOME"] = run_dir
       packages_dir = os.path.join(run_dir, ".pylib")
       os.mkdir(packages_dir)
       for name, path in package_dirs.items():
@@ -239,8 +239,8 @@ def _launch(source: str, stdin: str, limits: Limits, packages: tuple[str, ...], 
     nproc = _process_limit(limits, dedicated_uid=uid is not None, bwrap=bwrap)
     argv = _prlimit_argv(limits, nproc) + sandbox_argv + [python, "-s", "-B", _PROGRAM]
     start = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=stdin_f, stdout=stdout_f, stderr=stderr_f,
-                            cwd=None if bwrap else cwd, env=env, user=uid, group=uid,
+    proc = subprocess.Popen(argv, stdin=stdin_f, stdout=stdout_f, stderr=stderr_f, cwd=run_dir,
+                            env=env, user=uid, group=uid,
                             extra_groups=None if uid is None else [], start_new_session=True)
     try:
       exited = _wait(proc, limits.timeout_s)

@@ -2,9 +2,11 @@
 
 The final answer of a response is, by priority: the last \\boxed{...} (or \\fbox; braces nest),
 else the text after the last "####" (its first line), else the text after the last "Answer:"
-(its first line, case-insensitive). No answer scores 0. Gold and answer are both parsed as LaTeX
-by math-verify and compared with `verify(gold, answer)` (not symmetric: the gold decides how
-percentages, units and equations are read; a gold "50%" accepts "50").
+(its first line, case-insensitive), without a final "." or enclosing "$". No answer scores 0.
+The answer must be the answer itself ("42 apples", not "The total is 42 apples"). Gold and
+answer are both parsed as LaTeX by math-verify and compared with `verify(gold, answer)` (not
+symmetric: the gold decides how units and equations are read). A gold ending in a percent sign
+is also read without it, so gold "50%" accepts "50" as well as "0.5".
 
 sympy can hang on some inputs (e.g. 9^{9^{9^{9}}}), so every comparison runs in a
 `TimeoutPool` worker with a hard per-call timeout; a call that overruns scores 0 and its worker
