@@ -12,7 +12,6 @@ import hashlib
 import os
 import socket
 import subprocess
-import sys
 import textwrap
 import threading
 import uuid
@@ -200,16 +199,13 @@ ATTACKS = {
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
-def test_attack_is_contained_and_scores_zero(name, host):
+def test_attack_is_contained_and_scores_zero(name, host, monkeypatch):
   body, expected = ATTACKS[name]
   prelude = (f"import os, sys\nCANARY = {host['dir']!r}\nOUTSIDE = {OUTSIDE_PATHS!r}\n"
              f"PORT = {host['port']}\nSIBLING = {host['sibling'].pid}\n")
   before = _tree_digest(host["dir"])
-  os.environ["KIMI_TEST_SECRET"] = SECRET  # the parent holds a secret in its environment
-  try:
-    result = run_tests(prelude + textwrap.dedent(body), [("", expected)], timeout_s=TIMEOUT_S)
-  finally:
-    del os.environ["KIMI_TEST_SECRET"]
+  monkeypatch.setenv("KIMI_TEST_SECRET", SECRET)  # the parent holds a secret in its environment
+  result = run_tests(prelude + textwrap.dedent(body), [("", expected)], timeout_s=TIMEOUT_S)
   assert result.score == 0.0, result.statuses
   assert result.statuses[0] is not CaseStatus.PASSED
   assert host["sibling"].poll() is None, "sibling process was killed"
