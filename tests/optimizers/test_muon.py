@@ -151,11 +151,11 @@ def test_undeclared_stacked_weight_is_an_error_naming_it():
 def test_user_routing_tree_overrides_default():
   params = trees.model_params()
   custom = routing.route_by_path(params)
-  custom["layers_0"]["attn"]["q_proj"]["kernel"] = None  # q_proj of layer 0 -> AdamW
+  custom["layers_0"]["attn"]["q_proj"]["kernel"] = None  # q_proj -> AdamW
   tx = muon(0.1, dimension_numbers=custom)
   labels = trees.flat(routing.labels(params, custom))
   assert labels[("layers_0", "attn", "q_proj", "kernel")] == "adam"
-  assert labels[("layers_1", "attn", "q_proj", "kernel")] == "muon"
+  assert labels[("layers_0", "attn", "k_proj", "kernel")] == "muon"
   grads = trees.random_grads(params, 0)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   # An Adam first step moves every entry by ~lr (sign of the gradient); Muon does not.

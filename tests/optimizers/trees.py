@@ -32,3 +32,21 @@ def random_grads(params, seed: int):
 
 def flat(tree) -> dict:
   return traverse_util.flatten_dict(tree)
+
+
+def small_params(dtype=np.float32):
+  """A wide and a tall Muon matrix, an embedding and a norm: cheap to compile."""
+  rng = np.random.default_rng(0)
+  shapes = {("embed_tokens", "embedding"): (32, 8), ("mlp", "up_proj", "kernel"): (8, 24),
+            ("mlp", "down_proj", "kernel"): (24, 8), ("norm", "scale"): (8,)}
+  return traverse_util.unflatten_dict(
+      {path: (0.1 * rng.normal(size=shape)).astype(dtype) for path, shape in shapes.items()})
+
+
+def assert_trees_close(actual, expected, rtol: float, floor: float):
+  """Leafwise allclose; `floor` * the leaf's largest |entry| is the absolute tolerance, since
+  Newton-Schulz round-off scales with the whole matrix, not with each entry."""
+  expected_flat = flat(expected)
+  for path, value in flat(actual).items():
+    np.testing.assert_allclose(value, expected_flat[path], rtol=rtol,
+                               atol=floor * np.abs(expected_flat[path]).max(), err_msg=str(path))
