@@ -134,6 +134,11 @@ class RolloutEngine:
     return len(self._queue)
 
   @property
+  def num_tokens(self) -> int:
+    """Tokens (prompt + output) held in the KV cache by running requests."""
+    return sum(len(r.prompt_ids) + len(r.output_ids) for r in self._rows if r is not None)
+
+  @property
   def has_work(self) -> bool:
     return bool(self._queue or self.num_running or self._finished_at_submit)
 

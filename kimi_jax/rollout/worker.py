@@ -1,0 +1,167 @@
+"""The engine on its own thread, so an asyncio server stays responsive while it decodes.
+
+Only the worker thread touches the engine. The event loop sends it commands and receives
+every `Update` through per-request sinks called on the loop. Commands come in two kinds:
+urgent ones (abort, pause) run before the next decode chunk; ordered ones (submit, weight
+swap) run in arrival order, and a weight swap waits until the engine is idle (or paused), so
+requests already admitted finish on the weights they started with, like SGLang's
+/update_weights_from_disk.
+"""
+import asyncio
+import collections
+import dataclasses
+import threading
+import time
+from typing import Callable
+
+from kimi_jax.rollout.engine import RolloutEngine, Update
+
+Sink = Callable[[Update], None]
+_THROUGHPUT_EMA = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadSnapshot:
+  num_running: int = 0
+  num_queued: int = 0
+  num_tokens: int = 0
+  tokens_per_s: float = 0.0
+
+
+def _resolve(future: asyncio.Future, result=None, error: BaseException | None = None):
+  if future.done():  # the awaiting handler was cancelled
+    return
+  if error is None:
+    future.set_result(result)
+  else:
+    future.set_exception(error)
+
+
+class EngineWorker:
+  """Owns `engine`; call `start()` from inside the event loop that will receive updates."""
+
+  def __init__(self, engine: RolloutEngine):
+    self.engine = engine
+    self.load = LoadSnapshot()
+    self.paused = False
+    self._loop: asyncio.AbstractEventLoop | None = None
+    self._wake = threading.Condition()
+    self._urgent: list[Callable[[], None]] = []
+    self._ordered: collections.deque[tuple[Callable[[], None], bool]] = collections.deque()
+    self._sinks: dict[int, Sink] = {}
+    self._rid_uids: dict[str, set[int]] = {}
+    self._uid_rid: dict[int, str] = {}
+    self._stopping = False
+    self._thread = threading.Thread(target=self._run, name="rollout-engine", daemon=True)
+
+  def start(self) -> None:
+    self._loop = asyncio.get_running_loop()
+    self._thread.start()
+
+  def stop(self) -> None:
+    with self._wake:
+      self._stopping = True
+      self._wake.notify()
+    self._thread.join()
+
+  # ---- commands, called from the event loop ----
+
+  def _call(self, fn, *, urgent: bool = False, barrier: bool = False) -> asyncio.Future:
+    future = self._loop.create_future()
+
+    def run():
+      try:
+        result = fn()
+      except Exception as error:  # handed to the awaiting handler
+        self._loop.call_soon_threadsafe(_resolve, future, None, error)
+      else:
+        self._loop.call_soon_threadsafe(_resolve, future, result)
+
+    with self._wake:
+      if urgent:
+        self._urgent.append(run)
+      else:
+        self._ordered.append((run, barrier))
+      self._wake.notify()
+    return future
+
+  def submit(self, prompts, sampling, rids: list[str], sink: Sink) -> asyncio.Future:
+    """Queue prompts (rid per prompt); resolves to their uids, grouped like `engine.submit`."""
+    def run():
+      uids = self.engine.submit(prompts, sampling)
+      samples = iter(uids)
+      for rid, sp in zip(rids, sampling):
+        for uid in [next(samples) for _ in range(sp.n)]:
+          self._rid_uids.setdefault(rid, set()).add(uid)
+          self._uid_rid[uid] = rid
+          self._sinks[uid] = sink
+      return uids
+    return self._call(run)
+
+  def abort(self, rids: list[str] | None, message: str) -> asyncio.Future:
+    """Abort the requests of `rids` (None: all); they finish with their tokens so far."""
+    def run():
+      uids = None if rids is None else [u for r in rids for u in self._rid_uids.get(r, ())]
+      if uids != []:
+        self._dispatch(self.engine.abort(uids, message))
+    return self._call(run, urgent=True)
+
+  def set_paused(self, paused: bool, abort_message: str | None = None) -> asyncio.Future:
+    def run():
+      if abort_message is not None:
+        self._dispatch(self.engine.abort(None, abort_message))
+      self.paused = paused
+    return self._call(run, urgent=True)
+
+  def swap_weights(self, params, weight_version: str) -> asyncio.Future:
+    return self._call(lambda: self.engine.update_weights(params, weight_version), barrier=True)
+
+  # ---- the worker thread ----
+
+  def _ready(self) -> bool:
+    """Under the lock: is there anything to do right now?"""
+    head_ready = bool(self._ordered) and (not self._ordered[0][1] or self.paused
+                                          or not self.engine.has_work)
+    return self._stopping or bool(self._urgent) or head_ready or self._can_step()
+
+  def _can_step(self) -> bool:
+    return self.engine.has_work and not self.paused
+
+  def _run(self) -> None:
+    while True:
+      with self._wake:
+        self._wake.wait_for(self._ready)
+        if self._stopping:
+          return
+        urgent, self._urgent = self._urgent, []
+      for run in urgent:
+        run()
+      while True:
+        with self._wake:
+          if not self._ordered or (self._ordered[0][1] and self.engine.has_work and not self.paused):
+            break
+          run, _ = self._ordered.popleft()
+        run()
+      if self._can_step():
+        start = time.perf_counter()
+        updates = self.engine.step()
+        self._dispatch(updates)
+        rate = sum(len(u.new_ids) for u in updates) / max(time.perf_counter() - start, 1e-9)
+        throughput = _THROUGHPUT_EMA * self.load.tokens_per_s + (1 - _THROUGHPUT_EMA) * rate
+      else:
+        throughput = self.load.tokens_per_s
+      self.load = LoadSnapshot(self.engine.num_running, self.engine.num_queued,
+                               self.engine.num_tokens, throughput)
+
+  def _dispatch(self, updates: list[Update]) -> None:
+    for update in updates:
+      sink = self._sinks.get(update.uid)
+      if update.completion is not None:
+        self._sinks.pop(update.uid, None)
+        rid = self._uid_rid.pop(update.uid, None)
+        if rid is not None:
+          self._rid_uids[rid].discard(update.uid)
+          if not self._rid_uids[rid]:
+            del self._rid_uids[rid]
+      if sink is not None:
+        self._loop.call_soon_threadsafe(sink, update)

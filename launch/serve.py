@@ -1,0 +1,60 @@
+"""Serve an HF-format directory with RolloutEngine behind SGLang's native HTTP API.
+
+  python -m launch.serve --model_path=DIR --port=30000
+
+DIR holds config.json + *.safetensors (as written by `save_hf`) and, optionally,
+tokenizer.json (enables `text` prompts and answers). Prints "serving <url>" once bound
+(--port=0 picks a free port).
+"""
+import asyncio
+import os
+
+from absl import app, flags
+
+from kimi_jax.checkpointing.hf import load_hf
+from kimi_jax.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+from kimi_jax.rollout.engine import RolloutEngine
+from kimi_jax.rollout.server import RolloutServer
+
+MODEL_PATH = flags.DEFINE_string("model_path", None, "HF directory: config.json + safetensors")
+HOST = flags.DEFINE_string("host", "127.0.0.1", "interface to bind")
+PORT = flags.DEFINE_integer("port", 30000, "port to bind (0 = any free port)")
+MAX_BATCH = flags.DEFINE_integer("max_batch", 64, "rows decoded together")
+MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 2048, "prompt + output tokens per request")
+CHUNK_STEPS = flags.DEFINE_integer("chunk_steps", 16, "decode steps per device program")
+WEIGHT_VERSION = flags.DEFINE_string("weight_version", "default", "initial weight version")
+REPETITION_NGRAM = flags.DEFINE_integer("repetition_ngram", 0, "loop period bound (0 = off)")
+REPETITION_COUNT = flags.DEFINE_integer("repetition_count", 0, "repeats that stop a sample")
+
+
+def build_server(model_path: str) -> RolloutServer:
+  config, params = load_hf(model_path)
+  tokenizer = (load_tokenizer(model_path)
+               if os.path.exists(os.path.join(model_path, TOKENIZER_FILE)) else None)
+  eos = {config.eos_token_id, None if tokenizer is None else tokenizer.eos_id} - {None}
+  engine = RolloutEngine(config, params, max_batch=MAX_BATCH.value, max_seq_len=MAX_SEQ_LEN.value,
+                         eos_token_ids=sorted(eos), weight_version=WEIGHT_VERSION.value,
+                         repetition_ngram=REPETITION_NGRAM.value,
+                         repetition_count=REPETITION_COUNT.value, chunk_steps=CHUNK_STEPS.value)
+  return RolloutServer(engine, tokenizer=tokenizer, model_path=model_path)
+
+
+async def serve(server: RolloutServer) -> None:
+  url = await server.start(HOST.value, PORT.value)
+  print(f"serving {url}", flush=True)
+  try:
+    await asyncio.Event().wait()  # until the process is stopped
+  finally:
+    await server.stop()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not MODEL_PATH.value:
+    raise app.UsageError("--model_path is required")
+  asyncio.run(serve(build_server(MODEL_PATH.value)))
+
+
+if __name__ == "__main__":
+  app.run(main)

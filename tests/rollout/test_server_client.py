@@ -1,0 +1,350 @@
+"""RolloutServer and SGLangClient over real HTTP on loopback, against full-forward references.
+
+One server (engine on its worker thread) serves the module; the fault test adds a second
+server process started with launch.serve and kills it mid-batch.
+"""
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import socket
+import string
+import subprocess
+import sys
+import threading
+
+import aiohttp
+import jax
+import numpy as np
+import pytest
+
+from kimi_jax.checkpointing.hf import save_hf
+from kimi_jax.data.tokenizer import char_tokenizer
+from kimi_jax.model import init_params
+from kimi_jax.rollout.engine import RolloutEngine, SamplingParams
+from kimi_jax.rollout.server import BackgroundServer, RolloutServer
+from kimi_jax.rollout.sglang_client import RolloutFailure, SGLangClient
+from tests.rollout.test_engine import random_prompts
+from tests.rollout.tiny_model import (CFG, EOS, greedy_reference, log_softmax, peaked_params,
+                                      teacher_forced_logits)
+
+# float32 KV-cached decode vs a float64 softmax of full-forward float32 logits.
+LOGPROB_ATOL = 1e-5
+MAX_SEQ_LEN = 256  # room for long samples, so aborts land mid-generation
+SERVER_FLAGS = ["--max_batch=8", f"--max_seq_len={MAX_SEQ_LEN}", "--chunk_steps=4"]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class Served:
+  def __init__(self, url, params, path, tokenizer):
+    self.url, self.params, self.path, self.tokenizer = url, params, path, tokenizer
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+  params = peaked_params(0)
+  tokenizer = char_tokenizer((string.ascii_letters + string.digits)[:CFG.vocab_size - 4])
+  assert tokenizer.vocab_size == CFG.vocab_size and tokenizer.eos_id == EOS
+  path = str(tmp_path_factory.mktemp("served_model"))
+  save_hf(path, CFG, params)
+  tokenizer.save(path)
+  engine = RolloutEngine(CFG, params, max_batch=8, max_seq_len=MAX_SEQ_LEN, eos_token_ids=(EOS,),
+                         chunk_steps=4, weight_version="v1")
+  background = BackgroundServer(RolloutServer(engine, tokenizer=tokenizer, model_path=path))
+  yield Served(background.url, params, path, tokenizer)
+  background.stop()
+
+
+async def http(method, url, path, body=None, raw: bytes | None = None):
+  """(status, parsed JSON or text) of one request."""
+  async with aiohttp.ClientSession() as session:
+    async with session.request(method, url + path, json=None if raw is not None else body,
+                               data=raw) as response:
+      text = await response.text()
+      is_json = response.content_type == "application/json"
+      return response.status, json.loads(text) if is_json else text
+
+
+def greedy(params, prompts, max_new):
+  return greedy_reference(params, prompts, [max_new] * len(prompts), [{EOS}] * len(prompts), 0, 0,
+                          MAX_SEQ_LEN)
+
+
+def test_batch_request_groups_n_samples_and_matches_greedy_reference(served):
+  prompts = random_prompts(3, seed=10)
+  body = {"input_ids": prompts, "return_logprob": True,
+          "sampling_params": {"temperature": 0, "max_new_tokens": 12, "n": 2}}
+  status, answers = asyncio.run(http("POST", served.url, "/generate", body))
+  assert status == 200 and len(answers) == 6
+  ref_out, ref_logp, ref_reason = greedy(served.params, prompts, 12)
+  for i, answer in enumerate(answers):
+    p, meta = i // 2, answer["meta_info"]
+    assert [t for _, t, _ in meta["output_token_logprobs"]] == answer["output_ids"] == ref_out[p]
+    assert all(text is None for _, _, text in meta["output_token_logprobs"])
+    np.testing.assert_allclose([lp for lp, _, _ in meta["output_token_logprobs"]], ref_logp[p],
+                               atol=LOGPROB_ATOL)
+    assert meta["finish_reason"] == ref_reason[p]
+    assert (meta["prompt_tokens"], meta["completion_tokens"]) == (len(prompts[p]), len(ref_out[p]))
+    assert meta["weight_version"] == "v1" and meta["e2e_latency"] > 0
+    assert answer["text"] == served.tokenizer.decode(ref_out[p])
+
+
+def test_client_generate_returns_trainer_consistent_logprobs(served):
+  prompts = random_prompts(5, seed=11)
+  sampling = [SamplingParams(temperature=0.8, top_k=10, max_new_tokens=16, n=2, seed=i)
+              for i in range(5)]
+
+  async def scenario():
+    async with SGLangClient([served.url], max_concurrency=3) as client:
+      return await client.generate(prompts, sampling), await client.generate(prompts, sampling)
+
+  got, again = asyncio.run(scenario())
+  assert [c.prompt_ids for c in got] == [p for p in prompts for _ in range(2)]
+  assert [c.output_ids for c in got] == [c.output_ids for c in again], "seeded requests repeat"
+  seqs = [c.prompt_ids + c.output_ids for c in got]
+  for c, logits in zip(got, teacher_forced_logits(served.params, seqs, MAX_SEQ_LEN)):
+    start = len(c.prompt_ids) - 1
+    logp = log_softmax(logits[start:start + len(c.output_ids)] / 0.8)
+    np.testing.assert_allclose(c.logprobs, logp[np.arange(len(c.output_ids)), c.output_ids],
+                               atol=LOGPROB_ATOL)
+    assert c.finish_reason["type"] in ("stop", "length") and c.weight_version == "v1"
+
+
+def test_streaming_sends_cumulative_chunks_then_done(served):
+  prompt = [5, 6, 7]
+  body = {"input_ids": prompt, "stream": True, "return_logprob": True,
+          "sampling_params": {"temperature": 0, "max_new_tokens": 20, "ignore_eos": True}}
+
+  async def scenario():
+    async with aiohttp.ClientSession() as session:
+      async with session.post(served.url + "/generate", json=body) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        lines = [line.decode().strip() async for line in response.content]
+    async with SGLangClient([served.url]) as client:
+      streamed = [c async for _, c in client.stream(prompt, SamplingParams(
+          temperature=0, max_new_tokens=20, ignore_eos=True))]
+    return [line for line in lines if line], streamed
+
+  lines, streamed = asyncio.run(scenario())
+  assert lines[-1] == "data: [DONE]"
+  chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+  assert len(chunks) >= 3, "several chunks: 20 tokens at 4 decode steps per chunk"
+  for before, after in zip(chunks, chunks[1:]):
+    assert after["output_ids"][:len(before["output_ids"])] == before["output_ids"]
+    assert before["meta_info"]["finish_reason"] is None
+  ref_out, _, _ = greedy_reference(served.params, [prompt], [20], [set()], 0, 0, MAX_SEQ_LEN)
+  assert chunks[-1]["output_ids"] == ref_out[0]
+  assert chunks[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 20}
+  assert streamed[-1].output_ids == ref_out[0] and streamed[-1].finish_reason["type"] == "length"
+  assert all(c.finish_reason is None for c in streamed[:-1])
+
+
+def test_abort_all_mid_generation_returns_partial_tokens(served):
+  prompts = random_prompts(4, seed=12)
+  sampling = [SamplingParams(temperature=1.0, max_new_tokens=200, ignore_eos=True, seed=40 + i)
+              for i in range(4)]
+
+  async def scenario():
+    async with SGLangClient([served.url]) as client:
+      task = asyncio.create_task(client.generate(prompts, sampling))
+      prompt_tokens = sum(map(len, prompts))
+      while (await http("GET", served.url, "/v1/loads"))[1]["loads"][0]["num_used_tokens"] \
+          <= prompt_tokens:
+        await asyncio.sleep(0.001)
+      await client.abort_all()
+      aborted = await task
+      await client.wait_until_idle()
+      return aborted, await client.generate(prompts, sampling)
+
+  aborted, full = asyncio.run(scenario())
+  for cut, whole in zip(aborted, full):
+    assert cut.finish_reason == {"type": "abort", "message": "aborted by /abort_request"}
+    assert 0 < len(cut.output_ids) < 200 and len(cut.logprobs) == len(cut.output_ids)
+    assert cut.output_ids == whole.output_ids[:len(cut.output_ids)]
+    assert whole.finish_reason == {"type": "length", "length": 200}
+
+
+def test_update_weights_from_disk_changes_outputs_and_reports_version(served, tmp_path):
+  new_params = peaked_params(1)
+  save_hf(str(tmp_path / "new"), CFG, new_params)
+  prompts = random_prompts(3, seed=13)
+  greedy_sampling = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+
+  async def scenario():
+    async with SGLangClient([served.url]) as client:
+      before = await client.generate(prompts, greedy_sampling)
+      await client.update_weights_from_disk(str(tmp_path / "new"), "v2")
+      info, after = await client.model_info(), await client.generate(prompts, greedy_sampling)
+      with pytest.raises(RuntimeError, match="Failed to load"):
+        await client.update_weights_from_disk(str(tmp_path / "missing"), "v3")
+      await client.update_weights_from_disk(served.path, "v1")  # restore for other tests
+      return before, info, after, client.weight_version
+
+  before, info, after, version = asyncio.run(scenario())
+  assert info["weight_version"] == "v2" and version == "v1"
+  expected, _, _ = greedy_reference(new_params, prompts, [10] * 3, [set()] * 3, 0, 0, MAX_SEQ_LEN)
+  assert [c.output_ids for c in after] == expected
+  assert [c.output_ids for c in before] != expected
+  assert {c.weight_version for c in after} == {"v2"}
+
+
+def test_update_weights_rejects_another_architecture(served, tmp_path):
+  other = dataclasses.replace(CFG, intermediate_size=40)
+  save_hf(str(tmp_path), other, init_params(other, jax.random.key(0)))
+  status, answer = asyncio.run(http("POST", served.url, "/update_weights_from_disk",
+                                    {"model_path": str(tmp_path)}))
+  assert status == 400 and answer["success"] is False and "intermediate_size" in answer["message"]
+
+
+def test_text_prompts_are_tokenized_and_answers_decoded(served):
+  body = {"text": ["abc", "XYZ9"], "sampling_params": {"temperature": 0, "max_new_tokens": 6}}
+  status, answers = asyncio.run(http("POST", served.url, "/generate", body))
+  assert status == 200
+  prompts = [served.tokenizer.encode("abc"), served.tokenizer.encode("XYZ9")]
+  ref_out, _, _ = greedy(served.params, prompts, 6)
+  assert [a["output_ids"] for a in answers] == ref_out
+  assert [a["text"] for a in answers] == [served.tokenizer.decode(o) for o in ref_out]
+  assert [a["meta_info"]["prompt_tokens"] for a in answers] == [3, 4]
+
+
+@pytest.mark.parametrize("path,body,message", [
+    ("/generate", b"{not json", "not valid JSON"),
+    ("/generate", {"sampling_params": {}}, "exactly one of 'input_ids' and 'text'"),
+    ("/generate", {"input_ids": [1, 2], "text": "a"}, "exactly one of"),
+    ("/generate", {"input_ids": ["a", 2]}, "'input_ids' must be a list of token ids"),
+    ("/generate", {"input_ids": [3], "sampling_params": {"top_p": 2}}, "SamplingParams.top_p"),
+    ("/generate", {"input_ids": [3], "sampling_params": {"top_k": 0}}, "SamplingParams.top_k"),
+    ("/generate", {"input_ids": [3], "sampling_params": {"max_new_tokens": "9"}}, "integer"),
+    ("/generate", {"input_ids": [3], "sampling_params": {"bogus": 1}}, "unsupported fields"),
+    ("/generate", {"input_ids": [3], "sampling_params": {"stop": ["x"]}}, "stop strings"),
+    ("/generate", {"input_ids": [3], "sampling_params": {"repetition_penalty": 1.3}},
+     "repetition_penalty"),
+    ("/generate", {"input_ids": [3] * MAX_SEQ_LEN}, "max_seq_len"),
+    ("/generate", {"input_ids": [[3], [CFG.vocab_size]]}, "prompts[1]: token ids"),
+    ("/generate", {"input_ids": [[3], [4]], "rid": ["a", "a"]}, "unique"),
+    ("/generate", {"input_ids": [3], "return_logprob": True, "logprob_start_len": 0},
+     "logprob_start_len"),
+    ("/abort_request", {}, "'rid'"),
+    ("/pause_generation", {"mode": "sideways"}, "'mode'"),
+    ("/update_weights_from_disk", {}, "'model_path'"),
+])
+def test_malformed_requests_get_400_with_error_message(served, path, body, message):
+  raw = body if isinstance(body, bytes) else None
+  status, answer = asyncio.run(http("POST", served.url, path, body, raw=raw))
+  assert status == 400
+  assert message in answer["error"]["message"]
+
+
+def test_admin_endpoints(served):
+  async def scenario():
+    url = served.url
+    results = {path: await http("GET", url, path) for path in (
+        "/health", "/model_info", "/get_model_info", "/server_info", "/get_server_info",
+        "/get_load", "/v1/loads")}
+    assert (await http("POST", url, "/pause_generation", {"mode": "in_place"}))[0] == 200
+    async with SGLangClient([url]) as client:
+      task = asyncio.create_task(client.generate([[3, 4]], SamplingParams(max_new_tokens=5)))
+      while await client.load(url) == 0:
+        await asyncio.sleep(0.005)
+      results["busy_flush"] = await http("POST", url, "/flush_cache")
+      results["busy_load"] = await http("GET", url, "/get_load")
+      results["continue"] = await http("POST", url, "/continue_generation")
+      results["done"] = await task
+      await client.wait_until_idle()
+    results["idle_flush"] = await http("POST", url, "/flush_cache")
+    return results
+
+  r = asyncio.run(scenario())
+  assert r["/health"][0] == 200
+  assert r["/model_info"] == r["/get_model_info"]
+  info = r["/model_info"][1]
+  assert (info["model_path"], info["weight_version"], info["architectures"]) == (
+      served.path, "v1", ["Qwen2ForCausalLM"])
+  assert r["/server_info"] == r["/get_server_info"]
+  assert r["/server_info"][1]["max_running_requests"] == 8
+  assert r["/get_load"][1] == [{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}]
+  assert r["/v1/loads"][1]["aggregate"]["total_reqs"] == 0
+  assert r["busy_flush"][0] == 400 and r["busy_load"][1][0]["num_reqs"] == 1
+  assert r["continue"] == (200, {"message": "Generation continued successfully.", "status": "ok"})
+  assert len(r["done"][0].output_ids) > 0 and r["idle_flush"][0] == 200
+
+
+def test_failed_prompts_are_reported_once_and_others_answered(served):
+  prompts = [[3, 4], [5] * MAX_SEQ_LEN, [6, 7]]  # the middle one is too long: a 400
+
+  async def scenario():
+    async with SGLangClient([served.url]) as client:
+      return await client.generate(prompts, SamplingParams(temperature=0, max_new_tokens=4))
+
+  with pytest.raises(RolloutFailure) as failure:
+    asyncio.run(scenario())
+  assert list(failure.value.errors) == [1] and "max_seq_len" in failure.value.errors[1]
+  ref_out, _, _ = greedy(served.params, [prompts[0], prompts[2]], 4)
+  got = failure.value.completions
+  assert got[1] is None and [got[0][0].output_ids, got[2][0].output_ids] == ref_out
+
+
+def _closed_port_url() -> str:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_no_reachable_server_raises_a_clear_error():
+  async def scenario():
+    async with SGLangClient([_closed_port_url()], retries=2, backoff_s=0.01) as client:
+      return await client.generate([[3], [4]], SamplingParams(max_new_tokens=2))
+
+  with pytest.raises(RolloutFailure, match="2 of 2 prompts failed") as failure:
+    asyncio.run(scenario())
+  assert all("failed after 3 attempts" in e and "Connect" in e
+             for e in failure.value.errors.values())
+
+
+def _start_server_process(model_path: str):
+  process = subprocess.Popen(
+      [sys.executable, "-m", "launch.serve", f"--model_path={model_path}", "--port=0",
+       *SERVER_FLAGS], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  url = []
+  reader = threading.Thread(target=lambda: url.extend(
+      line.split()[1] for line in iter(process.stdout.readline, "") if line.startswith("serving")))
+  reader.daemon = True
+  reader.start()
+  for _ in range(1800):  # up to 180 s on a loaded machine
+    if url or process.poll() is not None:
+      break
+    threading.Event().wait(0.1)
+  if not url:
+    process.kill()
+    raise RuntimeError(f"launch.serve did not start (exit code {process.poll()})")
+  return process, url[0]
+
+
+@pytest.mark.slow
+def test_server_killed_mid_batch_work_moves_to_the_other_server(served):
+  process, doomed = _start_server_process(served.path)
+  prompts = random_prompts(10, seed=14)
+
+  async def scenario():
+    # Paused in place, the doomed server holds every request it gets until it is killed.
+    assert (await http("POST", doomed, "/pause_generation", {"mode": "in_place"}))[0] == 200
+    async with SGLangClient([doomed, served.url], retries=2, backoff_s=0.05) as client:
+      task = asyncio.create_task(client.generate(prompts, SamplingParams(temperature=0,
+                                                                         max_new_tokens=8)))
+      while await client.load(doomed) < 2:
+        await asyncio.sleep(0.01)
+      held = await client.load(doomed)
+      os.kill(process.pid, signal.SIGKILL)
+      return held, await task
+
+  try:
+    held, got = asyncio.run(scenario())
+  finally:
+    process.kill()
+    process.wait()
+  assert held >= 2
+  ref_out, _, _ = greedy(served.params, prompts, 8)
+  assert [c.prompt_ids for c in got] == prompts, "each prompt answered exactly once, in order"
+  assert [c.output_ids for c in got] == ref_out
