@@ -99,7 +99,7 @@ class RolloutEngine:
     self.refill_rows = refill_rows or max(1, max_batch // 8)
     self.max_stop_ids = max_stop_ids
     self._device = device or jax.devices()[0]
-    self._params = jax.device_put(_plain_tree(params), self._device)
+    self._params = self._own_copy(params)
     self._state = jax.device_put(
         batch_state.init_batch_state(config, max_batch, max_seq_len, max_stop_ids), self._device)
     self._traces = collections.Counter()
@@ -155,8 +155,12 @@ class RolloutEngine:
       raise ValueError(f"update_weights: params differ from the engine's in {diff[:5]} "
                        f"(ours {[old_specs.get(k) for k in diff[:5]]}, "
                        f"given {[new_specs.get(k) for k in diff[:5]]})")
-    self._params = jax.device_put(new, self._device)
+    self._params = self._own_copy(new)
     self.weight_version = str(weight_version)
+
+  def _own_copy(self, params):
+    """A private copy on our device: the trainer may donate (delete) the buffers it passed."""
+    return jax.device_put(_plain_tree(params), self._device, may_alias=False)
 
   # ---- serving API: submit / step / abort ----
 

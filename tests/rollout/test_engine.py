@@ -3,6 +3,7 @@
 One engine serves the whole module (weights are swapped, never recompiled), so the suite pays
 for one decode program and a few prefill buckets.
 """
+import jax
 import numpy as np
 import pytest
 from scipy import stats
@@ -220,6 +221,21 @@ def test_weight_swap_changes_outputs_without_recompiling(engine, params):
                                     MAX_SEQ_LEN)
   assert [c.output_ids for c in after] == expected
   assert {c.weight_version for c in after} == {"v2"}
+
+
+def test_engine_keeps_its_own_copy_of_weights_the_trainer_donates(engine, params):
+  prompts = random_prompts(2, seed=7)
+  greedy = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+  donated = peaked_params(0)  # equal to `params`, in buffers of its own
+  try:
+    engine.update_weights(donated, "0")
+    for leaf in jax.tree.leaves(donated):
+      leaf.delete()  # what a jitted train step with donate_argnums does to its inputs
+    got = engine.generate(prompts, greedy)
+  finally:
+    engine.update_weights(params, "0")
+  expected, _, _ = greedy_reference(params, prompts, [6] * 2, [set()] * 2, NGRAM, COUNT, MAX_SEQ_LEN)
+  assert [c.output_ids for c in got] == expected
 
 
 def test_update_weights_rejects_other_shapes(engine, params):
