@@ -61,10 +61,14 @@ def _matrix_axes(shape, dims) -> tuple[tuple[int, ...], tuple[int, ...], tuple[i
   return batch, reduction, output
 
 
+def _size(shape, axes) -> int:
+  return math.prod(shape[ax] for ax in axes)
+
+
 def fan_in_out(shape, dims) -> tuple[int, int]:
   """(A, B): the product of the reduction axes and of the output axes."""
   _, reduction, output = _matrix_axes(shape, dims)
-  return math.prod(shape[ax] for ax in reduction), math.prod(shape[ax] for ax in output)
+  return _size(shape, reduction), _size(shape, output)
 
 
 def orthogonalize(update, dims, steps=5, coeffs=DEFAULT_NS_COEFFS, eps=1e-7, dtype="float32"):
@@ -73,7 +77,7 @@ def orthogonalize(update, dims, steps=5, coeffs=DEFAULT_NS_COEFFS, eps=1e-7, dty
   Batch axes (those in neither group) index independent matrices. Returns `update.dtype`.
   """
   batch, reduction, output = _matrix_axes(update.shape, dims)
-  fan_in, fan_out = fan_in_out(update.shape, dims)
+  fan_in, fan_out = _size(update.shape, reduction), _size(update.shape, output)
   order = batch + reduction + output
   moved = jnp.transpose(update, order).astype(dtype)
   if batch:
@@ -103,7 +107,7 @@ def scale_by_muon(beta=0.95, nesterov: bool = True, ns_steps=5, ns_coeffs=DEFAUL
 
   def update_fn(updates, state, params=None):
     del params
-    routing = routing_lib.routing_by_path(updates, dimension_numbers)
+    routing = routing_lib.leaf_routing(updates, dimension_numbers)
     momentum = jax.tree.map(lambda m, g: (beta * m + g).astype(m.dtype), state.momentum, updates)
     direction = (jax.tree.map(lambda m, g: beta * m + g, momentum, updates) if nesterov
                  else momentum)
@@ -137,7 +141,7 @@ def scale_by_shape(scaling: str = "moonlight", consistent_rms=0.2,
 
   def update_fn(updates, state, params=None):
     del params
-    routing = routing_lib.routing_by_path(updates, dimension_numbers)
+    routing = routing_lib.leaf_routing(updates, dimension_numbers)
     scaled = jax.tree_util.tree_map_with_path(
         lambda path, u: (factor(u.shape, routing[path]) * u).astype(u.dtype), updates)
     return scaled, state

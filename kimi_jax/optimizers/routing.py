@@ -5,9 +5,10 @@ A routing tree has the params' structure; each leaf is an
 is a batch axis orthogonalised independently) or None (AdamW). The same tree is accepted by
 `optax.contrib.muon(muon_weight_dimension_numbers=...)`.
 """
-from typing import Callable, Union
+from typing import Any, Union
 
 import jax
+from jax.sharding import PartitionSpec
 from optax.contrib import MuonDimensionNumbers
 
 # Embeddings and the LM head are lookup tables / vocabulary projections, norms and biases are
@@ -16,7 +17,7 @@ ADAM_NAMES = ("embed_tokens", "embedding", "lm_head", "scale", "bias")
 MATRIX = MuonDimensionNumbers(reduction_axis=0, output_axis=1)
 
 DimensionNumbers = Union[MuonDimensionNumbers, None]
-RoutingSpec = Union[None, Callable, object]  # None, params -> routing tree, or a routing tree
+RoutingSpec = Any  # None, a routing tree, or a callable params -> routing tree
 
 
 def path_name(path) -> str:
@@ -45,11 +46,32 @@ def route_by_path(params, adam_names=ADAM_NAMES, stacked: DimensionNumbers = Non
   return jax.tree_util.tree_map_with_path(route, params)
 
 
+def route_by_logical_axes(logical_specs, adam_axes=("vocab", "norm"),
+                          stacked_axes=("layers",)):
+  """Routing tree from a tree of logical-axis PartitionSpecs (e.g. `param_logical_specs`).
+
+  AdamW for rank < 2 or any axis in `adam_axes`; otherwise the axes in `stacked_axes` are
+  batch axes and the remaining two are (reduction, output) in that order.
+  """
+  def route(path, spec):
+    names = tuple(spec)
+    if len(names) < 2 or set(names) & set(adam_axes):
+      return None
+    matrix_axes = [ax for ax, name in enumerate(names) if name not in stacked_axes]
+    if len(matrix_axes) != 2:
+      raise ValueError(f"parameter {path_name(path)!r} with logical axes {names}: expected two "
+                       f"axes besides {stacked_axes}, declare its routing explicitly")
+    return MuonDimensionNumbers(*matrix_axes)
+
+  return jax.tree_util.tree_map_with_path(
+      route, logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
 def _is_routing_leaf(x) -> bool:
   return x is None or isinstance(x, MuonDimensionNumbers)
 
 
-def routing_by_path(tree, spec: RoutingSpec) -> dict:
+def leaf_routing(tree, spec: RoutingSpec) -> dict:
   """{key path: dimension numbers or None} for every leaf of `tree`.
 
   `spec` is a routing tree with `tree`'s structure, a callable returning one, or None (every
@@ -69,6 +91,6 @@ def routing_by_path(tree, spec: RoutingSpec) -> dict:
 
 def labels(params, spec: RoutingSpec):
   """'muon' / 'adam' label tree for `optax.partition`."""
-  routing = routing_by_path(params, spec)
+  routing = leaf_routing(params, spec)
   return jax.tree_util.tree_map_with_path(
       lambda path, _: "adam" if routing[path] is None else "muon", params)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec
 from optax.contrib import MuonDimensionNumbers
 
 from kimi_jax.optimizers import routing
@@ -140,6 +141,21 @@ def test_default_routing_on_model_layout():
   for path, label in labels.items():
     assert label == ("muon" if trees.is_hidden_kernel(path) else "adam"), path
   assert labels[("embed_tokens", "embedding")] == labels[("lm_head", "kernel")] == "adam"
+
+
+def test_logical_axis_routing_agrees_with_path_routing():
+  by_axes = routing.route_by_logical_axes(trees.logical_specs())
+  by_path = routing.route_by_path(trees.model_params())
+  is_leaf = lambda x: x is None or isinstance(x, MuonDimensionNumbers)
+  assert jax.tree.leaves(by_axes, is_leaf=is_leaf) == jax.tree.leaves(by_path, is_leaf=is_leaf)
+
+
+def test_logical_axis_routing_of_scanned_layers():
+  specs = {"mlp": {"kernel": PartitionSpec("embed", "layers", "mlp")},
+           "norm": {"scale": PartitionSpec("layers", "norm")}}
+  routed = routing.route_by_logical_axes(specs)
+  assert routed["mlp"]["kernel"] == MuonDimensionNumbers(reduction_axis=0, output_axis=2)
+  assert routed["norm"]["scale"] is None
 
 
 def test_undeclared_stacked_weight_is_an_error_naming_it():
