@@ -14,7 +14,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.task = ml_collections.ConfigDict(dict(
-      name="arith", levels=(1, 2, 3, 4), max_operand=9, num_train=4000, num_heldout=256))
+      name="arith", reward="arith", levels=(1, 2, 3, 4), max_operand=9, num_train=4000,
+      num_heldout=256))
 
   # Char-level tokenizer; vocab padded to a multiple of 8 so it shards over `tensor`.
   c.model = ml_collections.ConfigDict(dict(
@@ -29,7 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.01))
 
   c.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=1e-3, weight_decay=0.0, b1=0.9, b2=0.99, grad_clip=1.0))
+      name="adamw", learning_rate=1e-3, weight_decay=0.0, b1=0.9, b2=0.99, momentum=0.0,
+      grad_clip=1.0))
 
   c.rl = ml_collections.ConfigDict(dict(
       iterations=30,

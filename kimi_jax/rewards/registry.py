@@ -13,6 +13,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from kimi_jax.data import synthetic
 from kimi_jax.rewards.code import code_rewards
 from kimi_jax.rewards.length_penalty import apply_length_penalty
 from kimi_jax.rewards.math import math_rewards
@@ -71,6 +72,7 @@ class RewardRegistry:
 REGISTRY = RewardRegistry()
 REGISTRY.register("math", math_rewards)
 REGISTRY.register("code", code_rewards)
+REGISTRY.register("arith", per_response(lambda r, a: float(synthetic.is_correct(r, a))))
 
 
 def score_rollout(reward_by_task: Mapping[str, str], tasks_B: Sequence[str],

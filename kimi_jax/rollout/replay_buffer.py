@@ -47,6 +47,7 @@ class Group:
   answer: str
   trajectories: list[Trajectory]
   created_version: int = 0
+  domain: str = ""  # selects the registered reward
 
   @property
   def complete(self) -> bool:

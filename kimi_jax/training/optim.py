@@ -1,17 +1,20 @@
 """Optimizer construction from an `optimizer` config block."""
 import optax
 
-OPTIMIZERS = ("adamw", "muon")
+OPTIMIZERS = ("adamw", "muon", "sgd")
 
 
 def build_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
-  """AdamW, or Muon (Moonlight scaling, sharing AdamW's lr and weight decay), with clipping."""
+  """AdamW, Muon (Moonlight scaling, sharing AdamW's lr and weight decay) or momentum SGD,
+  after global-norm clipping."""
   lr = cfg.learning_rate if schedule is None else schedule
   if cfg.name == "adamw":
     tx = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
   elif cfg.name == "muon":
     from kimi_jax.optimizers.muon import muon
     tx = muon(lr, weight_decay=cfg.weight_decay)
+  elif cfg.name == "sgd":
+    tx = optax.sgd(lr, momentum=cfg.momentum or None)
   else:
     raise ValueError(f"optimizer.name={cfg.name!r}: expected one of {OPTIMIZERS}")
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx) if cfg.grad_clip else tx

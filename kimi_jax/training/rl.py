@@ -22,7 +22,7 @@ from kimi_jax.eval.metrics import summarize
 from kimi_jax.metrics.plots import plot_metrics
 from kimi_jax.metrics.writers import JsonlWriter, MultiWriter, TensorBoardWriter, read_jsonl
 from kimi_jax.model import ModelConfig
-from kimi_jax.rewards.length_penalty import apply_length_penalty
+from kimi_jax.rewards.registry import REGISTRY, score_rollout
 from kimi_jax.rollout.engine import RolloutEngine, SamplingParams
 from kimi_jax.rollout.replay_buffer import Group, PartialRolloutBuffer, Trajectory
 from kimi_jax.sharding.rules import make_mesh
@@ -76,18 +76,18 @@ class PolicyTrainer:
     return state, metrics
 
 
-def score_groups(groups: list[Group], decode, reward_fn, rl_config, iteration: int):
-  """Rewards per trajectory (group order): task reward, repetition penalty, length penalty."""
-  trajectories = [(g, t) for g in groups for t in g.trajectories]
-  correct_B = np.array([reward_fn(decode(t.response_ids), g.answer) > 0 for g, t in trajectories])
-  lengths_B = np.array([len(t.response_ids) for _, t in trajectories])
-  group_ids_B = np.array([g.group_id for g, _ in trajectories])
-  repeated_B = np.array([t.repetition for _, t in trajectories])
-  rewards_B = correct_B.astype(np.float64) + rl_config.repetition_penalty * repeated_B
-  rewards_B = apply_length_penalty(rewards_B, lengths_B, correct_B, group_ids_B,
-                                   rl_config.length_penalty.weight, iteration,
-                                   rl_config.length_penalty.warmup_iterations)
-  return rewards_B, correct_B, lengths_B
+def score_groups(groups: list[Group], decode, reward_by_domain, rl_config, iteration: int):
+  """Rewards per trajectory (group order): registered task reward + per-group length penalty,
+  plus the repetition penalty. Returns (rewards_B, correct_B, lengths_B)."""
+  rows = [(g, t) for g in groups for t in g.trajectories]
+  lengths_B = np.array([len(t.response_ids) for _, t in rows])
+  rewards_B, correct_B = score_rollout(
+      reward_by_domain, [g.domain for g, _ in rows],
+      [decode(t.response_ids) for _, t in rows], [g.answer for g, _ in rows], lengths_B,
+      np.array([g.group_id for g, _ in rows]), rl_config.length_penalty.weight,
+      rl_config.length_penalty.warmup_iterations, iteration)
+  repeated_B = np.array([t.repetition for _, t in rows])
+  return rewards_B + rl_config.repetition_penalty * repeated_B, correct_B, lengths_B
 
 
 def print_row(iteration: int, metrics: dict, header: bool) -> None:
@@ -131,10 +131,12 @@ def evaluate_greedy(engine, tokenizer, task, prompts, max_new_tokens: int):
   inputs = [encode_prompt(tokenizer, p.question) for p in prompts]
   completions = engine.generate(inputs, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens,
                                                       stop_token_ids=(tokenizer.eos_id,)))
-  correct = [[task.reward(tokenizer.decode(c.output_ids), p.answer) > 0]
-             for c, p in zip(completions, prompts)]
+  rewards = REGISTRY.task_rewards(task.reward_by_domain, [p.domain for p in prompts],
+                                  [tokenizer.decode(c.output_ids) for c in completions],
+                                  [p.answer for p in prompts])
+  correct = (rewards == 1.0)[:, None]
   lengths = [[len(c.output_ids)] for c in completions]
-  return summarize(np.array(correct), np.array(lengths), k=1,
+  return summarize(correct, np.array(lengths), k=1,
                    difficulty_P=np.array([p.difficulty for p in prompts]))
 
 
@@ -258,7 +260,8 @@ def rl_iteration(iteration, state, trainer, generate, sampler, buffer, task, tok
              "tokens_per_s": new_tokens / max(t1 - t0, 1e-9), "time/rollout": t1 - t0}
   if not complete:
     return metrics, state
-  rewards_B, correct_B, lengths_B = score_groups(complete, tokenizer.decode, task.reward, rl, iteration)
+  rewards_B, correct_B, lengths_B = score_groups(complete, tokenizer.decode, task.reward_by_domain,
+                                                 rl, iteration)
   t2 = time.perf_counter()
   padded = pad_groups(complete, rl.groups_per_minibatch, rl.k)
   pad_rows = (len(padded) - len(complete)) * rl.k

@@ -22,7 +22,7 @@ class RolloutLimits:
 def new_groups(prompts, encode: Callable[[str], list[int]], k: int, first_group_id: int,
                version: int) -> list[Group]:
   return [Group(first_group_id + i, p.id, p.answer, [Trajectory(encode(p.question)) for _ in range(k)],
-                created_version=version)
+                created_version=version, domain=p.domain or "")
           for i, p in enumerate(prompts)]
 
 

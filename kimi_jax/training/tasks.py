@@ -1,4 +1,5 @@
-"""RL tasks: the prompt sets, the reference responses for the SFT warm-up, and the reward."""
+"""RL tasks: the prompt sets, the reference responses for the SFT warm-up, and the reward name
+(looked up in `kimi_jax.rewards.registry.REGISTRY` per prompt domain)."""
 import dataclasses
 from typing import Callable
 
@@ -14,7 +15,7 @@ class Task:
   train: list[Prompt]
   heldout: list[Prompt]
   reference_response: Callable[[Prompt], str]  # long-CoT target for the SFT warm-up
-  reward: Callable[[str, str], float]  # (response text, answer) -> reward in {0, 1}
+  reward_by_domain: dict[str, str]  # prompt domain -> registered reward name
 
 
 def build_task(task_config, seed: int) -> Task:
@@ -25,4 +26,4 @@ def build_task(task_config, seed: int) -> Task:
                                                  task_config.max_operand)
   return Task(charset=synthetic.CHARSET, train=train, heldout=heldout,
               reference_response=lambda p: synthetic.target_response(synthetic.solve(p.question)),
-              reward=lambda response, answer: float(synthetic.is_correct(response, answer)))
+              reward_by_domain={synthetic.DOMAIN: task_config.reward})

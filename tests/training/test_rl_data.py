@@ -44,6 +44,7 @@ class P:
   id: str
   question: str
   answer: str
+  domain: str = "arith"
 
 
 def encode(text):
