@@ -165,6 +165,66 @@ def test_abort_all_mid_generation_returns_partial_tokens(served):
     assert whole.finish_reason == {"type": "length", "length": 200}
 
 
+def test_abort_by_rid_and_pause_modes(served):
+  long = {"temperature": 1.0, "max_new_tokens": 200, "ignore_eos": True, "sampling_seed": 3}
+
+  async def scenario():
+    url = served.url
+    keep = asyncio.create_task(http("POST", url, "/generate", {
+        "input_ids": [3, 4, 5], "rid": "keep", "sampling_params": long}))
+    drop = asyncio.create_task(http("POST", url, "/generate", {
+        "input_ids": [6, 7], "rid": "drop", "sampling_params": long}))
+    while (await http("GET", url, "/v1/loads"))[1]["loads"][0]["num_used_tokens"] <= 5:
+      await asyncio.sleep(0.001)
+    await http("POST", url, "/pause_generation", {"mode": "in_place"})
+    assert (await http("POST", url, "/abort_request", {"rid": "drop"}))[0] == 200
+    dropped = await drop
+    await http("POST", url, "/continue_generation")
+    kept = await keep
+    # mode "abort" ends what is in flight and holds new requests until /continue_generation
+    await http("POST", url, "/pause_generation", {"mode": "in_place"})
+    late = asyncio.create_task(http("POST", url, "/generate", {
+        "input_ids": [8, 9], "sampling_params": {"temperature": 0, "max_new_tokens": 3}}))
+    while (await http("GET", url, "/get_load"))[1][0]["num_reqs"] == 0:
+      await asyncio.sleep(0.005)
+    paused = await http("POST", url, "/pause_generation", {"mode": "abort"})
+    held = asyncio.create_task(http("POST", url, "/generate", {
+        "input_ids": [8, 9], "sampling_params": {"temperature": 0, "max_new_tokens": 3}}))
+    await asyncio.sleep(0.05)
+    waiting = (await http("GET", url, "/get_load"))[1][0]["num_waiting_reqs"]
+    await http("POST", url, "/continue_generation")
+    return dropped[1], kept[1], paused, (await late)[1], waiting, (await held)[1]
+
+  dropped, kept, paused, late, waiting, held = asyncio.run(scenario())
+  assert dropped["meta_info"]["finish_reason"]["type"] == "abort"
+  assert 0 < len(dropped["output_ids"]) < 200
+  assert kept["meta_info"]["finish_reason"] == {"type": "length", "length": 200}
+  assert paused == (200, {"message": "Generation paused successfully.", "status": "ok"})
+  assert late["meta_info"]["finish_reason"] == {"type": "abort",
+                                                "message": "aborted by /pause_generation"}
+  assert waiting == 1
+  assert held["meta_info"]["finish_reason"] == {"type": "length", "length": 3}
+
+
+def test_client_timeout_is_retried_then_reported(served):
+  async def scenario():
+    url = served.url
+    await http("POST", url, "/pause_generation", {"mode": "in_place"})
+    try:
+      async with SGLangClient([url], timeout_s=0.2, retries=1, backoff_s=0.01) as client:
+        with pytest.raises(RolloutFailure) as failure:
+          await client.generate([[3, 4]], SamplingParams(max_new_tokens=2))
+        await client.abort_all()
+    finally:
+      await http("POST", url, "/continue_generation")
+    async with SGLangClient([url]) as client:
+      await client.wait_until_idle()
+    return failure.value
+
+  failure = asyncio.run(scenario())
+  assert "failed after 2 attempts" in failure.errors[0] and "TimeoutError" in failure.errors[0]
+
+
 def test_update_weights_from_disk_changes_outputs_and_reports_version(served, tmp_path):
   new_params = peaked_params(1)
   save_hf(str(tmp_path / "new"), CFG, new_params)
