@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", learning_rate=1e-3, weight_decay=0.0, b1=0.9, b2=0.99, momentum=0.0,
-      grad_clip=1.0))
+      grad_clip=1.0, qk_clip_tau=100.0))  # K2's tau; 0 turns QK-clip off
 
   c.rl = ml_collections.ConfigDict(dict(
       iterations=30,

@@ -1,5 +1,10 @@
 """Optimizer construction from an `optimizer` config block."""
+import functools
+
 import optax
+
+from kimi_jax.optimizers.qk_clip import qk_clip
+from kimi_jax.training.steps import keep_params
 
 OPTIMIZERS = ("adamw", "muon", "sgd")
 
@@ -18,3 +23,8 @@ def build_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
   else:
     raise ValueError(f"optimizer.name={cfg.name!r}: expected one of {OPTIMIZERS}")
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx) if cfg.grad_clip else tx
+
+
+def build_post_update(cfg):
+  """QK-clip (Kimi K2) after every update when `qk_clip_tau` > 0, else the identity."""
+  return functools.partial(qk_clip, tau=cfg.qk_clip_tau) if cfg.qk_clip_tau > 0 else keep_params

@@ -27,7 +27,7 @@ from kimi_jax.rollout.engine import RolloutEngine, SamplingParams
 from kimi_jax.rollout.replay_buffer import Group, PartialRolloutBuffer, Trajectory
 from kimi_jax.sharding.rules import make_mesh
 from kimi_jax.training import rl_data
-from kimi_jax.training.optim import build_optimizer
+from kimi_jax.training.optim import build_optimizer, build_post_update
 from kimi_jax.training.rl_losses import make_policy_loss
 from kimi_jax.training.sft import run_sft
 from kimi_jax.training.state import (TrainState, init_train_state, reset_opt_state,
@@ -47,18 +47,17 @@ def pad_groups(groups: list[Group], groups_per_minibatch: int, k: int) -> list[G
 class PolicyTrainer:
   """The jitted functions of one run: S_ref, rl_step, and the optimizer reset."""
 
-  def __init__(self, mesh, shardings, model_config, rl_config):
-    self.shardings = shardings
+  def __init__(self, mesh, shardings, model_config, rl_config, post_update):
     self.token_logprobs = jit_eval(masked_token_logprobs, mesh, shardings, config=model_config)
     self.step = jit_step(rl_step, mesh, shardings, config=model_config,
-                         policy_loss=make_policy_loss(rl_config))
+                         policy_loss=make_policy_loss(rl_config), post_update=post_update)
     self.rl = rl_config
 
   def train(self, state, batch: dict[str, np.ndarray]):
     """S_ref once before any update, reset, then M minibatch steps. Returns (state, metrics)."""
     batch["ref_logp"] = np.asarray(self.token_logprobs(state, batch))
     batch["ref_logp_sum"] = batch["ref_logp"].sum(axis=-1)
-    state = reset_opt_state(state, self.shardings)
+    state = reset_opt_state(state)
     num_minibatches = batch["tokens"].shape[0] // (self.rl.groups_per_minibatch * self.rl.k)
     minibatches = rl_data.split_minibatches(batch, self.rl.k, num_minibatches)
     step_metrics = []
@@ -203,7 +202,8 @@ def run(config, workdir: str) -> dict:
     writer.write(0, sft_eval)
     checkpointer.save(0, _saved_tree(state), _extra_state(0, sampler, buffer, sft_eval))
 
-  trainer = PolicyTrainer(mesh, shardings, model_config, rl)
+  trainer = PolicyTrainer(mesh, shardings, model_config, rl,
+                          build_post_update(config.optimizer))
   generate = engine_generate(engine, rl.temperature, tokenizer.eos_id)
   limits = rl_data.RolloutLimits(rl.max_response_tokens, rl.segment_tokens)
   seq_len = config.rollout.max_seq_len

@@ -14,6 +14,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kimi_jax.model import ModelConfig, init_params, param_logical_specs
+from kimi_jax.optimizers.reset import reset_optimizer_state
 from kimi_jax.sharding.rules import logical_shardings
 
 
@@ -83,7 +84,6 @@ def init_train_state(config: ModelConfig, tx: optax.GradientTransformation, mesh
   return state, shardings
 
 
-def reset_opt_state(state: TrainState, shardings: TrainState) -> TrainState:
+def reset_opt_state(state: TrainState) -> TrainState:
   """Fresh optimizer state (k1.5 resets it every iteration), placed like the old one."""
-  opt_state = jax.jit(state.tx.init, out_shardings=shardings.opt_state)(state.params)
-  return state.replace(opt_state=opt_state)
+  return state.replace(opt_state=reset_optimizer_state(state.tx, state.params, state.opt_state))

@@ -14,28 +14,44 @@ from kimi_jax.model import ModelConfig, apply_lm
 from kimi_jax.sharding.rules import activation_mesh, logical_to_spec
 
 
-def token_logprobs(config: ModelConfig, params, batch) -> jax.Array:
-  """log p(targets_BxT | prefix) under `params`, float32 [B, T]."""
-  logits_BxTxV = apply_lm(config, params, batch["tokens"], batch.get("positions"),
-                          batch.get("segment_ids"))
+def token_logprobs(config: ModelConfig, params, batch, return_max_logits: bool = False):
+  """log p(targets_BxT | prefix) under `params`, float32 [B, T] (and max_logits_LxH)."""
+  out = apply_lm(config, params, batch["tokens"], batch.get("positions"),
+                 batch.get("segment_ids"), return_max_logits=return_max_logits)
+  logits_BxTxV, max_logits_LxH = out if return_max_logits else (out, None)
   logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
-  return jnp.take_along_axis(logp_BxTxV, batch["targets"][..., None], axis=-1)[..., 0]
+  logp_BxT = jnp.take_along_axis(logp_BxTxV, batch["targets"][..., None], axis=-1)[..., 0]
+  return (logp_BxT, max_logits_LxH) if return_max_logits else logp_BxT
+
+
+def keep_params(params, max_logits_LxH):
+  """The identity post-update (no QK-clip)."""
+  del max_logits_LxH
+  return params
+
+
+def _update(state, grads, metrics, post_update):
+  """Optimizer step, then `post_update(params, max_logits)` (e.g. QK-clip, Kimi K2)."""
+  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["max_attention_logit"] = metrics["max_logits"].max()
+  state = state.apply_gradients(grads)
+  state = state.replace(params=post_update(state.params, metrics.pop("max_logits")))
+  return state, metrics
 
 
 def lm_loss(params, batch, config: ModelConfig):
   """Mean next-token cross-entropy over loss_mask_BxT."""
-  logp_BxT = token_logprobs(config, params, batch)
+  logp_BxT, max_logits_LxH = token_logprobs(config, params, batch, return_max_logits=True)
   mask_BxT = batch["loss_mask"].astype(jnp.float32)
   num_tokens = jnp.maximum(mask_BxT.sum(), 1.0)
   loss = -(logp_BxT * mask_BxT).sum() / num_tokens
-  return loss, {"loss": loss, "num_tokens": mask_BxT.sum()}
+  return loss, {"loss": loss, "num_tokens": mask_BxT.sum(), "max_logits": max_logits_LxH}
 
 
-def lm_step(state, batch, config: ModelConfig):
+def lm_step(state, batch, config: ModelConfig, post_update=keep_params):
   """One optimizer step on the LM cross-entropy."""
   grads, metrics = jax.grad(lm_loss, has_aux=True)(state.params, batch, config)
-  metrics["grad_norm"] = optax.global_norm(grads)
-  return state.apply_gradients(grads), metrics
+  return _update(state, grads, metrics, post_update)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -75,11 +91,12 @@ def masked_token_logprobs(state, batch, config: ModelConfig) -> jax.Array:
 
 def rl_loss(params, batch, config: ModelConfig, policy_loss):
   """`policy_loss(logp_BxT, batch) -> (loss, metrics)`, e.g. the bound mirror-descent loss."""
-  return policy_loss(token_logprobs(config, params, batch), batch)
+  logp_BxT, max_logits_LxH = token_logprobs(config, params, batch, return_max_logits=True)
+  loss, metrics = policy_loss(logp_BxT, batch)
+  return loss, {**metrics, "max_logits": max_logits_LxH}
 
 
-def rl_step(state, batch, config: ModelConfig, policy_loss):
+def rl_step(state, batch, config: ModelConfig, policy_loss, post_update=keep_params):
   """One optimizer step on the policy loss of one minibatch of whole prompt groups."""
   grads, metrics = jax.grad(rl_loss, has_aux=True)(state.params, batch, config, policy_loss)
-  metrics["grad_norm"] = optax.global_norm(grads)
-  return state.apply_gradients(grads), metrics
+  return _update(state, grads, metrics, post_update)

@@ -1,10 +1,14 @@
 """Sharded train state and the LM step: placement, equivalence to one device, learning."""
+import dataclasses
+import functools
+
 import jax
 import numpy as np
 import optax
 import pytest
 
-from kimi_jax.model import ModelConfig
+from kimi_jax.model import ModelConfig, apply_lm
+from kimi_jax.optimizers.qk_clip import qk_clip
 from kimi_jax.sharding.rules import make_mesh
 from kimi_jax.training.state import init_train_state, reset_opt_state
 from kimi_jax.training.steps import jit_step, lm_step
@@ -53,8 +57,27 @@ def test_sharded_steps_equal_single_device(sharded_run):
 
 def test_reset_opt_state_zeroes_moments_and_keeps_placement(sharded_run):
   state, shardings, _ = sharded_run
-  fresh = reset_opt_state(state, shardings)
+  fresh = reset_opt_state(state)
   mu = fresh.opt_state[0].mu["layers_1"]["attn"]["q_proj"]["kernel"]
   assert not np.any(np.asarray(mu))
   assert int(fresh.opt_state[0].count) == 0
   assert mu.sharding == state.params["layers_1"]["attn"]["q_proj"]["kernel"].sharding
+
+
+def test_lm_step_applies_qk_clip_from_its_own_forward():
+  config = dataclasses.replace(CFG, num_layers=1)  # deeper layers see the clipped layer's output
+  mesh = make_mesh(1, 1, 1)
+  state, shardings = init_train_state(config, optax.sgd(0.0), mesh, jax.random.key(1))
+  b = batch()
+  _, before_LxH = apply_lm(config, state.params, b["tokens"], return_max_logits=True)
+  tau = float(np.median(before_LxH))  # half the heads exceed it
+  step = jit_step(lm_step, mesh, shardings, config=config,
+                  post_update=functools.partial(qk_clip, tau=tau))
+  state, metrics = step(state, b)
+  _, after_LxH = apply_lm(config, state.params, b["tokens"], return_max_logits=True)
+  assert float(metrics["max_attention_logit"]) == pytest.approx(float(before_LxH.max()), rel=1e-5)
+  over = np.asarray(before_LxH) > tau
+  assert over.any() and (~over).any()
+  # lr 0: only the clip changes params, so clipped heads land on tau, others are unchanged.
+  np.testing.assert_allclose(np.asarray(after_LxH)[over], tau, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(after_LxH)[~over], np.asarray(before_LxH)[~over], rtol=1e-5)
