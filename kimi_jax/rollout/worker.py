@@ -118,11 +118,14 @@ class EngineWorker:
 
   # ---- the worker thread ----
 
+  def _head_ready(self) -> bool:
+    """Under the lock: may the oldest ordered command run now (a barrier waits for idle)?"""
+    return bool(self._ordered) and (not self._ordered[0][1] or self.paused
+                                    or not self.engine.has_work)
+
   def _ready(self) -> bool:
     """Under the lock: is there anything to do right now?"""
-    head_ready = bool(self._ordered) and (not self._ordered[0][1] or self.paused
-                                          or not self.engine.has_work)
-    return self._stopping or bool(self._urgent) or head_ready or self._can_step()
+    return self._stopping or bool(self._urgent) or self._head_ready() or self._can_step()
 
   def _can_step(self) -> bool:
     return self.engine.has_work and not self.paused
@@ -138,7 +141,7 @@ class EngineWorker:
         run()
       while True:
         with self._wake:
-          if not self._ordered or (self._ordered[0][1] and self.engine.has_work and not self.paused):
+          if not self._head_ready():
             break
           run, _ = self._ordered.popleft()
         run()
