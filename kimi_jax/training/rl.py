@@ -293,8 +293,9 @@ def write_summary(workdir: str) -> dict:
   for record in records:  # later records win: the last eval after RL
     summary.update({k: v for k, v in record.items() if k.startswith(("sft/", "eval/"))})
   rl_records = [r for r in records if "reward" in r or "eval/pass@1" in r]
-  plot_metrics(rl_records, PLOT_KEYS, os.path.join(workdir, "rl_curves.png"), title="k1.5 RL",
-               x_key="step")
+  if rl_records:
+    plot_metrics(rl_records, PLOT_KEYS, os.path.join(workdir, "rl_curves.png"), title="k1.5 RL",
+                 x_key="step")
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   tqdm.write("summary: " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items()
@@ -308,7 +309,7 @@ def validate_config(config) -> None:
   checks = [
       ("rl.tau", rl.tau > 0, "must be > 0"),
       ("rl.k", rl.k >= 2, "needs >= 2 samples per prompt for a group baseline"),
-      ("rl.iterations", rl.iterations >= 1, "must be >= 1"),
+      ("rl.iterations", rl.iterations >= 0, "must be >= 0 (0: SFT warm-up only)"),
       ("rl.segment_tokens", 0 < rl.segment_tokens <= rl.max_response_tokens,
        "must be in (0, rl.max_response_tokens]"),
       ("rl.groups_per_minibatch", rl.groups_per_minibatch >= 1, "must be >= 1"),
