@@ -139,8 +139,10 @@ def evaluate_greedy(engine, tokenizer, task, prompts, max_new_tokens: int):
                    difficulty_P=np.array([p.difficulty for p in prompts]))
 
 
-def sft_warmup(config, task, tokenizer, model_config, mesh, writer):
-  """Long-CoT SFT warm-up on the task's reference responses; returns trained params."""
+def sft_warmup(config, task, tokenizer, model_config, mesh, workdir: str):
+  """Long-CoT SFT warm-up on the task's reference responses; returns trained params.
+
+  Its metrics go to sft_metrics.jsonl (their own step axis)."""
   sft = config.sft
   schedule = optax.warmup_cosine_decay_schedule(0.0, sft.learning_rate, sft.warmup_steps,
                                                 sft.steps, sft.learning_rate / 10)
@@ -149,7 +151,9 @@ def sft_warmup(config, task, tokenizer, model_config, mesh, writer):
   examples = [encode_example(tokenizer, TEMPLATE, p.question, task.reference_response(p))
               for p in task.train]
   batches = iter(PackedBatches(examples, sft.batch_size, sft.seq_len, tokenizer.pad_id, config.seed))
+  writer = JsonlWriter(os.path.join(workdir, "sft_metrics.jsonl"))
   state, _ = run_sft(state, shardings, mesh, model_config, batches, sft.steps, writer, desc="sft")
+  writer.close()
   return state.params
 
 
@@ -183,7 +187,7 @@ def run(config, workdir: str) -> dict:
 
   if latest is None:
     state, _ = init_train_state(model_config, tx, mesh, jax.random.key(config.seed))
-    state = state.replace(params=sft_warmup(config, task, tokenizer, model_config, mesh, writer))
+    state = state.replace(params=sft_warmup(config, task, tokenizer, model_config, mesh, workdir))
     buffer, start, sft_eval = PartialRolloutBuffer(), 0, None
   else:
     restored, extra = checkpointer.restore(latest, _saved_tree(abstract), _saved_tree(shardings))

@@ -26,12 +26,12 @@ def replayable(workdir):
           for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
 
 
-def assert_same_records(a, b, rtol):
+def assert_same_records(a, b, rtol, atol=1e-6):
   assert [r["step"] for r in a] == [r["step"] for r in b]
   for ra, rb in zip(a, b):
     assert ra.keys() == rb.keys(), ra["step"]
     for key in ra:
-      np.testing.assert_allclose(ra[key], rb[key], rtol=rtol, atol=1e-6, err_msg=f"{key} @ {ra['step']}")
+      np.testing.assert_allclose(ra[key], rb[key], rtol=rtol, atol=atol, err_msg=f"{key} @ {ra['step']}")
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,9 @@ def test_kill_and_resume_replays_the_uninterrupted_run(reference, tmp_path, kill
 def test_sharded_mesh_gives_the_single_device_curves(reference, tmp_path):
   result = run(str(tmp_path), "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
   assert result.returncode == 0, result.stderr[-3000:]
-  # 8-way sharding reorders float32 reductions; 1e-4 relative covers the drift over ~30 steps.
-  assert_same_records(replayable(str(tmp_path)), replayable(reference), rtol=1e-4)
+  # 8-way sharding reorders float32 reductions: 1e-4 relative covers the drift over the run,
+  # and 1e-4 absolute the near-zero gradient norms of groups with no reward spread.
+  assert_same_records(replayable(str(tmp_path)), replayable(reference), rtol=1e-4, atol=1e-4)
 
 
 def test_unknown_override_and_bad_value_fail_at_start_naming_the_key(tmp_path):
