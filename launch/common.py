@@ -11,7 +11,8 @@ MULTIHOST = flags.DEFINE_bool("multihost", False,
 
 def start(argv) -> tuple:
   """Validate argv, start the distributed runtime if asked; return (config, workdir)."""
-  from absl import app
+  from absl import app, logging
+  logging.set_verbosity(logging.WARNING)  # orbax/grain INFO lines would drown the progress table
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if CONFIG.value is None:
