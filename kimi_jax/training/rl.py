@@ -23,12 +23,13 @@ from kimi_jax.metrics.plots import plot_metrics
 from kimi_jax.metrics.writers import JsonlWriter, MultiWriter, TensorBoardWriter, read_jsonl
 from kimi_jax.model import ModelConfig
 from kimi_jax.rewards.registry import REGISTRY, score_rollout
-from kimi_jax.rollout.engine import RolloutEngine, SamplingParams
+from kimi_jax.rollout.types import SamplingParams
 from kimi_jax.rollout.replay_buffer import Group, PartialRolloutBuffer, Trajectory
 from kimi_jax.sharding.rules import make_mesh
 from kimi_jax.training import rl_data
 from kimi_jax.training.optim import build_optimizer, build_post_update
 from kimi_jax.training.rl_losses import make_policy_loss
+from kimi_jax.training.rollout_backends import build_backend
 from kimi_jax.training.sft import run_sft
 from kimi_jax.training.state import (TrainState, init_train_state, reset_opt_state,
                                      train_state_shardings)
@@ -115,21 +116,22 @@ def build_model_config(model_cfg, tokenizer) -> ModelConfig:
                      eos_token_id=tokenizer.eos_id, **fields)
 
 
-def engine_generate(engine, temperature: float, eos_id: int):
-  """Adapt the in-process engine to collect_groups' `generate(inputs, budgets, seeds)`."""
+def backend_generate(backend, temperature: float, eos_id: int):
+  """Adapt a rollout backend to collect_groups' `generate(inputs, budgets, seeds)`."""
   def generate(inputs, max_new_tokens, seeds):
     params = [SamplingParams(temperature=temperature, max_new_tokens=m, seed=s,
                              stop_token_ids=(eos_id,))
               for m, s in zip(max_new_tokens, seeds)]
-    return engine.generate(inputs, params)
+    return backend.generate(inputs, params)
   return generate
 
 
-def evaluate_greedy(engine, tokenizer, task, prompts, max_new_tokens: int):
+def evaluate_greedy(backend, tokenizer, task, prompts, max_new_tokens: int):
   """Greedy pass@1, length and token efficiency on `prompts` with the current weights."""
   inputs = [encode_prompt(tokenizer, p.question) for p in prompts]
-  completions = engine.generate(inputs, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens,
-                                                      stop_token_ids=(tokenizer.eos_id,)))
+  greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens,
+                          stop_token_ids=(tokenizer.eos_id,))
+  completions = backend.generate(inputs, [greedy] * len(inputs))
   rewards = REGISTRY.task_rewards(task.reward_by_domain, [p.domain for p in prompts],
                                   [tokenizer.decode(c.output_ids) for c in completions],
                                   [p.answer for p in prompts])
@@ -196,29 +198,26 @@ def run(config, workdir: str) -> dict:
     buffer, start, sft_eval = (PartialRolloutBuffer.from_json(extra["buffer"]), extra["iteration"],
                                extra["sft_eval"])
     tqdm.write(f"resumed from checkpoint {latest} (iteration {start})")
-  engine = RolloutEngine(model_config, state.params, max_batch=config.rollout.max_batch,
-                         max_seq_len=config.rollout.max_seq_len, eos_token_ids=(tokenizer.eos_id,),
-                         weight_version=str(start), repetition_ngram=rl.repetition_ngram,
-                         repetition_count=rl.repetition_count)
+  backend = build_backend(config, model_config, tokenizer, state.params, str(start), workdir)
   if sft_eval is None:
-    sft_eval = evaluate_greedy(engine, tokenizer, task, task.heldout,
+    sft_eval = evaluate_greedy(backend, tokenizer, task, task.heldout,
                                config.eval.max_new_tokens).as_dict("sft")
     writer.write(0, sft_eval)
     checkpointer.save(0, _saved_tree(state), _extra_state(0, sampler, buffer, sft_eval))
 
   trainer = PolicyTrainer(mesh, shardings, model_config, rl,
                           build_post_update(config.optimizer))
-  generate = engine_generate(engine, rl.temperature, tokenizer.eos_id)
+  generate = backend_generate(backend, rl.temperature, tokenizer.eos_id)
   limits = rl_data.RolloutLimits(rl.max_response_tokens, rl.segment_tokens)
   seq_len = config.rollout.max_seq_len
   for iteration in tqdm(range(start, rl.iterations), desc="rl", initial=start, total=rl.iterations):
     metrics, state = rl_iteration(iteration, state, trainer, generate, sampler, buffer, task,
                                   tokenizer, limits, seq_len, config)
     t0 = time.perf_counter()
-    engine.update_weights(state.params, str(iteration + 1))
+    backend.sync(state.params, str(iteration + 1))
     metrics["time/sync"] = time.perf_counter() - t0
     if (iteration + 1) % config.eval.every == 0 or iteration + 1 == rl.iterations:
-      metrics.update(evaluate_greedy(engine, tokenizer, task, task.heldout,
+      metrics.update(evaluate_greedy(backend, tokenizer, task, task.heldout,
                                      config.eval.max_new_tokens).as_dict("eval"))
     writer.write(iteration + 1, metrics)
     print_row(iteration + 1, metrics, header=iteration == start)
@@ -226,6 +225,7 @@ def run(config, workdir: str) -> dict:
       checkpointer.save(iteration + 1, _saved_tree(state), _extra_state(iteration + 1, sampler, buffer, sft_eval))
   checkpointer.close()
   writer.close()
+  backend.close()
   return write_summary(workdir)
 
 
@@ -320,8 +320,6 @@ def validate_config(config) -> None:
       ("rl.temperature", rl.temperature > 0, "must be > 0 for on-policy sampling"),
       ("rollout.max_seq_len", config.rollout.max_seq_len >= rl.max_response_tokens + 1,
        "must exceed rl.max_response_tokens (prompt + response must fit)"),
-      ("rollout.backend", config.rollout.backend == "engine",
-       "only 'engine' runs in-process; for SGLang servers use backend='sglang' with urls"),
   ]
   for key, ok, why in checks:
     if not ok:

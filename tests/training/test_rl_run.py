@@ -70,3 +70,35 @@ def test_unknown_override_and_bad_value_fail_at_start_naming_the_key(tmp_path):
   bad = run(str(tmp_path), "--config.rl.tau=-1.0", driver="launch.train_rl")
   assert bad.returncode != 0 and "config.rl.tau=-1.0" in bad.stderr
   assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints"))
+
+
+@pytest.mark.slow
+def test_rl_through_sglang_client_and_server_replays_the_engine_run(reference, tmp_path):
+  """Same run, samples from our SGLang-API server over loopback HTTP: identical records."""
+  import jax
+
+  from experiments.rl_arith import get_config
+  from kimi_jax.data import synthetic
+  from kimi_jax.data.tokenizer import char_tokenizer
+  from kimi_jax.model import init_params
+  from kimi_jax.rollout.engine import RolloutEngine
+  from kimi_jax.rollout.server import BackgroundServer, RolloutServer
+  from kimi_jax.training import rl
+
+  config = get_config("smoke")
+  tokenizer = char_tokenizer(synthetic.CHARSET)
+  model_config = rl.build_model_config(config.model, tokenizer)
+  engine = RolloutEngine(model_config, init_params(model_config, jax.random.key(9)),
+                         max_batch=config.rollout.max_batch, max_seq_len=config.rollout.max_seq_len,
+                         eos_token_ids=(tokenizer.eos_id,),
+                         repetition_ngram=config.rl.repetition_ngram,
+                         repetition_count=config.rl.repetition_count)
+  server = BackgroundServer(RolloutServer(engine, tokenizer=tokenizer))
+  try:
+    with config.unlocked():
+      config.rollout.backend, config.rollout.urls = "sglang", (server.url,)
+    rl.run(config, str(tmp_path))
+  finally:
+    server.stop()
+  assert engine.weight_version == str(config.rl.iterations)  # every sync reached the server
+  assert_same_records(replayable(str(tmp_path)), replayable(reference), rtol=1e-6)
