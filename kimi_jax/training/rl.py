@@ -168,16 +168,20 @@ def _extra_state(iteration, sampler, buffer, sft_eval) -> dict:
           "sft_eval": sft_eval}
 
 
-def run(config, workdir: str) -> dict:
-  """Train with k1.5 RL per `config`; resumes from `workdir`'s latest checkpoint."""
-  validate_config(config)
+def build_basics(config, workdir: str):
+  """(task, tokenizer, model config, mesh) of a run; the tokenizer is saved in `workdir`."""
   os.makedirs(workdir, exist_ok=True)
-  rl = config.rl
   task = build_task(config.task, config.seed)
   tokenizer = char_tokenizer(task.charset)
   tokenizer.save(os.path.join(workdir, "tokenizer"))
-  model_config = build_model_config(config.model, tokenizer)
-  mesh = make_mesh(**config.mesh)
+  return task, tokenizer, build_model_config(config.model, tokenizer), make_mesh(**config.mesh)
+
+
+def run(config, workdir: str) -> dict:
+  """Train with k1.5 RL per `config`; resumes from `workdir`'s latest checkpoint."""
+  validate_config(config)
+  rl = config.rl
+  task, tokenizer, model_config, mesh = build_basics(config, workdir)
   tx = build_optimizer(config.optimizer)
   abstract, shardings = train_state_shardings(model_config, tx, mesh)
   checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
