@@ -40,9 +40,9 @@ from kimi_jax.training.tasks import build_task
 def pad_groups(groups: list[Group], groups_per_minibatch: int, k: int) -> list[Group]:
   """Append empty finished groups so the count divides into equal minibatches."""
   missing = (-len(groups)) % groups_per_minibatch
-  return groups + [Group(-1, "", "", [Trajectory(g.trajectories[0].prompt_ids, finished=True)
-                                      for _ in range(k)])
-                   for g in groups[:1] * missing]
+  prompt_ids = groups[0].trajectories[0].prompt_ids
+  empty = lambda: Group(-1, "", "", [Trajectory(prompt_ids, finished=True) for _ in range(k)])
+  return groups + [empty() for _ in range(missing)]
 
 
 class PolicyTrainer:
@@ -163,9 +163,8 @@ def _saved_tree(state) -> dict:
   return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
 
-def _extra_state(iteration, sampler, buffer, sft_eval) -> dict:
-  return {"iteration": iteration, "sampler": sampler.get_state(), "buffer": buffer.to_json(),
-          "sft_eval": sft_eval}
+def _extra_state(iteration, sampler, buffer) -> dict:
+  return {"iteration": iteration, "sampler": sampler.get_state(), "buffer": buffer.to_json()}
 
 
 def build_basics(config, workdir: str):
@@ -194,20 +193,18 @@ def run(config, workdir: str) -> dict:
   if latest is None:
     state, _ = init_train_state(model_config, tx, mesh, jax.random.key(config.seed))
     state = state.replace(params=sft_warmup(config, task, tokenizer, model_config, mesh, workdir))
-    buffer, start, sft_eval = PartialRolloutBuffer(), 0, None
+    buffer, start = PartialRolloutBuffer(), 0
   else:
     restored, extra = checkpointer.restore(latest, _saved_tree(abstract), _saved_tree(shardings))
     state = TrainState(tx=tx, **restored)
     sampler.set_state(extra["sampler"])
-    buffer, start, sft_eval = (PartialRolloutBuffer.from_json(extra["buffer"]), extra["iteration"],
-                               extra["sft_eval"])
+    buffer, start = PartialRolloutBuffer.from_json(extra["buffer"]), extra["iteration"]
     tqdm.write(f"resumed from checkpoint {latest} (iteration {start})")
   backend = build_backend(config, model_config, tokenizer, state.params, str(start), workdir)
-  if sft_eval is None:
-    sft_eval = evaluate_greedy(backend, tokenizer, task, task.heldout,
-                               config.eval.max_new_tokens).as_dict("sft")
-    writer.write(0, sft_eval)
-    checkpointer.save(0, _saved_tree(state), _extra_state(0, sampler, buffer, sft_eval))
+  if latest is None:  # the SFT baseline that summary.json compares RL against
+    writer.write(0, evaluate_greedy(backend, tokenizer, task, task.heldout,
+                                    config.eval.max_new_tokens).as_dict("sft"))
+    checkpointer.save(0, _saved_tree(state), _extra_state(0, sampler, buffer))
 
   trainer = PolicyTrainer(mesh, shardings, model_config, rl,
                           build_post_update(config.optimizer))
@@ -226,7 +223,8 @@ def run(config, workdir: str) -> dict:
     writer.write(iteration + 1, metrics)
     print_row(iteration + 1, metrics, header=iteration == start)
     if (iteration + 1) % config.checkpoint.every == 0 or iteration + 1 == rl.iterations:
-      checkpointer.save(iteration + 1, _saved_tree(state), _extra_state(iteration + 1, sampler, buffer, sft_eval))
+      checkpointer.save(iteration + 1, _saved_tree(state),
+                        _extra_state(iteration + 1, sampler, buffer))
   checkpointer.close()
   writer.close()
   backend.close()
