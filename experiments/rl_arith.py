@@ -23,6 +23,10 @@ def base_config() -> ml_collections.ConfigDict:
       num_kv_heads=2, head_dim=16, rope_theta=10000.0, qkv_bias=True, vocab_multiple=8,
       dtype="float32", attention="dot_product", remat=False))
 
+  # An HF checkpoint directory (e.g. another run's `hf/`) to start RL from instead of the
+  # SFT warm-up; its model config must equal `model` (with this task's tokenizer).
+  c.init = ml_collections.ConfigDict(dict(checkpoint=""))
+
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
 
   c.sft = ml_collections.ConfigDict(dict(

@@ -3,6 +3,7 @@
 Qwen2, Llama and Qwen3 causal LMs map one tensor to one parameter: HF linear weights are
 [out, in], ours [in, out]. Exported directories load in transformers and SGLang.
 """
+import dataclasses
 import json
 import math
 import os
@@ -174,10 +175,18 @@ def load_hf(path: str, dtype=None):
   return config, traverse_util.unflatten_dict(flat)
 
 
+def config_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
+  """Names of the ModelConfig fields where `a` and `b` differ."""
+  return [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+
+
 def save_hf(path: str, config: ModelConfig, params, max_shard_bytes: int = 4 << 30,
-            dtype=None) -> None:
-  """Write config.json + safetensors (sharded with an index above `max_shard_bytes`)."""
+            dtype=None, tokenizer=None) -> None:
+  """Write config.json + safetensors (sharded with an index above `max_shard_bytes`), and the
+  tokenizer's files when one is given (anything with `.save(directory)`)."""
   os.makedirs(path, exist_ok=True)
+  if tokenizer is not None:
+    tokenizer.save(path)
   flat = traverse_util.flatten_dict(params)
   tensors = {}
   for ours, value in flat.items():

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.checkpointing.hf import CheckpointError, load_hf, save_hf
+from kimi_jax.checkpointing.hf import CheckpointError, config_diff, load_hf, save_hf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +124,6 @@ def merge_hf_checkpoints(path_a: str, path_b: str, out_path: str, weight: float 
   config_a, params_a = load_hf(path_a)
   config_b, params_b = load_hf(path_b)
   if config_a != config_b:
-    diff = [f.name for f in dataclasses.fields(config_a)
-            if getattr(config_a, f.name) != getattr(config_b, f.name)]
-    raise CheckpointError(f"{path_a} and {path_b}: model configs differ in {diff}")
+    raise CheckpointError(f"{path_a} and {path_b}: model configs differ in "
+                          f"{config_diff(config_a, config_b)}")
   save_hf(out_path, config_a, merge_params(params_a, params_b, weight))

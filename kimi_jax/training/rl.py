@@ -13,6 +13,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from kimi_jax.checkpointing.hf import CheckpointError, config_diff, load_hf, save_hf
 from kimi_jax.checkpointing.manager import RunCheckpointer
 from kimi_jax.data.samplers import PromptSampler, make_strategy
 from kimi_jax.data.sft import ChatTemplate, PackedBatches, encode_example
@@ -159,6 +160,25 @@ def sft_warmup(config, task, tokenizer, model_config, mesh, workdir: str):
   return state.params
 
 
+def load_initial_checkpoint(path: str, model_config: ModelConfig):
+  """Params of the HF checkpoint at `path`, which must match the run's model config."""
+  loaded_config, params = load_hf(path)
+  if loaded_config != model_config:
+    raise CheckpointError(f"config.init.checkpoint={path!r}: its model config differs from "
+                          f"config.model in {config_diff(loaded_config, model_config)}")
+  return params
+
+
+def initial_params(config, task, tokenizer, model_config, mesh, workdir: str):
+  """Where a fresh run starts: `config.init.checkpoint` (an HF directory), or else the SFT
+  warm-up, whose result is exported to `workdir/hf_sft`."""
+  if config.init.checkpoint:
+    return load_initial_checkpoint(config.init.checkpoint, model_config)
+  params = sft_warmup(config, task, tokenizer, model_config, mesh, workdir)
+  save_hf(os.path.join(workdir, "hf_sft"), model_config, params, tokenizer=tokenizer)
+  return params
+
+
 def _saved_tree(state) -> dict:
   return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
@@ -192,7 +212,8 @@ def run(config, workdir: str) -> dict:
 
   if latest is None:
     state, _ = init_train_state(model_config, tx, mesh, jax.random.key(config.seed))
-    state = state.replace(params=sft_warmup(config, task, tokenizer, model_config, mesh, workdir))
+    params = initial_params(config, task, tokenizer, model_config, mesh, workdir)
+    state = state.replace(params=jax.device_put(params, shardings.params))
     buffer, start = PartialRolloutBuffer(), 0
   else:
     restored, extra = checkpointer.restore(latest, _saved_tree(abstract), _saved_tree(shardings))
@@ -201,9 +222,9 @@ def run(config, workdir: str) -> dict:
     buffer, start = PartialRolloutBuffer.from_json(extra["buffer"]), extra["iteration"]
     tqdm.write(f"resumed from checkpoint {latest} (iteration {start})")
   backend = build_backend(config, model_config, tokenizer, state.params, str(start), workdir)
-  if latest is None:  # the SFT baseline that summary.json compares RL against
+  if latest is None:  # the starting policy (SFT or init checkpoint), compared in summary.json
     writer.write(0, evaluate_greedy(backend, tokenizer, task, task.heldout,
-                                    config.eval.max_new_tokens).as_dict("sft"))
+                                    config.eval.max_new_tokens).as_dict("start"))
     checkpointer.save(0, _saved_tree(state), _extra_state(0, sampler, buffer))
 
   trainer = PolicyTrainer(mesh, shardings, model_config, rl,
@@ -228,6 +249,7 @@ def run(config, workdir: str) -> dict:
   checkpointer.close()
   writer.close()
   backend.close()
+  save_hf(os.path.join(workdir, "hf"), model_config, state.params, tokenizer=tokenizer)
   return write_summary(workdir)
 
 
@@ -293,11 +315,11 @@ PLOT_KEYS = ["reward", "accuracy", "eval/pass@1", "length_mean", "kl_prev", "ent
 
 
 def write_summary(workdir: str) -> dict:
-  """summary.json (SFT vs final held-out eval) and the RL curves plot, from metrics.jsonl."""
+  """summary.json (starting policy vs final held-out eval) and the RL curves plot, from metrics.jsonl."""
   records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   summary = {}
   for record in records:  # later records win: the last eval after RL
-    summary.update({k: v for k, v in record.items() if k.startswith(("sft/", "eval/"))})
+    summary.update({k: v for k, v in record.items() if k.startswith(("start/", "eval/"))})
   rl_records = [r for r in records if "reward" in r or "eval/pass@1" in r]
   if rl_records:
     plot_metrics(rl_records, PLOT_KEYS, os.path.join(workdir, "rl_curves.png"), title="k1.5 RL",

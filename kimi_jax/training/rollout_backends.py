@@ -49,8 +49,7 @@ class SGLangBackend:
     """Write HF safetensors (+ tokenizer) for `version`, point every server at them, then drop
     the previous version's directory."""
     path = os.path.join(self.weights_dir, f"v{version}")
-    save_hf(path, self.model_config, params)
-    self.tokenizer.save(path)
+    save_hf(path, self.model_config, params, tokenizer=self.tokenizer)
     self._loop.run_until_complete(self.client.update_weights_from_disk(path, version))
     for name in os.listdir(self.weights_dir):
       if name != f"v{version}":

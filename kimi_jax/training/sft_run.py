@@ -15,8 +15,7 @@ def run(config, workdir: str) -> dict:
   task, tokenizer, model_config, mesh = rl.build_basics(config, workdir)
   params = rl.sft_warmup(config, task, tokenizer, model_config, mesh, workdir)
   export = os.path.join(workdir, "hf")
-  save_hf(export, model_config, params)
-  tokenizer.save(export)
+  save_hf(export, model_config, params, tokenizer=tokenizer)
   backend = EngineBackend(model_config, params, config.rollout, config.rl, tokenizer.eos_id, "sft")
   summary = rl.evaluate_greedy(backend, tokenizer, task, task.heldout,
                                config.eval.max_new_tokens).as_dict("sft")
