@@ -3,7 +3,8 @@
 Run (the README's main job, CPU, < 15 minutes on 2 cores):
   python -m launch.train_rl --config=experiments/rl_arith.py:tiny --workdir=runs/demo
 Variants: `tiny` (CPU demo), `tiny_nolp` (same, length penalty off: for the length ablation),
-`smoke` (seconds; used by tests), `small` (a single accelerator).
+`long_cot` (responses that verify themselves, no length penalty: the long model of
+experiments/long2short_arith.py), `smoke` (seconds; used by tests), `small` (a single accelerator).
 Override any field: --config.rl.tau=0.05 --config.rl.length_penalty.weight=0.0
 """
 import ml_collections
@@ -15,7 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.task = ml_collections.ConfigDict(dict(
       name="arith", reward="arith", levels=(1, 2, 3, 4), max_operand=9, num_train=4000,
-      num_heldout=256, direct_answer_fraction=0.5))
+      num_heldout=256, direct_answer_fraction=0.5, verify_fraction=0.0))
 
   # Char-level tokenizer; vocab padded to a multiple of 8 so it shards over `tensor`.
   c.model = ml_collections.ConfigDict(dict(
@@ -65,7 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout = ml_collections.ConfigDict(dict(
       backend="engine", urls=(), max_batch=128, max_seq_len=72))
 
-  c.eval = ml_collections.ConfigDict(dict(every=5, max_new_tokens=56))
+  # Held-out eval: `samples` responses per prompt at `temperature` (1 at 0.0 = greedy), pass@k.
+  c.eval = ml_collections.ConfigDict(dict(every=5, max_new_tokens=56, samples=1, temperature=0.0,
+                                          k=1, seed=0))
   c.checkpoint = ml_collections.ConfigDict(dict(every=5, keep=2, async_save=True))
   c.metrics = ml_collections.ConfigDict(dict(tensorboard=True))
   return c
@@ -77,6 +80,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     pass
   elif arg == "tiny_nolp":
     c.rl.length_penalty.weight = 0.0
+  elif arg == "long_cot":  # the long-CoT RL model that experiments/long2short_arith.py shortens
+    c.task.update(direct_answer_fraction=0.3, verify_fraction=0.7)
+    c.rl.length_penalty.weight = 0.0
+    c.sft.seq_len = 96
+    c.rl.update(max_response_tokens=80, segment_tokens=80)
+    c.rollout.max_seq_len = 96
+    c.eval.max_new_tokens = 80
   elif arg == "smoke":
     c.task.num_train, c.task.num_heldout = 200, 32
     c.sft.steps, c.sft.batch_size, c.sft.warmup_steps = 20, 16, 5
@@ -95,6 +105,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.rollout.update(max_batch=512, max_seq_len=192)
     c.optimizer.update(name="muon", learning_rate=1e-4, weight_decay=0.1)  # untested at scale
   else:
-    raise ValueError(f"unknown config variant {arg!r}: tiny, tiny_nolp, smoke, small")
+    raise ValueError(f"unknown config variant {arg!r}: tiny, tiny_nolp, long_cot, smoke, small")
   c.lock()
   return c

@@ -62,8 +62,21 @@ def make_problem(rng: np.random.Generator, level: int, max_operand: int = 9) -> 
   return solve(text + "=")
 
 
-def target_response(problem: Problem) -> str:
-  return f"{problem.cot}{ANSWER_MARKER}{problem.answer}"
+def verification(problem: Problem) -> str:
+  """The steps undone from the answer back to the first operand: "7+5=12,12-3=9" is checked
+  by "9+3=12,12-5=7". A reflection pass that re-derives nothing new (long2short removes it)."""
+  undone = []
+  for step in reversed(problem.cot.split(STEP_SEPARATOR)):
+    left, result = step.split("=")
+    first, op, operand = re.fullmatch(r"(\d+)([+-])(\d+)", left).groups()
+    undone.append(f"{result}{'-' if op == '+' else '+'}{operand}={first}")
+  return STEP_SEPARATOR.join(undone)
+
+
+def target_response(problem: Problem, verify: bool = False) -> str:
+  """The worked steps, optionally followed by their verification, then '#' and the answer."""
+  steps = problem.cot + (STEP_SEPARATOR + verification(problem) if verify else "")
+  return f"{steps}{ANSWER_MARKER}{problem.answer}"
 
 
 def extract_answer(response: str) -> str | None:

@@ -22,13 +22,16 @@ class EvalResult:
   mean_tokens: float
   tokens_per_correct: float
   accuracy_per_1k_tokens: float  # token efficiency
-  by_difficulty: dict
+  by_difficulty: dict  # level -> pass@1
+  tokens_by_difficulty: dict  # level -> mean response tokens
 
   def as_dict(self, prefix: str = "eval") -> dict:
     out = {f"{prefix}/pass@1": self.pass_at_1, f"{prefix}/pass@{self.k}": self.pass_at_k,
            f"{prefix}/mean_tokens": self.mean_tokens,
            f"{prefix}/acc_per_1k_tokens": self.accuracy_per_1k_tokens}
     out.update({f"{prefix}/pass@1_level{lvl}": acc for lvl, acc in self.by_difficulty.items()})
+    out.update({f"{prefix}/mean_tokens_level{lvl}": tokens
+                for lvl, tokens in self.tokens_by_difficulty.items()})
     return out
 
 
@@ -40,11 +43,14 @@ def summarize(correct_PxN: np.ndarray, lengths_PxN: np.ndarray, k: int,
   pass1 = float(correct_PxN.mean())
   passk = float(np.mean([pass_at_k(n, int(c), k) for c in correct_PxN.sum(axis=1)]))
   mean_tokens = float(np.mean(lengths_PxN))
-  by_level = {}
+  lengths_PxN = np.asarray(lengths_PxN)
+  by_level, tokens_by_level = {}, {}
   if difficulty_P is not None:
-    for level in sorted(set(np.asarray(difficulty_P).tolist())):
-      by_level[int(level)] = float(correct_PxN[np.asarray(difficulty_P) == level].mean())
+    difficulty_P = np.asarray(difficulty_P)
+    for level in sorted(set(difficulty_P.tolist())):
+      by_level[int(level)] = float(correct_PxN[difficulty_P == level].mean())
+      tokens_by_level[int(level)] = float(lengths_PxN[difficulty_P == level].mean())
   return EvalResult(pass1, passk, k, mean_tokens,
                     tokens_per_correct=float(lengths_PxN.sum() / max(correct_PxN.sum(), 1)),
                     accuracy_per_1k_tokens=1000.0 * pass1 / max(mean_tokens, 1e-9),
-                    by_difficulty=by_level)
+                    by_difficulty=by_level, tokens_by_difficulty=tokens_by_level)

@@ -46,3 +46,38 @@ def plot_series(series: dict[str, tuple[list, list]], path: str, xlabel: str, yl
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def plot_checkpoint_comparison(results: dict[str, dict], path: str, title: str = "") -> None:
+  """The long-vs-short figure: accuracy against mean response tokens per checkpoint, and
+  pass@1 and mean tokens per difficulty level side by side.
+
+  `results` maps a checkpoint name to {"pass@1", "mean_tokens", "pass@1_by_level",
+  "tokens_by_level"} (level dicts keyed by level)."""
+  names = list(results)
+  levels = sorted({lvl for r in results.values() for lvl in r["pass@1_by_level"]})
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  ax = axes[0]
+  for name in names:
+    ax.scatter(results[name]["mean_tokens"], results[name]["pass@1"], s=40)
+    ax.annotate(name, (results[name]["mean_tokens"], results[name]["pass@1"]),
+                textcoords="offset points", xytext=(5, 4))
+  ax.set_xlabel("mean response tokens")
+  ax.set_ylabel("pass@1")
+  ax.grid(alpha=0.3)
+  width = 0.8 / max(len(names), 1)
+  for ax, key, label in ((axes[1], "pass@1_by_level", "pass@1"),
+                         (axes[2], "tokens_by_level", "mean response tokens")):
+    for i, name in enumerate(names):
+      ax.bar([j + i * width for j in range(len(levels))],
+             [results[name][key].get(lvl, float("nan")) for lvl in levels], width, label=name)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(levels))])
+    ax.set_xticklabels([f"level {lvl}" for lvl in levels])
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3, axis="y")
+  axes[2].legend()
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -10,20 +10,18 @@ import time
 
 import jax
 import numpy as np
-import optax
 from tqdm import tqdm
 
 from kimi_jax.checkpointing.hf import CheckpointError, config_diff, load_hf, save_hf
 from kimi_jax.checkpointing.manager import RunCheckpointer
 from kimi_jax.data.samplers import PromptSampler, make_strategy
-from kimi_jax.data.sft import ChatTemplate, PackedBatches, encode_example
-from kimi_jax.data.sft import encode_prompt as template_encode_prompt
+from kimi_jax.data.sft import encode_example
 from kimi_jax.data.tokenizer import char_tokenizer
-from kimi_jax.eval.metrics import summarize
+from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.metrics.plots import plot_metrics
 from kimi_jax.metrics.writers import JsonlWriter, MultiWriter, TensorBoardWriter, read_jsonl
 from kimi_jax.model import ModelConfig
-from kimi_jax.rewards.registry import REGISTRY, score_rollout
+from kimi_jax.rewards.registry import score_rollout
 from kimi_jax.rollout.types import SamplingParams
 from kimi_jax.rollout.replay_buffer import Group, PartialRolloutBuffer, Trajectory
 from kimi_jax.sharding.rules import make_mesh
@@ -31,11 +29,11 @@ from kimi_jax.training import rl_data
 from kimi_jax.training.optim import build_optimizer, build_post_update
 from kimi_jax.training.rl_losses import make_policy_loss
 from kimi_jax.training.rollout_backends import build_backend
-from kimi_jax.training.sft import run_sft
-from kimi_jax.training.state import (TrainState, init_train_state, reset_opt_state,
+from kimi_jax.training.sft import fine_tune
+from kimi_jax.training.state import (TrainState, reset_opt_state, train_state_from_params,
                                      train_state_shardings)
 from kimi_jax.training.steps import jit_eval, jit_step, masked_token_logprobs, rl_step
-from kimi_jax.training.tasks import build_task
+from kimi_jax.training.tasks import TEMPLATE, build_task, encode_prompt
 
 
 def pad_groups(groups: list[Group], groups_per_minibatch: int, k: int) -> list[Group]:
@@ -102,14 +100,6 @@ def print_row(iteration: int, metrics: dict, header: bool) -> None:
   tqdm.write(" ".join(fmt.format(value) for _, fmt, value in cols))
 
 
-TEMPLATE = ChatTemplate(add_bos=True)  # <bos> question | response <eos>
-
-
-def encode_prompt(tokenizer, question: str) -> list[int]:
-  """Prompt ids exactly as the SFT warm-up saw them."""
-  return template_encode_prompt(tokenizer, TEMPLATE, question)
-
-
 def build_model_config(model_cfg, tokenizer) -> ModelConfig:
   fields = {k: v for k, v in model_cfg.items() if k != "vocab_multiple"}
   vocab = -(-tokenizer.vocab_size // model_cfg.vocab_multiple) * model_cfg.vocab_multiple
@@ -127,37 +117,14 @@ def backend_generate(backend, temperature: float, eos_id: int):
   return generate
 
 
-def evaluate_greedy(backend, tokenizer, task, prompts, max_new_tokens: int):
-  """Greedy pass@1, length and token efficiency on `prompts` with the current weights."""
-  inputs = [encode_prompt(tokenizer, p.question) for p in prompts]
-  greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens,
-                          stop_token_ids=(tokenizer.eos_id,))
-  completions = backend.generate(inputs, [greedy] * len(inputs))
-  rewards = REGISTRY.task_rewards(task.reward_by_domain, [p.domain for p in prompts],
-                                  [tokenizer.decode(c.output_ids) for c in completions],
-                                  [p.answer for p in prompts])
-  correct = (rewards == 1.0)[:, None]
-  lengths = [[len(c.output_ids)] for c in completions]
-  return summarize(correct, np.array(lengths), k=1,
-                   difficulty_P=np.array([p.difficulty for p in prompts]))
-
-
 def sft_warmup(config, task, tokenizer, model_config, mesh, workdir: str):
   """Long-CoT SFT warm-up on the task's reference responses; returns trained params.
 
   Its metrics go to sft_metrics.jsonl (their own step axis)."""
-  sft = config.sft
-  schedule = optax.warmup_cosine_decay_schedule(0.0, sft.learning_rate, sft.warmup_steps,
-                                                sft.steps, sft.learning_rate / 10)
-  tx = optax.adamw(schedule, weight_decay=sft.weight_decay)
-  state, shardings = init_train_state(model_config, tx, mesh, jax.random.key(config.seed))
   examples = [encode_example(tokenizer, TEMPLATE, p.question, task.reference_response(p))
               for p in task.train]
-  batches = iter(PackedBatches(examples, sft.batch_size, sft.seq_len, tokenizer.pad_id, config.seed))
-  writer = JsonlWriter(os.path.join(workdir, "sft_metrics.jsonl"))
-  state, _ = run_sft(state, shardings, mesh, model_config, batches, sft.steps, writer, desc="sft")
-  writer.close()
-  return state.params
+  return fine_tune(config.sft, config.seed, examples, tokenizer.pad_id, model_config, mesh,
+                   os.path.join(workdir, "sft_metrics.jsonl"))
 
 
 def load_initial_checkpoint(path: str, model_config: ModelConfig):
@@ -211,9 +178,8 @@ def run(config, workdir: str) -> dict:
   writer = build_writer(config, workdir, truncate_after=latest)
 
   if latest is None:
-    state, _ = init_train_state(model_config, tx, mesh, jax.random.key(config.seed))
     params = initial_params(config, task, tokenizer, model_config, mesh, workdir)
-    state = state.replace(params=jax.device_put(params, shardings.params))
+    state, _ = train_state_from_params(model_config, tx, mesh, params)
     buffer, start = PartialRolloutBuffer(), 0
   else:
     restored, extra = checkpointer.restore(latest, _saved_tree(abstract), _saved_tree(shardings))
@@ -223,8 +189,8 @@ def run(config, workdir: str) -> dict:
     tqdm.write(f"resumed from checkpoint {latest} (iteration {start})")
   backend = build_backend(config, model_config, tokenizer, state.params, str(start), workdir)
   if latest is None:  # the starting policy (SFT or init checkpoint), compared in summary.json
-    writer.write(0, evaluate_greedy(backend, tokenizer, task, task.heldout,
-                                    config.eval.max_new_tokens).as_dict("start"))
+    writer.write(0, evaluate_with_config(backend, tokenizer, task, task.heldout,
+                                         config.eval).as_dict("start"))
     checkpointer.save(0, _saved_tree(state), _extra_state(0, sampler, buffer))
 
   trainer = PolicyTrainer(mesh, shardings, model_config, rl,
@@ -239,8 +205,8 @@ def run(config, workdir: str) -> dict:
     backend.sync(state.params, str(iteration + 1))
     metrics["time/sync"] = time.perf_counter() - t0
     if (iteration + 1) % config.eval.every == 0 or iteration + 1 == rl.iterations:
-      metrics.update(evaluate_greedy(backend, tokenizer, task, task.heldout,
-                                     config.eval.max_new_tokens).as_dict("eval"))
+      metrics.update(evaluate_with_config(backend, tokenizer, task, task.heldout,
+                                          config.eval).as_dict("eval"))
     writer.write(iteration + 1, metrics)
     print_row(iteration + 1, metrics, header=iteration == start)
     if (iteration + 1) % config.checkpoint.every == 0 or iteration + 1 == rl.iterations:
@@ -344,6 +310,9 @@ def validate_config(config) -> None:
       ("rl.temperature", rl.temperature > 0, "must be > 0 for on-policy sampling"),
       ("rollout.max_seq_len", config.rollout.max_seq_len >= rl.max_response_tokens + 1,
        "must exceed rl.max_response_tokens (prompt + response must fit)"),
+      ("eval.k", 1 <= config.eval.k <= config.eval.samples, "must be in [1, eval.samples]"),
+      ("eval.temperature", config.eval.samples == 1 or config.eval.temperature > 0,
+       "must be > 0 when eval.samples > 1"),
   ]
   for key, ok, why in checks:
     if not ok:

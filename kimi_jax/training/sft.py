@@ -1,7 +1,11 @@
 """Supervised fine-tuning (vanilla and the long-CoT warm-up): the LM step over packed batches."""
 import jax
+import optax
 from tqdm import tqdm
 
+from kimi_jax.data.sft import PackedBatches
+from kimi_jax.metrics.writers import JsonlWriter
+from kimi_jax.training.state import init_train_state, train_state_from_params
 from kimi_jax.training.steps import jit_step, lm_step
 
 
@@ -22,3 +26,29 @@ def run_sft(state, shardings, mesh, model_config, batches, num_steps: int, write
         if writer is not None:
           writer.write(i + 1, {f"{desc}/{k}": v for k, v in metrics.items()})
   return state, jax.device_get(metrics)
+
+
+def sft_optimizer(sft_config) -> optax.GradientTransformation:
+  """AdamW with linear warm-up then cosine decay to a tenth (the `sft` config section)."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, sft_config.learning_rate,
+                                                sft_config.warmup_steps, sft_config.steps,
+                                                sft_config.learning_rate / 10)
+  return optax.adamw(schedule, weight_decay=sft_config.weight_decay)
+
+
+def fine_tune(sft_config, seed: int, examples, pad_id: int, model_config, mesh,
+              metrics_path: str, params=None, desc: str = "sft"):
+  """SFT on `examples` (encoded, packed into batches) per the `sft` config section, from
+  `params` or, when None, from a fresh init with `seed`. Returns the trained params; metrics go
+  to the JSONL file at `metrics_path`."""
+  tx = sft_optimizer(sft_config)
+  if params is None:
+    state, shardings = init_train_state(model_config, tx, mesh, jax.random.key(seed))
+  else:
+    state, shardings = train_state_from_params(model_config, tx, mesh, params)
+  batches = iter(PackedBatches(examples, sft_config.batch_size, sft_config.seq_len, pad_id, seed))
+  writer = JsonlWriter(metrics_path)
+  state, _ = run_sft(state, shardings, mesh, model_config, batches, sft_config.steps, writer,
+                     desc=desc)
+  writer.close()
+  return state.params

@@ -7,6 +7,7 @@ import json
 import os
 
 from kimi_jax.checkpointing.hf import save_hf
+from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.training import rl
 from kimi_jax.training.rollout_backends import EngineBackend
 
@@ -17,8 +18,8 @@ def run(config, workdir: str) -> dict:
   export = os.path.join(workdir, "hf")
   save_hf(export, model_config, params, tokenizer=tokenizer)
   backend = EngineBackend(model_config, params, config.rollout, config.rl, tokenizer.eos_id, "sft")
-  summary = rl.evaluate_greedy(backend, tokenizer, task, task.heldout,
-                               config.eval.max_new_tokens).as_dict("sft")
+  summary = evaluate_with_config(backend, tokenizer, task, task.heldout,
+                                 config.eval).as_dict("sft")
   with open(os.path.join(workdir, "sft_summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   print("held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items()))

@@ -31,10 +31,14 @@ class TrainState:
                         opt_state=opt_state)
 
 
-def create_train_state(config: ModelConfig, tx: optax.GradientTransformation, rng) -> TrainState:
-  params = init_params(config, rng)
+def state_around(params, tx: optax.GradientTransformation) -> TrainState:
+  """Step 0 with a fresh optimizer state for `params`."""
   return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                     opt_state=tx.init(params), tx=tx)
+
+
+def create_train_state(config: ModelConfig, tx: optax.GradientTransformation, rng) -> TrainState:
+  return state_around(init_params(config, rng), tx)
 
 
 def _trailing_dict_keys(path) -> tuple:
@@ -81,6 +85,16 @@ def init_train_state(config: ModelConfig, tx: optax.GradientTransformation, mesh
   """Materialise a sharded TrainState on `mesh`. Returns (state, shardings)."""
   _, shardings = train_state_shardings(config, tx, mesh)
   state = jax.jit(lambda r: create_train_state(config, tx, r), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def train_state_from_params(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                            params):
+  """A sharded TrainState around existing `params` (a checkpoint, a previous stage) with a
+  fresh optimizer state. Returns (state, shardings)."""
+  _, shardings = train_state_shardings(config, tx, mesh)
+  params = jax.device_put(params, shardings.params)
+  state = jax.jit(lambda p: state_around(p, tx), out_shardings=shardings)(params)
   return state, shardings
 
 

@@ -24,5 +24,6 @@ def test_summary_on_planted_results():
   assert result.mean_tokens == pytest.approx(100 / 6)
   assert result.accuracy_per_1k_tokens == pytest.approx(1000 * 0.5 / (100 / 6))
   assert result.by_difficulty == {1: 0.5, 2: 0.5}
+  assert result.tokens_by_difficulty == {1: 15.0, 2: 17.5}
   with pytest.raises(ValueError, match="k=3"):
     pass_at_k(2, 1, 3)

@@ -1,0 +1,49 @@
+"""Long2short on the synthetic arithmetic task: shorten the long-CoT RL model.
+
+First train the long model (responses that verify themselves, no length penalty):
+  python -m launch.train_rl --config=experiments/rl_arith.py:long_cot --workdir=runs/long_cot
+Then shorten it with one method (rl | shortest | dpo | merge):
+  python -m launch.train_long2short --config=experiments/long2short_arith.py:rl \
+      --workdir=runs/long2short_rl
+Each run ends with a long-vs-short table and plot in <workdir>/eval/. Compare any checkpoints:
+  python -m launch.eval --config=experiments/long2short_arith.py:rl --workdir=runs/l2s_eval \
+      --checkpoints=long=runs/long_cot/hf,rl=runs/long2short_rl/hf,shortest=runs/l2s_shortest/hf
+Variant argument: "<method>" or "<method>,smoke" (seconds; tests).
+"""
+import ml_collections
+
+from experiments import rl_arith
+
+METHODS = ("rl", "shortest", "dpo", "merge")
+
+
+def get_config(arg: str = "rl") -> ml_collections.ConfigDict:
+  method, _, size = arg.partition(",")
+  if method not in METHODS or size not in ("", "smoke"):
+    raise ValueError(f"unknown config variant {arg!r}: <method>[,smoke] with method in {METHODS}")
+  c = rl_arith.get_config("smoke" if size else "long_cot")
+  c.unlock()
+  c.init.checkpoint = "runs/long_cot/hf"  # the long model (an RL run's HF export)
+  c.long2short = ml_collections.ConfigDict(dict(
+      method=method,
+      # shortest / dpo: num_samples per prompt of the long model on the first num_prompts
+      # training prompts, at temperature, up to eval.max_new_tokens (the long model's length).
+      num_prompts=2000, num_samples=8, temperature=1.0,
+      length_ratio=1.5,  # dpo: a correct response this much longer than the shortest is rejected
+      sft=dict(steps=150, batch_size=64, seq_len=96, learning_rate=1e-3, warmup_steps=15,
+               weight_decay=0.0),
+      dpo=dict(steps=150, batch_size=32, seq_len=96, learning_rate=3e-4, warmup_steps=15,
+               weight_decay=0.0, beta=0.1),
+      short_checkpoint="runs/long_cot/hf_sft",  # merge: the short-CoT partner
+      merge_weight=0.5))
+  # long2short RL: the penalty on from iteration 0 and half the long model's max length.
+  c.rl.update(iterations=10, max_response_tokens=40, segment_tokens=40)
+  c.rl.length_penalty.update(weight=0.5, warmup_iterations=0)
+  c.sampler.strategy = "uniform"
+  if size == "smoke":
+    c.long2short.update(num_prompts=16, num_samples=4)
+    c.long2short.sft.update(steps=10, batch_size=8, seq_len=72, warmup_steps=2)
+    c.long2short.dpo.update(steps=10, batch_size=4, seq_len=72, warmup_steps=2)
+    c.rl.update(iterations=2, max_response_tokens=24, segment_tokens=24)
+  c.lock()
+  return c

@@ -1,0 +1,82 @@
+"""Evaluate several HF checkpoints on one prompt set and place them side by side.
+
+Writes `workdir/eval.json` (every metric per checkpoint), `workdir/eval_table.md` (the table
+printed at the end) and `workdir/eval.png` (accuracy against tokens, and per-level bars).
+"""
+import json
+import os
+
+from tqdm import tqdm
+
+from kimi_jax.checkpointing.hf import load_hf
+from kimi_jax.data.tokenizer import load_tokenizer
+from kimi_jax.eval.evaluate import evaluate_with_config
+from kimi_jax.eval.metrics import EvalResult
+from kimi_jax.metrics.plots import plot_checkpoint_comparison
+from kimi_jax.training.rollout_backends import build_backend
+from kimi_jax.training.tasks import build_task
+
+
+def parse_checkpoints(spec: str) -> dict[str, str]:
+  """'name=path,name=path' (a bare path is named by its directory) -> {name: path}."""
+  checkpoints = {}
+  for item in filter(None, (part.strip() for part in spec.split(","))):
+    name, _, path = item.rpartition("=")
+    name = name or os.path.basename(os.path.normpath(path))
+    if name in checkpoints:
+      raise ValueError(f"--checkpoints: name {name!r} appears twice in {spec!r}")
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"--checkpoints: {name}={path} is not a directory")
+    checkpoints[name] = path
+  if not checkpoints:
+    raise ValueError("--checkpoints is empty: give name=path[,name=path...]")
+  return checkpoints
+
+
+def evaluate_checkpoint(config, task, path: str, workdir: str) -> EvalResult:
+  """Load the HF checkpoint at `path` (with its tokenizer) into a rollout backend and grade it."""
+  model_config, params = load_hf(path)
+  tokenizer = load_tokenizer(path)
+  backend = build_backend(config, model_config, tokenizer, params, os.path.basename(path),
+                          workdir)
+  try:
+    return evaluate_with_config(backend, tokenizer, task, task.heldout, config.eval)
+  finally:
+    backend.close()
+
+
+def markdown_table(results: dict[str, EvalResult]) -> str:
+  some = next(iter(results.values()))
+  levels = sorted(some.by_difficulty)
+  pass_k = [f"pass@{some.k}"] if some.k > 1 else []
+  header = (["checkpoint", "pass@1"] + pass_k + ["mean tokens", "acc / 1k tokens"]
+            + [f"L{lvl} pass@1 (tokens)" for lvl in levels])
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for name, r in results.items():
+    cells = ([name, f"{r.pass_at_1:.3f}"] + ([f"{r.pass_at_k:.3f}"] if pass_k else [])
+             + [f"{r.mean_tokens:.1f}", f"{r.accuracy_per_1k_tokens:.1f}"])
+    cells += [f"{r.by_difficulty[lvl]:.3f} ({r.tokens_by_difficulty[lvl]:.1f})" for lvl in levels]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def run(config, workdir: str, checkpoints: dict[str, str]) -> dict[str, EvalResult]:
+  """Evaluate every checkpoint on the config task's held-out set; write table, JSON, plot."""
+  os.makedirs(workdir, exist_ok=True)
+  task = build_task(config.task, config.seed)
+  results = {name: evaluate_checkpoint(config, task, path, workdir)
+             for name, path in tqdm(checkpoints.items(), desc="eval", total=len(checkpoints))}
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump({name: {"checkpoint": checkpoints[name], **r.as_dict("eval")}
+               for name, r in results.items()}, f, indent=2)
+  table = markdown_table(results)
+  with open(os.path.join(workdir, "eval_table.md"), "w") as f:
+    f.write(table + "\n")
+  plot_checkpoint_comparison(
+      {name: {"pass@1": r.pass_at_1, "mean_tokens": r.mean_tokens,
+              "pass@1_by_level": r.by_difficulty, "tokens_by_level": r.tokens_by_difficulty}
+       for name, r in results.items()},
+      os.path.join(workdir, "eval.png"), title=f"held-out {config.task.name} "
+      f"({config.eval.samples} sample(s) at T={config.eval.temperature})")
+  tqdm.write(table)
+  return results

@@ -1,0 +1,57 @@
+"""Evaluate a policy on a prompt set through a rollout backend (engine or SGLang servers).
+
+Every prompt gets `samples` responses at `temperature` (1 at 0.0 is greedy), graded by the
+task's registered reward; `summarize` turns them into pass@1, pass@k, length and token
+efficiency, overall and per difficulty level.
+"""
+import dataclasses
+
+import numpy as np
+
+from kimi_jax.eval.metrics import EvalResult, summarize
+from kimi_jax.rewards.registry import REGISTRY
+from kimi_jax.rollout.types import SamplingParams
+from kimi_jax.training.tasks import encode_prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class GradedSamples:
+  """R = P * samples rows, prompt-major: row r answers prompts[r // samples]."""
+  prompts_R: list
+  responses_R: list[str]
+  correct_R: np.ndarray  # bool
+  num_tokens_R: np.ndarray  # response tokens, eos included
+
+
+def sample_and_grade(backend, tokenizer, task, prompts, samples: int, temperature: float,
+                     max_new_tokens: int, seed: int = 0) -> GradedSamples:
+  """`samples` responses per prompt (request r seeded with seed + r), graded by the task."""
+  rows = [p for p in prompts for _ in range(samples)]
+  sampling = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r,
+                             stop_token_ids=(tokenizer.eos_id,)) for r in range(len(rows))]
+  completions = backend.generate([encode_prompt(tokenizer, p.question) for p in rows], sampling)
+  responses = [tokenizer.decode(c.output_ids) for c in completions]
+  rewards = REGISTRY.task_rewards(task.reward_by_domain, [p.domain for p in rows], responses,
+                                  [p.answer for p in rows])
+  return GradedSamples(rows, responses, rewards == 1.0,
+                       np.array([len(c.output_ids) for c in completions]))
+
+
+def evaluate(backend, tokenizer, task, prompts, max_new_tokens: int, samples: int = 1,
+             temperature: float = 0.0, k: int = 1, seed: int = 0) -> EvalResult:
+  """Grade `samples` responses per prompt of `prompts` under the backend's current weights."""
+  if not 1 <= k <= samples:
+    raise ValueError(f"eval k={k}: must be in [1, eval samples={samples}]")
+  if samples > 1 and temperature == 0.0:
+    raise ValueError(f"eval samples={samples} at temperature 0.0 would repeat one greedy answer")
+  graded = sample_and_grade(backend, tokenizer, task, prompts, samples, temperature,
+                            max_new_tokens, seed)
+  shape = (len(prompts), samples)
+  return summarize(graded.correct_R.reshape(shape), graded.num_tokens_R.reshape(shape), k,
+                   difficulty_P=np.array([p.difficulty for p in prompts]))
+
+
+def evaluate_with_config(backend, tokenizer, task, prompts, eval_config) -> EvalResult:
+  """`evaluate` with the `eval` section of an experiment config."""
+  return evaluate(backend, tokenizer, task, prompts, eval_config.max_new_tokens,
+                  eval_config.samples, eval_config.temperature, eval_config.k, eval_config.seed)

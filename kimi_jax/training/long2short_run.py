@@ -1,0 +1,123 @@
+"""The long2short stage (k1.5 section 2.4, DESIGN.md section 9): shorten a long-CoT model.
+
+`config.init.checkpoint` is the long model (an HF directory, e.g. an RL run's `hf/`);
+`config.long2short.method` picks how to shorten it:
+  rl        the RL trainer itself with the length penalty on from the first iteration and a
+            much smaller max length: only the config differs (experiments/long2short_arith.py);
+  shortest  shortest rejection sampling: n samples per training prompt, SFT of the long model
+            on the shortest correct response of each prompt;
+  dpo       DPO of the long model on pairs from the same samples (shortest correct chosen;
+            wrong ones and correct ones >= length_ratio x longer rejected);
+  merge     weight averaging of the long model with `long2short.short_checkpoint`.
+Every method leaves the short model in `workdir/hf`, then evaluates long against short on the
+held-out prompts (`workdir/eval/`: table, JSON, plot).
+"""
+import json
+import os
+import random
+
+from kimi_jax.data.sft import encode_example
+from kimi_jax.eval import compare
+from kimi_jax.eval.evaluate import sample_and_grade
+from kimi_jax.checkpointing.hf import save_hf
+from kimi_jax.training import rl
+from kimi_jax.training.dpo import pair_batch, run_dpo
+from kimi_jax.training.long2short import (Sample, build_dpo_pairs, merge_params,
+                                          shortest_rejection_sampling)
+from kimi_jax.training.rollout_backends import build_backend
+from kimi_jax.training.sft import fine_tune, sft_optimizer
+from kimi_jax.training.state import train_state_from_params
+from kimi_jax.training.tasks import TEMPLATE, encode_prompt
+from kimi_jax.metrics.writers import JsonlWriter
+
+
+def sample_long_model(config, task, tokenizer, model_config, params, workdir: str) -> list[Sample]:
+  """`long2short.num_samples` graded samples of the long model per training prompt."""
+  l2s = config.long2short
+  backend = build_backend(config, model_config, tokenizer, params, "long", workdir)
+  try:
+    graded = sample_and_grade(backend, tokenizer, task, task.train[:l2s.num_prompts],
+                              l2s.num_samples, l2s.temperature, config.eval.max_new_tokens,
+                              config.seed)
+  finally:
+    backend.close()
+  return [Sample(p.question, response, bool(correct), int(tokens)) for p, response, correct, tokens
+          in zip(graded.prompts_R, graded.responses_R, graded.correct_R, graded.num_tokens_R)]
+
+
+def write_jsonl(path: str, rows) -> None:
+  with open(path, "w") as f:
+    for row in rows:
+      f.write(json.dumps(row._asdict()) + "\n")
+
+
+def shortest(config, task, tokenizer, model_config, mesh, params, workdir: str):
+  """SFT of the long model on its own shortest correct responses."""
+  samples = sample_long_model(config, task, tokenizer, model_config, params, workdir)
+  examples = shortest_rejection_sampling(samples, config.long2short.num_samples)
+  if not examples:
+    raise ValueError("shortest rejection sampling: no prompt has a correct sample")
+  write_jsonl(os.path.join(workdir, "shortest_sft.jsonl"), examples)
+  encoded = [encode_example(tokenizer, TEMPLATE, e.prompt, e.response) for e in examples]
+  return fine_tune(config.long2short.sft, config.seed, encoded, tokenizer.pad_id, model_config,
+                   mesh, os.path.join(workdir, "long2short_metrics.jsonl"), params=params,
+                   desc="shortest_sft")
+
+
+def dpo_batches(pairs, tokenizer, batch_size: int, seq_len: int, seed: int) -> list[dict]:
+  """Shuffled pair batches of exactly `batch_size` (the last one topped up from the start)."""
+  triples = [(encode_prompt(tokenizer, p.prompt), tokenizer.encode(p.chosen) + [tokenizer.eos_id],
+              tokenizer.encode(p.rejected) + [tokenizer.eos_id]) for p in pairs]
+  random.Random(seed).shuffle(triples)
+  triples += triples[:(-len(triples)) % batch_size]
+  return [pair_batch(triples[i:i + batch_size], seq_len, tokenizer.pad_id)
+          for i in range(0, len(triples), batch_size)]
+
+
+def dpo(config, task, tokenizer, model_config, mesh, params, workdir: str):
+  """DPO of the long model (also the frozen reference) on shortest-vs-long/wrong pairs."""
+  l2s = config.long2short
+  samples = sample_long_model(config, task, tokenizer, model_config, params, workdir)
+  pairs = build_dpo_pairs(samples, l2s.num_samples, l2s.length_ratio)
+  if not pairs:
+    raise ValueError("DPO pairs: no prompt has both a shortest correct and a rejected sample")
+  write_jsonl(os.path.join(workdir, "dpo_pairs.jsonl"), pairs)
+  batches = dpo_batches(pairs, tokenizer, l2s.dpo.batch_size, l2s.dpo.seq_len, config.seed)
+  state, shardings = train_state_from_params(model_config, sft_optimizer(l2s.dpo), mesh, params)
+  writer = JsonlWriter(os.path.join(workdir, "long2short_metrics.jsonl"))
+  state, _ = run_dpo(state, shardings, mesh, model_config, batches, l2s.dpo.beta, l2s.dpo.steps,
+                     writer)
+  writer.close()
+  return state.params
+
+
+def merge(config, task, tokenizer, model_config, mesh, params, workdir: str):
+  """long2short.merge_weight * long + (1 - merge_weight) * short."""
+  short = rl.load_initial_checkpoint(config.long2short.short_checkpoint, model_config)
+  return merge_params(params, short, config.long2short.merge_weight)
+
+
+DATA_METHODS = {"shortest": shortest, "dpo": dpo, "merge": merge}
+METHODS = ("rl",) + tuple(DATA_METHODS)
+
+
+def run(config, workdir: str) -> dict:
+  """Shorten `config.init.checkpoint` with `config.long2short.method`; returns the eval table
+  rows {"long": ..., "short": ...} as dicts."""
+  method = config.long2short.method
+  if method not in METHODS:
+    raise ValueError(f"config.long2short.method={method!r}: expected one of {METHODS}")
+  if not config.init.checkpoint:
+    raise ValueError("config.init.checkpoint is empty: long2short needs the long model's HF "
+                     "directory")
+  if method == "rl":
+    rl.run(config, workdir)
+  else:
+    task, tokenizer, model_config, mesh = rl.build_basics(config, workdir)
+    params = rl.load_initial_checkpoint(config.init.checkpoint, model_config)
+    short = DATA_METHODS[method](config, task, tokenizer, model_config, mesh, params, workdir)
+    save_hf(os.path.join(workdir, "hf"), model_config, short, tokenizer=tokenizer)
+  results = compare.run(config, os.path.join(workdir, "eval"),
+                        {"long": config.init.checkpoint,
+                         f"short ({method})": os.path.join(workdir, "hf")})
+  return {name: r.as_dict("eval") for name, r in results.items()}

@@ -1,0 +1,17 @@
+"""Long2short: shorten a long-CoT model (rl | shortest | dpo | merge). Example:
+  python -m launch.train_long2short --config=experiments/long2short_arith.py:rl \
+      --workdir=runs/long2short_rl --config.init.checkpoint=runs/long_cot/hf
+"""
+from absl import app
+
+from launch import common
+
+
+def main(argv):
+  config, workdir = common.start(argv)
+  from kimi_jax.training import long2short_run
+  long2short_run.run(config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
