@@ -1,0 +1,39 @@
+"""Curation's `generate` over a rollout backend (DESIGN.md section 4).
+
+`curate` asks for text: n completions per prompt string. Rollout backends (`EngineBackend`,
+`SGLangBackend`, or anything with `generate(inputs_token_ids, sampling) -> completions` in
+prompt order) speak token ids. This adapter encodes prompts with the chat template the policy
+was trained with, sends each of the n samples as its own request with its own seed (one seed
+for n > 1 would let a server return n copies of one draw), stops at the tokenizer's eos and
+decodes the outputs without special tokens.
+"""
+import itertools
+
+from kimi_jax.data.curation import Generate
+from kimi_jax.data.sft import ChatTemplate, encode_prompt
+from kimi_jax.rollout.types import SamplingParams
+
+
+def curation_generate(backend, tokenizer, template: ChatTemplate, seed: int = 0) -> Generate:
+  """`generate(prompts, n, temperature, max_new_tokens)` for `curate`, sampled on `backend`.
+
+  Request seeds count up from `seed` over every sample of every call, so no two samples of one
+  adapter share a seed.
+  """
+  seeds = itertools.count(seed)
+
+  def generate(prompts: list[str], n: int, temperature: float,
+               max_new_tokens: int) -> list[list[str]]:
+    encoded = [encode_prompt(tokenizer, template, text) for text in prompts]
+    inputs = [ids for ids in encoded for _ in range(n)]
+    sampling = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
+                               seed=next(seeds), stop_token_ids=(tokenizer.eos_id,))
+                for _ in inputs]
+    completions = backend.generate(inputs, sampling)
+    if len(completions) != len(inputs):
+      raise RuntimeError(f"backend returned {len(completions)} completions for {len(inputs)} "
+                         "requests")
+    texts = [tokenizer.decode(c.output_ids) for c in completions]
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+  return generate
