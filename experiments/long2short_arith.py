@@ -3,11 +3,13 @@
 First train the long model (responses that verify themselves, no length penalty):
   python -m launch.train_rl --config=experiments/rl_arith.py:long_cot --workdir=runs/long_cot
 Then shorten it with one method (rl | shortest | dpo | merge):
-  python -m launch.train_long2short --config=experiments/long2short_arith.py:rl \
-      --workdir=runs/long2short_rl
+  python -m launch.train_long2short --config=experiments/long2short_arith.py:shortest \
+      --workdir=runs/l2s_shortest
+(merge averages the long model with runs/l2s_shortest/hf by default; set
+--config.long2short.short_checkpoint to use another short model.)
 Each run ends with a long-vs-short table and plot in <workdir>/eval/. Compare any checkpoints:
   python -m launch.eval --config=experiments/long2short_arith.py:rl --workdir=runs/l2s_eval \
-      --checkpoints=long=runs/long_cot/hf,rl=runs/long2short_rl/hf,shortest=runs/l2s_shortest/hf
+      --checkpoints=long=runs/long_cot/hf,rl=runs/l2s_rl/hf,shortest=runs/l2s_shortest/hf
 Variant argument: "<method>" or "<method>,smoke" (seconds; tests).
 """
 import ml_collections
@@ -34,7 +36,7 @@ def get_config(arg: str = "rl") -> ml_collections.ConfigDict:
                weight_decay=0.0),
       dpo=dict(steps=150, batch_size=32, seq_len=96, learning_rate=3e-4, warmup_steps=15,
                weight_decay=0.0, beta=0.1),
-      short_checkpoint="runs/long_cot/hf_sft",  # merge: the short-CoT partner
+      short_checkpoint="runs/l2s_shortest/hf",  # merge: a short-CoT partner of the same model
       merge_weight=0.5))
   # long2short RL: the penalty on from iteration 0 and half the long model's max length.
   c.rl.update(iterations=10, max_response_tokens=40, segment_tokens=40)

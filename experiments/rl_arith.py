@@ -24,9 +24,16 @@ def base_config() -> ml_collections.ConfigDict:
       num_kv_heads=2, head_dim=16, rope_theta=10000.0, qkv_bias=True, vocab_multiple=8,
       dtype="float32", attention="dot_product", remat=False))
 
-  # An HF checkpoint directory (e.g. another run's `hf/`) to start RL from instead of the
-  # SFT warm-up; its model config must equal `model` (with this task's tokenizer).
-  c.init = ml_collections.ConfigDict(dict(checkpoint=""))
+  # An HF checkpoint directory (e.g. another run's `hf/`) to start from instead of the SFT
+  # warm-up (RL) or a fresh init (SFT stage); its model config must equal `model` (with this
+  # task's tokenizer) except in `changed_fields`.
+  c.init = ml_collections.ConfigDict(dict(checkpoint="", changed_fields=()))
+
+  # LM stages (launch.train_sft) train on a corpus instead of the task's SFT references when
+  # `source` is set: "worksheets" (synthetic long documents) or a .jsonl/.txt file.
+  c.corpus = ml_collections.ConfigDict(dict(
+      source="", num_documents=2000, heldout_documents=64, min_problems=2, max_problems=16,
+      position_edges=(0, 64, 256, 1024)))
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
 

@@ -79,6 +79,16 @@ def target_response(problem: Problem, verify: bool = False) -> str:
   return f"{steps}{ANSWER_MARKER}{problem.answer}"
 
 
+def worksheet(rng: np.random.Generator, num_problems: int, levels, max_operand: int = 9,
+              repeat: bool = True) -> str:
+  """A long document for LM stages: `num_problems` worked problems written end to end
+  ("7+5-3=7+5=12,12-3=9#9..."), then, with `repeat`, the same sheet again. The second copy is
+  predictable only from the first, a whole sheet back: a long-range dependency."""
+  problems = [make_problem(rng, int(rng.choice(levels)), max_operand) for _ in range(num_problems)]
+  sheet = "".join(p.question + target_response(p) for p in problems)
+  return sheet + sheet if repeat else sheet
+
+
 def extract_answer(response: str) -> str | None:
   """Text after the last answer marker (stripped); None if there is no marker."""
   _, marker, answer = response.rpartition(ANSWER_MARKER)

@@ -4,6 +4,10 @@ import dataclasses
 ARCHITECTURES = ("qwen2", "llama", "qwen3")
 ATTENTION_IMPLS = ("dot_product", "blockwise")
 
+# How the model is run rather than what it computes: not stored in HF checkpoints, so a run's
+# own choice applies to any checkpoint it loads.
+EXECUTION_FIELDS = ("dtype", "attention", "attention_block_size", "remat")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:

@@ -1,8 +1,9 @@
 """Device-side state of the sampling batch and the two jitted programs that advance it.
 
 The batch has a fixed shape (max_batch rows, max_seq_len KV slots), so `prefill` compiles once
-per (rows, prompt length) bucket and `decode_chunk` once per engine. Every row holds one request:
-its tokens (slot index == position), its KV cache, its sampling settings and its stop rules.
+per admission shape (the engine uses one per prompt-length bucket) and `decode_chunk` once per
+engine. Every row holds one request: its tokens (slot index == position), its KV cache, its
+sampling settings and its stop rules.
 Sampling, emission and stopping live on device in `decode_chunk` only, so a chunk of decode
 steps needs no host round-trip and the prefill programs stay small.
 """

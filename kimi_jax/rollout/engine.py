@@ -1,10 +1,13 @@
 """In-process rollout engine: KV-cached batched sampling with continuous batching.
 
 The host keeps a FIFO of requests and a table of which request occupies which batch row. Each
-`step` admits queued requests into free rows (one bucketed prefill) and then runs a chunk of
-decode steps on device; the chunk returns early once enough rows are free to be worth
-refilling, so one long sample never idles the batch. Weights are a jit argument: swapping them
-keeps every compiled program.
+`step` admits queued requests into free rows and then runs a chunk of decode steps on device;
+the chunk returns early once enough rows are free to be worth refilling, so one long sample
+never idles the batch. Admitted prompts are prefilled grouped by length bucket (a power of two,
+capped at max_seq_len), a fixed number of rows per bucket at a time: a new prompt length, such
+as a partial rollout resumed from prompt + earlier segments, never compiles a new program, and
+short prompts are not padded to the longest one admitted with them. Weights are a jit argument:
+swapping them keeps every compiled program.
 """
 import collections
 import dataclasses
@@ -71,6 +74,9 @@ class RolloutEngine:
       loop of period <= ngram (finish reason {"type": "stop", "matched": "repetition"},
       `Completion.repetition`). 0 disables.
     chunk_steps: decode steps per device program (host round-trip).
+    prefill_tokens: padded prompt tokens per prefill program: prompts of length bucket T are
+      prefilled max(1, min(max_batch, prefill_tokens // T)) rows at a time, so there is one
+      prefill program per bucket (`warm_up` compiles them all).
     refill_rows: a chunk ends early once this many rows are free and requests wait
       (default max_batch // 8, at least 1).
     max_stop_ids: stop ids per request (stop_token_ids + eos), a fixed device shape.
@@ -81,7 +87,8 @@ class RolloutEngine:
   def __init__(self, config: ModelConfig, params, *, max_batch: int, max_seq_len: int,
                eos_token_ids: Sequence[int] = (), weight_version: str = "0",
                repetition_ngram: int = 0, repetition_count: int = 0, chunk_steps: int = 16,
-               refill_rows: int | None = None, max_stop_ids: int = 8, seed: int = 0, device=None):
+               prefill_tokens: int = 2048, refill_rows: int | None = None, max_stop_ids: int = 8,
+               seed: int = 0, device=None):
     if max_batch < 1:
       raise ValueError(f"max_batch={max_batch}: must be >= 1")
     if max_seq_len < 2:
@@ -91,9 +98,12 @@ class RolloutEngine:
                        "use ngram >= 1 with count >= 2, or ngram = 0 to disable")
     if chunk_steps < 1:
       raise ValueError(f"chunk_steps={chunk_steps}: must be >= 1")
+    if prefill_tokens < 1:
+      raise ValueError(f"prefill_tokens={prefill_tokens}: must be >= 1")
     self.config = config
     self.max_batch = max_batch
     self.max_seq_len = max_seq_len
+    self.prefill_tokens = prefill_tokens
     self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
     self.weight_version = str(weight_version)
     self.refill_rows = refill_rows or max(1, max_batch // 8)
@@ -103,6 +113,7 @@ class RolloutEngine:
     self._state = jax.device_put(
         batch_state.init_batch_state(config, max_batch, max_seq_len, max_stop_ids), self._device)
     self._traces = collections.Counter()
+    self._decode_steps = 0
     stopping = dict(ngram=repetition_ngram, count=repetition_count)
     self._prefill = self._jit("prefill", functools.partial(batch_state.prefill, config))
     self._decode = self._jit("decode", functools.partial(
@@ -124,6 +135,34 @@ class RolloutEngine:
   def num_compilations(self) -> dict[str, int]:
     """Programs traced so far, by name ("prefill" per bucket, "decode" once)."""
     return dict(self._traces)
+
+  @property
+  def num_decode_steps(self) -> int:
+    """Decode steps run so far; each samples one token for every active row."""
+    return self._decode_steps
+
+  @property
+  def prompt_buckets(self) -> list[int]:
+    """Padded prompt lengths of the prefill programs: every prompt length maps to one."""
+    s = self.max_seq_len
+    lengths = [1 << i for i in range(s.bit_length()) if 1 << i < s] + [s - 1]
+    return sorted({self._prompt_bucket(n) for n in lengths})
+
+  def _prompt_bucket(self, length: int) -> int:
+    return _bucket(length, _MIN_PROMPT_BUCKET, self.max_seq_len)
+
+  def _prefill_rows(self, bucket: int) -> int:
+    return max(1, min(self.max_batch, self.prefill_tokens // bucket))
+
+  def warm_up(self) -> None:
+    """Compile every program the engine runs (a prefill per prompt bucket, decode) up front.
+
+    The programs run on padding rows only (prefill) or for zero steps (decode): no state changes.
+    """
+    for bucket in self.prompt_buckets:
+      self._state = self._prefill(self._params, self._state, self._admission(bucket, []))
+    self._state, _ = self._decode(self._params, self._state, np.zeros(self.max_batch, bool),
+                                  np.int32(0), np.int32(self.max_batch + 1))
 
   @property
   def num_running(self) -> int:
@@ -227,8 +266,7 @@ class RolloutEngine:
     free_rows = [i for i, r in enumerate(self._rows) if r is None]
     admit = min(len(free_rows), len(self._queue), budget)
     if admit:
-      admission = self._admission(free_rows[:admit], [self._queue.popleft() for _ in range(admit)])
-      self._state = self._prefill(self._params, self._state, admission)
+      self._prefill_requests(free_rows[:admit], [self._queue.popleft() for _ in range(admit)])
     if self.num_running and budget > 0:
       exit_when_free = (min(self.refill_rows, len(self._queue)) if self._queue
                         else self.max_batch + 1)
@@ -238,18 +276,30 @@ class RolloutEngine:
       updates += self._absorb(emitted)
     return updates
 
-  def _admission(self, rows: list[int], requests: list[_Request]) -> Admission:
-    r = _bucket(len(requests), 1, self.max_batch)
-    t = _bucket(max(len(q.prompt_ids) for q in requests), _MIN_PROMPT_BUCKET, self.max_seq_len)
-    prompts = np.zeros((r, t), np.int32)
+  def _prefill_requests(self, rows: list[int], requests: list[_Request]) -> None:
+    """Seat `requests` in `rows`; prefill them by prompt bucket, `_prefill_rows` at a time."""
+    by_bucket = collections.defaultdict(list)
+    for row, request in zip(rows, requests):
+      self._rows[row] = request
+      self._release_B[row] = False
+      by_bucket[self._prompt_bucket(len(request.prompt_ids))].append((row, request))
+    for bucket, seated in by_bucket.items():
+      per_program = self._prefill_rows(bucket)
+      for i in range(0, len(seated), per_program):
+        admission = self._admission(bucket, seated[i:i + per_program])
+        self._state = self._prefill(self._params, self._state, admission)
+
+  def _admission(self, bucket: int, seated: list[tuple[int, _Request]]) -> Admission:
+    """Device arrays of one prefill program; rows past `seated` are padding (dropped)."""
+    r = self._prefill_rows(bucket)
+    rows, requests = [row for row, _ in seated], [q for _, q in seated]
+    prompts = np.zeros((r, bucket), np.int32)
     stop_ids = np.full((r, self.max_stop_ids), -1, np.int32)
     lengths = np.ones(r, np.int32)
     for i, q in enumerate(requests):
       prompts[i, :len(q.prompt_ids)] = q.prompt_ids
       stop_ids[i, :len(q.stop_ids)] = q.stop_ids
       lengths[i] = len(q.prompt_ids)
-      self._rows[rows[i]] = q
-      self._release_B[rows[i]] = False
     column = lambda values, dtype: np.array(values + [0] * (r - len(values)), dtype)
     sp = [q.sampling for q in requests]
     return Admission(
@@ -268,6 +318,7 @@ class RolloutEngine:
   def _absorb(self, emitted: batch_state.Emitted) -> list[Update]:
     """Append a decode chunk's tokens to their requests; complete the requests that finished."""
     tokens_CxB, logprobs_CxB, emitted_CxB, finish_B = jax.device_get(emitted)
+    self._decode_steps += int(emitted_CxB.any(axis=1).sum())  # every step emits for some row
     updates = []
     for row, request in enumerate(self._rows):
       if request is None:

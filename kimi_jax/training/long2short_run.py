@@ -12,11 +12,12 @@
 Every method leaves the short model in `workdir/hf`, then evaluates long against short on the
 held-out prompts (`workdir/eval/`: table, JSON, plot).
 """
+import dataclasses
 import json
 import os
 import random
 
-from kimi_jax.data.sft import encode_example
+from kimi_jax.data.sft import PackedBatches, encode_example
 from kimi_jax.eval import compare
 from kimi_jax.eval.evaluate import sample_and_grade
 from kimi_jax.checkpointing.hf import save_hf
@@ -32,23 +33,32 @@ from kimi_jax.metrics.writers import JsonlWriter
 
 
 def sample_long_model(config, task, tokenizer, model_config, params, workdir: str) -> list[Sample]:
-  """`long2short.num_samples` graded samples of the long model per training prompt."""
+  """`long2short.num_samples` graded samples of the long model for each of the first
+  `long2short.num_prompts` distinct training questions."""
   l2s = config.long2short
+  first_of_question = {}
+  for prompt in task.train:
+    first_of_question.setdefault(prompt.question, prompt)
+  distinct = list(first_of_question.values())
   backend = build_backend(config, model_config, tokenizer, params, "long", workdir)
   try:
-    graded = sample_and_grade(backend, tokenizer, task, task.train[:l2s.num_prompts],
+    graded = sample_and_grade(backend, tokenizer, task, distinct[:l2s.num_prompts],
                               l2s.num_samples, l2s.temperature, config.eval.max_new_tokens,
                               config.seed)
   finally:
     backend.close()
-  return [Sample(p.question, response, bool(correct), int(tokens)) for p, response, correct, tokens
-          in zip(graded.prompts_R, graded.responses_R, graded.correct_R, graded.num_tokens_R)]
+  samples = [Sample(p.question, response, bool(correct), int(tokens)) for p, response, correct,
+             tokens in zip(graded.prompts_R, graded.responses_R, graded.correct_R,
+                           graded.num_tokens_R)]
+  write_jsonl(os.path.join(workdir, "long_samples.jsonl"), map(dataclasses.asdict, samples))
+  return samples
 
 
 def write_jsonl(path: str, rows) -> None:
+  """One JSON object per line (dicts, or NamedTuples written field by field)."""
   with open(path, "w") as f:
     for row in rows:
-      f.write(json.dumps(row._asdict()) + "\n")
+      f.write(json.dumps(row if isinstance(row, dict) else row._asdict()) + "\n")
 
 
 def shortest(config, task, tokenizer, model_config, mesh, params, workdir: str):
@@ -58,9 +68,12 @@ def shortest(config, task, tokenizer, model_config, mesh, params, workdir: str):
   if not examples:
     raise ValueError("shortest rejection sampling: no prompt has a correct sample")
   write_jsonl(os.path.join(workdir, "shortest_sft.jsonl"), examples)
+  sft = config.long2short.sft
   encoded = [encode_example(tokenizer, TEMPLATE, e.prompt, e.response) for e in examples]
-  return fine_tune(config.long2short.sft, config.seed, encoded, tokenizer.pad_id, model_config,
-                   mesh, os.path.join(workdir, "long2short_metrics.jsonl"), params=params,
+  batches = iter(PackedBatches(encoded, sft.batch_size, sft.seq_len, tokenizer.pad_id,
+                               config.seed))
+  return fine_tune(sft, config.seed, batches, model_config, mesh,
+                   os.path.join(workdir, "long2short_metrics.jsonl"), params=params,
                    desc="shortest_sft")
 
 

@@ -4,6 +4,7 @@ prompts -> k samples per prompt -> rewards (+ length penalty) -> S_ref -> optimi
 M minibatch steps of the pure `rl_step` -> weight sync -> sampler feedback -> metrics ->
 checkpoint. Everything configurable arrives in `config` (experiments/rl_*.py).
 """
+import dataclasses
 import json
 import os
 import time
@@ -15,12 +16,13 @@ from tqdm import tqdm
 from kimi_jax.checkpointing.hf import CheckpointError, config_diff, load_hf, save_hf
 from kimi_jax.checkpointing.manager import RunCheckpointer
 from kimi_jax.data.samplers import PromptSampler, make_strategy
-from kimi_jax.data.sft import encode_example
+from kimi_jax.data.sft import PackedBatches, encode_example
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.metrics.plots import plot_metrics
 from kimi_jax.metrics.writers import JsonlWriter, MultiWriter, TensorBoardWriter, read_jsonl
 from kimi_jax.model import ModelConfig
+from kimi_jax.model.config import EXECUTION_FIELDS
 from kimi_jax.rewards.registry import score_rollout
 from kimi_jax.rollout.types import SamplingParams
 from kimi_jax.rollout.replay_buffer import Group, PartialRolloutBuffer, Trajectory
@@ -117,22 +119,28 @@ def backend_generate(backend, temperature: float, eos_id: int):
   return generate
 
 
-def sft_warmup(config, task, tokenizer, model_config, mesh, workdir: str):
-  """Long-CoT SFT warm-up on the task's reference responses; returns trained params.
-
-  Its metrics go to sft_metrics.jsonl (their own step axis)."""
+def sft_warmup(config, task, tokenizer, model_config, mesh, workdir: str, params=None):
+  """Long-CoT SFT warm-up on the task's reference responses, from `params` or a fresh init;
+  returns trained params. Its metrics go to sft_metrics.jsonl (their own step axis)."""
   examples = [encode_example(tokenizer, TEMPLATE, p.question, task.reference_response(p))
               for p in task.train]
-  return fine_tune(config.sft, config.seed, examples, tokenizer.pad_id, model_config, mesh,
-                   os.path.join(workdir, "sft_metrics.jsonl"))
+  batches = iter(PackedBatches(examples, config.sft.batch_size, config.sft.seq_len,
+                               tokenizer.pad_id, config.seed))
+  return fine_tune(config.sft, config.seed, batches, model_config, mesh,
+                   os.path.join(workdir, "sft_metrics.jsonl"), params)
 
 
-def load_initial_checkpoint(path: str, model_config: ModelConfig):
-  """Params of the HF checkpoint at `path`, which must match the run's model config."""
+def load_initial_checkpoint(path: str, model_config: ModelConfig, changed_fields=()):
+  """Params of the HF checkpoint at `path`, whose model config must equal the run's except in
+  `changed_fields` (e.g. ("rope_theta",) when a long-context stage raises the RoPE base)."""
   loaded_config, params = load_hf(path)
-  if loaded_config != model_config:
+  loaded_config = dataclasses.replace(
+      loaded_config, **{f: getattr(model_config, f) for f in EXECUTION_FIELDS})
+  unexpected = [f for f in config_diff(loaded_config, model_config) if f not in changed_fields]
+  if unexpected:
     raise CheckpointError(f"config.init.checkpoint={path!r}: its model config differs from "
-                          f"config.model in {config_diff(loaded_config, model_config)}")
+                          f"config.model in {unexpected} (config.init.changed_fields="
+                          f"{tuple(changed_fields)})")
   return params
 
 
@@ -140,7 +148,8 @@ def initial_params(config, task, tokenizer, model_config, mesh, workdir: str):
   """Where a fresh run starts: `config.init.checkpoint` (an HF directory), or else the SFT
   warm-up, whose result is exported to `workdir/hf_sft`."""
   if config.init.checkpoint:
-    return load_initial_checkpoint(config.init.checkpoint, model_config)
+    return load_initial_checkpoint(config.init.checkpoint, model_config,
+                                   config.init.changed_fields)
   params = sft_warmup(config, task, tokenizer, model_config, mesh, workdir)
   save_hf(os.path.join(workdir, "hf_sft"), model_config, params, tokenizer=tokenizer)
   return params

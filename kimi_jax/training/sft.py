@@ -3,7 +3,6 @@ import jax
 import optax
 from tqdm import tqdm
 
-from kimi_jax.data.sft import PackedBatches
 from kimi_jax.metrics.writers import JsonlWriter
 from kimi_jax.training.state import init_train_state, train_state_from_params
 from kimi_jax.training.steps import jit_step, lm_step
@@ -36,9 +35,9 @@ def sft_optimizer(sft_config) -> optax.GradientTransformation:
   return optax.adamw(schedule, weight_decay=sft_config.weight_decay)
 
 
-def fine_tune(sft_config, seed: int, examples, pad_id: int, model_config, mesh,
-              metrics_path: str, params=None, desc: str = "sft"):
-  """SFT on `examples` (encoded, packed into batches) per the `sft` config section, from
+def fine_tune(sft_config, seed: int, batches, model_config, mesh, metrics_path: str,
+              params=None, desc: str = "sft"):
+  """`sft_config.steps` LM steps on the batch iterator `batches`, with `sft_optimizer`, from
   `params` or, when None, from a fresh init with `seed`. Returns the trained params; metrics go
   to the JSONL file at `metrics_path`."""
   tx = sft_optimizer(sft_config)
@@ -46,7 +45,6 @@ def fine_tune(sft_config, seed: int, examples, pad_id: int, model_config, mesh,
     state, shardings = init_train_state(model_config, tx, mesh, jax.random.key(seed))
   else:
     state, shardings = train_state_from_params(model_config, tx, mesh, params)
-  batches = iter(PackedBatches(examples, sft_config.batch_size, sft_config.seq_len, pad_id, seed))
   writer = JsonlWriter(metrics_path)
   state, _ = run_sft(state, shardings, mesh, model_config, batches, sft_config.steps, writer,
                      desc=desc)

@@ -1,25 +1,78 @@
-"""The SFT stage on its own: warm-up / vanilla SFT, held-out eval, HF export.
+"""The SFT / LM stage on its own: warm-up, vanilla SFT, or pretraining / cooldown / long-context
+training on a corpus; then held-out eval and HF export.
 
+Data: the task's reference responses (response-only loss) when `config.corpus.source` is empty,
+otherwise a corpus (loss on every token): "worksheets" (synthetic long documents of the
+arithmetic task, `synthetic.worksheet`) or a .jsonl / .txt file. Starts from
+`config.init.checkpoint` when set (e.g. the previous stage, with a new `model.rope_theta`).
 Writes `workdir/hf` (config.json + safetensors + tokenizer), loadable by transformers, SGLang
-and `launch.serve`, and `workdir/sft_summary.json` with the held-out evaluation.
+and `launch.serve`, and `workdir/sft_summary.json` with the held-out evaluation (task pass@1
+and, on a corpus, the held-out loss per position bucket).
 """
 import json
 import os
 
+import numpy as np
+
 from kimi_jax.checkpointing.hf import save_hf
+from kimi_jax.data import synthetic
+from kimi_jax.data.corpus import CorpusBatches, TokenStream, read_documents
 from kimi_jax.eval.evaluate import evaluate_with_config
+from kimi_jax.eval.lm_loss import heldout_loss_by_position
 from kimi_jax.training import rl
 from kimi_jax.training.rollout_backends import EngineBackend
+from kimi_jax.training.sft import fine_tune
+
+WORKSHEETS = "worksheets"
+
+
+def worksheet_documents(corpus, task_config, seed: int) -> list[str]:
+  """`num_documents + heldout_documents` worksheets of min..max_problems problems each."""
+  rng = np.random.default_rng([seed, len(WORKSHEETS)])
+  sizes = rng.integers(corpus.min_problems, corpus.max_problems + 1,
+                       size=corpus.num_documents + corpus.heldout_documents)
+  return [synthetic.worksheet(rng, int(n), tuple(task_config.levels), task_config.max_operand)
+          for n in sizes]
+
+
+def corpus_documents(config) -> tuple[list[str], list[str]]:
+  """(training, held-out) documents; the held-out ones are the last `heldout_documents`."""
+  corpus = config.corpus
+  if corpus.source == WORKSHEETS:
+    documents = worksheet_documents(corpus, config.task, config.seed)
+  else:
+    documents = read_documents(corpus.source)
+  if len(documents) <= corpus.heldout_documents:
+    raise ValueError(f"config.corpus.source={corpus.source!r}: {len(documents)} documents, "
+                     f"need more than corpus.heldout_documents={corpus.heldout_documents}")
+  return documents[:-corpus.heldout_documents], documents[-corpus.heldout_documents:]
 
 
 def run(config, workdir: str) -> dict:
   task, tokenizer, model_config, mesh = rl.build_basics(config, workdir)
-  params = rl.sft_warmup(config, task, tokenizer, model_config, mesh, workdir)
+  params = None
+  if config.init.checkpoint:
+    params = rl.load_initial_checkpoint(config.init.checkpoint, model_config,
+                                        config.init.changed_fields)
+  metrics_path = os.path.join(workdir, "sft_metrics.jsonl")
+  if config.corpus.source:
+    train_docs, heldout_docs = corpus_documents(config)
+    stream = TokenStream([tokenizer.encode(d) for d in train_docs], tokenizer.eos_id)
+    batches = iter(CorpusBatches(stream, config.sft.batch_size, config.sft.seq_len, config.seed))
+    params = fine_tune(config.sft, config.seed, batches, model_config, mesh, metrics_path, params)
+  else:
+    params = rl.sft_warmup(config, task, tokenizer, model_config, mesh, workdir, params)
   export = os.path.join(workdir, "hf")
   save_hf(export, model_config, params, tokenizer=tokenizer)
   backend = EngineBackend(model_config, params, config.rollout, config.rl, tokenizer.eos_id, "sft")
   summary = evaluate_with_config(backend, tokenizer, task, task.heldout,
                                  config.eval).as_dict("sft")
+  if config.corpus.source:
+    losses = heldout_loss_by_position(model_config, params,
+                                      [tokenizer.encode(d) for d in heldout_docs],
+                                      tokenizer.eos_id, tokenizer.pad_id, config.sft.seq_len,
+                                      tuple(config.corpus.position_edges))
+    summary.update({f"heldout/{k}": v for k, v in losses.items()})
   with open(os.path.join(workdir, "sft_summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   print("held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items()))
