@@ -29,8 +29,10 @@ def run_sft(state, shardings, mesh, model_config, batches, num_steps: int, write
 
 def sft_optimizer(sft_config) -> optax.GradientTransformation:
   """AdamW with linear warm-up then cosine decay to a tenth (the `sft` config section)."""
+  # max(): a stage of zero steps (only re-exporting, e.g. under a new RoPE theta) still builds.
+  total_steps = max(sft_config.steps, sft_config.warmup_steps + 1)
   schedule = optax.warmup_cosine_decay_schedule(0.0, sft_config.learning_rate,
-                                                sft_config.warmup_steps, sft_config.steps,
+                                                sft_config.warmup_steps, total_steps,
                                                 sft_config.learning_rate / 10)
   return optax.adamw(schedule, weight_decay=sft_config.weight_decay)
 

@@ -1,9 +1,12 @@
 """Synthetic arithmetic task: worked solutions, grading, datasets and splits."""
+import re
+
 import numpy as np
 import pytest
 
 from kimi_jax.data.synthetic import (CHARSET, extract_answer, is_correct, make_dataset,
-                                     make_problem, solve, target_response, train_heldout_split)
+                                     make_problem, solve, target_response, train_heldout_split,
+                                     verification, worksheet)
 from kimi_jax.data.tokenizer import char_tokenizer
 
 
@@ -88,3 +91,29 @@ def test_exhausted_level_raises():
   assert len({p.question for p in make_dataset(7, (1,), 0, max_operand=1, distinct=True)}) == 7
   with pytest.raises(ValueError, match="level 1 .*no new question"):
     make_dataset(8, (1,), 0, max_operand=1, distinct=True)
+
+
+def test_verification_undoes_the_steps():
+  assert verification(solve("7+5-3=")) == "9+3=12,12-5=7"
+  rng = np.random.default_rng(3)
+  for level in (1, 2, 4):
+    problem = make_problem(rng, level, max_operand=9)
+    steps = verification(problem).split(",")
+    assert len(steps) == level
+    value = int(problem.answer)
+    for step in steps:  # each step is true arithmetic and starts where the previous ended
+      left, result = step.split("=")
+      assert int(left.split("+")[0].split("-")[0]) == value
+      value = left_to_right(left + "=")
+      assert value == int(result)
+    assert value == int(re.match(r"\d+", problem.question).group())
+    response = target_response(problem, verify=True)
+    assert is_correct(response, problem.answer) and set(response) <= set(CHARSET)
+
+
+def test_worksheet_repeats_itself():
+  sheet = worksheet(np.random.default_rng(0), num_problems=5, levels=(1, 2), max_operand=9)
+  half = sheet[:len(sheet) // 2]
+  assert sheet == half + half and half.count("#") == 5 and set(sheet) <= set(CHARSET)
+  once = worksheet(np.random.default_rng(0), 5, (1, 2), 9, repeat=False)
+  assert once == half

@@ -1,0 +1,102 @@
+"""Evaluation through a backend: planted answers give known metrics; the checkpoint comparison
+reproduces direct evaluation of each checkpoint and writes its table and plot."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.rl_arith import get_config
+from kimi_jax.checkpointing.hf import save_hf
+from kimi_jax.data import synthetic
+from kimi_jax.data.tokenizer import char_tokenizer
+from kimi_jax.eval import compare
+from kimi_jax.eval.evaluate import evaluate, evaluate_with_config
+from kimi_jax.model import init_params
+from kimi_jax.rollout.types import Completion
+from kimi_jax.training.rl import build_model_config
+from kimi_jax.training.rollout_backends import EngineBackend
+from kimi_jax.training.tasks import build_task
+
+TOKENIZER = char_tokenizer(synthetic.CHARSET)
+
+
+class PlantedBackend:
+  """Answers with the worked response when a request's seed is even and with answer + 1
+  (always wrong) when it is odd; records every request's sampling params."""
+
+  def __init__(self):
+    self.sampling = []
+
+  def generate(self, inputs, sampling):
+    self.sampling += sampling
+    out = []
+    for ids, params in zip(inputs, sampling):
+      problem = synthetic.solve(TOKENIZER.decode(ids))
+      text = (synthetic.target_response(problem) if params.seed % 2 == 0
+              else f"#{int(problem.answer) + 1}")
+      out.append(Completion(list(ids), TOKENIZER.encode(text) + [TOKENIZER.eos_id],
+                            [0.0] * (len(text) + 1), {"type": "stop"}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def task():
+  return build_task(get_config("smoke").task, seed=0)
+
+
+def test_planted_answers_give_known_metrics(task):
+  backend = PlantedBackend()
+  prompts = task.heldout[:6]
+  result = evaluate(backend, TOKENIZER, task, prompts, max_new_tokens=40, samples=2,
+                    temperature=1.0, k=2, seed=10)
+  assert [s.seed for s in backend.sampling] == list(range(10, 22))  # one seed per request
+  assert all(s.temperature == 1.0 and s.max_new_tokens == 40 for s in backend.sampling)
+  # Seeds alternate even/odd within each prompt: exactly one of its two samples is right.
+  assert result.pass_at_1 == 0.5 and result.pass_at_k == 1.0
+  lengths = [len(synthetic.target_response(synthetic.solve(p.question))) + 1
+             for p in prompts] + [len(f"#{int(p.answer) + 1}") + 1 for p in prompts]
+  assert result.mean_tokens == pytest.approx(np.mean(lengths))
+  assert result.accuracy_per_1k_tokens == pytest.approx(500 / np.mean(lengths))
+
+
+def test_bad_eval_settings_are_refused(task):
+  with pytest.raises(ValueError, match="k=3"):
+    evaluate(PlantedBackend(), TOKENIZER, task, task.heldout[:2], 40, samples=2,
+             temperature=1.0, k=3)
+  with pytest.raises(ValueError, match="temperature 0.0"):
+    evaluate(PlantedBackend(), TOKENIZER, task, task.heldout[:2], 40, samples=2, k=1)
+
+
+def test_parse_checkpoints(tmp_path):
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  assert compare.parse_checkpoints(f"long={tmp_path}/a, {tmp_path}/b") == {
+      "long": f"{tmp_path}/a", "b": f"{tmp_path}/b"}
+  with pytest.raises(ValueError, match="appears twice"):
+    compare.parse_checkpoints(f"x={tmp_path}/a,x={tmp_path}/b")
+  with pytest.raises(FileNotFoundError, match="missing"):
+    compare.parse_checkpoints(f"y={tmp_path}/missing")
+  with pytest.raises(ValueError, match="empty"):
+    compare.parse_checkpoints(" , ")
+
+
+def test_comparison_equals_direct_evaluation(tmp_path, task):
+  config = get_config("smoke")
+  model_config = build_model_config(config.model, TOKENIZER)
+  checkpoints = {}
+  for name, seed in (("one", 1), ("two", 2)):
+    save_hf(str(tmp_path / name), model_config, init_params(model_config, jax.random.key(seed)),
+            tokenizer=TOKENIZER)
+    checkpoints[name] = str(tmp_path / name)
+  results = compare.run(config, str(tmp_path / "eval"), checkpoints)
+  written = json.loads((tmp_path / "eval" / "eval.json").read_text())
+  for name, seed in (("one", 1), ("two", 2)):
+    backend = EngineBackend(model_config, init_params(model_config, jax.random.key(seed)),
+                            config.rollout, config.rl, TOKENIZER.eos_id, name)
+    direct = evaluate_with_config(backend, TOKENIZER, task, task.heldout, config.eval)
+    assert results[name] == direct
+    assert written[name]["eval/mean_tokens"] == direct.mean_tokens
+  table = (tmp_path / "eval" / "eval_table.md").read_text().splitlines()
+  assert len(table) == 4 and table[2].startswith("| one |") and table[3].startswith("| two |")
+  assert (tmp_path / "eval" / "eval.png").stat().st_size > 10_000
