@@ -38,9 +38,9 @@ def get_config(arg: str = "rl") -> ml_collections.ConfigDict:
                weight_decay=0.0, beta=0.1),
       short_checkpoint="runs/l2s_shortest/hf",  # merge: a short-CoT partner of the same model
       merge_weight=0.5))
-  # long2short RL: the penalty on from iteration 0 and half the long model's max length.
-  c.rl.update(iterations=10, max_response_tokens=40, segment_tokens=40)
-  c.rl.length_penalty.update(weight=0.5, warmup_iterations=0)
+  # long2short RL: the penalty on from iteration 0 and 60% of the long model's max length.
+  c.rl.update(iterations=10, max_response_tokens=48, segment_tokens=48)
+  c.rl.length_penalty.update(weight=0.3, warmup_iterations=0)
   c.sampler.strategy = "uniform"
   if size == "smoke":
     c.long2short.update(num_prompts=16, num_samples=4)

@@ -7,7 +7,8 @@ arithmetic task, `synthetic.worksheet`) or a .jsonl / .txt file. Starts from
 `config.init.checkpoint` when set (e.g. the previous stage, with a new `model.rope_theta`).
 Writes `workdir/hf` (config.json + safetensors + tokenizer), loadable by transformers, SGLang
 and `launch.serve`, and `workdir/sft_summary.json` with the held-out evaluation (task pass@1
-and, on a corpus, the held-out loss per position bucket).
+and, on a corpus, the held-out loss per position bucket up to the last bucket edge, beyond the
+stage's training length too).
 """
 import json
 import os
@@ -68,10 +69,10 @@ def run(config, workdir: str) -> dict:
   summary = evaluate_with_config(backend, tokenizer, task, task.heldout,
                                  config.eval).as_dict("sft")
   if config.corpus.source:
-    losses = heldout_loss_by_position(model_config, params,
-                                      [tokenizer.encode(d) for d in heldout_docs],
-                                      tokenizer.eos_id, tokenizer.pad_id, config.sft.seq_len,
-                                      tuple(config.corpus.position_edges))
+    edges = tuple(config.corpus.position_edges)  # evaluated up to the last edge, also
+    losses = heldout_loss_by_position(  # beyond the stage's own training length
+        model_config, params, [tokenizer.encode(d) for d in heldout_docs], tokenizer.eos_id,
+        tokenizer.pad_id, edges[-1], edges)
     summary.update({f"heldout/{k}": v for k, v in losses.items()})
   with open(os.path.join(workdir, "sft_summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
