@@ -58,10 +58,11 @@ def plot_checkpoint_comparison(results: dict[str, dict], path: str, title: str =
   levels = sorted({lvl for r in results.values() for lvl in r["pass@1_by_level"]})
   fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
   ax = axes[0]
-  for name in names:
-    ax.scatter(results[name]["mean_tokens"], results[name]["pass@1"], s=40)
+  for i, name in enumerate(names):  # colour i matches the bars of checkpoint i
+    ax.scatter(results[name]["mean_tokens"], results[name]["pass@1"], s=40, color=f"C{i}")
     ax.annotate(name, (results[name]["mean_tokens"], results[name]["pass@1"]),
                 textcoords="offset points", xytext=(5, 4))
+  ax.margins(0.2)
   ax.set_xlabel("mean response tokens")
   ax.set_ylabel("pass@1")
   ax.grid(alpha=0.3)
