@@ -3,8 +3,9 @@
 The host keeps a FIFO of requests and a table of which request occupies which batch row. Each
 `step` admits queued requests into free rows and then runs a chunk of decode steps on device;
 the chunk returns early once enough rows are free to be worth refilling, so one long sample
-never idles the batch. Admitted prompts are prefilled grouped by length bucket (a power of two,
-capped at max_seq_len), a fixed number of rows per bucket at a time: a new prompt length, such
+never idles the batch. Admitted prompts are prefilled longest first by programs of one shape
+per length bucket (a power of two, capped at max_seq_len; rows = a token budget / bucket), the
+rows a program's longest prompts leave free taken by the next-longest: a new prompt length, such
 as a partial rollout resumed from prompt + earlier segments, never compiles a new program, and
 short prompts are not padded to the longest one admitted with them. Weights are a jit argument:
 swapping them keeps every compiled program.
@@ -74,9 +75,9 @@ class RolloutEngine:
       loop of period <= ngram (finish reason {"type": "stop", "matched": "repetition"},
       `Completion.repetition`). 0 disables.
     chunk_steps: decode steps per device program (host round-trip).
-    prefill_tokens: padded prompt tokens per prefill program: prompts of length bucket T are
-      prefilled max(1, min(max_batch, prefill_tokens // T)) rows at a time, so there is one
-      prefill program per bucket (`warm_up` compiles them all).
+    prefill_tokens: padded prompt tokens per prefill program: a program of length bucket T
+      prefills max(1, min(max_batch, prefill_tokens // T)) rows, so there is one prefill
+      program per bucket (`warm_up` compiles them all).
     refill_rows: a chunk ends early once this many rows are free and requests wait
       (default max_batch // 8, at least 1).
     max_stop_ids: stop ids per request (stop_token_ids + eos), a fixed device shape.
@@ -277,17 +278,21 @@ class RolloutEngine:
     return updates
 
   def _prefill_requests(self, rows: list[int], requests: list[_Request]) -> None:
-    """Seat `requests` in `rows`; prefill them by prompt bucket, `_prefill_rows` at a time."""
-    by_bucket = collections.defaultdict(list)
+    """Seat `requests` in `rows` and prefill them longest first.
+
+    Each program is shaped by the bucket of its longest prompt and filled with the next-longest
+    ones, so no program runs padding rows while shorter prompts wait for one of their own.
+    """
     for row, request in zip(rows, requests):
       self._rows[row] = request
       self._release_B[row] = False
-      by_bucket[self._prompt_bucket(len(request.prompt_ids))].append((row, request))
-    for bucket, seated in by_bucket.items():
-      per_program = self._prefill_rows(bucket)
-      for i in range(0, len(seated), per_program):
-        admission = self._admission(bucket, seated[i:i + per_program])
-        self._state = self._prefill(self._params, self._state, admission)
+    seated = sorted(zip(rows, requests), key=lambda seat: -len(seat[1].prompt_ids))
+    while seated:
+      bucket = self._prompt_bucket(len(seated[0][1].prompt_ids))
+      count = self._prefill_rows(bucket)
+      admission = self._admission(bucket, seated[:count])
+      self._state = self._prefill(self._params, self._state, admission)
+      seated = seated[count:]
 
   def _admission(self, bucket: int, seated: list[tuple[int, _Request]]) -> Admission:
     """Device arrays of one prefill program; rows past `seated` are padding (dropped)."""

@@ -1,7 +1,8 @@
 """RolloutEngine against step-by-step full-forward references on a tiny random LM.
 
 One engine serves the whole module (weights are swapped, never recompiled), so the suite pays
-for one decode program and a few prefill buckets.
+for one decode program and one prefill program per prompt bucket. Its small prefill token budget
+splits most admissions into several prefill programs.
 """
 import jax
 import numpy as np
@@ -18,6 +19,8 @@ LOGPROB_ATOL = 1e-5
 # seed this test fails with probability 1e-4 (the seeds are fixed, so runs are reproducible).
 P_VALUE_FLOOR = 1e-4
 MAX_BATCH, MAX_SEQ_LEN, NGRAM, COUNT = 8, 40, 2, 4
+# Rows per prefill program: 8 for prompt bucket 8, then 4, 2 and 1 for buckets 16, 32 and 40.
+PREFILL_TOKENS = 64
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def params():
 def engine(params):
   return RolloutEngine(CFG, params, max_batch=MAX_BATCH, max_seq_len=MAX_SEQ_LEN,
                        eos_token_ids=(EOS,), repetition_ngram=NGRAM, repetition_count=COUNT,
-                       chunk_steps=8)
+                       chunk_steps=8, prefill_tokens=PREFILL_TOKENS)
 
 
 def random_prompts(count, seed, max_len=8):
@@ -56,6 +59,54 @@ def test_greedy_equals_stepwise_full_forward(engine, params):
   kinds = {(r["type"], r.get("matched") == "repetition") for r in ref_reason}
   assert kinds == {("stop", False), ("stop", True), ("length", False)}, "cover every finish rule"
   assert [c.repetition for c in got] == [r.get("matched") == "repetition" for r in ref_reason]
+
+
+def test_prompts_of_every_bucket_equal_stepwise_full_forward(engine, params):
+  rng = np.random.default_rng(8)
+  lengths = [2, 9, 17, 33, 5, 20, 12, 36, 30, 3, 25, 39, 16]  # buckets 8, 16, 32 and 40
+  prompts = [rng.integers(3, CFG.vocab_size, n).tolist() for n in lengths]
+  max_new = [min(6, MAX_SEQ_LEN - n) for n in lengths]
+  got = engine.generate(prompts, [SamplingParams(temperature=0.0, max_new_tokens=m)
+                                  for m in max_new])
+  ref_out, ref_logp, ref_reason = greedy_reference(params, prompts, max_new, [{EOS}] * len(lengths),
+                                                   NGRAM, COUNT, MAX_SEQ_LEN)
+  assert [c.output_ids for c in got] == ref_out
+  assert [c.finish_reason for c in got] == ref_reason
+  for c, logp in zip(got, ref_logp):
+    np.testing.assert_allclose(c.logprobs, logp, atol=LOGPROB_ATOL)
+
+
+def test_new_prompt_lengths_compile_nothing_after_warm_up(engine):
+  prompt, seeded = [4, 5, 6, 7], SamplingParams(temperature=1.0, max_new_tokens=10, seed=42)
+  before = engine.generate([prompt], seeded)[0]
+  engine.warm_up()
+  # Powers of two >= 8, capped at the 40 KV slots; each bucket traced once, whatever ran before.
+  assert engine.prompt_buckets == [8, 16, 32, 40]
+  assert engine.num_compilations == {"prefill": 4, "decode": 1}
+  after = engine.generate([prompt], seeded)[0]
+  assert (after.output_ids, after.logprobs) == (before.output_ids, before.logprobs)
+  # Every prompt length the engine accepts, admitted in mixed groups as resumed rollouts are.
+  prompts = [[3 + n % 50] * n for n in range(1, MAX_SEQ_LEN)]
+  engine.generate(prompts, SamplingParams(max_new_tokens=1, seed=1))
+  assert engine.num_compilations == {"prefill": 4, "decode": 1}
+
+
+@pytest.mark.parametrize("max_seq_len,buckets", [
+    (5, [5]), (9, [8]), (33, [8, 16, 32]), (40, [8, 16, 32, 40]), (65, [8, 16, 32, 64])])
+def test_prompt_buckets_cover_every_accepted_length_once(params, max_seq_len, buckets):
+  # Prompts hold 1..max_seq_len-1 tokens; buckets are powers of two >= 8, capped at max_seq_len.
+  engine = RolloutEngine(CFG, params, max_batch=1, max_seq_len=max_seq_len)
+  assert engine.prompt_buckets == buckets
+
+
+def test_decode_steps_count_the_longest_sample_of_one_admission(engine):
+  steps_before = engine.num_decode_steps
+  got = engine.generate(random_prompts(MAX_BATCH, seed=9),
+                        [SamplingParams(max_new_tokens=4 + 3 * i, ignore_eos=True, seed=i)
+                         for i in range(MAX_BATCH)])
+  # All rows start together, so the batch runs one step per token of its longest sample.
+  assert engine.num_decode_steps - steps_before == max(len(c.output_ids) for c in got)
+  assert max(len(c.output_ids) for c in got) > min(len(c.output_ids) for c in got)
 
 
 def test_full_kv_cache_finishes_with_length(engine):
