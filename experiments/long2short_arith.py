@@ -34,8 +34,9 @@ def get_config(arg: str = "rl") -> ml_collections.ConfigDict:
       length_ratio=1.5,  # dpo: a correct response this much longer than the shortest is rejected
       sft=dict(steps=150, batch_size=64, seq_len=96, learning_rate=1e-3, warmup_steps=15,
                weight_decay=0.0),
+      # chosen_nll_weight: + weight x NLL of the chosen responses (RPO); 0 is plain DPO.
       dpo=dict(steps=150, batch_size=32, seq_len=96, learning_rate=3e-4, warmup_steps=15,
-               weight_decay=0.0, beta=0.1),
+               weight_decay=0.0, beta=0.1, chosen_nll_weight=1.0),
       short_checkpoint="runs/l2s_shortest/hf",  # merge: a short-CoT partner of the same model
       merge_weight=0.5))
   # long2short RL: the penalty on from iteration 0 and 60% of the long model's max length.

@@ -44,18 +44,26 @@ def pair_batch(pairs: Sequence[tuple[list[int], list[int], list[int]]], seq_len:
   return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": loss_mask}
 
 
-def dpo_objective(params, batch, config: ModelConfig, beta):
-  """DPO loss of `params` on one pair batch (layout above)."""
+def dpo_objective(params, batch, config: ModelConfig, beta, chosen_nll_weight=0.0):
+  """DPO loss of `params` on one pair batch (layout above), plus `chosen_nll_weight` times the
+  per-token NLL of the chosen responses (as in RPO, Pang et al. 2024: it keeps DPO from pushing
+  the chosen responses' likelihood down together with the rejected ones)."""
   logp_2BxT = token_logprobs(config, params, batch)
   seq_logp_2B = sequence_logprob(logp_2BxT, batch["loss_mask"], length_normalize=False)
   policy_chosen_B, policy_rejected_B = jnp.split(seq_logp_2B, 2)
   ref_chosen_B, ref_rejected_B = jnp.split(batch["ref_logp_sum"], 2)
-  return dpo_loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, beta)
+  loss, metrics = dpo_loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B,
+                           beta)
+  chosen_tokens = jnp.split(batch["loss_mask"], 2)[0].sum()
+  chosen_nll = -policy_chosen_B.sum() / jnp.maximum(chosen_tokens, 1.0)
+  metrics["chosen_nll"] = chosen_nll
+  return loss + chosen_nll_weight * chosen_nll, metrics
 
 
-def dpo_step(state, batch, config: ModelConfig, beta):
-  """One optimizer step on the DPO loss."""
-  grads, metrics = jax.grad(dpo_objective, has_aux=True)(state.params, batch, config, beta)
+def dpo_step(state, batch, config: ModelConfig, beta, chosen_nll_weight=0.0):
+  """One optimizer step on the DPO objective."""
+  grads, metrics = jax.grad(dpo_objective, has_aux=True)(state.params, batch, config, beta,
+                                                         chosen_nll_weight)
   metrics["grad_norm"] = optax.global_norm(grads)
   return state.apply_gradients(grads), metrics
 
@@ -69,7 +77,8 @@ def with_reference_logprobs(reference_state, shardings, mesh, config: ModelConfi
 
 
 def run_dpo(state, shardings, mesh, model_config: ModelConfig, batches: Sequence[dict], beta: float,
-            num_steps: int, writer=None, log_every: int = 50, desc: str = "dpo"):
+            num_steps: int, writer=None, log_every: int = 50, desc: str = "dpo",
+            chosen_nll_weight: float = 0.0):
   """`num_steps` DPO steps cycling through `batches` (pair batches without `ref_logp_sum`).
 
   The reference is `state` as passed in (the SFT model): its log-prob sums are computed for
@@ -77,7 +86,8 @@ def run_dpo(state, shardings, mesh, model_config: ModelConfig, batches: Sequence
   Returns (state, last metrics). Progress is shown as a bar; metrics go to `writer`.
   """
   batches = with_reference_logprobs(state, shardings, mesh, model_config, batches)
-  step = jit_step(dpo_step, mesh, shardings, config=model_config, beta=beta)
+  step = jit_step(dpo_step, mesh, shardings, config=model_config, beta=beta,
+                  chosen_nll_weight=chosen_nll_weight)
   metrics = {}
   with tqdm(zip(range(num_steps), itertools.cycle(batches)), total=num_steps, desc=desc,
             dynamic_ncols=True) as bar:

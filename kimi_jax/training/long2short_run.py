@@ -99,7 +99,7 @@ def dpo(config, task, tokenizer, model_config, mesh, params, workdir: str):
   state, shardings = train_state_from_params(model_config, sft_optimizer(l2s.dpo), mesh, params)
   writer = JsonlWriter(os.path.join(workdir, "long2short_metrics.jsonl"))
   state, _ = run_dpo(state, shardings, mesh, model_config, batches, l2s.dpo.beta, l2s.dpo.steps,
-                     writer)
+                     writer, chosen_nll_weight=l2s.dpo.chosen_nll_weight)
   writer.close()
   return state.params
 

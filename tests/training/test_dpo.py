@@ -3,6 +3,7 @@ and a sharded run that opens a chosen-vs-rejected margin on its training pairs."
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -86,6 +87,32 @@ def test_lm_head_gradient_matches_hand_derivation():
   expected = np.einsum("rtd,rtv->dv", hidden, g)
   got = np.asarray(grads["lm_head"]["kernel"])
   np.testing.assert_allclose(got, expected, atol=F32_TOL * np.abs(expected).max(), rtol=0)
+
+
+def test_chosen_nll_term_adds_the_chosen_token_nll():
+  """objective(w) = objective(0) + w * (-sum S_chosen / chosen tokens), value and gradient."""
+  params = init_params(CFG, jax.random.key(3))
+  batch = pair_batch(random_pairs(3, seed=4), seq_len=10, pad_id=0)
+  batch["ref_logp_sum"] = np_response_logp(params, batch).astype(np.float32)
+  value_and_grad = jax.jit(jax.value_and_grad(dpo_objective, has_aux=True),
+                           static_argnums=(2, 3, 4))
+  (plain, _), plain_grads = value_and_grad(params, batch, CFG, BETA, 0.0)
+  (mixed, metrics), mixed_grads = value_and_grad(params, batch, CFG, BETA, 0.7)
+  sums = np_response_logp(params, batch)
+  nll = -sums[:3].sum() / batch["loss_mask"][:3].sum()
+  assert float(metrics["chosen_nll"]) == pytest.approx(nll, rel=F32_TOL)
+  assert float(mixed) == pytest.approx(float(plain) + 0.7 * nll, rel=F32_TOL)
+
+  def chosen_nll(p):  # the NLL term alone, written directly on the LM
+    logits = apply_lm(CFG, p, batch["tokens"][:3])
+    logp = jax.nn.log_softmax(logits)
+    picked = jnp.take_along_axis(logp, batch["targets"][:3, :, None], axis=-1)[..., 0]
+    return -(picked * batch["loss_mask"][:3]).sum() / batch["loss_mask"][:3].sum()
+
+  nll_grads = jax.grad(chosen_nll)(params)
+  jax.tree.map(lambda m, p, n: np.testing.assert_allclose(
+      m, p + 0.7 * n, atol=F32_TOL * max(np.abs(m).max(), 1e-3), rtol=0),
+      mixed_grads, plain_grads, nll_grads)
 
 
 class Recorder:
