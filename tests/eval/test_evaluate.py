@@ -13,6 +13,8 @@ from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.eval import compare
 from kimi_jax.eval.evaluate import evaluate, evaluate_with_config
 from kimi_jax.model import init_params
+from kimi_jax.rollout.engine import RolloutEngine
+from kimi_jax.rollout.server import BackgroundServer, RolloutServer
 from kimi_jax.rollout.types import Completion
 from kimi_jax.training.rl import build_model_config
 from kimi_jax.training.rollout_backends import EngineBackend
@@ -81,22 +83,60 @@ def test_parse_checkpoints(tmp_path):
     compare.parse_checkpoints(" , ")
 
 
-def test_comparison_equals_direct_evaluation(tmp_path, task):
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  """Two random-init HF checkpoints of the smoke model: {name: (directory, init seed)}."""
+  root = tmp_path_factory.mktemp("checkpoints")
+  model_config = build_model_config(get_config("smoke").model, TOKENIZER)
+  out = {}
+  for name, seed in (("one", 1), ("two", 2)):
+    save_hf(str(root / name), model_config, init_params(model_config, jax.random.key(seed)),
+            tokenizer=TOKENIZER)
+    out[name] = (str(root / name), seed)
+  return out
+
+
+@pytest.fixture(scope="module")
+def engine_comparison(checkpoints, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("eval")
+  results = compare.run(get_config("smoke"), str(workdir),
+                        {name: path for name, (path, _) in checkpoints.items()})
+  return results, workdir
+
+
+def test_comparison_equals_direct_evaluation(engine_comparison, checkpoints, task):
+  results, workdir = engine_comparison
   config = get_config("smoke")
   model_config = build_model_config(config.model, TOKENIZER)
-  checkpoints = {}
-  for name, seed in (("one", 1), ("two", 2)):
-    save_hf(str(tmp_path / name), model_config, init_params(model_config, jax.random.key(seed)),
-            tokenizer=TOKENIZER)
-    checkpoints[name] = str(tmp_path / name)
-  results = compare.run(config, str(tmp_path / "eval"), checkpoints)
-  written = json.loads((tmp_path / "eval" / "eval.json").read_text())
-  for name, seed in (("one", 1), ("two", 2)):
+  written = json.loads((workdir / "eval.json").read_text())
+  for name, (_, seed) in checkpoints.items():
     backend = EngineBackend(model_config, init_params(model_config, jax.random.key(seed)),
                             config.rollout, config.rl, TOKENIZER.eos_id, name)
     direct = evaluate_with_config(backend, TOKENIZER, task, task.heldout, config.eval)
     assert results[name] == direct
     assert written[name]["eval/mean_tokens"] == direct.mean_tokens
-  table = (tmp_path / "eval" / "eval_table.md").read_text().splitlines()
+  table = (workdir / "eval_table.md").read_text().splitlines()
   assert len(table) == 4 and table[2].startswith("| one |") and table[3].startswith("| two |")
-  assert (tmp_path / "eval" / "eval.png").stat().st_size > 10_000
+  assert (workdir / "eval.png").stat().st_size > 10_000
+
+
+def test_comparison_through_the_sglang_client_equals_the_engine(engine_comparison, checkpoints,
+                                                                 tmp_path):
+  """Same evaluation with samples from our SGLang-API server over loopback HTTP, weights pushed
+  as safetensors + /update_weights_from_disk for each checkpoint."""
+  config = get_config("smoke")
+  model_config = build_model_config(config.model, TOKENIZER)
+  engine = RolloutEngine(model_config, init_params(model_config, jax.random.key(0)),
+                         max_batch=config.rollout.max_batch, max_seq_len=config.rollout.max_seq_len,
+                         eos_token_ids=(TOKENIZER.eos_id,),
+                         repetition_ngram=config.rl.repetition_ngram,  # as EngineBackend
+                         repetition_count=config.rl.repetition_count)
+  server = BackgroundServer(RolloutServer(engine, tokenizer=TOKENIZER))
+  try:
+    with config.unlocked():
+      config.rollout.backend, config.rollout.urls = "sglang", (server.url,)
+    results = compare.run(config, str(tmp_path),
+                          {name: path for name, (path, _) in checkpoints.items()})
+  finally:
+    server.stop()
+  assert results == engine_comparison[0]
