@@ -11,20 +11,14 @@ import argparse
 import dataclasses
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-
 from kimi_jax.model import ModelConfig, init_params
 from kimi_jax.rollout.engine import RolloutEngine
 from kimi_jax.rollout.types import SamplingParams
-from kimi_jax.sharding.rules import make_mesh
-from kimi_jax.training.state import init_train_state
-from kimi_jax.training.steps import jit_step, lm_step
-from train_step import median_seconds, step_flops
+from train_step import median_seconds, step_flops, train_step_seconds
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (no sparsity).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
@@ -58,22 +52,6 @@ def matmul_flops_per_s(n: int) -> float:
   return 2 * n**3 / median_seconds(lambda: dot(a).block_until_ready(), reps=5)
 
 
-def time_train_step(config: ModelConfig, batch: int, length: int, reps: int) -> float:
-  mesh = make_mesh(data=1, fsdp=-1, tensor=1)
-  state, shardings = init_train_state(config, optax.adamw(1e-4), mesh, jax.random.key(0))
-  step = jit_step(lm_step, mesh, shardings, config=config)
-  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (batch, length))
-  data = {"tokens": tokens, "targets": np.roll(tokens, -1, 1),
-          "loss_mask": np.ones(tokens.shape, np.float32)}
-  holder = [state]
-
-  def run():
-    holder[0], metrics = step(holder[0], data)
-    metrics["loss"].block_until_ready()
-
-  return median_seconds(run, reps)
-
-
 def time_decode(config: ModelConfig, batch: int, prompt_len: int, new_tokens: int) -> float:
   engine = RolloutEngine(config, init_params(config, jax.random.key(1)), max_batch=batch,
                          max_seq_len=prompt_len + new_tokens)
@@ -93,7 +71,7 @@ def main():
   peak = device_peak(kind)
   print(f"devices: {jax.device_count()} x {kind}; model {config.num_params / 1e6:,.1f}M params")
 
-  step_s = time_train_step(config, size["batch"], size["length"], args.reps)
+  step_s = train_step_seconds(config, size["batch"], size["length"], args.reps)
   flops = step_flops(config, size["batch"], size["length"])
   achieved = flops / step_s
   dot = matmul_flops_per_s(8192 if args.size == "1b" else 512)

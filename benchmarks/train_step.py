@@ -44,6 +44,23 @@ def matmul_flops_per_s(n: int, dtype) -> float:
   return 2 * n**3 / median_seconds(lambda: dot(a).block_until_ready(), reps=5)
 
 
+def train_step_seconds(config: ModelConfig, batch: int, length: int, reps: int) -> float:
+  """Median wall time of one sharded AdamW `lm_step` on random tokens (compile excluded)."""
+  mesh = make_mesh(data=1, fsdp=-1, tensor=1)
+  state, shardings = init_train_state(config, optax.adamw(1e-4), mesh, jax.random.key(0))
+  step = jit_step(lm_step, mesh, shardings, config=config)
+  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (batch, length))
+  data = {"tokens": tokens, "targets": np.roll(tokens, -1, 1),
+          "loss_mask": np.ones(tokens.shape, np.float32)}
+  holder = [state]
+
+  def run():
+    holder[0], metrics = step(holder[0], data)
+    metrics["loss"].block_until_ready()
+
+  return median_seconds(run, reps)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--batch", type=int, default=8)
@@ -53,20 +70,7 @@ def main():
   args = parser.parse_args()
 
   config = dataclasses.replace(CONFIG_20M, dtype=args.dtype)
-  mesh = make_mesh(data=1, fsdp=-1, tensor=1)
-  state, shardings = init_train_state(config, optax.adamw(1e-4), mesh, jax.random.key(0))
-  step = jit_step(lm_step, mesh, shardings, config=config)
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, config.vocab_size, (args.batch, args.length))
-  batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1),
-           "loss_mask": np.ones(tokens.shape, np.float32)}
-  holder = [state]
-
-  def run():
-    holder[0], metrics = step(holder[0], batch)
-    metrics["loss"].block_until_ready()
-
-  seconds = median_seconds(run, args.reps)
+  seconds = train_step_seconds(config, args.batch, args.length, args.reps)
   flops = step_flops(config, args.batch, args.length)
   peak = matmul_flops_per_s(2048, jnp.dtype(args.dtype))
   print(f"params {config.num_params / 1e6:.1f}M  batch {args.batch}x{args.length}  "
