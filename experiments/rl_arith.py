@@ -110,6 +110,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.rl.update(iterations=200, prompts_per_iteration=128, k=16, max_response_tokens=160,
                 segment_tokens=160)
     c.rollout.update(max_batch=512, max_seq_len=192)
+    c.sft.seq_len = 192
+    c.eval.max_new_tokens = 160
     c.optimizer.update(name="muon", learning_rate=1e-4, weight_decay=0.1)  # untested at scale
   else:
     raise ValueError(f"unknown config variant {arg!r}: tiny, tiny_nolp, long_cot, smoke, small")

@@ -1,0 +1,35 @@
+"""Every experiment variant builds, passes the run's validation, and fits its own data."""
+import pytest
+
+from experiments import long2short_arith, long_context_arith, rl_arith
+from kimi_jax.data.sft import encode_example
+from kimi_jax.data.tokenizer import char_tokenizer
+from kimi_jax.training.rl import build_model_config, validate_config
+from kimi_jax.training.tasks import TEMPLATE, build_task
+
+VARIANTS = ([(rl_arith, v) for v in ("tiny", "tiny_nolp", "long_cot", "smoke", "small")]
+            + [(long2short_arith, f"{m}{s}") for m in long2short_arith.METHODS
+               for s in ("", ",smoke")]
+            + [(long_context_arith, f"{st}{s}") for st in long_context_arith.STAGES
+               for s in ("", ",smoke")])
+
+
+@pytest.mark.parametrize("module,variant", VARIANTS,
+                         ids=[f"{m.__name__.split('.')[-1]}:{v}" for m, v in VARIANTS])
+def test_variant_is_valid_and_fits_its_data(module, variant):
+  config = module.get_config(variant)
+  validate_config(config)
+  task = build_task(config.task, config.seed)
+  tokenizer = char_tokenizer(task.charset)
+  build_model_config(config.model, tokenizer)
+  longest = max(len(encode_example(tokenizer, TEMPLATE, p.question, task.reference_response(p)))
+                for p in task.train[:2000])
+  assert longest <= config.sft.seq_len + 1, "SFT references must fit a packed row"
+  assert longest <= config.rollout.max_seq_len, "prompt + reference must fit the engine"
+  assert config.eval.max_new_tokens <= config.rollout.max_seq_len
+
+
+def test_unknown_variants_are_refused():
+  for module in (rl_arith, long2short_arith, long_context_arith):
+    with pytest.raises(ValueError, match="unknown config variant"):
+      module.get_config("nope")
