@@ -14,6 +14,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from kimi_jax.data import synthetic
 from kimi_jax.data.sources import DataValidationError, RowError, as_nonempty_text
 
 TEXT_FIELD = "text"
@@ -122,3 +123,30 @@ class CorpusBatchIterator(grain.DatasetIterator):
 
   def set_state(self, state: dict[str, int]) -> None:
     self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+WORKSHEETS = "worksheets"
+
+
+def worksheet_documents(corpus_config, task_config, seed: int) -> list[str]:
+  """`num_documents + heldout_documents` worksheets (`synthetic.worksheet`) of
+  min..max_problems problems each, drawn from the task's levels."""
+  rng = np.random.default_rng([seed, len(WORKSHEETS)])
+  sizes = rng.integers(corpus_config.min_problems, corpus_config.max_problems + 1,
+                       size=corpus_config.num_documents + corpus_config.heldout_documents)
+  return [synthetic.worksheet(rng, int(n), tuple(task_config.levels), task_config.max_operand)
+          for n in sizes]
+
+
+def corpus_documents(corpus_config, task_config, seed: int) -> tuple[list[str], list[str]]:
+  """(training, held-out) documents of the `corpus` config section: synthetic worksheets or a
+  file; the held-out ones are the last `heldout_documents`."""
+  source = corpus_config.source
+  if source == WORKSHEETS:
+    documents = worksheet_documents(corpus_config, task_config, seed)
+  else:
+    documents = read_documents(source)
+  if len(documents) <= corpus_config.heldout_documents:
+    raise ValueError(f"config.corpus.source={source!r}: {len(documents)} documents, need more "
+                     f"than corpus.heldout_documents={corpus_config.heldout_documents}")
+  return documents[:-corpus_config.heldout_documents], documents[-corpus_config.heldout_documents:]

@@ -1,7 +1,9 @@
 """Evaluate several HF checkpoints on one prompt set and place them side by side.
 
 Writes `workdir/eval.json` (every metric per checkpoint), `workdir/eval_table.md` (the table
-printed at the end) and `workdir/eval.png` (accuracy against tokens, and per-level bars).
+printed at the end) and `workdir/eval.png` (accuracy against tokens, and per-level bars). With a
+corpus configured, also `lm_loss.json`, `lm_loss_table.md` and `lm_loss.png`: held-out loss per
+position bucket (e.g. the long-context stages side by side).
 """
 import json
 import os
@@ -9,10 +11,13 @@ import os
 from tqdm import tqdm
 
 from kimi_jax.checkpointing.hf import load_hf
+from kimi_jax.data.corpus import corpus_documents
 from kimi_jax.data.tokenizer import load_tokenizer
 from kimi_jax.eval.evaluate import evaluate_with_config
+from kimi_jax.eval.lm_loss import heldout_loss_by_position
 from kimi_jax.eval.metrics import EvalResult
-from kimi_jax.metrics.plots import plot_checkpoint_comparison
+from kimi_jax.metrics.plots import plot_checkpoint_comparison, plot_series
+from kimi_jax.model.config import with_execution
 from kimi_jax.training.rollout_backends import build_backend
 from kimi_jax.training.tasks import build_task
 
@@ -33,10 +38,15 @@ def parse_checkpoints(spec: str) -> dict[str, str]:
   return checkpoints
 
 
+def load_checkpoint(config, path: str):
+  """(model config run as `config.model` says, params, tokenizer) of the HF directory `path`."""
+  model_config, params = load_hf(path)
+  return with_execution(model_config, config.model), params, load_tokenizer(path)
+
+
 def evaluate_checkpoint(config, task, path: str, workdir: str) -> EvalResult:
   """Load the HF checkpoint at `path` (with its tokenizer) into a rollout backend and grade it."""
-  model_config, params = load_hf(path)
-  tokenizer = load_tokenizer(path)
+  model_config, params, tokenizer = load_checkpoint(config, path)
   backend = build_backend(config, model_config, tokenizer, params, os.path.basename(path),
                           workdir)
   try:
@@ -60,8 +70,40 @@ def markdown_table(results: dict[str, EvalResult]) -> str:
   return "\n".join(lines)
 
 
+def lm_losses(config, checkpoints: dict[str, str]) -> dict[str, dict[str, float]]:
+  """Held-out loss per position bucket of every checkpoint on the config's corpus."""
+  _, heldout = corpus_documents(config.corpus, config.task, config.seed)
+  edges = tuple(config.corpus.position_edges)
+  losses = {}
+  for name, path in checkpoints.items():
+    model_config, params, tokenizer = load_checkpoint(config, path)
+    losses[name] = heldout_loss_by_position(model_config, params,
+                                            [tokenizer.encode(d) for d in heldout],
+                                            tokenizer.eos_id, tokenizer.pad_id, edges[-1], edges)
+  return losses
+
+
+def write_lm_losses(losses: dict[str, dict[str, float]], workdir: str) -> str:
+  """lm_loss.json, lm_loss_table.md and lm_loss.png (loss against position bucket)."""
+  buckets = list(next(iter(losses.values())))
+  lines = ["| checkpoint | " + " | ".join(buckets) + " |", "|" + "---|" * (len(buckets) + 1)]
+  lines += [f"| {name} | " + " | ".join(f"{row[b]:.3f}" for b in buckets) + " |"
+            for name, row in losses.items()]
+  table = "\n".join(lines)
+  with open(os.path.join(workdir, "lm_loss.json"), "w") as f:
+    json.dump(losses, f, indent=2)
+  with open(os.path.join(workdir, "lm_loss_table.md"), "w") as f:
+    f.write(table + "\n")
+  upper_edges = [int(b.rsplit("-", 1)[1]) for b in buckets]
+  plot_series({name: (upper_edges, [row[b] for b in buckets]) for name, row in losses.items()},
+              os.path.join(workdir, "lm_loss.png"), xlabel="position bucket (upper edge)",
+              ylabel="held-out loss", title="held-out loss by position")
+  return table
+
+
 def run(config, workdir: str, checkpoints: dict[str, str]) -> dict[str, EvalResult]:
-  """Evaluate every checkpoint on the config task's held-out set; write table, JSON, plot."""
+  """Evaluate every checkpoint on the config task's held-out set; write table, JSON, plot.
+  With a corpus configured (`config.corpus.source`), also compare held-out LM loss by position."""
   os.makedirs(workdir, exist_ok=True)
   task = build_task(config.task, config.seed)
   results = {name: evaluate_checkpoint(config, task, path, workdir)
@@ -79,4 +121,6 @@ def run(config, workdir: str, checkpoints: dict[str, str]) -> dict[str, EvalResu
       os.path.join(workdir, "eval.png"), title=f"held-out {config.task.name} "
       f"({config.eval.samples} sample(s) at T={config.eval.temperature})")
   tqdm.write(table)
+  if config.corpus.source:
+    tqdm.write(write_lm_losses(lm_losses(config, checkpoints), workdir))
   return results

@@ -9,6 +9,12 @@ ATTENTION_IMPLS = ("dot_product", "blockwise")
 EXECUTION_FIELDS = ("dtype", "attention", "attention_block_size", "remat")
 
 
+def with_execution(config: "ModelConfig", fields) -> "ModelConfig":
+  """`config` run as `fields` says: the EXECUTION_FIELDS present in the mapping `fields` (a
+  ModelConfig's asdict, or an experiment's `model` section) replace config's."""
+  return dataclasses.replace(config, **{f: fields[f] for f in EXECUTION_FIELDS if f in fields})
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Decoder LM hyper-parameters; field names follow the HF config they map to."""

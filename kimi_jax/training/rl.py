@@ -22,7 +22,7 @@ from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.metrics.plots import plot_metrics
 from kimi_jax.metrics.writers import JsonlWriter, MultiWriter, TensorBoardWriter, read_jsonl
 from kimi_jax.model import ModelConfig
-from kimi_jax.model.config import EXECUTION_FIELDS
+from kimi_jax.model.config import with_execution
 from kimi_jax.rewards.registry import score_rollout
 from kimi_jax.rollout.types import SamplingParams
 from kimi_jax.rollout.replay_buffer import Group, PartialRolloutBuffer, Trajectory
@@ -134,8 +134,7 @@ def load_initial_checkpoint(path: str, model_config: ModelConfig, changed_fields
   """Params of the HF checkpoint at `path`, whose model config must equal the run's except in
   `changed_fields` (e.g. ("rope_theta",) when a long-context stage raises the RoPE base)."""
   loaded_config, params = load_hf(path)
-  loaded_config = dataclasses.replace(
-      loaded_config, **{f: getattr(model_config, f) for f in EXECUTION_FIELDS})
+  loaded_config = with_execution(loaded_config, dataclasses.asdict(model_config))
   unexpected = [f for f in config_diff(loaded_config, model_config) if f not in changed_fields]
   if unexpected:
     raise CheckpointError(f"config.init.checkpoint={path!r}: its model config differs from "

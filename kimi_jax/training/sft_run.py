@@ -13,41 +13,13 @@ stage's training length too).
 import json
 import os
 
-import numpy as np
-
 from kimi_jax.checkpointing.hf import save_hf
-from kimi_jax.data import synthetic
-from kimi_jax.data.corpus import CorpusBatches, TokenStream, read_documents
+from kimi_jax.data.corpus import CorpusBatches, TokenStream, corpus_documents
 from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.eval.lm_loss import heldout_loss_by_position
 from kimi_jax.training import rl
 from kimi_jax.training.rollout_backends import EngineBackend
 from kimi_jax.training.sft import fine_tune
-
-WORKSHEETS = "worksheets"
-
-
-def worksheet_documents(corpus, task_config, seed: int) -> list[str]:
-  """`num_documents + heldout_documents` worksheets of min..max_problems problems each."""
-  rng = np.random.default_rng([seed, len(WORKSHEETS)])
-  sizes = rng.integers(corpus.min_problems, corpus.max_problems + 1,
-                       size=corpus.num_documents + corpus.heldout_documents)
-  return [synthetic.worksheet(rng, int(n), tuple(task_config.levels), task_config.max_operand)
-          for n in sizes]
-
-
-def corpus_documents(config) -> tuple[list[str], list[str]]:
-  """(training, held-out) documents; the held-out ones are the last `heldout_documents`."""
-  corpus = config.corpus
-  if corpus.source == WORKSHEETS:
-    documents = worksheet_documents(corpus, config.task, config.seed)
-  else:
-    documents = read_documents(corpus.source)
-  if len(documents) <= corpus.heldout_documents:
-    raise ValueError(f"config.corpus.source={corpus.source!r}: {len(documents)} documents, "
-                     f"need more than corpus.heldout_documents={corpus.heldout_documents}")
-  return documents[:-corpus.heldout_documents], documents[-corpus.heldout_documents:]
-
 
 def run(config, workdir: str) -> dict:
   task, tokenizer, model_config, mesh = rl.build_basics(config, workdir)
@@ -57,7 +29,7 @@ def run(config, workdir: str) -> dict:
                                         config.init.changed_fields)
   metrics_path = os.path.join(workdir, "sft_metrics.jsonl")
   if config.corpus.source:
-    train_docs, heldout_docs = corpus_documents(config)
+    train_docs, heldout_docs = corpus_documents(config.corpus, config.task, config.seed)
     stream = TokenStream([tokenizer.encode(d) for d in train_docs], tokenizer.eos_id)
     batches = iter(CorpusBatches(stream, config.sft.batch_size, config.sft.seq_len, config.seed))
     params = fine_tune(config.sft, config.seed, batches, model_config, mesh, metrics_path, params)

@@ -6,13 +6,17 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import long_context_arith
 from experiments.rl_arith import get_config
 from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.data import synthetic
+from kimi_jax.data.corpus import corpus_documents
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.eval import compare
 from kimi_jax.eval.evaluate import evaluate, evaluate_with_config
+from kimi_jax.eval.lm_loss import heldout_loss_by_position
 from kimi_jax.model import init_params
+from kimi_jax.model.config import with_execution
 from kimi_jax.rollout.engine import RolloutEngine
 from kimi_jax.rollout.server import BackgroundServer, RolloutServer
 from kimi_jax.rollout.types import Completion
@@ -140,3 +144,23 @@ def test_comparison_through_the_sglang_client_equals_the_engine(engine_compariso
   finally:
     server.stop()
   assert results == engine_comparison[0]
+
+
+def test_corpus_comparison_adds_loss_by_position(checkpoints, tmp_path):
+  """With a corpus configured, each checkpoint's held-out loss by position is written, equal
+  to evaluating its own weights on the config's held-out documents."""
+  config = long_context_arith.get_config("stage2,smoke")
+  compare.run(config, str(tmp_path), {name: path for name, (path, _) in checkpoints.items()})
+  written = json.loads((tmp_path / "lm_loss.json").read_text())
+  _, heldout = corpus_documents(config.corpus, config.task, config.seed)
+  edges = tuple(config.corpus.position_edges)
+  model_config = with_execution(build_model_config(get_config("smoke").model, TOKENIZER),
+                                config.model)
+  for name, (_, seed) in checkpoints.items():
+    direct = heldout_loss_by_position(model_config, init_params(model_config, jax.random.key(seed)),
+                                      [TOKENIZER.encode(d) for d in heldout], TOKENIZER.eos_id,
+                                      TOKENIZER.pad_id, edges[-1], edges)
+    assert written[name] == pytest.approx(direct, rel=1e-6)  # same computation, JSON round trip
+    assert set(direct) == {"loss_pos0-64", "loss_pos64-256", "loss_pos256-1024"}
+  assert (tmp_path / "lm_loss.png").exists()
+  assert (tmp_path / "lm_loss_table.md").read_text().count("\n") == 4
