@@ -1,4 +1,6 @@
 """Flag handling shared by every entry point: config file, workdir, multi-host start."""
+import importlib
+
 from absl import flags
 from ml_collections import config_flags
 
@@ -23,3 +25,12 @@ def start(argv) -> tuple:
     import jax
     jax.distributed.initialize()
   return CONFIG.value, WORKDIR.value
+
+
+def stage_main(module: str):
+  """The absl `main` of a stage entry point: `start`, then `<module>.run(config, workdir)`.
+  The module is imported after flag parsing, so --help and flag errors stay fast."""
+  def main(argv):
+    config, workdir = start(argv)
+    importlib.import_module(module).run(config, workdir)
+  return main

@@ -6,11 +6,7 @@ from absl import app
 
 from launch import common
 
-
-def main(argv):
-  config, workdir = common.start(argv)
-  from kimi_jax.training import long2short_run
-  long2short_run.run(config, workdir)
+main = common.stage_main("kimi_jax.training.long2short_run")
 
 
 if __name__ == "__main__":

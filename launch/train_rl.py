@@ -6,11 +6,7 @@ from absl import app
 
 from launch import common
 
-
-def main(argv):
-  config, workdir = common.start(argv)
-  from kimi_jax.training import rl
-  rl.run(config, workdir)
+main = common.stage_main("kimi_jax.training.rl")
 
 
 if __name__ == "__main__":
