@@ -7,6 +7,7 @@ boundary), `positions` counting from each document's start (RoPE sees in-documen
 and `loss_mask` on every target of the same document as its input (nothing is predicted across
 a boundary). The stream is held in memory (three int32 per token): a research-scale corpus.
 """
+import itertools
 import json
 import os
 from typing import Sequence
@@ -15,6 +16,7 @@ import grain
 import numpy as np
 
 from kimi_jax.data import synthetic
+from kimi_jax.data.epochs import EpochIterator, epoch_order
 from kimi_jax.data.sources import DataValidationError, RowError, as_nonempty_text
 
 TEXT_FIELD = "text"
@@ -94,35 +96,23 @@ class CorpusBatches(grain.IterDataset):
     self.stream, self.batch_size, self.seq_len, self.seed = stream, batch_size, seq_len, seed
 
   def order(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, epoch]).permutation(
-        self.stream.num_windows(self.seq_len))
+    return epoch_order(self.seed, epoch, self.stream.num_windows(self.seq_len))
 
   def __iter__(self) -> "CorpusBatchIterator":
     return CorpusBatchIterator(self)
 
 
-class CorpusBatchIterator(grain.DatasetIterator):
+class CorpusBatchIterator(EpochIterator):
   def __init__(self, dataset: CorpusBatches):
-    super().__init__()
+    super().__init__(dataset.stream.num_windows(dataset.seq_len), dataset.seed)
     self._ds = dataset
-    self.epoch, self.offset = 0, 0
 
   def __next__(self) -> dict[str, np.ndarray]:
     self._assert_not_closed()
-    rows = []
-    while len(rows) < self._ds.batch_size:
-      order = self._ds.order(self.epoch)
-      rows.append(self._ds.stream.window(int(order[self.offset]), self._ds.seq_len))
-      self.offset += 1
-      if self.offset == len(order):
-        self.epoch, self.offset = self.epoch + 1, 0
+    indices = itertools.islice(self.upcoming(), self._ds.batch_size)
+    rows = [self._ds.stream.window(index, self._ds.seq_len) for index in indices]
+    self.advance(len(rows))
     return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
-
-  def get_state(self) -> dict[str, int]:
-    return {"epoch": self.epoch, "offset": self.offset}
-
-  def set_state(self, state: dict[str, int]) -> None:
-    self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
 
 WORKSHEETS = "worksheets"

@@ -12,10 +12,12 @@ each example, loss_mask is 1 where the target is a trained token. The model's at
 (same segment, earlier position) then keeps examples apart.
 """
 import dataclasses
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import grain
 import numpy as np
+
+from kimi_jax.data.epochs import EpochIterator, epoch_order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,44 +127,27 @@ class PackedBatches(grain.IterDataset):
     self.pad_id, self.seed = pad_id, seed
 
   def order(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+    return epoch_order(self.seed, epoch, len(self.examples))
 
   def __iter__(self) -> "PackedBatchIterator":
     return PackedBatchIterator(self)
 
 
-class PackedBatchIterator(grain.DatasetIterator):
+class PackedBatchIterator(EpochIterator):
   def __init__(self, dataset: PackedBatches):
-    super().__init__()
+    super().__init__(len(dataset.examples), dataset.seed)
     self._ds = dataset
-    self.epoch, self.offset = 0, 0
-
-  def _stream(self) -> Iterator[Example]:
-    epoch, offset = self.epoch, self.offset
-    while True:
-      order = self._ds.order(epoch)
-      for index in order[offset:]:
-        yield self._ds.examples[index]
-      epoch, offset = epoch + 1, 0
 
   def __next__(self) -> dict[str, np.ndarray]:
     self._assert_not_closed()
     window = []
 
     def lengths():
-      for example in self._stream():
-        window.append(example)
-        yield len(example)
+      for index in self.upcoming():
+        window.append(self._ds.examples[index])
+        yield len(window[-1])
 
     rows = plan_rows(lengths(), self._ds.seq_len, self._ds.batch_size)
     batch = pack(window, rows, self._ds.seq_len, self._ds.pad_id)
-    consumed = self.offset + sum(map(len, rows))
-    self.epoch += consumed // len(self._ds.examples)
-    self.offset = consumed % len(self._ds.examples)
+    self.advance(sum(map(len, rows)))
     return batch
-
-  def get_state(self) -> dict[str, int]:
-    return {"epoch": self.epoch, "offset": self.offset}
-
-  def set_state(self, state: dict[str, int]) -> None:
-    self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
