@@ -14,7 +14,7 @@ from kimi_jax.checkpointing.hf import load_hf
 from kimi_jax.data.corpus import corpus_documents
 from kimi_jax.data.tokenizer import load_tokenizer
 from kimi_jax.eval.evaluate import evaluate_with_config
-from kimi_jax.eval.lm_loss import heldout_loss_by_position
+from kimi_jax.eval.lm_loss import corpus_loss_by_position
 from kimi_jax.eval.metrics import EvalResult
 from kimi_jax.metrics.plots import plot_checkpoint_comparison, plot_series
 from kimi_jax.model.config import with_execution
@@ -77,9 +77,7 @@ def lm_losses(config, checkpoints: dict[str, str]) -> dict[str, dict[str, float]
   losses = {}
   for name, path in checkpoints.items():
     model_config, params, tokenizer = load_checkpoint(config, path)
-    losses[name] = heldout_loss_by_position(model_config, params,
-                                            [tokenizer.encode(d) for d in heldout],
-                                            tokenizer.eos_id, tokenizer.pad_id, edges[-1], edges)
+    losses[name] = corpus_loss_by_position(model_config, params, tokenizer, heldout, edges)
   return losses
 
 

@@ -34,3 +34,10 @@ def heldout_loss_by_position(model_config, params, documents_ids, eos_id: int, p
   batch = pack(examples, [[i] for i in range(len(examples))], seq_len, pad_id)
   logp_BxT = jax.jit(token_logprobs, static_argnums=0)(model_config, params, batch)
   return loss_by_position(logp_BxT, batch["loss_mask"], batch["positions"], edges)
+
+
+def corpus_loss_by_position(model_config, params, tokenizer, documents, edges) -> dict[str, float]:
+  """`heldout_loss_by_position` of text `documents`, each evaluated up to the last edge (also
+  beyond the length a stage trained on)."""
+  return heldout_loss_by_position(model_config, params, [tokenizer.encode(d) for d in documents],
+                                  tokenizer.eos_id, tokenizer.pad_id, edges[-1], edges)

@@ -16,10 +16,11 @@ import os
 from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.data.corpus import CorpusBatches, TokenStream, corpus_documents
 from kimi_jax.eval.evaluate import evaluate_with_config
-from kimi_jax.eval.lm_loss import heldout_loss_by_position
+from kimi_jax.eval.lm_loss import corpus_loss_by_position
 from kimi_jax.training import rl
 from kimi_jax.training.rollout_backends import EngineBackend
 from kimi_jax.training.sft import fine_tune
+
 
 def run(config, workdir: str) -> dict:
   task, tokenizer, model_config, mesh = rl.build_basics(config, workdir)
@@ -41,10 +42,8 @@ def run(config, workdir: str) -> dict:
   summary = evaluate_with_config(backend, tokenizer, task, task.heldout,
                                  config.eval).as_dict("sft")
   if config.corpus.source:
-    edges = tuple(config.corpus.position_edges)  # evaluated up to the last edge, also
-    losses = heldout_loss_by_position(  # beyond the stage's own training length
-        model_config, params, [tokenizer.encode(d) for d in heldout_docs], tokenizer.eos_id,
-        tokenizer.pad_id, edges[-1], edges)
+    losses = corpus_loss_by_position(model_config, params, tokenizer, heldout_docs,
+                                     tuple(config.corpus.position_edges))
     summary.update({f"heldout/{k}": v for k, v in losses.items()})
   with open(os.path.join(workdir, "sft_summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
