@@ -106,7 +106,8 @@ def dpo(config, task, tokenizer, model_config, mesh, params, workdir: str):
 
 def merge(config, task, tokenizer, model_config, mesh, params, workdir: str):
   """long2short.merge_weight * long + (1 - merge_weight) * short."""
-  short = rl.load_initial_checkpoint(config.long2short.short_checkpoint, model_config)
+  short = rl.load_initial_checkpoint(config.long2short.short_checkpoint, model_config,
+                                     key="long2short.short_checkpoint")
   return merge_params(params, short, config.long2short.merge_weight)
 
 

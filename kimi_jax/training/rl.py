@@ -130,16 +130,17 @@ def sft_warmup(config, task, tokenizer, model_config, mesh, workdir: str, params
                    os.path.join(workdir, "sft_metrics.jsonl"), params)
 
 
-def load_initial_checkpoint(path: str, model_config: ModelConfig, changed_fields=()):
-  """Params of the HF checkpoint at `path`, whose model config must equal the run's except in
-  `changed_fields` (e.g. ("rope_theta",) when a long-context stage raises the RoPE base)."""
+def load_initial_checkpoint(path: str, model_config: ModelConfig, changed_fields=(),
+                            key: str = "init.checkpoint"):
+  """Params of the HF checkpoint at `path` (the config field `key`), whose model config must
+  equal the run's except in `changed_fields` (e.g. ("rope_theta",) when a long-context stage
+  raises the RoPE base)."""
   loaded_config, params = load_hf(path)
   loaded_config = with_execution(loaded_config, dataclasses.asdict(model_config))
   unexpected = [f for f in config_diff(loaded_config, model_config) if f not in changed_fields]
   if unexpected:
-    raise CheckpointError(f"config.init.checkpoint={path!r}: its model config differs from "
-                          f"config.model in {unexpected} (config.init.changed_fields="
-                          f"{tuple(changed_fields)})")
+    raise CheckpointError(f"config.{key}={path!r}: its model config differs from config.model "
+                          f"in {unexpected} (allowed to differ: {tuple(changed_fields)})")
   return params
 
 
@@ -289,7 +290,8 @@ PLOT_KEYS = ["reward", "accuracy", "eval/pass@1", "length_mean", "kl_prev", "ent
 
 
 def write_summary(workdir: str) -> dict:
-  """summary.json (starting policy vs final held-out eval) and the RL curves plot, from metrics.jsonl."""
+  """summary.json (starting policy vs final held-out eval) and the RL curves plot, both from
+  metrics.jsonl."""
   records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   summary = {}
   for record in records:  # later records win: the last eval after RL
