@@ -5,9 +5,7 @@ transformers), the same prompts, batch and lengths, in one process, so the ratio
 machine noise. Run: .venv/bin/python benchmarks/decode.py
 """
 import os
-import statistics
 import tempfile
-import time
 
 from absl import app, flags
 
@@ -21,6 +19,7 @@ import transformers  # noqa: E402
 from kimi_jax.checkpointing.hf import save_hf  # noqa: E402
 from kimi_jax.model import ModelConfig, init_params  # noqa: E402
 from kimi_jax.rollout.engine import RolloutEngine, SamplingParams  # noqa: E402
+from train_step import median_seconds  # noqa: E402
 
 BATCH = flags.DEFINE_integer("batch", 32, "sequences decoded together")
 PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "prompt tokens")
@@ -31,16 +30,6 @@ MIX_BATCH = flags.DEFINE_integer("mix_batch", 16, "rows for the heavy-tailed mix
 
 CONFIG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, eos_token_id=2)
-
-
-def median_seconds(fn, repeats: int) -> float:
-  fn()  # warm-up: compilation / allocator
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def throughput(engine, hf_model, prompts_BxT, new_tokens: int, repeats: int, sample: bool):
