@@ -94,7 +94,7 @@ def _vision_from_hf(hf: dict, vision_arch: str, path: str) -> VisionConfig:
     raise CheckpointError(f"{path}: missing required field 'vision_config'")
   v = hf["vision_config"]
   where = "vision_config."
-  theta, _ = _rope(v, path, 10000.0, allowed=("axial",))
+  theta, _ = _rope(v, path, 10000.0, allowed=("axial", "default"))
   common = dict(architecture=vision_arch, depth=v.get("depth", 32), num_heads=v.get("num_heads", 16),
                 patch_size=v.get("patch_size", 14), temporal_patch_size=v.get("temporal_patch_size", 2),
                 spatial_merge_size=v.get("spatial_merge_size", 2), in_channels=v.get("in_channels", 3),

@@ -49,7 +49,7 @@ class VisionConfig:
   rope_theta: float = 10000.0
   window_size: int = 0  # pixels; 0: no window attention (qwen2_vl)
   fullatt_block_indexes: tuple[int, ...] = ()
-  tokens_per_second: int = 2  # video temporal spacing in HF; images never use it, export keeps it
+  tokens_per_second: int = 4  # video temporal spacing in HF; images never use it, export keeps it
   image_token_id: int = 151655
   video_token_id: int = 151656
   vision_start_token_id: int = 151652

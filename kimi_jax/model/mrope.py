@@ -53,7 +53,8 @@ def mrope_positions(vision: VisionConfig, tokens_BxT, image_grid_thw, lengths_B=
                          f"{len(grid)} rows of image_grid_thw")
       if not is_image[i:i + counts[image]].all() or i + counts[image] > n:
         raise ValueError(f"tokens row {row} position {i}: image {image} with grid "
-                         f"{tuple(grid[image])} needs {counts[image]} consecutive image tokens")
+                         f"{tuple(grid[image].tolist())} needs {counts[image]} consecutive "
+                         "image tokens")
       parts.append(_image_positions(vision, grid[image], count_from))
       count_from += int(grid[image][1:].max()) // vision.spatial_merge_size
       i += counts[image]

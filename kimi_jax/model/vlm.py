@@ -82,6 +82,9 @@ def vlm_prefill(config: ModelConfig, params, tokens_BxT, pixel_values_NxF, layou
   return logits, new_cache
 
 
+_jit_vlm_logits = jax.jit(vlm_logits, static_argnums=0)
+
+
 def check_images(config: ModelConfig, tokens_BxT, pixel_values_NxF, image_grid_thw) -> None:
   """ValueError unless the pixel rows and the image tokens match `image_grid_thw`."""
   vision = config.vision
@@ -99,12 +102,13 @@ def check_images(config: ModelConfig, tokens_BxT, pixel_values_NxF, image_grid_t
 def apply_vlm(config: ModelConfig, params, tokens_BxT, pixel_values, image_grid_thw) -> jax.Array:
   """Logits_BxTxV (float32) of prompts with images, in the HF processor's layout:
   `pixel_values` [num_patches, C*2*14*14] of all images in order, `image_grid_thw` one
-  (t, h, w) patch-grid row per image. Tokens and grid must be host values."""
+  (t, h, w) patch-grid row per image. Tokens and grid must be host values; the forward is
+  compiled once per shape."""
   if config.vision is None:
     raise ValueError("ModelConfig.vision is None: this model has no vision tower")
   if pixel_values is None:
     pixel_values = np.zeros((0, config.vision.patch_features), np.float32)
   check_images(config, tokens_BxT, pixel_values, image_grid_thw)
   inputs = prepare_vlm_inputs(config, tokens_BxT, image_grid_thw)
-  return vlm_logits(config, params, jnp.asarray(tokens_BxT), jnp.asarray(pixel_values),
-                    inputs.layout, jnp.asarray(inputs.rope_positions_3xBxT))
+  return _jit_vlm_logits(config, params, jnp.asarray(tokens_BxT), jnp.asarray(pixel_values),
+                         inputs.layout, jnp.asarray(inputs.rope_positions_3xBxT))

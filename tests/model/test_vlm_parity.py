@@ -1,6 +1,7 @@
 """Our VLM against transformers (torch CPU, float32) on tiny random Qwen2-VL and Qwen2.5-VL
 models: image embeddings, M-RoPE positions, full forward with several odd-sized images, a batch
 of prompts with different images, and KV-cache decode after the images."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ def test_image_embeddings_match_transformers(vlm):
   pv = pixels(np.random.default_rng(0), GRIDS)
   with torch.no_grad():
     ref = model.model.get_image_features(torch.as_tensor(pv), torch.as_tensor(GRIDS)).pooler_output
-  ours = encode_images(config, params, jnp.asarray(pv), vision_layout(config.vision, GRIDS))
+  ours = jax.jit(encode_images, static_argnums=0)(config, params, jnp.asarray(pv), vision_layout(config.vision, GRIDS))
   np.testing.assert_allclose(np.asarray(ours), torch.cat(ref).numpy(), atol=ATOL, rtol=0)
 
 
@@ -100,12 +101,13 @@ def test_kv_cache_decode_continues_after_images(vlm):
   pv = pixels(rng, grids)
   inputs = prepare_vlm_inputs(config, tokens, grids, lengths)
   cache = init_kv_cache(config, 2, int(lengths.max()) + steps)
-  logits, cache = vlm_prefill(config, params, jnp.asarray(tokens), jnp.asarray(pv), inputs.layout,
+  logits, cache = jax.jit(vlm_prefill, static_argnums=0)(config, params, jnp.asarray(tokens), jnp.asarray(pv), inputs.layout,
                               jnp.asarray(inputs.rope_positions_3xBxT), cache)
   per_row = [[np.asarray(logits[i, :lengths[i]])] for i in range(2)]
+  decode = jax.jit(decode_lm, static_argnums=0)
   for step in range(steps):
     slots = jnp.asarray(lengths + step)[:, None]
-    logits, cache = decode_lm(config, params, jnp.asarray(continuation[:, step:step + 1]), slots,
+    logits, cache = decode(config, params, jnp.asarray(continuation[:, step:step + 1]), slots,
                               cache, rope_positions=slots + jnp.asarray(inputs.rope_delta_B)[:, None])
     for i in range(2):
       per_row[i].append(np.asarray(logits[i]))
