@@ -4,9 +4,14 @@ A trajectory's response grows segment by segment; each segment records the polic
 that produced it and its rollout log-probs. A prompt group (k samples of one prompt) is only
 trained on when every member has finished; unfinished groups wait in the buffer and resume
 next iteration from prompt + partial response. The buffer is JSON so it is saved with
-checkpoints.
+checkpoints. `collect_groups` advances new groups and the buffer's by one segment through a
+rollout backend.
 """
 import dataclasses
+from typing import Callable, Sequence
+
+from kimi_jax.rollout.backends import RolloutBackend
+from kimi_jax.rollout.types import SamplingParams
 
 
 @dataclasses.dataclass
@@ -84,3 +89,52 @@ class PartialRolloutBuffer:
                       for t in record["trajectories"]]
       buffer.put(Group(**{**record, "trajectories": trajectories}))
     return buffer
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutLimits:
+  max_response_tokens: int  # cap over all segments of one trajectory
+  segment_tokens: int  # cap per iteration (= max_response_tokens disables partial rollouts)
+
+
+def new_groups(prompts, encode: Callable[[str], list[int]], k: int, first_group_id: int,
+               version: int) -> list[Group]:
+  return [Group(first_group_id + i, p.id, p.answer, [Trajectory(encode(p.question)) for _ in range(k)],
+                created_version=version, domain=p.domain or "")
+          for i, p in enumerate(prompts)]
+
+
+def _is_finished(trajectory: Trajectory, finish_reason: dict, limits: RolloutLimits) -> bool:
+  if finish_reason["type"] == "stop":
+    return True
+  return len(trajectory.response_ids) >= limits.max_response_tokens  # truncated for good
+
+
+def collect_groups(backend: RolloutBackend, sampling: SamplingParams, groups: Sequence[Group],
+                   buffer: PartialRolloutBuffer, limits: RolloutLimits, version: int,
+                   seed_base: int) -> tuple[list[Group], int]:
+  """Advance every unfinished trajectory of `groups` + the buffer by one segment on `backend`
+  (a `RolloutBackend`): request i continues prompt + response so far with `sampling`, its
+  max_new_tokens the segment budget and its seed seed_base + i.
+
+  Returns (groups now complete, tokens generated); incomplete groups go (back) into `buffer`.
+  """
+  pending = buffer.take_all() + list(groups)
+  todo = [t for g in pending for t in g.trajectories if not t.finished]
+  requests = [t.prompt_ids + t.response_ids for t in todo]
+  params = [dataclasses.replace(sampling, seed=seed_base + i, max_new_tokens=min(
+      limits.segment_tokens, limits.max_response_tokens - len(t.response_ids)))
+            for i, t in enumerate(todo)]
+  completions = backend.generate(requests, params) if todo else []
+  if len(completions) != len(todo):
+    raise RuntimeError(f"the backend answered {len(completions)} of {len(todo)} requests")
+  for trajectory, completion in zip(todo, completions):
+    trajectory.extend(completion.output_ids, completion.logprobs, version)
+    trajectory.repetition = completion.repetition
+    if _is_finished(trajectory, completion.finish_reason, limits):
+      trajectory.finished = True
+      trajectory.finish_reason = completion.finish_reason
+  complete = []
+  for group in pending:
+    (complete.append if group.complete else buffer.put)(group)
+  return complete, sum(len(c.output_ids) for c in completions)
