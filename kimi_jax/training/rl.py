@@ -269,7 +269,7 @@ def rl_iteration(iteration, state, trainer, generate, sampler, buffer, task, tok
   padded = pad_groups(complete, rl.groups_per_minibatch, rl.k)
   pad_rows = (len(padded) - len(complete)) * rl.k
   batch = rl_data.build_rl_batch(padded, np.concatenate([rewards_B, np.zeros(pad_rows)]), seq_len,
-                                 tokenizer.pad_id, iteration, rl.train_old_segments)
+                                 tokenizer.pad_id, rl.train_old_segments)
   state, train_metrics = trainer.train(state, batch)
   sampler.update([g.prompt_id for g in complete for _ in g.trajectories], correct_B)
   metrics.update(rollout_metrics(complete, rewards_B, correct_B, lengths_B))
