@@ -205,7 +205,8 @@ def run(config, workdir: str) -> dict:
   trainer = PolicyTrainer(mesh, shardings, model_config, rl,
                           build_post_update(config.optimizer))
   generate = backend_generate(backend, rl.temperature, tokenizer.eos_id)
-  limits = rl_data.RolloutLimits(rl.max_response_tokens, rl.segment_tokens)
+  limits = rl_data.RolloutLimits(rl.max_response_tokens, rl.segment_tokens,
+                                rl.repetition_ngram, rl.repetition_count)
   seq_len = config.rollout.max_seq_len
   for iteration in tqdm(range(start, rl.iterations), desc="rl", initial=start, total=rl.iterations):
     metrics, state = rl_iteration(iteration, state, trainer, generate, sampler, buffer, task,

@@ -140,3 +140,80 @@ def test_minibatches_keep_groups_whole():
   mbs = split_minibatches(b, group_size=2, num_minibatches=3)
   assert [mb["group_ids"].tolist() for mb in mbs] == [[0, 0, 1, 1]] * 3
   assert np.concatenate([mb["tokens"] for mb in mbs]).ravel().tolist() == list(range(12))
+
+
+class LoopingServer:
+  """Like an SGLang server: knows nothing of loops, answers every budget in full and says
+  only "length" or "stop" (at EOS)."""
+
+  def __init__(self, responses):
+    self.responses = responses
+
+  def __call__(self, inputs, max_new_tokens, seeds):
+    out = []
+    for ids, budget in zip(inputs, max_new_tokens):
+      chunk = self.responses[ids[0]][len(ids) - 1:][:budget]
+      reason = ({"type": "stop", "matched": EOS} if chunk and chunk[-1] == EOS
+                else {"type": "length", "length": len(chunk)})
+      out.append(FakeCompletion(chunk, [-0.1] * len(chunk), reason))
+    return out
+
+
+def test_loops_are_cut_on_the_host_for_a_backend_that_does_not_detect_them():
+  # ngram 2, count 3: six tokens with period <= 2 close a loop.
+  responses = {1: [7, 8, 9, 4, 5, 4, 5, 4, 5, 4, 5, 6], 2: [7, 8, 9, 9, 9, 9, 9, 9, 9],
+               3: [4, 4, 4, 4, 4, EOS], 4: [7, 3, 5, EOS]}
+  limits = RolloutLimits(max_response_tokens=20, segment_tokens=5, repetition_ngram=2,
+                         repetition_count=3)
+  buffer = PartialRolloutBuffer()
+  groups = new_groups([P(str(i), str(i), "") for i in (1, 2, 3, 4)], encode, k=1,
+                      first_group_id=0, version=0)
+  complete = collect_groups(LoopingServer(responses), groups, buffer, limits, 0, 0)[0]
+  complete += collect_groups(LoopingServer(responses), [], buffer, limits, 1, 0)[0]
+  by_prompt = {g.prompt_id: g.trajectories[0] for g in complete}
+  assert len(by_prompt) == 4 and len(buffer) == 0
+  # The loop 4,5,4,5,4,5 closes at token 9, in the second segment, spanning both.
+  assert by_prompt["1"].response_ids == [7, 8, 9, 4, 5, 4, 5, 4, 5]
+  assert len(by_prompt["1"].logprobs) == 9
+  assert [(s.start, s.end) for s in by_prompt["1"].segments] == [(0, 5), (5, 9)]
+  assert by_prompt["2"].response_ids == [7, 8, 9, 9, 9, 9, 9, 9]
+  # Five 4s then EOS: the loop closes at the sixth token, but the stop token wins there.
+  assert by_prompt["3"].response_ids == [4, 4, 4, 4, 4, EOS]
+  for prompt, repeated in (("1", True), ("2", True), ("3", False), ("4", False)):
+    t = by_prompt[prompt]
+    assert t.repetition == repeated and t.finished, prompt
+    assert (t.finish_reason == {"type": "stop", "matched": "repetition"}) == repeated, prompt
+
+
+def test_engine_and_a_non_detecting_backend_give_the_same_trajectories():
+  """The engine stops loops itself; the same engine without detection stands for an SGLang
+  server. Through collect_groups both yield identical tokens, log-probs and flags."""
+  from kimi_jax.rollout.engine import RolloutEngine
+  from kimi_jax.rollout.types import SamplingParams
+  from tests.rollout.tiny_model import CFG, EOS as MODEL_EOS, peaked_params
+
+  params = peaked_params(3)
+  limits = RolloutLimits(max_response_tokens=24, segment_tokens=8, repetition_ngram=2,
+                         repetition_count=3)
+
+  def rollouts(detect: bool):
+    engine = RolloutEngine(CFG, params, max_batch=16, max_seq_len=32,
+                           eos_token_ids=(MODEL_EOS,), repetition_ngram=2 if detect else 0,
+                           repetition_count=3 if detect else 0)
+
+    def generate(inputs, budgets, seeds):
+      return engine.generate(inputs, [SamplingParams(temperature=0.3, max_new_tokens=b, seed=s)
+                                      for b, s in zip(budgets, seeds)])
+
+    buffer, done = PartialRolloutBuffer(), []
+    prompts = [P(str(i), str(i), "") for i in range(3, 11)]
+    groups = new_groups(prompts, lambda q: [int(q), 1], k=2, first_group_id=0, version=0)
+    for version in range(3):
+      done += collect_groups(generate, groups if version == 0 else [], buffer, limits, version,
+                             seed_base=10 * version)[0]
+    return [(t.response_ids, t.logprobs, t.repetition, t.finish_reason)
+            for g in sorted(done, key=lambda g: g.group_id) for t in g.trajectories]
+
+  with_engine, without = rollouts(True), rollouts(False)
+  assert with_engine == without
+  assert any(r[2] for r in with_engine)  # some samples looped: the check is not vacuous
