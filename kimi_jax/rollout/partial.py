@@ -5,13 +5,16 @@ that produced it and its rollout log-probs. A prompt group (k samples of one pro
 trained on when every member has finished; unfinished groups wait in the buffer and resume
 next iteration from prompt + partial response. The buffer is JSON so it is saved with
 checkpoints. `collect_groups` advances new groups and the buffer's by one segment through a
-rollout backend.
+rollout backend. Repetition is detected there, on the host, from the returned tokens, so a loop
+stops a trajectory at the same token whichever backend sampled it (the engine also stops there
+on its own, which only saves decode steps).
 """
 import dataclasses
 from typing import Callable, Sequence
 
 from kimi_jax.rollout.backends import RolloutBackend
-from kimi_jax.rollout.types import SamplingParams
+from kimi_jax.rollout.repetition import first_loop_end
+from kimi_jax.rollout.types import REPETITION_MATCH, STOP, SamplingParams, stop_reason
 
 
 @dataclasses.dataclass
@@ -95,6 +98,8 @@ class PartialRolloutBuffer:
 class RolloutLimits:
   max_response_tokens: int  # cap over all segments of one trajectory
   segment_tokens: int  # cap per iteration (= max_response_tokens disables partial rollouts)
+  repetition_ngram: int = 0  # a response whose last ngram*count tokens loop with period
+  repetition_count: int = 0  # <= ngram stops there; ngram = 0 disables
 
 
 def new_groups(prompts, encode: Callable[[str], list[int]], k: int, first_group_id: int,
@@ -108,6 +113,22 @@ def _is_finished(trajectory: Trajectory, finish_reason: dict, limits: RolloutLim
   if finish_reason["type"] == "stop":
     return True
   return len(trajectory.response_ids) >= limits.max_response_tokens  # truncated for good
+
+
+def cut_at_loop(response_ids: list[int], completion, limits: RolloutLimits):
+  """(output_ids, logprobs, finish_reason) of `completion`, a continuation of `response_ids`,
+  cut after its first token that closes a repeated loop, which then finishes it with
+  {"type": "stop", "matched": "repetition"}. A stop token wins over a loop it would close."""
+  done = len(response_ids)
+  response = response_ids + list(completion.output_ids)
+  ends_with_stop_token = (completion.finish_reason["type"] == STOP
+                          and completion.finish_reason.get("matched") != REPETITION_MATCH)
+  end = first_loop_end(response, limits.repetition_ngram, limits.repetition_count, start=done,
+                       stop=len(response) - ends_with_stop_token)
+  if end is None:
+    return completion.output_ids, completion.logprobs, completion.finish_reason
+  return (completion.output_ids[:end - done], completion.logprobs[:end - done],
+          stop_reason(REPETITION_MATCH))
 
 
 def collect_groups(backend: RolloutBackend, sampling: SamplingParams, groups: Sequence[Group],
@@ -129,11 +150,12 @@ def collect_groups(backend: RolloutBackend, sampling: SamplingParams, groups: Se
   if len(completions) != len(todo):
     raise RuntimeError(f"the backend answered {len(completions)} of {len(todo)} requests")
   for trajectory, completion in zip(todo, completions):
-    trajectory.extend(completion.output_ids, completion.logprobs, version)
-    trajectory.repetition = completion.repetition
-    if _is_finished(trajectory, completion.finish_reason, limits):
+    output_ids, logprobs, finish_reason = cut_at_loop(trajectory.response_ids, completion, limits)
+    trajectory.extend(output_ids, logprobs, version)
+    trajectory.repetition = finish_reason.get("matched") == REPETITION_MATCH
+    if _is_finished(trajectory, finish_reason, limits):
       trajectory.finished = True
-      trajectory.finish_reason = completion.finish_reason
+      trajectory.finish_reason = finish_reason
   complete = []
   for group in pending:
     (complete.append if group.complete else buffer.put)(group)

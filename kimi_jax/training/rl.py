@@ -101,7 +101,8 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   t0 = time.perf_counter()
   groups = new_groups(next(sampler), lambda q: encode_prompt(tokenizer, q), rl.k,
                       step * rl.prompts_per_iteration, step)
-  limits = RolloutLimits(rl.max_response_tokens, rl.segment_tokens)
+  limits = RolloutLimits(rl.max_response_tokens, rl.segment_tokens, rl.repetition_ngram,
+                         rl.repetition_count)
   complete, new_tokens = collect_groups(backend, sampling, groups, buffer, limits, step,
                                         request_seed_base(config.seed, step))
   t1 = time.perf_counter()
@@ -115,7 +116,7 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   padded = rl_data.pad_groups(complete, rl.groups_per_minibatch, rl.k)
   pad_rows = (len(padded) - len(complete)) * rl.k
   batch = rl_data.build_rl_batch(padded, np.concatenate([rewards_B, np.zeros(pad_rows)]),
-                                 config.rollout.max_seq_len, tokenizer.pad_id, step,
+                                 config.rollout.max_seq_len, tokenizer.pad_id,
                                  rl.train_old_segments)
   state, train_metrics = trainer.train(state, batch)
   sampler.update([g.prompt_id for g in complete for _ in g.trajectories], correct_B)

@@ -16,17 +16,23 @@ def pad_groups(groups: list[Group], groups_per_minibatch: int, k: int) -> list[G
 
 
 
-def loss_token_mask(trajectory: Trajectory, current_version: int, train_old_segments: bool):
-  """Per response token: 1 if it counts in the loss under the segment policy."""
+def loss_token_mask(trajectory: Trajectory, train_old_segments: bool):
+  """Per response token: 1 if it counts in the loss under the segment policy.
+
+  A trajectory's final segment always counts, even when it finished in an earlier iteration
+  while a sibling of its group was still running: masking it would leave short (often correct)
+  answers without gradient, a bias towards length. Earlier segments, sampled by an older policy
+  than the one that finished the trajectory, count only with `train_old_segments`.
+  """
   mask = np.zeros(len(trajectory.response_ids), np.float32)
-  for segment in trajectory.segments:
-    if train_old_segments or segment.version == current_version:
+  for i, segment in enumerate(trajectory.segments):
+    if train_old_segments or i == len(trajectory.segments) - 1:
       mask[segment.start:segment.end] = 1.0
   return mask
 
 
 def build_rl_batch(groups: Sequence[Group], rewards_B: np.ndarray, seq_len: int, pad_id: int,
-                   current_version: int, train_old_segments: bool) -> dict[str, np.ndarray]:
+                   train_old_segments: bool) -> dict[str, np.ndarray]:
   """Right-padded [B, seq_len] arrays; row b = trajectory b in group order.
 
   Position p predicts token p+1, so a response token at index P+i is scored at P+i-1.
@@ -46,7 +52,7 @@ def build_rl_batch(groups: Sequence[Group], rewards_B: np.ndarray, seq_len: int,
       tokens[row, :len(full)] = full
       p = len(t.prompt_ids)
       loss_mask[row, p - 1:p - 1 + len(t.response_ids)] = loss_token_mask(
-          t, current_version, train_old_segments)
+          t, train_old_segments)
       group_ids[row] = g_index
       row += 1
   return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": loss_mask,
