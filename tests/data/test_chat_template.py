@@ -7,7 +7,7 @@ import transformers
 
 from kimi_jax.data.chat_template import ChatTemplateError, JinjaChatTemplate
 from kimi_jax.data.tokenizer import load_tokenizer
-from tests.bpe_tokenizer import save_bpe_tokenizer
+from tests.hf_checkpoints import save_bpe_tokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 6 * 7? Put the answer in \\boxed{}."}],

@@ -1,11 +1,16 @@
-"""A byte-level BPE tokenizer trained here with Qwen-style chat special tokens and template,
-saved through transformers (the real HF layout: tokenizer.json, tokenizer_config.json,
-chat_template.jinja) so tests read exactly what a downloaded checkpoint holds."""
+"""Tiny HF checkpoints built here: a byte-level BPE tokenizer trained locally with Qwen-style
+chat special tokens and template, saved through transformers (the real HF layout:
+tokenizer.json, tokenizer_config.json, chat_template.jinja), beside a tiny random Qwen2 model,
+so tests read exactly what a downloaded checkpoint holds."""
 import os
 
+import jax
 import tokenizers
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from kimi_jax.checkpointing.hf import save_hf
+from kimi_jax.model import ModelConfig, init_params
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -54,3 +59,15 @@ def save_bpe_tokenizer(directory: str, chat_template: str | None = QWEN_STYLE_TE
     os.makedirs(directory, exist_ok=True)
     hf_tok.backend_tokenizer.save(os.path.join(directory, "tokenizer.json"))
   return hf_tok
+
+
+def save_tiny_qwen2_checkpoint(directory: str, with_special_config: bool = True,
+                               seed: int = 0) -> ModelConfig:
+  """A random 2-layer Qwen2 with the BPE tokenizer; without `with_special_config` only
+  tokenizer.json is written and the eos id lives in config.json alone."""
+  hf_tok = save_bpe_tokenizer(directory, with_special_config=with_special_config)
+  config = ModelConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64,
+                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True,
+                       eos_token_id=hf_tok.convert_tokens_to_ids("<|im_end|>"))
+  save_hf(directory, config, init_params(config, jax.random.key(seed)))
+  return config
