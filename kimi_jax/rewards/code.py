@@ -1,7 +1,8 @@
 """Code reward: run an untrusted Python program on stdin/stdout test cases in the sandbox.
 
-Each test is one sandboxed run (`_sandbox.run_program`: own uid, namespaces, rlimits, process
-group killed on timeout). Outputs are compared here, in the trusted parent, as whitespace-
+Each test is one sandboxed run (`_sandbox.run_program`: own uid, namespaces, seccomp, rlimits,
+process group killed on timeout); without bubblewrap every call raises
+`_sandbox.SandboxUnavailable` unless `allow_unsandboxed=True` (or KIMI_ALLOW_UNSANDBOXED=1). Outputs are compared here, in the trusted parent, as whitespace-
 separated tokens: exact string equality, except that where the expected token is a float literal
 the actual token must be a number within FLOAT_ABS_TOL or FLOAT_REL_TOL of it. The program never
 sees the expected output, so nothing it prints or defines (an object whose __eq__ is always
@@ -19,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kimi_jax.rewards._sandbox import Execution, Limits, run_program
+from kimi_jax.rewards._sandbox import Execution, Limits, check_isolation, run_program
 
 # Usual judge tolerance for real-valued answers: |actual - expected| <= max(abs, rel * |expected|).
 FLOAT_ABS_TOL = 1e-6
@@ -85,6 +86,7 @@ def _not_run(budget_s: float) -> Execution:
 
 def run_programs(jobs: Sequence[tuple[str, str]], limits: Limits = Limits(),
                  max_workers: int = DEFAULT_WORKERS, python_packages: tuple[str, ...] = (),
+                 allow_unsandboxed: bool = False,
                  budget_s: float | None = None) -> list[Execution]:
   """Sandboxed executions of (source, stdin) jobs, at most `max_workers` at a time, in order.
 
@@ -93,12 +95,13 @@ def run_programs(jobs: Sequence[tuple[str, str]], limits: Limits = Limits(),
   """
   if max_workers < 1:
     raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+  check_isolation(allow_unsandboxed)  # refuse before any job starts
   deadline = None if budget_s is None else time.monotonic() + budget_s
 
   def run(job):
     if deadline is not None and time.monotonic() > deadline:
       return _not_run(budget_s)
-    return run_program(*job, limits, python_packages)
+    return run_program(*job, limits, python_packages, allow_unsandboxed)
 
   with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
     return list(pool.map(run, jobs))
@@ -115,7 +118,7 @@ def _check_tests(tests: Sequence[tuple[str, str]], where: str) -> None:
 
 def run_test_suites(programs: Sequence[str], suites: Sequence[Sequence[tuple[str, str]]],
                     timeout_s: float = 2.0, memory_mb: int = 256,
-                    max_workers: int = DEFAULT_WORKERS,
+                    max_workers: int = DEFAULT_WORKERS, allow_unsandboxed: bool = False,
                     budget_s: float | None = None) -> list[SuiteResult]:
   """`run_tests` for many programs (program i against suite i) through one worker pool."""
   if len(programs) != len(suites):
@@ -124,18 +127,21 @@ def run_test_suites(programs: Sequence[str], suites: Sequence[Sequence[tuple[str
     _check_tests(tests, f"suite {i}")
   limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb)
   jobs = [(program, stdin) for program, tests in zip(programs, suites) for stdin, _ in tests]
-  executions = iter(run_programs(jobs, limits, max_workers, budget_s=budget_s))
+  executions = iter(run_programs(jobs, limits, max_workers,
+                                 allow_unsandboxed=allow_unsandboxed, budget_s=budget_s))
   return [SuiteResult(tuple(judge(next(executions), expected) for _, expected in tests))
           for tests in suites]
 
 
 def run_tests(program: str, tests: Sequence[tuple[str, str]], timeout_s: float = 2.0,
-              memory_mb: int = 256, max_workers: int = DEFAULT_WORKERS) -> SuiteResult:
+              memory_mb: int = 256, max_workers: int = DEFAULT_WORKERS,
+              allow_unsandboxed: bool = False) -> SuiteResult:
   """Run Python `program` once per (stdin, expected stdout) test, sandboxed; per-test statuses.
 
   `timeout_s` (wall clock) and `memory_mb` (address space) apply to each run.
   """
-  return run_test_suites([program], [tests], timeout_s, memory_mb, max_workers)[0]
+  return run_test_suites([program], [tests], timeout_s, memory_mb, max_workers,
+                         allow_unsandboxed)[0]
 
 
 def extract_program(response: str) -> str | None:
@@ -159,7 +165,7 @@ def parse_tests(answer: str) -> list[tuple[str, str]]:
 
 def code_rewards(responses: Sequence[str], answers: Sequence[str], timeout_s: float = 2.0,
                  memory_mb: int = 256, max_workers: int = DEFAULT_WORKERS,
-                 budget_s: float = 120.0) -> np.ndarray:
+                 allow_unsandboxed: bool = False, budget_s: float = 120.0) -> np.ndarray:
   """1.0 where the response's program passes every test of its answer (`parse_tests`), else 0.0.
 
   Binary like the math reward (k1.5: a program must pass all tests; no partial credit); float64
@@ -171,7 +177,7 @@ def code_rewards(responses: Sequence[str], answers: Sequence[str], timeout_s: fl
   programs = [extract_program(r) for r in responses]
   rows = [i for i, program in enumerate(programs) if program is not None]
   results = run_test_suites([programs[i] for i in rows], [parse_tests(answers[i]) for i in rows],
-                            timeout_s, memory_mb, max_workers, budget_s)
+                            timeout_s, memory_mb, max_workers, allow_unsandboxed, budget_s)
   rewards_B = np.zeros(len(responses))
   rewards_B[rows] = [float(result.score == 1.0) for result in results]
   return rewards_B
