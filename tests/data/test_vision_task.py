@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from kimi_jax.data import images, rendered, synthetic
-from kimi_jax.training.tasks import build_task
+from kimi_jax.data.tasks import build_task
 
 
 def task_config(**overrides):
