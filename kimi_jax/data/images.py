@@ -96,13 +96,15 @@ def _source_name(source: str) -> str:
   return source if len(source) <= 64 else source[:61] + "..."
 
 
-def _open_encoded(data: bytes, what: str) -> PIL.Image.Image:
+def _open_encoded(data: bytes, what: str, decode: bool = True) -> PIL.Image.Image:
+  """The image `data` encodes, upright; with `decode` False only its header is read."""
   try:
     image = PIL.Image.open(io.BytesIO(data))
-    image.load()
+    if decode:
+      image.load()
   except (PIL.UnidentifiedImageError, OSError, SyntaxError) as e:
     raise ValueError(f"{what}: not a decodable image ({e})") from e
-  return PIL.ImageOps.exif_transpose(image)
+  return PIL.ImageOps.exif_transpose(image) if decode else image
 
 
 def _base64_bytes(payload: str, what: str) -> bytes:
@@ -128,6 +130,12 @@ def encoded_image_bytes(source: str) -> bytes:
     with open(source, "rb") as f:
       return f.read()
   return _base64_bytes(source, f"{what}: no such file, and as base64")
+
+
+def check_encoded_image(source: str) -> None:
+  """Raises ValueError naming `source` unless it is a path, base64 string or data URL of a
+  recognizable image (the header is read, the pixels are not decoded)."""
+  _open_encoded(encoded_image_bytes(source), _source_name(source), decode=False)
 
 
 def _from_array(array: np.ndarray) -> PIL.Image.Image:

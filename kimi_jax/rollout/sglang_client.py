@@ -233,12 +233,12 @@ class SGLangClient:
     """Every server drops `tags` ("kv_cache", "weights"; None: all) from device memory
     (hybrid deployment: the trainer gets the accelerator while rollouts are idle)."""
     await self._post_everywhere("/release_memory_occupation",
-                                {"tags": None if tags is None else list(tags)})
+                                {} if tags is None else {"tags": list(tags)})
 
   async def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
     """Undo `release_memory_occupation` for `tags` (None: all)."""
     await self._post_everywhere("/resume_memory_occupation",
-                                {"tags": None if tags is None else list(tags)})
+                                {} if tags is None else {"tags": list(tags)})
 
   async def wait_until_idle(self, poll_s: float = 0.05, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s

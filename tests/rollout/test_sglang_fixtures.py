@@ -183,4 +183,4 @@ def test_client_against_sglang_0_5_23_loads_and_memory_occupation():
   assert replay.memory_calls == [
       ("/release_memory_occupation", requests["release_request"]),
       ("/resume_memory_occupation", requests["resume_request"]),
-      ("/resume_memory_occupation", {"tags": None})]
+      ("/resume_memory_occupation", {})]
