@@ -16,17 +16,16 @@ import zlib
 from typing import Callable
 
 from kimi_jax.data import synthetic
-from kimi_jax.data.sft import ChatTemplate
-from kimi_jax.data.sft import encode_prompt as template_encode_prompt
+from kimi_jax.data.packing import ChatTemplate, encode_prompt
 from kimi_jax.data.sources import Prompt
 
 TASKS = ("arith",)
 TEMPLATE = ChatTemplate(add_bos=True)  # <bos> question | response <eos>
 
 
-def encode_prompt(tokenizer, question: str) -> list[int]:
+def encode_task_prompt(tokenizer, question: str) -> list[int]:
   """Prompt ids exactly as the SFT warm-up saw them (every stage uses this template)."""
-  return template_encode_prompt(tokenizer, TEMPLATE, question)
+  return encode_prompt(tokenizer, TEMPLATE, question)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,17 +47,17 @@ class Dense(nn.Module):
     return y
 
 
-def rotary_embedding(x_BxTxNxD: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+def rotary_embedding(x_BxTxHxA: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
   """Rotate-half RoPE as in HF Llama/Qwen (first and second halves pair up)."""
-  head_dim = x_BxTxNxD.shape[-1]
+  head_dim = x_BxTxHxA.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   angles_BxTxHalf = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
   cos = jnp.cos(angles_BxTxHalf)[:, :, None, :]
   sin = jnp.sin(angles_BxTxHalf)[:, :, None, :]
-  x32 = x_BxTxNxD.astype(jnp.float32)
+  x32 = x_BxTxHxA.astype(jnp.float32)
   first, second = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-  return rotated.astype(x_BxTxNxD.dtype)
+  return rotated.astype(x_BxTxHxA.dtype)
 
 
 class SwiGLU(nn.Module):

@@ -18,7 +18,7 @@ from kimi_jax.rollout.repetition import repeated_loop
 from kimi_jax.rollout.sampling import request_key_data, row_keys, sample_tokens
 
 # Per-row finish codes, set on device when a row's request stops.
-RUNNING, STOPPED, LENGTH, REPEATED = 0, 1, 2, 3
+ROW_RUNNING, ROW_STOPPED, ROW_FULL, ROW_REPEATED = 0, 1, 2, 3
 
 
 @struct.dataclass
@@ -35,7 +35,7 @@ class BatchState:
   top_k_B: jax.Array
   min_p_B: jax.Array
   key_data_Bx2: jax.Array
-  stop_ids_BxK: jax.Array  # padded with -1
+  stop_ids_BxJ: jax.Array  # padded with -1
 
 
 class Admission(NamedTuple):
@@ -52,15 +52,15 @@ class Admission(NamedTuple):
   seed_lo_R: jax.Array  # uint32 halves of the 64-bit seed
   seed_hi_R: jax.Array
   sample_index_R: jax.Array
-  stop_ids_RxK: jax.Array
+  stop_ids_RxJ: jax.Array
 
 
 class Emitted(NamedTuple):
   """What a decode chunk produced, step-major: tokens, log-probs and emission mask [C, B]."""
 
-  tokens_CxB: jax.Array
-  logprobs_CxB: jax.Array
-  emitted_CxB: jax.Array
+  tokens_IxB: jax.Array
+  logprobs_IxB: jax.Array
+  emitted_IxB: jax.Array
   finish_B: jax.Array
 
 
@@ -76,7 +76,7 @@ def init_batch_state(config: ModelConfig, max_batch: int, max_seq_len: int,
       temperature_B=zeros(jnp.float32), top_p_B=jnp.ones((b,), jnp.float32),
       top_k_B=zeros(jnp.int32), min_p_B=zeros(jnp.float32),
       key_data_Bx2=jnp.zeros((b, 2), jnp.uint32),
-      stop_ids_BxK=jnp.full((b, max_stop_ids), -1, jnp.int32))
+      stop_ids_BxJ=jnp.full((b, max_stop_ids), -1, jnp.int32))
 
 
 def _record(state: BatchState, logits_BxV, budget, ngram: int, count: int):
@@ -91,11 +91,12 @@ def _record(state: BatchState, logits_BxV, budget, ngram: int, count: int):
   history_BxS = state.history_BxS.at[jnp.arange(b), write_at_B].set(tokens_B, mode="drop")
   position_B = jnp.where(emit_B, next_position_B, state.position_B)
   num_generated_B = state.num_generated_B + emit_B
-  stopped_B = jnp.any(tokens_B[:, None] == state.stop_ids_BxK, axis=1)
+  stopped_B = jnp.any(tokens_B[:, None] == state.stop_ids_BxJ, axis=1)
   repeated_B = repeated_loop(history_BxS, position_B, num_generated_B, ngram, count)
   full_B = (num_generated_B >= state.max_new_B) | (position_B >= s - 1)
-  code_B = jnp.select([stopped_B, repeated_B, full_B], [STOPPED, REPEATED, LENGTH], RUNNING)
-  finished_B = emit_B & (code_B != RUNNING)
+  code_B = jnp.select([stopped_B, repeated_B, full_B], [ROW_STOPPED, ROW_REPEATED, ROW_FULL],
+                      ROW_RUNNING)
+  finished_B = emit_B & (code_B != ROW_RUNNING)
   state = state.replace(
       history_BxS=history_BxS, position_B=position_B, num_generated_B=num_generated_B,
       active_B=state.active_B & ~finished_B,
@@ -122,13 +123,13 @@ def prefill(config: ModelConfig, params, state: BatchState, admission: Admission
   return state.replace(
       kv_cache=kv_cache, history_BxS=put(state.history_BxS, prompts_RxS),
       position_B=put(state.position_B, a.lengths_R - 1), active_B=put(state.active_B, True),
-      finish_B=put(state.finish_B, RUNNING), num_generated_B=put(state.num_generated_B, 0),
+      finish_B=put(state.finish_B, ROW_RUNNING), num_generated_B=put(state.num_generated_B, 0),
       max_new_B=put(state.max_new_B, a.max_new_R),
       temperature_B=put(state.temperature_B, a.temperature_R), top_p_B=put(state.top_p_B, a.top_p_R),
       top_k_B=put(state.top_k_B, a.top_k_R), min_p_B=put(state.min_p_B, a.min_p_R),
       key_data_Bx2=put(state.key_data_Bx2,
                        request_key_data(a.seed_lo_R, a.seed_hi_R, a.sample_index_R)),
-      stop_ids_BxK=put(state.stop_ids_BxK, a.stop_ids_RxK))
+      stop_ids_BxJ=put(state.stop_ids_BxJ, a.stop_ids_RxJ))
 
 
 def decode_chunk(config: ModelConfig, params, state: BatchState, release_B, budget, exit_when_free,

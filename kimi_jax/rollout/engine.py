@@ -21,7 +21,8 @@ import numpy as np
 
 from kimi_jax.model import ModelConfig
 from kimi_jax.rollout import batch_state
-from kimi_jax.rollout.batch_state import LENGTH, REPEATED, RUNNING, STOPPED, Admission
+from kimi_jax.rollout.batch_state import (ROW_FULL, ROW_REPEATED, ROW_RUNNING, ROW_STOPPED,
+                                         Admission)
 from kimi_jax.rollout.types import (REPETITION_MATCH, Completion, SamplingParams, abort_reason,
                                     length_reason, stop_reason)
 
@@ -343,24 +344,24 @@ class RolloutEngine:
         seed_lo_R=column([q.seed & 0xFFFFFFFF for q in requests], np.uint32),
         seed_hi_R=column([(q.seed >> 32) & 0xFFFFFFFF for q in requests], np.uint32),
         sample_index_R=column([q.sample_index for q in requests], np.uint32),
-        stop_ids_RxK=stop_ids)
+        stop_ids_RxJ=stop_ids)
 
   def _absorb(self, emitted: batch_state.Emitted) -> list[Update]:
     """Append a decode chunk's tokens to their requests; complete the requests that finished."""
-    tokens_CxB, logprobs_CxB, emitted_CxB, finish_B = jax.device_get(emitted)
-    self._decode_steps += int(emitted_CxB.any(axis=1).sum())  # every step emits for some row
+    tokens_IxB, logprobs_IxB, emitted_IxB, finish_B = jax.device_get(emitted)
+    self._decode_steps += int(emitted_IxB.any(axis=1).sum())  # every step emits for some row
     updates = []
     for row, request in enumerate(self._rows):
       if request is None:
         continue
-      mask_C = emitted_CxB[:, row]
-      new_ids = tokens_CxB[mask_C, row].tolist()
-      new_logprobs = logprobs_CxB[mask_C, row].tolist()
+      mask_I = emitted_IxB[:, row]
+      new_ids = tokens_IxB[mask_I, row].tolist()
+      new_logprobs = logprobs_IxB[mask_I, row].tolist()
       request.output_ids += new_ids
       request.logprobs += new_logprobs
       code = int(finish_B[row])
       completion = None
-      if code != RUNNING:
+      if code != ROW_RUNNING:
         completion = self._complete(request, self._finish_reason(code, request))
         self._rows[row] = None
       if new_ids or completion:
@@ -369,11 +370,11 @@ class RolloutEngine:
 
   @staticmethod
   def _finish_reason(code: int, request: _Request) -> dict:
-    if code == STOPPED:
+    if code == ROW_STOPPED:
       return stop_reason(request.output_ids[-1])
-    if code == REPEATED:
+    if code == ROW_REPEATED:
       return stop_reason(REPETITION_MATCH)
-    assert code == LENGTH, code
+    assert code == ROW_FULL, code
     return length_reason(len(request.output_ids))
 
   def _complete(self, request: _Request, finish_reason: dict) -> Completion:
