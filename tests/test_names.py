@@ -5,7 +5,7 @@ import re
 import kimi_jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SUFFIXED = re.compile(r"\b[a-z][a-z0-9_]*?_([A-Z](?:x[A-Z])*)\b")
+SUFFIXED = re.compile(r"\b[a-z][a-z0-9_]*?_((?:[A-Z]|\d+)(?:x(?:[A-Z]|\d+))*)\b")  # digits: fixed sizes
 
 
 def legend() -> set[str]:
@@ -21,11 +21,12 @@ def test_every_suffix_letter_is_in_the_legend():
   unknown = {}
   for path in sorted((ROOT / "kimi_jax").rglob("*.py")):
     for match in SUFFIXED.finditer(path.read_text()):
-      for letter in set(match.group(1).split("x")) - legend():
+      for letter in {a for a in match.group(1).split("x") if not a.isdigit()} - legend():
         unknown.setdefault(letter, f"{path.relative_to(ROOT)}: {match.group(0)}")
   assert not unknown, unknown
 
 
 def test_suffix_pattern_reads_names():
-  found = [m.group(1) for m in SUFFIXED.finditer("logits_BxTxV = f(max_logits_LxH, ALL_CAPS, x_1)")]
-  assert found == ["BxTxV", "LxH"]
+  text = "logits_BxTxV = f(max_logits_LxH, positions_3xBxT, ALL_CAPS, x_1, angles_BxTxHalf)"
+  found = [m.group(1) for m in SUFFIXED.finditer(text)]
+  assert found == ["BxTxV", "LxH", "3xBxT", "1"]
