@@ -22,7 +22,8 @@ from aiohttp import web
 
 from kimi_jax.checkpointing import hf
 from kimi_jax.rollout.engine import RolloutEngine, Update
-from kimi_jax.rollout.protocol import RequestError, parse_generate_request, response_json
+from kimi_jax.rollout.protocol import (LogprobRequest, RequestError, parse_generate_request,
+                                       response_json)
 from kimi_jax.rollout.types import Completion, SamplingParams
 from kimi_jax.rollout.worker import EngineWorker
 
@@ -59,6 +60,7 @@ class _Sample:
   prompt_ids: list[int]
   sampling: SamplingParams
   return_logprob: bool
+  logprob_request: LogprobRequest
   output_ids: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[float] = dataclasses.field(default_factory=list)
   completion: Completion | None = None
@@ -145,6 +147,11 @@ class RolloutServer:
     received = time.perf_counter()
     encode = None if self.tokenizer is None else self.tokenizer.encode
     req = parse_generate_request(await _json_body(request), lambda: uuid.uuid4().hex, encode)
+    vocab = self.engine.config.vocab_size
+    for i, want in enumerate(req.logprobs):
+      bad = [t for t in want.token_ids or () if t >= vocab]
+      if bad:
+        raise RequestError(f"'token_ids_logprob' of prompt {i}: ids {bad[:5]} outside [0, {vocab})")
     arrivals: asyncio.Queue[Update] = asyncio.Queue()
     try:
       uids = await self.worker.submit(req.prompts, req.sampling, req.rids, req.sample_ids,
@@ -152,25 +159,25 @@ class RolloutServer:
     except ValueError as error:
       raise RequestError(str(error)) from error
     samples, index = [], {}
-    for prompt, sp, ids, logprob in zip(req.prompts, req.sampling, req.sample_ids,
-                                        req.return_logprob):
+    for prompt, sp, ids, logprob, extra in zip(req.prompts, req.sampling, req.sample_ids,
+                                               req.return_logprob, req.logprobs):
       for sample_id in ids:
         index[uids[len(samples)]] = len(samples)
-        samples.append(_Sample(sample_id, prompt, sp, logprob))
+        samples.append(_Sample(sample_id, prompt, sp, logprob, extra))
     self._open_samples += len(samples)
     grouped = req.is_batch or len(samples) > 1
     answer = lambda s: self._answer(s, received)
     try:
       if not req.stream:
         await self._collect(arrivals, samples, index)
-        answers = [answer(s) for s in samples]
+        answers = [await answer(s) for s in samples]
         return web.json_response(answers if grouped else answers[0])
       response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                              "Cache-Control": "no-cache"})
       await response.prepare(request)
 
       async def send(i: int) -> None:
-        chunk = answer(samples[i])
+        chunk = await answer(samples[i])
         if grouped:
           chunk["index"] = i
         await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
@@ -209,14 +216,48 @@ class RolloutServer:
       text = text[:text.find(matched)] if matched in text else text
     return text
 
-  def _answer(self, sample: _Sample, received: float) -> dict:
+  def _token_text(self, with_text: bool) -> Callable[[int], str | None]:
+    if not with_text or self.tokenizer is None:
+      return lambda token: None
+    return lambda token: self.tokenizer.decode([token], skip_special_tokens=False)
+
+  async def _logprob_fields(self, sample: _Sample) -> dict:
+    """SGLang's input log-probs and top / chosen-id alternatives of one sample."""
+    want = sample.logprob_request
+    fields = {"input_token_logprobs": []}
+    if not want.needs_scoring:
+      return fields
+    prompt, n = sample.prompt_ids, len(sample.output_ids)
+    next_logp, top_logp, top_ids, ids_logp = await self.worker.score(
+        prompt + sample.output_ids, sample.sampling.temperature, want.top_n,
+        want.token_ids or ())
+    text = self._token_text(want.with_text)
+    triplets = lambda values, ids: [[float(v), int(t), text(int(t))] for v, t in zip(values, ids)]
+    inputs = range(want.start, len(prompt)) if want.start >= 0 else range(0)
+    # position p's log-probs come from the distribution after p - 1 (none for p = 0)
+    fields["input_token_logprobs"] = [
+        [None if p == 0 else float(next_logp[p - 1]), prompt[p], text(prompt[p])] for p in inputs]
+    outputs = range(len(prompt) - 1, len(prompt) - 1 + n)
+    if want.top_n:
+      top = lambda q: triplets(top_logp[q], top_ids[q])
+      fields["input_top_logprobs"] = [None if p == 0 else top(p - 1) for p in inputs]
+      fields["output_top_logprobs"] = [top(q) for q in outputs]
+    if want.token_ids:
+      chosen = lambda q: triplets(ids_logp[q], want.token_ids)
+      fields["input_token_ids_logprobs"] = [None if p == 0 else chosen(p - 1) for p in inputs]
+      fields["output_token_ids_logprobs"] = [chosen(q) for q in outputs]
+    return fields
+
+  async def _answer(self, sample: _Sample, received: float) -> dict:
     done = sample.completion
     text = self._text(sample)
+    fields = await self._logprob_fields(sample) if sample.return_logprob else None
     return response_json(
         sample.id, sample.prompt_ids, sample.output_ids, sample.logprobs,
         None if done is None else done.finish_reason,
         self.engine.weight_version if done is None else done.weight_version,
-        time.perf_counter() - received, sample.return_logprob, text)
+        time.perf_counter() - received, sample.return_logprob, text, fields,
+        self._token_text(sample.logprob_request.with_text))
 
   # ---- admin ----
 
