@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from kimi_jax.model import ModelConfig
-from kimi_jax.rollout import batch_state
+from kimi_jax.rollout import batch_state, scoring
 from kimi_jax.rollout.batch_state import (ROW_FULL, ROW_REPEATED, ROW_RUNNING, ROW_STOPPED,
                                          Admission)
 from kimi_jax.rollout.types import (REPETITION_MATCH, Completion, SamplingParams, abort_reason,
@@ -147,6 +147,8 @@ class RolloutEngine:
     self._prefill = self._jit("prefill", functools.partial(batch_state.prefill, config))
     self._decode = self._jit("decode", functools.partial(
         batch_state.decode_chunk, config, num_steps=chunk_steps, **stopping))
+    self._score = jax.jit(functools.partial(scoring.token_scores, config),
+                          static_argnames=("top_k",))
     self._seed_rng = np.random.default_rng(seed)
     self._queue: collections.deque[_Request] = collections.deque()
     self._rows: list[_Request | None] = [None] * max_batch
@@ -229,6 +231,29 @@ class RolloutEngine:
     self._params = self._own_copy(new)
     self._host_params = None
     self.weight_version = str(weight_version)
+
+  def score(self, token_ids: Sequence[int], temperature: float = 1.0, top_n: int = 0,
+            ids: Sequence[int] = ()) -> tuple[np.ndarray, ...]:
+    """Position t's next-token log-probs under the served weights, for t < len(token_ids):
+    (logp of token_ids[t + 1] [T] (last entry meaningless), top-`top_n` log-probs and ids
+    [T, top_n], log-probs of `ids` [T, len(ids)]). Padded shapes are powers of two, so few
+    programs compile."""
+    if self.released:
+      raise ValueError(f"engine memory {list(self.released)} is released: resume it first")
+    t = len(token_ids)
+    bad = [i for i in list(token_ids) + list(ids) if not 0 <= i < self.config.vocab_size]
+    if bad or not 0 < t <= self.max_seq_len:
+      raise ValueError(f"score: {t} tokens (max_seq_len {self.max_seq_len}), ids outside "
+                       f"[0, {self.config.vocab_size}): {bad[:5]}")
+    tokens = np.zeros(self._prompt_bucket(t), np.int32)
+    tokens[:t] = token_ids
+    padded_ids = np.zeros(_bucket(len(ids), 1, 1 << 30), np.int32)
+    padded_ids[:len(ids)] = ids
+    top_k = min(self.config.vocab_size, _bucket(top_n, 1, 1 << 30))
+    next_logp, top_logp, top_ids, ids_logp = jax.device_get(self._score(
+        self._params, tokens, np.float32(temperature if temperature > 0 else 1.0), padded_ids,
+        top_k=top_k))
+    return next_logp[:t], top_logp[:t, :top_n], top_ids[:t, :top_n], ids_logp[:t, :len(ids)]
 
   # ---- hybrid deployment: give the device to a trainer between rollouts ----
 

@@ -9,7 +9,6 @@ import pytest
 
 from kimi_jax.model import (ModelConfig, VisionConfig, apply_lm, apply_vlm, init_params,
                             param_logical_specs, prepare_vlm_inputs, vlm_logits)
-from kimi_jax.model.logprobs import token_logprobs
 from kimi_jax.sharding.rules import activation_mesh, logical_shardings, make_mesh
 from tests.model.vlm_reference import TOKEN_IDS, pixels, prompt
 
@@ -75,19 +74,6 @@ def test_packed_rows_equal_separate_rows(params, batch):
                                               jnp.asarray(positions), jnp.asarray(segment_ids))
   np.testing.assert_allclose(out.reshape(tokens.shape + (-1,)),
                              apply_vlm(CFG, params, tokens, pv, GRIDS), atol=ATOL)
-
-
-def test_token_logprobs_of_a_batch_with_images(params, batch):
-  tokens, pv = batch
-  targets = np.roll(tokens, -1, axis=1)
-  images = prepare_vlm_inputs(CFG, tokens, pv, GRIDS)
-  batch = {"tokens": jnp.asarray(tokens), "targets": jnp.asarray(targets), "images": images}
-  logp, max_logits = jax.jit(token_logprobs, static_argnums=(0, 3))(CFG, params, batch, True)
-  logits = np.asarray(apply_vlm(CFG, params, tokens, pv, GRIDS), np.float64)
-  expected = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  np.testing.assert_allclose(logp, np.take_along_axis(expected, targets[..., None], -1)[..., 0],
-                             atol=ATOL)
-  assert max_logits.shape == (CFG.num_layers, CFG.num_heads)
 
 
 def test_text_only_prompt_equals_the_text_decoder(params):
