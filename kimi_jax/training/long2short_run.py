@@ -7,7 +7,7 @@
   shortest  shortest rejection sampling: n samples per training prompt, SFT of the long model
             on the shortest correct response of each prompt;
   dpo       DPO of the long model on pairs from the same samples (shortest correct chosen;
-            wrong ones and correct ones >= length_ratio x longer rejected);
+            rejected: wrong ones longer than the chosen, correct ones >= length_ratio x longer);
   merge     weight averaging of the long model with `long2short.short_checkpoint`.
 Every method leaves the short model in `workdir/hf`, then evaluates long against short on the
 held-out prompts (`workdir/eval/`: table, JSON, plot).

@@ -205,7 +205,8 @@ def run(config, workdir: str) -> dict:
   trainer = PolicyTrainer(mesh, shardings, model_config, rl,
                           build_post_update(config.optimizer))
   generate = backend_generate(backend, rl.temperature, tokenizer.eos_id)
-  limits = rl_data.RolloutLimits(rl.max_response_tokens, rl.segment_tokens)
+  limits = rl_data.RolloutLimits(rl.max_response_tokens, rl.segment_tokens,
+                                rl.repetition_ngram, rl.repetition_count)
   seq_len = config.rollout.max_seq_len
   for iteration in tqdm(range(start, rl.iterations), desc="rl", initial=start, total=rl.iterations):
     metrics, state = rl_iteration(iteration, state, trainer, generate, sampler, buffer, task,
@@ -269,7 +270,7 @@ def rl_iteration(iteration, state, trainer, generate, sampler, buffer, task, tok
   padded = pad_groups(complete, rl.groups_per_minibatch, rl.k)
   pad_rows = (len(padded) - len(complete)) * rl.k
   batch = rl_data.build_rl_batch(padded, np.concatenate([rewards_B, np.zeros(pad_rows)]), seq_len,
-                                 tokenizer.pad_id, iteration, rl.train_old_segments)
+                                 tokenizer.pad_id, rl.train_old_segments)
   state, train_metrics = trainer.train(state, batch)
   sampler.update([g.prompt_id for g in complete for _ in g.trajectories], correct_B)
   metrics.update(rollout_metrics(complete, rewards_B, correct_B, lengths_B))

@@ -3,20 +3,26 @@
 `collect_groups` turns prompts (plus groups waiting in the partial-rollout buffer) into
 complete groups of k trajectories through any `generate` callable: the in-process engine or
 the SGLang client, adapted to `generate(inputs, max_new_tokens, seeds) -> completions` where
-each completion has `output_ids`, `logprobs`, `finish_reason` and `repetition`.
+each completion has `output_ids`, `logprobs` and `finish_reason`. Repetition is detected here,
+on the host, from the returned tokens, so a loop stops a trajectory at the same token whichever
+backend sampled it (the engine also stops there on its own, which only saves decode steps).
 """
 import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
 
+from kimi_jax.rollout.repetition import first_loop_end
 from kimi_jax.rollout.replay_buffer import Group, PartialRolloutBuffer, Trajectory
+from kimi_jax.rollout.types import REPETITION_MATCH, STOP, stop_reason
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutLimits:
   max_response_tokens: int  # cap over all segments of one trajectory
   segment_tokens: int  # cap per iteration (= max_response_tokens disables partial rollouts)
+  repetition_ngram: int = 0  # a response whose last ngram*count tokens loop with period
+  repetition_count: int = 0  # <= ngram stops there; ngram = 0 disables
 
 
 def new_groups(prompts, encode: Callable[[str], list[int]], k: int, first_group_id: int,
@@ -30,6 +36,22 @@ def _is_finished(trajectory: Trajectory, finish_reason: dict, limits: RolloutLim
   if finish_reason["type"] == "stop":
     return True
   return len(trajectory.response_ids) >= limits.max_response_tokens  # truncated for good
+
+
+def cut_at_loop(response_ids: list[int], completion, limits: RolloutLimits):
+  """(output_ids, logprobs, finish_reason) of `completion`, a continuation of `response_ids`,
+  cut after its first token that closes a repeated loop, which then finishes it with
+  {"type": "stop", "matched": "repetition"}. A stop token wins over a loop it would close."""
+  done = len(response_ids)
+  response = response_ids + list(completion.output_ids)
+  ends_with_stop_token = (completion.finish_reason["type"] == STOP
+                          and completion.finish_reason.get("matched") != REPETITION_MATCH)
+  end = first_loop_end(response, limits.repetition_ngram, limits.repetition_count, start=done,
+                       stop=len(response) - ends_with_stop_token)
+  if end is None:
+    return completion.output_ids, completion.logprobs, completion.finish_reason
+  return (completion.output_ids[:end - done], completion.logprobs[:end - done],
+          stop_reason(REPETITION_MATCH))
 
 
 def collect_groups(generate, groups: Sequence[Group], buffer: PartialRolloutBuffer,
@@ -48,28 +70,35 @@ def collect_groups(generate, groups: Sequence[Group], buffer: PartialRolloutBuff
   if len(completions) != len(todo):
     raise RuntimeError(f"generate answered {len(completions)} of {len(todo)} requests")
   for trajectory, completion in zip(todo, completions):
-    trajectory.extend(completion.output_ids, completion.logprobs, version)
-    trajectory.repetition = bool(getattr(completion, "repetition", False))
-    if _is_finished(trajectory, completion.finish_reason, limits):
+    output_ids, logprobs, finish_reason = cut_at_loop(trajectory.response_ids, completion, limits)
+    trajectory.extend(output_ids, logprobs, version)
+    trajectory.repetition = finish_reason.get("matched") == REPETITION_MATCH
+    if _is_finished(trajectory, finish_reason, limits):
       trajectory.finished = True
-      trajectory.finish_reason = completion.finish_reason
+      trajectory.finish_reason = finish_reason
   complete = []
   for group in pending:
     (complete.append if group.complete else buffer.put)(group)
   return complete, sum(len(c.output_ids) for c in completions)
 
 
-def loss_token_mask(trajectory: Trajectory, current_version: int, train_old_segments: bool):
-  """Per response token: 1 if it counts in the loss under the segment policy."""
+def loss_token_mask(trajectory: Trajectory, train_old_segments: bool):
+  """Per response token: 1 if it counts in the loss under the segment policy.
+
+  A trajectory's final segment always counts, even when it finished in an earlier iteration
+  while a sibling of its group was still running: masking it would leave short (often correct)
+  answers without gradient, a bias towards length. Earlier segments, sampled by an older policy
+  than the one that finished the trajectory, count only with `train_old_segments`.
+  """
   mask = np.zeros(len(trajectory.response_ids), np.float32)
-  for segment in trajectory.segments:
-    if train_old_segments or segment.version == current_version:
+  for i, segment in enumerate(trajectory.segments):
+    if train_old_segments or i == len(trajectory.segments) - 1:
       mask[segment.start:segment.end] = 1.0
   return mask
 
 
 def build_rl_batch(groups: Sequence[Group], rewards_B: np.ndarray, seq_len: int, pad_id: int,
-                   current_version: int, train_old_segments: bool) -> dict[str, np.ndarray]:
+                   train_old_segments: bool) -> dict[str, np.ndarray]:
   """Right-padded [B, seq_len] arrays; row b = trajectory b in group order.
 
   Position p predicts token p+1, so a response token at index P+i is scored at P+i-1.
@@ -89,7 +118,7 @@ def build_rl_batch(groups: Sequence[Group], rewards_B: np.ndarray, seq_len: int,
       tokens[row, :len(full)] = full
       p = len(t.prompt_ids)
       loss_mask[row, p - 1:p - 1 + len(t.response_ids)] = loss_token_mask(
-          t, current_version, train_old_segments)
+          t, train_old_segments)
       group_ids[row] = g_index
       row += 1
   return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": loss_mask,

@@ -95,13 +95,33 @@ def _two_segment_group():
 def test_loss_mask_follows_segment_policy():
   groups = _two_segment_group()
   for train_old, expected in ((True, [1, 1, 1, 1]), (False, [0, 0, 1, 1])):
-    batch = build_rl_batch(groups, np.ones(1), seq_len=8, pad_id=99, current_version=4,
+    batch = build_rl_batch(groups, np.ones(1), seq_len=8, pad_id=99,
                            train_old_segments=train_old)
     # prompt has 1 token: response token i is predicted at position i.
     np.testing.assert_array_equal(batch["loss_mask"][0, :4], expected)
     assert batch["loss_mask"][0, 4:].sum() == 0
     np.testing.assert_array_equal(batch["targets"][0, :4], [10, 11, 12, EOS])
     np.testing.assert_array_equal(batch["tokens"][0, :5], [2, 10, 11, 12, EOS])
+
+
+def test_trajectory_finished_early_keeps_its_final_segment_in_the_loss():
+  """Prompt 1 answers in 3 tokens (iteration 0); its sibling, prompt 2's twin in the same group,
+  needs 3 iterations. Without old segments, each trajectory still trains its final segment."""
+  policy = ScriptedPolicy({1: [5, 6, EOS], 2: list(range(10, 19)) + [EOS]})
+  limits = RolloutLimits(max_response_tokens=32, segment_tokens=4)
+  buffer = PartialRolloutBuffer()
+  (group,) = new_groups([P("a", "1", "x")], encode, k=2, first_group_id=0, version=0)
+  group.trajectories[1].prompt_ids = [2]  # the sibling that runs long
+  complete = []
+  for version in range(3):
+    complete += collect_groups(policy, [group] if version == 0 else [], buffer, limits, version,
+                               seed_base=0)[0]
+  assert complete == [group]
+  short, long = group.trajectories
+  assert [s.version for s in short.segments] == [0] and [s.version for s in long.segments] == [0, 1, 2]
+  batch = build_rl_batch(complete, np.ones(2), seq_len=16, pad_id=99, train_old_segments=False)
+  np.testing.assert_array_equal(batch["loss_mask"][0, :4], [1, 1, 1, 0])  # 3 tokens, all trained
+  np.testing.assert_array_equal(batch["loss_mask"][1, :11], [0] * 8 + [1, 1, 0])  # last segment
 
 
 def test_buffer_survives_json_round_trip():
@@ -120,3 +140,80 @@ def test_minibatches_keep_groups_whole():
   mbs = split_minibatches(b, group_size=2, num_minibatches=3)
   assert [mb["group_ids"].tolist() for mb in mbs] == [[0, 0, 1, 1]] * 3
   assert np.concatenate([mb["tokens"] for mb in mbs]).ravel().tolist() == list(range(12))
+
+
+class LoopingServer:
+  """Like an SGLang server: knows nothing of loops, answers every budget in full and says
+  only "length" or "stop" (at EOS)."""
+
+  def __init__(self, responses):
+    self.responses = responses
+
+  def __call__(self, inputs, max_new_tokens, seeds):
+    out = []
+    for ids, budget in zip(inputs, max_new_tokens):
+      chunk = self.responses[ids[0]][len(ids) - 1:][:budget]
+      reason = ({"type": "stop", "matched": EOS} if chunk and chunk[-1] == EOS
+                else {"type": "length", "length": len(chunk)})
+      out.append(FakeCompletion(chunk, [-0.1] * len(chunk), reason))
+    return out
+
+
+def test_loops_are_cut_on_the_host_for_a_backend_that_does_not_detect_them():
+  # ngram 2, count 3: six tokens with period <= 2 close a loop.
+  responses = {1: [7, 8, 9, 4, 5, 4, 5, 4, 5, 4, 5, 6], 2: [7, 8, 9, 9, 9, 9, 9, 9, 9],
+               3: [4, 4, 4, 4, 4, EOS], 4: [7, 3, 5, EOS]}
+  limits = RolloutLimits(max_response_tokens=20, segment_tokens=5, repetition_ngram=2,
+                         repetition_count=3)
+  buffer = PartialRolloutBuffer()
+  groups = new_groups([P(str(i), str(i), "") for i in (1, 2, 3, 4)], encode, k=1,
+                      first_group_id=0, version=0)
+  complete = collect_groups(LoopingServer(responses), groups, buffer, limits, 0, 0)[0]
+  complete += collect_groups(LoopingServer(responses), [], buffer, limits, 1, 0)[0]
+  by_prompt = {g.prompt_id: g.trajectories[0] for g in complete}
+  assert len(by_prompt) == 4 and len(buffer) == 0
+  # The loop 4,5,4,5,4,5 closes at token 9, in the second segment, spanning both.
+  assert by_prompt["1"].response_ids == [7, 8, 9, 4, 5, 4, 5, 4, 5]
+  assert len(by_prompt["1"].logprobs) == 9
+  assert [(s.start, s.end) for s in by_prompt["1"].segments] == [(0, 5), (5, 9)]
+  assert by_prompt["2"].response_ids == [7, 8, 9, 9, 9, 9, 9, 9]
+  # Five 4s then EOS: the loop closes at the sixth token, but the stop token wins there.
+  assert by_prompt["3"].response_ids == [4, 4, 4, 4, 4, EOS]
+  for prompt, repeated in (("1", True), ("2", True), ("3", False), ("4", False)):
+    t = by_prompt[prompt]
+    assert t.repetition == repeated and t.finished, prompt
+    assert (t.finish_reason == {"type": "stop", "matched": "repetition"}) == repeated, prompt
+
+
+def test_engine_and_a_non_detecting_backend_give_the_same_trajectories():
+  """The engine stops loops itself; the same engine without detection stands for an SGLang
+  server. Through collect_groups both yield identical tokens, log-probs and flags."""
+  from kimi_jax.rollout.engine import RolloutEngine
+  from kimi_jax.rollout.types import SamplingParams
+  from tests.rollout.tiny_model import CFG, EOS as MODEL_EOS, peaked_params
+
+  params = peaked_params(3)
+  limits = RolloutLimits(max_response_tokens=24, segment_tokens=8, repetition_ngram=2,
+                         repetition_count=3)
+
+  def rollouts(detect: bool):
+    engine = RolloutEngine(CFG, params, max_batch=16, max_seq_len=32,
+                           eos_token_ids=(MODEL_EOS,), repetition_ngram=2 if detect else 0,
+                           repetition_count=3 if detect else 0)
+
+    def generate(inputs, budgets, seeds):
+      return engine.generate(inputs, [SamplingParams(temperature=0.3, max_new_tokens=b, seed=s)
+                                      for b, s in zip(budgets, seeds)])
+
+    buffer, done = PartialRolloutBuffer(), []
+    prompts = [P(str(i), str(i), "") for i in range(3, 11)]
+    groups = new_groups(prompts, lambda q: [int(q), 1], k=2, first_group_id=0, version=0)
+    for version in range(3):
+      done += collect_groups(generate, groups if version == 0 else [], buffer, limits, version,
+                             seed_base=10 * version)[0]
+    return [(t.response_ids, t.logprobs, t.repetition, t.finish_reason)
+            for g in sorted(done, key=lambda g: g.group_id) for t in g.trajectories]
+
+  with_engine, without = rollouts(True), rollouts(False)
+  assert with_engine == without
+  assert any(r[2] for r in with_engine)  # some samples looped: the check is not vacuous
