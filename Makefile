@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   -> the tiny k1.5 RL demo on CPU
 #   make test   -> the full test suite on 8 fake CPU devices
+#   make bench  -> every benchmark (ratios to in-run references) -> runs/bench/results.{json,md}
 PY := .venv/bin/python
 WORKDIR ?= runs/demo
 
@@ -19,4 +20,10 @@ demo: install
 test: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 -q --durations=15
 
-.PHONY: install demo test
+bench: install
+	PYTHONPATH=$(CURDIR) JAX_PLATFORMS=cpu $(PY) benchmarks/run_all.py
+
+bench-readme: install
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/run_all.py --readme
+
+.PHONY: install demo test bench bench-readme
