@@ -38,7 +38,7 @@ class ModelConfig:
   dtype: str = "float32"  # activations and matmuls
   param_dtype: str = "float32"
   attention: str = "dot_product"
-  attention_block_size: int = 512  # query block of the blockwise path
+  attention_block_size: int = 512  # query block of the blockwise and ring attention paths
   remat: bool = False
 
   def __post_init__(self):

@@ -6,7 +6,7 @@ from flax import linen as nn
 from kimi_jax.model.attention import Attention
 from kimi_jax.model.config import ModelConfig
 from kimi_jax.model.layers import Dense, RMSNorm, SwiGLU
-from kimi_jax.sharding.rules import constrain
+from kimi_jax.sharding.rules import check_sequence_split, constrain
 
 KVCache = tuple  # per layer: (keys_BxSxKxD, values_BxSxKxD); slot index == position
 
@@ -38,6 +38,7 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT=None, kv_caches=None):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    check_sequence_split(tokens_BxT.shape[1])
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                  ("vocab", "embed")),
