@@ -11,6 +11,7 @@ CORE = [
     "ml_collections==1.1.0",
     "absl-py==2.5.1",
     "numpy==2.4.6",
+    "pillow==13.0.0",
     "safetensors==0.8.0",
     "tokenizers==0.23.3",
     "aiohttp==3.14.5",
@@ -27,6 +28,7 @@ EXTRAS = {
     # the Makefile installs it before this extra so nothing pulls a CUDA build.
     "test": [
         "pytest==9.2.0",
+        "chex==0.1.92",
         "pytest-xdist==3.8.0",
         "torch==2.13.0",
         "transformers==5.24.0",

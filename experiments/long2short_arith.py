@@ -2,7 +2,7 @@
 
 First train the long model (responses that verify themselves, no length penalty):
   python -m launch.train_rl --config=experiments/rl_arith.py:long_cot --workdir=runs/long_cot
-Then shorten it with one method (rl | shortest | dpo | merge):
+Then shorten it with one method (rl | shortest | dpo | rpo | merge):
   python -m launch.train_long2short --config=experiments/long2short_arith.py:shortest \
       --workdir=runs/l2s_shortest
 (merge averages the long model with runs/l2s_shortest/hf by default; set
@@ -16,13 +16,16 @@ import ml_collections
 
 from experiments import rl_arith
 
-METHODS = ("rl", "shortest", "dpo", "merge")
+VARIANTS = ("rl", "shortest", "dpo", "rpo", "merge")
 
 
 def get_config(arg: str = "rl") -> ml_collections.ConfigDict:
-  method, _, size = arg.partition(",")
-  if method not in METHODS or size not in ("", "smoke"):
-    raise ValueError(f"unknown config variant {arg!r}: <method>[,smoke] with method in {METHODS}")
+  variant, _, size = arg.partition(",")
+  if variant not in VARIANTS or size not in ("", "smoke"):
+    raise ValueError(f"unknown config variant {arg!r}: <variant>[,smoke] with variant in "
+                     f"{VARIANTS}")
+  # rpo = the dpo method plus the chosen-response NLL term (RPO, Pang et al. 2024).
+  method = "dpo" if variant == "rpo" else variant
   c = rl_arith.get_config("smoke" if size else "long_cot")
   c.unlock()
   c.init.checkpoint = "runs/long_cot/hf"  # the long model (an RL run's HF export)
@@ -34,9 +37,9 @@ def get_config(arg: str = "rl") -> ml_collections.ConfigDict:
       length_ratio=1.5,  # dpo: a correct response this much longer than the shortest is rejected
       sft=dict(steps=150, batch_size=64, seq_len=96, learning_rate=1e-3, warmup_steps=15,
                weight_decay=0.0),
-      # chosen_nll_weight: + weight x NLL of the chosen responses (RPO); 0 is plain DPO.
+      # chosen_nll_weight: + weight x NLL of the chosen responses (RPO); 0 is plain DPO (paper).
       dpo=dict(steps=150, batch_size=32, seq_len=96, learning_rate=3e-4, warmup_steps=15,
-               weight_decay=0.0, beta=0.1, chosen_nll_weight=1.0),
+               weight_decay=0.0, beta=0.1, chosen_nll_weight=1.0 if variant == "rpo" else 0.0),
       short_checkpoint="runs/l2s_shortest/hf",  # merge: a short-CoT partner of the same model
       merge_weight=0.5))
   # long2short RL: the penalty on from iteration 0 and 60% of the long model's max length.

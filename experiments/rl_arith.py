@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
       epochs=1,  # passes over the iteration's data; steps/iteration = epochs * minibatches
       max_response_tokens=56,
       segment_tokens=56,  # < max_response_tokens turns partial rollouts on
-      train_old_segments=True,
+      train_old_segments=False,  # k1.5: earlier segments of older policies get no gradient
       repetition_ngram=4, repetition_count=4, repetition_penalty=-0.5,
       length_penalty=ml_collections.ConfigDict(dict(weight=0.2, warmup_iterations=10)),
       clip_eps=0.2))  # grpo only

@@ -2,8 +2,9 @@
 
   python -m launch.serve --model_path=DIR --port=30000
 
-DIR holds config.json + *.safetensors (as written by `save_hf`) and, optionally,
-tokenizer.json (enables `text` prompts and answers). Prints "serving <url>" once bound
+DIR holds config.json + *.safetensors (as written by `save_hf` or transformers) and, optionally,
+the HF tokenizer files (tokenizer.json enables `text` prompts and answers; the eos ids come from
+tokenizer_config.json, generation_config.json or config.json, and generation stops at any). Prints "serving <url>" once bound
 (--port=0 picks a free port).
 """
 import asyncio
@@ -31,7 +32,7 @@ def build_server(model_path: str) -> RolloutServer:
   config, params = load_hf(model_path)
   tokenizer = (load_tokenizer(model_path)
                if os.path.exists(os.path.join(model_path, TOKENIZER_FILE)) else None)
-  eos = {config.eos_token_id, None if tokenizer is None else tokenizer.eos_id} - {None}
+  eos = {config.eos_token_id, *([] if tokenizer is None else tokenizer.eos_ids)} - {None}
   engine = RolloutEngine(config, params, max_batch=MAX_BATCH.value, max_seq_len=MAX_SEQ_LEN.value,
                          eos_token_ids=sorted(eos), weight_version=WEIGHT_VERSION.value,
                          repetition_ngram=REPETITION_NGRAM.value,

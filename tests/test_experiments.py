@@ -3,12 +3,13 @@ import pytest
 
 from experiments import long2short_arith, long_context_arith, rl_arith
 from kimi_jax.data.sft import encode_example
+from kimi_jax.data.tasks import TEMPLATE, build_task
 from kimi_jax.data.tokenizer import char_tokenizer
-from kimi_jax.training.rl import build_model_config, validate_config
-from kimi_jax.training.tasks import TEMPLATE, build_task
+from kimi_jax.training.rl import validate_config
+from kimi_jax.training.setup import build_model_config
 
 VARIANTS = ([(rl_arith, v) for v in ("tiny", "tiny_nolp", "long_cot", "smoke", "small")]
-            + [(long2short_arith, f"{m}{s}") for m in long2short_arith.METHODS
+            + [(long2short_arith, f"{m}{s}") for m in long2short_arith.VARIANTS
                for s in ("", ",smoke")]
             + [(long_context_arith, f"{st}{s}") for st in long_context_arith.STAGES
                for s in ("", ",smoke")])
@@ -33,3 +34,11 @@ def test_unknown_variants_are_refused():
   for module in (rl_arith, long2short_arith, long_context_arith):
     with pytest.raises(ValueError, match="unknown config variant"):
       module.get_config("nope")
+
+
+def test_paper_dpo_has_no_chosen_nll_term_and_rpo_is_its_named_variant():
+  for size in ("", ",smoke"):
+    dpo, rpo = (long2short_arith.get_config(v + size) for v in ("dpo", "rpo"))
+    assert dpo.long2short.method == rpo.long2short.method == "dpo"
+    assert dpo.long2short.dpo.chosen_nll_weight == 0.0  # k1.5 2.4: plain DPO
+    assert rpo.long2short.dpo.chosen_nll_weight == 1.0

@@ -6,8 +6,14 @@ difficulty are parsed). Every malformed row becomes a `RowError` naming file, li
 listing all of them, so no row is ever dropped silently. For Parquet the "line" is the 1-based
 row number.
 
-Answer formats: GSM8K ("... #### 1,234" -> "1234") and MATH (the last \\boxed{...} of the
-solution, nested braces allowed).
+A row may carry `images`: a list of image file paths (relative ones are resolved against the
+data file's directory) or base64 strings / `data:image/...;base64,` URLs; each must decode as an
+image header. They reach `Prompt.images` (paths made absolute) and the model sees them before
+the question text.
+
+Answer formats: GSM8K ("... #### 1,234" -> "1234"), MATH (the last \\boxed{...} of the
+solution, nested braces allowed), plain `answer`, and code (`tests: [{input, output}]`, stored
+as the JSON pairs the code reward reads).
 """
 import dataclasses
 import json
@@ -17,6 +23,8 @@ import re
 from typing import Any, Callable
 
 import pyarrow.parquet as pq
+
+from kimi_jax.data import images as image_inputs
 
 SHARED_DATA_ENV = "KIMI_JAX_SHARED_DATA"
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -30,6 +38,7 @@ class Prompt:
   id: str
   difficulty: int | None = None
   domain: str | None = None
+  images: tuple[str, ...] = ()  # absolute file paths, base64 strings or data URLs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +140,7 @@ def math_level(value: Any) -> int:
 class Schema:
   """Which row key feeds each Prompt field and how it is parsed (parsers raise ValueError).
 
-  Optional keys (id, difficulty, domain) may be absent or null in a row; a row without an id
+  Optional keys (id, difficulty, domain, images) may be absent or null in a row; a row without an id
   gets "<file stem>-<line>".
   """
   question: str = "question"
@@ -139,30 +148,75 @@ class Schema:
   id: str = "id"
   difficulty: str = "difficulty"
   domain: str = "domain"
+  images: str = "images"
   parse_answer: Callable[[Any], str] = as_text
   parse_difficulty: Callable[[Any], int] = as_int
 
 
+def code_tests(value: Any) -> str:
+  """Code rows' `tests: [{"input": ..., "output": ...}, ...]` as the code reward's answer: a JSON
+  list of [stdin, expected stdout] pairs."""
+  if not isinstance(value, list) or not value:
+    raise ValueError(f"expected a non-empty list of {{input, output}} objects, got {value!r:.80}")
+  pairs = []
+  for i, test in enumerate(value):
+    if not (isinstance(test, dict) and isinstance(test.get("input"), str)
+            and isinstance(test.get("output"), str)):
+      raise ValueError(f"test {i}: expected {{\"input\": str, \"output\": str}}, got {test!r:.80}")
+    pairs.append([test["input"], test["output"]])
+  return json.dumps(pairs)
+
+
 GSM8K = Schema(parse_answer=_required(gsm8k_answer, "'#### N'"))
+CODE = Schema(answer="tests", parse_answer=code_tests)
 MATH = Schema(question="problem", answer="solution", difficulty="level", domain="type",
               parse_answer=_required(boxed_answer, "\\boxed{}"), parse_difficulty=math_level)
 
 
-def _field_parsers(schema: Schema):
+def _image(item: Any, base_dir: str) -> str:
+  """A file path (made absolute) or base64 / data-URL string that decodes as an image header."""
+  if not isinstance(item, str) or not item.strip():
+    raise ValueError(f"expected a non-empty string, got {type(item).__name__} {item!r:.40}")
+  path = os.path.join(base_dir, item)
+  if not item.startswith("data:") and len(item) < 4096 and os.path.isfile(path):
+    item = os.path.abspath(path)
+  image_inputs.check_encoded_image(item)
+  return item
+
+
+def image_list(base_dir: str) -> Callable[[Any], tuple[str, ...]]:
+  """Parser of a row's `images`: a list of paths (relative to `base_dir`) or base64 strings."""
+  def parse(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+      raise ValueError(f"expected a list of image paths or base64 strings, got "
+                       f"{type(value).__name__}")
+    parsed = []
+    for i, item in enumerate(value):
+      try:
+        parsed.append(_image(item, base_dir))
+      except ValueError as e:
+        raise ValueError(f"image {i}: {e}") from e
+    return tuple(parsed)
+  return parse
+
+
+def _field_parsers(schema: Schema, base_dir: str):
   """(Prompt field, row key, parser, required) for each field."""
   return (("question", schema.question, as_nonempty_text, True),
           ("answer", schema.answer, schema.parse_answer, True),
           ("id", schema.id, as_text, False),
           ("difficulty", schema.difficulty, schema.parse_difficulty, False),
-          ("domain", schema.domain, as_text, False))
+          ("domain", schema.domain, as_text, False),
+          ("images", schema.images, image_list(base_dir), False))
 
 
-def _row_to_prompt(row: Any, schema: Schema, default_id: str) -> tuple[Prompt | None, list]:
+def _row_to_prompt(row: Any, schema: Schema, default_id: str,
+                   base_dir: str) -> tuple[Prompt | None, list]:
   """(prompt, []) or (None, [(row key, message), ...])."""
   if not isinstance(row, dict):
     return None, [("<row>", f"expected a JSON object, got {type(row).__name__}")]
   problems, values = [], {}
-  for name, key, parse, required in _field_parsers(schema):
+  for name, key, parse, required in _field_parsers(schema, base_dir):
     if row.get(key) is None:
       if required:
         problems.append((key, "missing"))
@@ -200,12 +254,13 @@ def read_prompts(path: str, schema: Schema = Schema()) -> tuple[list[Prompt], li
   if suffix not in _READERS:
     raise ValueError(f"{path}: unsupported file type {suffix!r} (expected one of {list(_READERS)})")
   stem = pathlib.Path(path).stem
+  base_dir = os.path.dirname(os.path.abspath(path))
   prompts, errors, first_line_of_id = [], [], {}
   for line, row in _READERS[suffix](path):
     if isinstance(row, json.JSONDecodeError):
       errors.append(RowError(path, line, "<json>", f"invalid JSON: {row.msg}"))
       continue
-    prompt, problems = _row_to_prompt(row, schema, f"{stem}-{line}")
+    prompt, problems = _row_to_prompt(row, schema, f"{stem}-{line}", base_dir)
     errors.extend(RowError(path, line, field, message) for field, message in problems)
     if prompt is None:
       continue

@@ -4,13 +4,16 @@ Layers, outermost first:
 - When we are root, the program runs as a dedicated unprivileged uid (one per concurrent run):
   root ignores RLIMIT_NPROC, so only this makes the process limit (fork bombs) real, and it lets
   the parent kill every process the run left behind, wherever it went.
-- bubblewrap, when it works here: new user/pid/net/ipc/uts namespaces (no network; every process
-  dies with the run's pid namespace), read-only /usr, size-capped tmpfs for the working
-  directory, /tmp and /dev/shm, nothing else of the host visible. Without it the program still
-  runs, after a warning: it then shares the host's network and sees its filesystem (as the
-  unprivileged uid when root).
+- bubblewrap: new user/pid/net/ipc/uts namespaces (no network; the program is pid 1 of its pid
+  namespace, so every process dies with it and /proc shows no host process or command line),
+  read-only /usr, size-capped tmpfs for the working directory, /tmp and /dev/shm, the program
+  copied in (no host path in /proc/self/mountinfo), nothing else of the host visible, and a
+  seccomp filter (`_seccomp`: no io_uring, keyring, ptrace, namespace or mount calls...).
+  Without working bubblewrap runs are refused unless the caller opts in (`allow_unsandboxed`
+  or KIMI_ALLOW_UNSANDBOXED=1): the program then shares the host's network and sees its
+  filesystem (as the unprivileged uid when root).
 - rlimits set by prlimit(1) before bubblewrap starts: CPU seconds, address space, processes and
-  threads, file size (stdout included), no core files.
+  threads, file size (stdout included), open files, no core files.
 - A new session; SIGKILL to the whole process group on timeout and after exit; a clean
   environment (no variable of the parent reaches the program); stdin/stdout/stderr are unlinked
   temporary files, so no pipe can block and output size is bounded by the file-size limit.
@@ -32,6 +35,8 @@ import threading
 import time
 import warnings
 
+from kimi_jax.rewards import _seccomp
+
 _SANDBOX_DIR = "/sandbox"  # the program's working directory inside bubblewrap
 _PACKAGES_DIR = "/opt/pylib"  # read-only python packages inside bubblewrap
 _PROGRAM = "main.py"
@@ -42,9 +47,14 @@ _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
 MAX_CONCURRENT_RUNS = 64
 _UID_BASE = 200_000
 _UID_PROCESSES = 4096
-_BWRAP_PROCESSES = 2  # bubblewrap's monitor and its pid-namespace init count against the limit
+_BWRAP_PROCESSES = 1  # bubblewrap's monitor counts against the limit (the program is pid 1)
 _STDERR_TAIL_BYTES = 4096
 _KILL_SWEEP_S = 10.0
+UNSANDBOXED_ENV = "KIMI_ALLOW_UNSANDBOXED"
+
+
+class SandboxUnavailable(RuntimeError):
+  """Full isolation does not work here and the caller did not opt out of it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +65,7 @@ class Limits:
   max_processes: int = 16  # processes and threads the program may run at once
   max_output_mb: int = 16  # largest file it may write, stdout included
   disk_mb: int = 64  # size of each writable tmpfs (working dir, /tmp, /dev/shm) under bwrap
+  max_open_files: int = 64  # file descriptors per process (RLIMIT_NOFILE)
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
@@ -81,8 +92,9 @@ class Execution:
 @dataclasses.dataclass(frozen=True)
 class Isolation:
   """How this machine runs programs (probed once per process)."""
-  bwrap: bool  # namespaces, no network, read-only host view
+  bwrap: bool  # namespaces, no network, read-only host view, seccomp filter
   dedicated_uid: bool  # we are root and drop to a per-run unprivileged uid
+  missing: str = ""  # why bwrap is False
 
 
 _slots: queue.SimpleQueue = queue.SimpleQueue()
@@ -152,15 +164,16 @@ def _prlimit_argv(limits: Limits, nproc: int) -> list[str]:
   output = limits.max_output_mb * 2**20
   cpu = math.ceil(limits.timeout_s) + 1
   return ["prlimit", f"--cpu={cpu}", f"--as={memory}", f"--nproc={nproc}",
-          f"--fsize={output}", "--core=0", "--"]
+          f"--fsize={output}", f"--nofile={limits.max_open_files}", "--core=0", "--"]
 
 
-def _bwrap_argv(limits: Limits, program_path: str, packages: dict[str, str],
+def _bwrap_argv(limits: Limits, program_fd: int, seccomp_fd: int, packages: dict[str, str],
                 python: str) -> list[str]:
   disk = str(limits.disk_mb * 2**20)
   argv = ["bwrap", "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net",
           "--unshare-uts", "--unshare-cgroup-try", "--disable-userns", "--die-with-parent",
-          "--new-session", "--proc", "/proc", "--dev", "/dev"]
+          "--new-session", "--as-pid-1", "--seccomp", str(seccomp_fd), "--proc", "/proc",
+          "--dev", "/dev"]
   for path in _SYSTEM_DIRS:
     if os.path.islink(path):
       argv += ["--symlink", os.readlink(path), path]
@@ -171,7 +184,7 @@ def _bwrap_argv(limits: Limits, program_path: str, packages: dict[str, str],
     argv += ["--ro-bind", prefix, prefix]
   for writable in ("/tmp", "/dev/shm", _SANDBOX_DIR):
     argv += ["--size", disk, "--tmpfs", writable]
-  argv += ["--ro-bind", program_path, f"{_SANDBOX_DIR}/{_PROGRAM}"]
+  argv += ["--ro-bind-data", str(program_fd), f"{_SANDBOX_DIR}/{_PROGRAM}"]
   for name, path in packages.items():
     argv += ["--ro-bind", path, f"{_PACKAGES_DIR}/{name}"]
   return argv + ["--chdir", _SANDBOX_DIR, "--"]
@@ -213,19 +226,26 @@ def _launch(source: str, stdin: str, limits: Limits, packages: tuple[str, ...], 
   python = python_interpreter()
   with tempfile.TemporaryDirectory(prefix="kimi_sandbox_") as run_dir, \
        tempfile.TemporaryFile() as stdin_f, tempfile.TemporaryFile() as stdout_f, \
-       tempfile.TemporaryFile() as stderr_f:
-    program_path = os.path.join(run_dir, _PROGRAM)
-    with open(program_path, "w") as f:
-      f.write(source)
-    os.chmod(program_path, 0o444)
+       tempfile.TemporaryFile() as stderr_f, tempfile.TemporaryFile() as program_f, \
+       tempfile.TemporaryFile() as seccomp_f:
     stdin_f.write(stdin.encode())
     stdin_f.seek(0)
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+    pass_fds = ()
     if bwrap:
-      sandbox_argv = _bwrap_argv(limits, program_path, package_dirs, python)
+      for f, data in ((program_f, source.encode()), (seccomp_f, _seccomp.filter_program())):
+        f.write(data)
+        f.flush()
+        f.seek(0)
+      pass_fds = (program_f.fileno(), seccomp_f.fileno())
+      sandbox_argv = _bwrap_argv(limits, *pass_fds, package_dirs, python)
       env["HOME"] = _SANDBOX_DIR
       packages_dir = _PACKAGES_DIR
     else:
+      program_path = os.path.join(run_dir, _PROGRAM)
+      with open(program_path, "w") as f:
+        f.write(source)
+      os.chmod(program_path, 0o444)
       sandbox_argv = []
       env["HOME"] = run_dir
       packages_dir = os.path.join(run_dir, ".pylib")
@@ -240,7 +260,7 @@ def _launch(source: str, stdin: str, limits: Limits, packages: tuple[str, ...], 
     argv = _prlimit_argv(limits, nproc) + sandbox_argv + [python, "-s", "-B", _PROGRAM]
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdin=stdin_f, stdout=stdout_f, stderr=stderr_f, cwd=run_dir,
-                            env=env, user=uid, group=uid,
+                            env=env, user=uid, group=uid, pass_fds=pass_fds,
                             extra_groups=None if uid is None else [], start_new_session=True)
     try:
       exited = _wait(proc, limits.timeout_s)
@@ -271,6 +291,10 @@ def _probe_isolation() -> Isolation:
   if shutil.which("prlimit") is None:
     raise RuntimeError("the code sandbox needs prlimit(1) (util-linux) on PATH")
   dedicated_uid = os.geteuid() == 0
+  try:
+    _seccomp.filter_program()
+  except RuntimeError as error:
+    return Isolation(bwrap=False, dedicated_uid=dedicated_uid, missing=str(error))
   if shutil.which("bwrap") is None:
     reason = "bubblewrap (bwrap) is not installed"
   else:
@@ -282,14 +306,11 @@ def _probe_isolation() -> Isolation:
     if probe.ok and probe.stdout == "42\n":
       return Isolation(bwrap=True, dedicated_uid=dedicated_uid)
     reason = f"bubblewrap cannot build its sandbox here ({probe.stderr_tail.strip()!r})"
-  warnings.warn(f"{reason}: untrusted programs run WITHOUT network isolation and see the host "
-                f"filesystem{' (as an unprivileged uid)' if dedicated_uid else ''}; install "
-                "bubblewrap and allow user namespaces for the full sandbox", RuntimeWarning)
-  return Isolation(bwrap=False, dedicated_uid=dedicated_uid)
+  return Isolation(bwrap=False, dedicated_uid=dedicated_uid, missing=reason)
 
 
 def isolation() -> Isolation:
-  """How programs run on this machine; the first call probes bubblewrap (and warns without)."""
+  """How programs run on this machine; the first call probes bubblewrap."""
   global _isolation
   with _isolation_lock:
     if _isolation is None:
@@ -297,14 +318,39 @@ def isolation() -> Isolation:
     return _isolation
 
 
+def _unsandboxed_allowed(allow_unsandboxed: bool) -> bool:
+  return allow_unsandboxed or os.environ.get(UNSANDBOXED_ENV, "") == "1"
+
+
+def check_isolation(allow_unsandboxed: bool = False) -> Isolation:
+  """This machine's isolation; raises SandboxUnavailable without bubblewrap unless allowed."""
+  mode = isolation()
+  if mode.bwrap:
+    return mode
+  host_view = "host filesystem" + (" (as an unprivileged uid)" if mode.dedicated_uid else "")
+  if not _unsandboxed_allowed(allow_unsandboxed):
+    raise SandboxUnavailable(
+        f"refusing to run untrusted code: {mode.missing}. Install bubblewrap "
+        "(`apt-get install bubblewrap`) and allow unprivileged user namespaces "
+        "(sysctl kernel.unprivileged_userns_clone=1 where it exists). To run with rlimits only, "
+        f"set {UNSANDBOXED_ENV}=1 or allow_unsandboxed=True: the program then reads the "
+        f"{host_view}, writes to its /tmp and reaches every network service, local ones too")
+  warnings.warn(f"{mode.missing}: untrusted programs run WITHOUT isolation and see the "
+                f"{host_view} ({UNSANDBOXED_ENV}=1 or allow_unsandboxed)", RuntimeWarning)
+  return mode
+
+
 def run_program(source: str, stdin: str, limits: Limits = Limits(),
-                python_packages: tuple[str, ...] = ()) -> Execution:
+                python_packages: tuple[str, ...] = (),
+                allow_unsandboxed: bool = False) -> Execution:
   """Run Python `source` on `stdin` in the sandbox; thread-safe (one slot per running call).
 
   `python_packages`: installed top-level packages (e.g. "cyaron") the program may import; they
   are mounted read-only, nothing else of the parent's environment is importable.
+  `allow_unsandboxed`: run with rlimits only where bubblewrap does not work (also
+  KIMI_ALLOW_UNSANDBOXED=1); otherwise such a machine raises SandboxUnavailable.
   """
-  mode = isolation()
+  mode = check_isolation(allow_unsandboxed)
   slot = _slots.get()
   try:
     return _launch(source, stdin, limits, tuple(python_packages), mode.bwrap, slot)

@@ -8,11 +8,20 @@ replaced and yields the caller's default, while the other workers keep going.
 Workers are `python -m kimi_jax.rewards._timeout_pool module:function memory_mb`, fresh
 interpreters (the parent, which may hold JAX threads, is never forked) speaking JSON lines:
 a list of arguments in, {"result": value} or {"error": text} out, after a first "ready" line.
+
+Workers never outlive the pool's process: each runs in its own process group (killed as a whole)
+and asks the kernel for SIGKILL when its parent dies (PR_SET_PDEATHSIG), so a kill -9 of the
+trainer does not leave a worker spinning on a hopeless input. PR_SET_PDEATHSIG fires when the
+*thread* that forked the worker exits, so every worker is started by one long-lived launcher
+thread, never by the (possibly short-lived) thread that calls `map`. A worker that dies between
+calls is replaced before it is given work.
 """
 import collections
+import ctypes
 import importlib
 import json
 import os
+import queue
 import resource
 import selectors
 import signal
@@ -24,24 +33,66 @@ from typing import Any, Sequence
 
 _READY = b"ready"
 _STARTUP_TIMEOUT_S = 120.0
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+class _Launcher:
+  """Starts processes from one daemon thread that lives as long as the interpreter."""
+
+  def __init__(self):
+    self._requests: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=self._serve, name="timeout-pool-launcher", daemon=True).start()
+
+  def _serve(self) -> None:
+    while True:
+      argv, reply = self._requests.get()
+      try:
+        reply.put(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   start_new_session=True))
+      except BaseException as error:  # handed to the caller
+        reply.put(error)
+
+  def popen(self, argv: list[str]) -> subprocess.Popen:
+    reply: queue.SimpleQueue = queue.SimpleQueue()
+    self._requests.put((argv, reply))
+    result = reply.get()
+    if isinstance(result, BaseException):
+      raise result
+    return result
+
+
+_launcher: _Launcher | None = None
+_launcher_lock = threading.Lock()
+
+
+def _launch(argv: list[str]) -> subprocess.Popen:
+  global _launcher
+  with _launcher_lock:
+    if _launcher is None:
+      _launcher = _Launcher()
+  return _launcher.popen(argv)
 
 
 class _Worker:
   """One worker process; `pending` holds (call index, deadline) while it computes."""
 
   def __init__(self, target: str, memory_mb: int):
-    self.proc = subprocess.Popen([sys.executable, "-m", __name__, target, str(memory_mb)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 start_new_session=True)
+    self.proc = _launch([sys.executable, "-m", __name__, target, str(memory_mb),
+                         str(os.getpid())])
     self.started = time.monotonic()
     self.ready = False
     self.pending: tuple[int, float] | None = None
     self._buffer = b""
 
-  def send(self, index: int, args: Sequence[Any], timeout_s: float) -> None:
+  def send(self, index: int, args: Sequence[Any], timeout_s: float) -> bool:
+    """Hand the worker a call; False if it has died (the call did not reach it)."""
+    try:
+      self.proc.stdin.write(json.dumps(list(args)).encode() + b"\n")
+      self.proc.stdin.flush()
+    except (BrokenPipeError, ValueError):  # ValueError: our end is already closed
+      return False
     self.pending = (index, time.monotonic() + timeout_s)
-    self.proc.stdin.write(json.dumps(list(args)).encode() + b"\n")
-    self.proc.stdin.flush()
+    return True
 
   def read_lines(self) -> list[bytes] | None:
     """Complete lines received so far; None once the worker has closed its output (died)."""
@@ -57,8 +108,11 @@ class _Worker:
     except ProcessLookupError:
       pass
     self.proc.wait()
-    self.proc.stdin.close()
-    self.proc.stdout.close()
+    for pipe in (self.proc.stdin, self.proc.stdout):
+      try:
+        pipe.close()
+      except OSError:  # unflushed input for a dead worker
+        pass
 
 
 class TimeoutPool:
@@ -77,28 +131,45 @@ class TimeoutPool:
     self.timeouts = self.errors = 0
     self._lock = threading.Lock()
     self._selector = selectors.DefaultSelector()
-    self._workers = [self._start() for _ in range(num_workers)]
+    self._workers: list[_Worker] = []
+    self._closed = False
+    for _ in range(num_workers):
+      self._workers.append(self._start())
+
+  @property
+  def worker_pids(self) -> list[int]:
+    return [w.proc.pid for w in self._workers]
 
   def _start(self) -> _Worker:
     worker = _Worker(self.target, self.memory_mb)
     self._selector.register(worker.proc.stdout, selectors.EVENT_READ, worker)
     return worker
 
-  def _replace(self, worker: _Worker) -> None:
-    self._selector.unregister(worker.proc.stdout)
+  def _stop(self, worker: _Worker) -> None:
+    try:
+      self._selector.unregister(worker.proc.stdout)
+    except (KeyError, ValueError):  # never registered, or its pipe is already closed
+      pass
     worker.kill()
+
+  def _replace(self, worker: _Worker) -> None:
+    self._stop(worker)
     self._workers[self._workers.index(worker)] = self._start()
 
   def map(self, calls: Sequence[Sequence[Any]], default: Any) -> list[Any]:
     """`target(*args)` for each args in `calls`, in order; `default` where a call failed."""
     with self._lock:
+      if self._closed:
+        raise RuntimeError(f"TimeoutPool for {self.target} is closed")
       results = [default] * len(calls)
-      queue = collections.deque(range(len(calls)))
-      while queue or any(w.pending for w in self._workers):
-        for worker in self._workers:
-          if worker.ready and worker.pending is None and queue:
-            index = queue.popleft()
-            worker.send(index, calls[index], self.timeout_s)
+      todo = collections.deque(range(len(calls)))
+      while todo or any(w.pending for w in self._workers):
+        for worker in list(self._workers):
+          if worker.ready and worker.pending is None and todo:
+            index = todo.popleft()
+            if not worker.send(index, calls[index], self.timeout_s):
+              todo.appendleft(index)
+              self._replace(worker)
         for key, _ in self._selector.select(self._next_wakeup()):
           self._receive(key.data, results)
         self._enforce_deadlines()
@@ -112,9 +183,10 @@ class TimeoutPool:
   def _receive(self, worker: _Worker, results: list[Any]) -> None:
     lines = worker.read_lines()
     if lines is None:  # died: out of memory, or killed from outside
-      if not worker.ready:
+      code = worker.proc.wait()
+      if not worker.ready and code >= 0:  # exited by itself: the target cannot be imported
         raise RuntimeError(f"worker for {self.target} exited during start-up "
-                           f"(code {worker.proc.wait()}); see its stderr above")
+                           f"(code {code}); see its stderr above")
       self.errors += worker.pending is not None
       self._replace(worker)
       return
@@ -140,10 +212,13 @@ class TimeoutPool:
         raise RuntimeError(f"worker for {self.target} not ready after {_STARTUP_TIMEOUT_S} s")
 
   def close(self) -> None:
+    """Kill every worker (idempotent)."""
     with self._lock:
+      if self._closed:
+        return
+      self._closed = True
       for worker in self._workers:
-        self._selector.unregister(worker.proc.stdout)
-        worker.kill()
+        self._stop(worker)
       self._workers = []
       self._selector.close()
 
@@ -152,6 +227,15 @@ class TimeoutPool:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _die_with(parent_pid: int) -> None:
+  """SIGKILL this process when its parent dies (and now if it already has)."""
+  libc = ctypes.CDLL(None, use_errno=True)
+  if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+  if os.getppid() != parent_pid:  # the parent died before prctl took effect
+    os._exit(1)
 
 
 def _serve(target: str, memory_mb: int) -> None:
@@ -174,4 +258,5 @@ def _serve(target: str, memory_mb: int) -> None:
 
 
 if __name__ == "__main__":
+  _die_with(int(sys.argv[3]))
   _serve(sys.argv[1], int(sys.argv[2]))

@@ -8,6 +8,10 @@ answer are both parsed as LaTeX by math-verify and compared with `verify(gold, a
 symmetric: the gold decides how units and equations are read). A gold ending in a percent sign
 is also read without it, so gold "50%" accepts "50" as well as "0.5".
 
+Unless the gold is itself a relation (an equation, inequality or disjunction), the answer must be
+a value: `x = 42` counts as its right side, but `41 = 42`, `x + 1 = 42`, `x = 41 \\lor x = 42`
+and hedges such as `41 or 42` score 0 (math-verify alone reads some of them as 42).
+
 sympy can hang on some inputs (e.g. 9^{9^{9^{9}}}), so every comparison runs in a
 `TimeoutPool` worker with a hard per-call timeout; a call that overruns scores 0 and its worker
 is replaced. `math_reward`/`math_rewards` use one shared pool per process, created on first use.
@@ -28,6 +32,12 @@ from kimi_jax.rewards._timeout_pool import TimeoutPool
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 _PERCENT_SIGN = re.compile(r"\s*\\?%\s*$")
+# Relations and connectives: text holding one states a claim or several answers, not a value.
+_RELATION = re.compile(r"[=<>]|\\(?:lor|vee|land|wedge|approx|neq?|leq?|geq?|lt|gt|sim|equiv|"
+                       r"implies|iff|[Rr]ightarrow|[Ll]eftrightarrow)(?![a-zA-Z])"
+                       r"|\b(?:or|and)\b")
+# `x = value`, `a_1 = value`: a single variable named on the left.
+_ASSIGNMENT = re.compile(r"\s*[A-Za-z](?:_\{?\w+\}?)?\s*=(.*)", re.DOTALL)
 _ANSWER_MARKERS = (re.compile(r"####"), re.compile(r"answer\s*:", re.IGNORECASE))
 
 
@@ -51,13 +61,25 @@ def _parse(answer: str) -> list:
   return parse(f"${answer}$", parsing_timeout=None)
 
 
+def answer_value(gold: str, answer: str) -> str | None:
+  """What of `answer` is compared with `gold`: None where it is a relation the gold is not."""
+  if _RELATION.search(gold):
+    return answer
+  assignment = _ASSIGNMENT.fullmatch(answer)
+  value = assignment.group(1) if assignment else answer
+  return None if _RELATION.search(value) else value
+
+
 def is_equivalent(gold: str, answer: str) -> bool:
   """math-verify equivalence of two answer strings, in-process and WITHOUT a timeout.
 
-  A gold ending in a percent sign is also read without it. Only for pool workers (or trusted
-  inputs): a pathological answer can hang it.
+  A gold ending in a percent sign is also read without it; `answer_value` decides what of the
+  answer counts. Only for pool workers (or trusted inputs): a pathological answer can hang it.
   """
-  answer_parsed = _parse(answer)
+  value = answer_value(gold, answer)
+  if value is None:
+    return False
+  answer_parsed = _parse(value)
   golds = [gold, _PERCENT_SIGN.sub("", gold)] if _PERCENT_SIGN.search(gold) else [gold]
   return bool(answer_parsed) and any(
       verify(gold_parsed, answer_parsed, timeout_seconds=None)

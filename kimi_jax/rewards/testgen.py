@@ -28,6 +28,7 @@ class GenerationConfig:
   timeout_s: float = 2.0  # per program run
   memory_mb: int = 256
   max_workers: int = 2
+  allow_unsandboxed: bool = False  # run without bubblewrap (rlimits only): see _sandbox
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,8 @@ def _limits(config: GenerationConfig) -> Limits:
 def generate_inputs(generator: str, config: GenerationConfig) -> list[str]:
   """Distinct outputs of the generator over seeds 0..num_cases-1, failed runs dropped."""
   executions = run_programs([(generator, f"{seed}\n") for seed in range(config.num_cases)],
-                            _limits(config), config.max_workers, GENERATOR_PACKAGES)
+                            _limits(config), config.max_workers, GENERATOR_PACKAGES,
+                            config.allow_unsandboxed)
   return list(dict.fromkeys(e.stdout for e in executions if e.ok))
 
 
@@ -72,7 +74,7 @@ def generate_tests(generator: str, solutions: Sequence[str],
                        f"[1, {len(solutions)}] for {len(solutions)} solutions")
   inputs = generate_inputs(generator, config)
   runs = run_programs([(s, stdin) for s in solutions for stdin in inputs], _limits(config),
-                      config.max_workers)
+                      config.max_workers, allow_unsandboxed=config.allow_unsandboxed)
   by_solution = [runs[i * len(inputs):(i + 1) * len(inputs)] for i in range(len(solutions))]
   cases, agreement = [], []
   for j, stdin in enumerate(inputs):

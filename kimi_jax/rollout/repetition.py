@@ -1,6 +1,14 @@
-"""Repeated n-gram loop detection (k1.5 section 2.6.2: stop degenerate samples early)."""
+"""Repeated n-gram loop detection (k1.5 section 2.6.2: stop degenerate samples early).
+
+`repeated_loop` runs inside the engine's decode program and stops a looping sample at once;
+`first_loop_end` applies the same rule on the host to tokens any backend returned (an SGLang
+server knows nothing of it), so a loop means the same thing whichever backend sampled.
+"""
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def repeated_loop(history_BxS: jax.Array, last_position_B: jax.Array, num_generated_B: jax.Array,
@@ -22,3 +30,25 @@ def repeated_loop(history_BxS: jax.Array, last_position_B: jax.Array, num_genera
   for period in range(1, ngram + 1):
     periodic_B |= jnp.all(window_BxW[:, period:] == window_BxW[:, :-period], axis=1)
   return periodic_B & (num_generated_B >= window)
+
+
+def first_loop_end(response_ids: Sequence[int], ngram: int, count: int, start: int = 0,
+                   stop: int | None = None) -> int | None:
+  """The shortest prefix length e > `start` (and <= `stop`, default all) whose last
+  `ngram * count` tokens are one loop of period <= `ngram` (the rule of `repeated_loop`), or
+  None. Windows lie inside `response_ids`; ngram = 0 disables detection."""
+  window = ngram * count
+  stop = len(response_ids) if stop is None else stop
+  if ngram == 0 or stop < window:
+    return None
+  tokens_N = np.asarray(response_ids[:stop])
+  ends_E = np.arange(max(start + 1, window), stop + 1)  # candidate prefix lengths
+  periodic_E = np.zeros(len(ends_E), bool)
+  for period in range(1, ngram + 1):
+    # mismatch_C[i]: how many i' < i have tokens[i'] != tokens[i' + period].
+    mismatch_C = np.concatenate([[0], np.cumsum(tokens_N[period:] != tokens_N[:-period])])
+    # A window [e - window, e) has period p iff tokens[i] == tokens[i + p] for i in
+    # [e - window, e - p).
+    periodic_E |= mismatch_C[ends_E - period] == mismatch_C[ends_E - window]
+  hits = np.flatnonzero(periodic_E)
+  return int(ends_E[hits[0]]) if len(hits) else None

@@ -4,8 +4,10 @@ Merging averages the weights of a long-CoT and a short-CoT model. The data metho
 n samples per prompt (the paper's n = 8) of the long-CoT model, each marked correct or not with
 its response length in tokens:
   * shortest rejection sampling keeps the shortest correct response per prompt as an SFT example;
-  * DPO pairs take that response as chosen and, as rejected, every wrong response and every
-    correct one at least `length_ratio` (1.5) times longer.
+  * DPO pairs take that response as chosen and, as rejected, only LONGER responses: every wrong
+    response longer than the chosen and every correct one at least `length_ratio` (1.5) times
+    longer. A wrong answer no longer than the chosen is not a negative: rejecting it would
+    teach length-neutral correctness, not brevity.
 Ties in length go to the earliest sample; prompts without a correct sample give nothing.
 """
 import dataclasses
@@ -80,8 +82,9 @@ def shortest_rejection_sampling(samples: Sequence[Sample],
 
 def build_dpo_pairs(samples: Sequence[Sample], num_samples: int = 8,
                     length_ratio: float = 1.5) -> list[PreferencePair]:
-  """Chosen = shortest correct; rejected = each wrong sample and each correct one with
-  num_tokens >= length_ratio * the chosen's (> 1, so the chosen never rejects itself)."""
+  """Chosen = shortest correct; rejected = each wrong sample with more tokens than the chosen
+  and each correct one with num_tokens >= length_ratio * the chosen's (> 1, so the chosen never
+  rejects itself)."""
   if length_ratio <= 1.0:
     raise ValueError(f"length_ratio={length_ratio}: must be > 1")
   pairs = []
@@ -90,7 +93,8 @@ def build_dpo_pairs(samples: Sequence[Sample], num_samples: int = 8,
     if chosen is None:
       continue
     pairs.extend(PreferencePair(prompt, chosen.response, s.response) for s in group
-                 if not s.correct or s.num_tokens >= length_ratio * chosen.num_tokens)
+                 if (not s.correct and s.num_tokens > chosen.num_tokens)
+                 or s.num_tokens >= length_ratio * chosen.num_tokens)
   return pairs
 
 

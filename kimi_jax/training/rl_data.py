@@ -1,75 +1,38 @@
-"""Host-side RL data: rollouts with partial-rollout resumption, and training batches.
-
-`collect_groups` turns prompts (plus groups waiting in the partial-rollout buffer) into
-complete groups of k trajectories through any `generate` callable: the in-process engine or
-the SGLang client, adapted to `generate(inputs, max_new_tokens, seeds) -> completions` where
-each completion has `output_ids`, `logprobs`, `finish_reason` and `repetition`.
-"""
-import dataclasses
-from typing import Callable, Sequence
+"""Host-side RL training batches from complete prompt groups: padding to whole minibatches,
+per-segment loss masks, right-padded arrays, minibatch splits."""
+from typing import Sequence
 
 import numpy as np
 
-from kimi_jax.rollout.replay_buffer import Group, PartialRolloutBuffer, Trajectory
+from kimi_jax.rollout.partial import Group, Trajectory
 
 
-@dataclasses.dataclass(frozen=True)
-class RolloutLimits:
-  max_response_tokens: int  # cap over all segments of one trajectory
-  segment_tokens: int  # cap per iteration (= max_response_tokens disables partial rollouts)
+def pad_groups(groups: list[Group], groups_per_minibatch: int, k: int) -> list[Group]:
+  """Append empty finished groups so the count divides into equal minibatches."""
+  missing = (-len(groups)) % groups_per_minibatch
+  prompt_ids = groups[0].trajectories[0].prompt_ids
+  empty = lambda: Group(-1, "", "", [Trajectory(prompt_ids, finished=True) for _ in range(k)])
+  return groups + [empty() for _ in range(missing)]
 
 
-def new_groups(prompts, encode: Callable[[str], list[int]], k: int, first_group_id: int,
-               version: int) -> list[Group]:
-  return [Group(first_group_id + i, p.id, p.answer, [Trajectory(encode(p.question)) for _ in range(k)],
-                created_version=version, domain=p.domain or "")
-          for i, p in enumerate(prompts)]
 
+def loss_token_mask(trajectory: Trajectory, train_old_segments: bool):
+  """Per response token: 1 if it counts in the loss under the segment policy.
 
-def _is_finished(trajectory: Trajectory, finish_reason: dict, limits: RolloutLimits) -> bool:
-  if finish_reason["type"] == "stop":
-    return True
-  return len(trajectory.response_ids) >= limits.max_response_tokens  # truncated for good
-
-
-def collect_groups(generate, groups: Sequence[Group], buffer: PartialRolloutBuffer,
-                   limits: RolloutLimits, version: int, seed_base: int) -> tuple[list[Group], int]:
-  """Advance every unfinished trajectory of `groups` + the buffer by one segment.
-
-  Returns (groups now complete, tokens generated); incomplete groups go (back) into `buffer`.
+  A trajectory's final segment always counts, even when it finished in an earlier iteration
+  while a sibling of its group was still running: masking it would leave short (often correct)
+  answers without gradient, a bias towards length. Earlier segments, sampled by an older policy
+  than the one that finished the trajectory, count only with `train_old_segments`.
   """
-  pending = buffer.take_all() + list(groups)
-  todo = [t for g in pending for t in g.trajectories if not t.finished]
-  inputs = [t.prompt_ids + t.response_ids for t in todo]
-  budgets = [min(limits.segment_tokens, limits.max_response_tokens - len(t.response_ids))
-             for t in todo]
-  seeds = [seed_base + i for i in range(len(todo))]
-  completions = generate(inputs, budgets, seeds) if todo else []
-  if len(completions) != len(todo):
-    raise RuntimeError(f"generate answered {len(completions)} of {len(todo)} requests")
-  for trajectory, completion in zip(todo, completions):
-    trajectory.extend(completion.output_ids, completion.logprobs, version)
-    trajectory.repetition = bool(getattr(completion, "repetition", False))
-    if _is_finished(trajectory, completion.finish_reason, limits):
-      trajectory.finished = True
-      trajectory.finish_reason = completion.finish_reason
-  complete = []
-  for group in pending:
-    (complete.append if group.complete else buffer.put)(group)
-  return complete, sum(len(c.output_ids) for c in completions)
-
-
-def loss_token_mask(trajectory: Trajectory, current_version: int, train_old_segments: bool):
-  """Per response token: 1 if it counts in the loss under the segment policy."""
   mask = np.zeros(len(trajectory.response_ids), np.float32)
-  for segment in trajectory.segments:
-    if train_old_segments or segment.version == current_version:
+  for i, segment in enumerate(trajectory.segments):
+    if train_old_segments or i == len(trajectory.segments) - 1:
       mask[segment.start:segment.end] = 1.0
   return mask
 
 
 def build_rl_batch(groups: Sequence[Group], rewards_B: np.ndarray, seq_len: int, pad_id: int,
-                   current_version: int, train_old_segments: bool) -> dict[str, np.ndarray]:
+                   train_old_segments: bool) -> dict[str, np.ndarray]:
   """Right-padded [B, seq_len] arrays; row b = trajectory b in group order.
 
   Position p predicts token p+1, so a response token at index P+i is scored at P+i-1.
@@ -89,7 +52,7 @@ def build_rl_batch(groups: Sequence[Group], rewards_B: np.ndarray, seq_len: int,
       tokens[row, :len(full)] = full
       p = len(t.prompt_ids)
       loss_mask[row, p - 1:p - 1 + len(t.response_ids)] = loss_token_mask(
-          t, current_version, train_old_segments)
+          t, train_old_segments)
       group_ids[row] = g_index
       row += 1
   return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": loss_mask,

@@ -1,6 +1,10 @@
-"""Prompt loaders: every bad row reported with file/line/field, GSM8K and MATH answers."""
+"""Prompt loaders: every bad row reported with file/line/field, GSM8K and MATH answers, images."""
+import base64
+import io
 import json
 import os
+
+import PIL.Image
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -113,3 +117,49 @@ def test_shared_data_path_env_override(tmp_path, monkeypatch):
   monkeypatch.setenv(sources.SHARED_DATA_ENV, str(tmp_path))
   assert sources.shared_data_path("gsm8k") == os.path.join(str(tmp_path), "gsm8k")
   assert load_gsm8k() == [Prompt(question="q", answer="4", id="test-1", domain="math")]
+
+
+def test_code_rows_tests_become_the_code_rewards_answer(tmp_path):
+  from kimi_jax.rewards.code import parse_tests
+  path = tmp_path / "code.jsonl"
+  rows = [{"question": "Print a+b.", "tests": [{"input": "1 2\n", "output": "3\n"},
+                                                 {"input": "5 5\n", "output": "10\n"}]},
+          {"question": "Broken.", "tests": [{"input": "1"}]},
+          {"question": "No tests.", "tests": []}]
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  prompts, errors = sources.read_prompts(str(path), sources.CODE)
+  assert parse_tests(prompts[0].answer) == [("1 2\n", "3\n"), ("5 5\n", "10\n")]
+  assert [(e.line, e.field) for e in errors] == [(2, "tests"), (3, "tests")]
+  assert "test 0" in errors[0].message and "non-empty" in errors[1].message
+
+
+def test_rows_with_images(tmp_path):
+  (tmp_path / "pics").mkdir()
+  PIL.Image.new("RGB", (30, 20), "red").save(tmp_path / "pics" / "a.png")
+  png = io.BytesIO()
+  PIL.Image.new("L", (9, 7)).save(png, format="PNG")
+  encoded = base64.b64encode(png.getvalue()).decode()
+  (tmp_path / "not_image.txt").write_text("hello")
+  path = write_jsonl(tmp_path / "vision.jsonl", [
+      {"question": "q1", "answer": "1", "images": ["pics/a.png", encoded]},   # line 1 ok
+      {"question": "q2", "answer": "2", "images": [f"data:image/png;base64,{encoded}"]},  # ok
+      {"question": "q3", "answer": "3", "images": "pics/a.png"},              # line 3: not a list
+      {"question": "q4", "answer": "4", "images": ["pics/a.png", "pics/b.png"]},  # 4: missing
+      {"question": "q5", "answer": "5", "images": ["not_image.txt"]},         # 5: not an image
+      {"question": "q6", "answer": "6", "images": [3]},                       # 6: not a string
+      {"question": "q7", "answer": "7", "images": ["data:image/png;base64,@@"]},  # 7: bad base64
+  ])
+  prompts, errors = read_prompts(path)
+  assert prompts == [
+      Prompt(question="q1", answer="1", id="vision-1",
+             images=(str(tmp_path / "pics" / "a.png"), encoded)),
+      Prompt(question="q2", answer="2", id="vision-2", images=(f"data:image/png;base64,{encoded}",))]
+  assert [(e.line, e.field) for e in errors] == [(line, "images") for line in range(3, 8)]
+  messages = [e.message for e in errors]
+  assert "expected a list" in messages[0]
+  assert messages[1].startswith("image 1: pics/b.png: no such file")
+  assert messages[2].startswith("image 0: ") and "not a decodable image" in messages[2]
+  assert "expected a non-empty string" in messages[3]
+  assert "invalid base64" in messages[4]
+  with pytest.raises(DataValidationError, match=f"{path}:4: field 'images': image 1"):
+    load_prompts(path)

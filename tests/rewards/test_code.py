@@ -81,7 +81,7 @@ def test_run_tests_reads_stdin_and_tolerates_floats():
 def test_worker_limit_is_respected(monkeypatch):
   running, peak, lock = 0, 0, threading.Lock()
 
-  def fake_run(source, stdin, limits, packages):
+  def fake_run(source, stdin, limits, packages, allow_unsandboxed):
     nonlocal running, peak
     with lock:
       running += 1
@@ -95,6 +95,19 @@ def test_worker_limit_is_respected(monkeypatch):
   executions = code.run_programs([("p", str(i)) for i in range(12)], max_workers=3)
   assert peak == 3
   assert [e.stdout for e in executions] == [str(i) for i in range(12)]  # order kept
+
+
+def test_budget_spent_leaves_later_jobs_unrun_and_scored_zero(monkeypatch):
+  def slow_run(source, stdin, limits, packages, allow_unsandboxed):
+    time.sleep(0.2)
+    return _execution(stdout=stdin)
+
+  monkeypatch.setattr(code, "run_program", slow_run)
+  executions = code.run_programs([("p", "1")] * 10, max_workers=1, budget_s=0.3)
+  ran = [not e.timed_out for e in executions]
+  assert ran[0] and not any(ran[5:])  # ~2 jobs fit in 0.3 s of 0.2 s jobs; never 6
+  assert ran == sorted(ran, reverse=True)  # jobs start in order, so only a tail is skipped
+  assert all(code.judge(e, "1") is code.CaseStatus.TIMEOUT for e, r in zip(executions, ran) if not r)
 
 
 def test_extract_program():
@@ -126,14 +139,31 @@ def test_code_rewards_binary_per_response():
   np.testing.assert_array_equal(code_rewards(responses, [tests] * 3), [1.0, 0.0, 0.0])
 
 
-def test_fallback_without_bubblewrap_warns_and_still_runs(monkeypatch):
+@pytest.fixture
+def without_bubblewrap(monkeypatch):
   real_which = _sandbox.shutil.which
   monkeypatch.setattr(_sandbox.shutil, "which",
                       lambda name: None if name == "bwrap" else real_which(name))
   monkeypatch.setattr(_sandbox, "_isolation", None)
+  monkeypatch.delenv(_sandbox.UNSANDBOXED_ENV, raising=False)
+
+
+def test_without_bubblewrap_untrusted_code_is_refused(without_bubblewrap):
+  with pytest.raises(_sandbox.SandboxUnavailable) as refused:
+    code_rewards([f"```python\n{SUM_PROGRAM}```"], [json.dumps([["1 2", "3"]])])
+  message = str(refused.value)
+  for needed in ("bubblewrap (bwrap) is not installed", "apt-get install bubblewrap",
+                 "KIMI_ALLOW_UNSANDBOXED=1", "allow_unsandboxed=True"):
+    assert needed in message, message
+
+
+@pytest.mark.parametrize("opt_in", ["environment", "argument"])
+def test_unsandboxed_runs_only_after_an_explicit_opt_in(without_bubblewrap, monkeypatch, opt_in):
+  if opt_in == "environment":
+    monkeypatch.setenv(_sandbox.UNSANDBOXED_ENV, "1")
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    result = run_tests(SUM_PROGRAM, [("1 2 3", "6")])
-  assert any("WITHOUT network isolation" in str(w.message) for w in caught)
+    result = run_tests(SUM_PROGRAM, [("1 2 3", "6")], allow_unsandboxed=opt_in == "argument")
+  assert any("WITHOUT isolation" in str(w.message) for w in caught)
   assert not _sandbox.isolation().bwrap
   assert result.score == 1.0

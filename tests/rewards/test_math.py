@@ -12,7 +12,7 @@ from kimi_jax.rewards.math import MathVerifier, extract_final_answer, math_rewar
 
 CASES_PATH = os.path.join(os.path.dirname(__file__), "data", "math_cases.jsonl")
 REQUIRED_CATEGORIES = {"fraction", "decimal", "percent", "units", "interval", "set", "equation",
-                       "latex", "expression", "extraction"}
+                       "latex", "expression", "extraction", "hedge"}
 HANGING_ANSWER = r"\boxed{9^{9^{9^{9}}}}"  # sympy tries to build the integer: never returns
 
 

@@ -5,11 +5,14 @@ means), so a score of 0 means the attack failed. After each one: the parent (thi
 sibling process are alive, no process of the run is left (searched by a unique marker on the
 command line and by the run's uids), and no watched file outside the temp dir changed.
 
-The fork bomb and kill(-1) are only safe inside the full sandbox, so the module first asserts
-that bubblewrap works here (CI installs it) and, as root, that runs get a dedicated uid.
+The battery runs twice: with bubblewrap (contained; the fork bomb and kill(-1) are only safe
+inside the full sandbox, so those tests first assert that bubblewrap works here, CI installs it,
+and as root that runs get a dedicated uid) and with bubblewrap missing (every run refused
+before anything starts, since the caller did not opt in to running unsandboxed).
 """
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import textwrap
@@ -29,12 +32,22 @@ SLEEPER = (f'os.execv(sys.executable, [sys.executable, "-c", "import time; time.
            f'"{MARKER}"])')
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def full_sandbox():
   mode = _sandbox.isolation()
-  assert mode.bwrap, ("bubblewrap must work for the adversarial battery "
-                      "(apt-get install bubblewrap; user namespaces must be allowed)")
+  assert mode.bwrap, (f"these tests need the full sandbox, missing here: {mode.missing} "
+                      "(`apt-get install bubblewrap`; user namespaces must be allowed)")
   assert mode.dedicated_uid == (os.geteuid() == 0)
+
+
+@pytest.fixture
+def no_bubblewrap(monkeypatch):
+  """This process as it would be on a machine without bwrap, and no opt-out set."""
+  real_which = shutil.which
+  monkeypatch.setattr(_sandbox.shutil, "which",
+                      lambda name: None if name == "bwrap" else real_which(name))
+  monkeypatch.setattr(_sandbox, "_isolation", None)
+  monkeypatch.delenv(_sandbox.UNSANDBOXED_ENV, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +92,7 @@ def _leftover_processes() -> list[int]:
   return found
 
 
+HOST_CWD = os.getcwd()
 OUTSIDE_PATHS = [f"/tmp/{MARKER}", f"/var/tmp/{MARKER}", f"/dev/shm/{MARKER}",
                  os.path.expanduser(f"~/{MARKER}")]
 
@@ -186,6 +200,79 @@ ATTACKS = {
         while True:
           pass
         """, "42"),
+    "io_uring": ("""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        params = ctypes.create_string_buffer(120)  # struct io_uring_params
+        if libc.syscall(425, 4, params) >= 0:  # io_uring_setup, same number on x86_64/aarch64
+          print("io_uring")
+        """, "io_uring"),
+    "keyring": ("""
+        import ctypes, platform
+        libc = ctypes.CDLL(None, use_errno=True)
+        add_key = {"x86_64": 248, "aarch64": 217}[platform.machine()]
+        if libc.syscall(add_key, b"user", b"kimi", b"secret", 6, -2) >= 0:  # process keyring
+          print("keyring")
+        """, "keyring"),
+    "ptrace": ("""
+        import ctypes, time
+        libc = ctypes.CDLL(None, use_errno=True)
+        child = os.fork()
+        if child == 0:
+          time.sleep(5)
+          os._exit(0)
+        if libc.ptrace(16, child, None, None) == 0:  # PTRACE_ATTACH
+          print("traced")
+        """, "traced"),
+    "unshare": ("""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        for flags in (0x10000000, 0x00020000, 0x40000000):  # NEWUSER, NEWNS, NEWNET
+          if libc.unshare(flags) == 0:
+            print("unshared")
+            break
+        """, "unshared"),
+    "mount": ("""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"none", b"/tmp", b"tmpfs", 0, None) == 0:
+          print("mounted")
+        """, "mounted"),
+    "fd_exhaustion": ("""
+        opened = 0
+        try:
+          while opened < 1000:
+            os.open("/dev/null", os.O_RDONLY)
+            opened += 1
+        except OSError:
+          pass
+        print("exhausted" if opened >= 1000 else opened)
+        """, "exhausted"),
+    "tmpfs_fill": ("""
+        written = 0
+        try:
+          for i in range(32):
+            with open(f"/tmp/fill{i}", "wb") as f:
+              f.write(bytes(8 * 2**20))
+            written += 8
+        except OSError:
+          pass
+        print("filled" if written > 64 else written)
+        """, "filled"),
+    "host_paths_in_proc": ("""
+        import glob
+        texts = []
+        for path in (["/proc/self/mountinfo", "/proc/mounts", "/proc/self/cgroup"]
+                     + glob.glob("/proc/[0-9]*/cmdline") + glob.glob("/proc/[0-9]*/environ")
+                     + glob.glob("/proc/[0-9]*/cwd")):
+          try:
+            texts.append(os.readlink(path) if path.endswith("cwd")
+                         else open(path, "rb").read().decode(errors="replace"))
+          except OSError:
+            pass
+        leaks = [t for t in texts if "kimi_sandbox_" in t or CANARY in t or HOST_CWD in t]
+        print("leaked" if leaks else "clean")
+        """, "leaked"),
     "always_equal": ("""
         class AlwaysEqual(str):
           def __eq__(self, other):
@@ -198,16 +285,15 @@ ATTACKS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(ATTACKS))
-def test_attack_is_contained_and_scores_zero(name, host, monkeypatch):
+def _program(name: str, host: dict) -> tuple[str, str]:
   body, expected = ATTACKS[name]
   prelude = (f"import os, sys\nCANARY = {host['dir']!r}\nOUTSIDE = {OUTSIDE_PATHS!r}\n"
-             f"PORT = {host['port']}\nSIBLING = {host['sibling'].pid}\n")
-  before = _tree_digest(host["dir"])
-  monkeypatch.setenv("KIMI_TEST_SECRET", SECRET)  # the parent holds a secret in its environment
-  result = run_tests(prelude + textwrap.dedent(body), [("", expected)], timeout_s=TIMEOUT_S)
-  assert result.score == 0.0, result.statuses
-  assert result.statuses[0] is not CaseStatus.PASSED
+             f"PORT = {host['port']}\nSIBLING = {host['sibling'].pid}\n"
+             f"HOST_CWD = {HOST_CWD!r}\n")
+  return prelude + textwrap.dedent(body), expected
+
+
+def _assert_host_untouched(host: dict, before: dict) -> None:
   assert host["sibling"].poll() is None, "sibling process was killed"
   assert _leftover_processes() == []
   assert _tree_digest(host["dir"]) == before
@@ -215,11 +301,32 @@ def test_attack_is_contained_and_scores_zero(name, host, monkeypatch):
   assert host["accepted"] == [], "the program reached a host socket"
 
 
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_is_contained_and_scores_zero(name, host, monkeypatch, full_sandbox):
+  program, expected = _program(name, host)
+  before = _tree_digest(host["dir"])
+  monkeypatch.setenv("KIMI_TEST_SECRET", SECRET)  # the parent holds a secret in its environment
+  result = run_tests(program, [("", expected)], timeout_s=TIMEOUT_S)
+  assert result.score == 0.0, result.statuses
+  assert result.statuses[0] is not CaseStatus.PASSED
+  _assert_host_untouched(host, before)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_is_refused_without_bubblewrap(name, host, no_bubblewrap):
+  program, expected = _program(name, host)
+  before = _tree_digest(host["dir"])
+  with pytest.raises(_sandbox.SandboxUnavailable,
+                     match=r"bubblewrap \(bwrap\) is not installed.*apt-get install bubblewrap"):
+    run_tests(program, [("", expected)], timeout_s=TIMEOUT_S)
+  _assert_host_untouched(host, before)
+
+
 def test_battery_covers_the_issue_list():
-  assert len(ATTACKS) >= 15
+  assert len(ATTACKS) >= 23
 
 
-def test_fork_bomb_really_hits_the_process_limit(host):
+def test_fork_bomb_really_hits_the_process_limit(host, full_sandbox):
   # Containment must come from RLIMIT_NPROC (not luck): count the forks that succeed.
   source = textwrap.dedent("""
       import os, time
@@ -241,7 +348,7 @@ def test_fork_bomb_really_hits_the_process_limit(host):
   assert _leftover_processes() == []
 
 
-def test_a_benign_program_still_passes():
+def test_a_benign_program_still_passes(full_sandbox):
   # Control: the same harness scores an honest program 1.
   result = run_tests("import sys\nprint(sum(map(int, sys.stdin.read().split())))",
                      [("40 2", "42")], timeout_s=TIMEOUT_S)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kimi_jax.rollout.repetition import repeated_loop
+from kimi_jax.rollout.repetition import first_loop_end, repeated_loop
 from kimi_jax.rollout.sampling import kept_mask, log_probs, sample_tokens
 from kimi_jax.rollout.types import SamplingParams
 from tests.rollout.tiny_model import is_loop, kept_set, log_softmax
@@ -75,6 +75,22 @@ def test_repeated_loop_ignores_the_prompt():
   history = jnp.asarray([[3, 3, 3, 3, 3, 3, 3, 0]])
   assert not repeated_loop(history, jnp.array([6]), jnp.array([2]), 1, 4)[0]
   assert repeated_loop(history, jnp.array([6]), jnp.array([4]), 1, 4)[0]
+
+
+@pytest.mark.parametrize("ngram,count", [(1, 4), (3, 3), (4, 2)])
+def test_host_loop_detector_finds_the_first_loop_like_the_reference(ngram, count):
+  rng = np.random.default_rng(ngram)
+  for trial in range(200):
+    # Three symbols and planted repeats make loops of every period common.
+    tokens = rng.integers(0, 3, 40).tolist()
+    if trial % 2:
+      cut = int(rng.integers(0, 30))
+      tokens[cut:] = (tokens[cut:cut + ngram] * 40)[:40 - cut]
+    start = int(rng.integers(0, 20))
+    want = next((e for e in range(start + 1, 41) if is_loop(tokens[:e], ngram, count)), None)
+    assert first_loop_end(tokens, ngram, count, start=start) == want, (tokens, start)
+  assert first_loop_end([5] * 9, 0, 0) is None  # disabled
+  assert first_loop_end([5] * 9, 1, 4, stop=3) is None  # window longer than the prefix
 
 
 @pytest.mark.parametrize("field,value", [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5),

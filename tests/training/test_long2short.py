@@ -105,10 +105,12 @@ def test_merge_hf_checkpoints_matches_merge_params(sharded_pair, tmp_path):
 # Planted groups of n = 8: (correct, num_tokens) per sample; responses are "<prompt>/<index>".
 GROUPS = {
     # Shortest correct has 12 tokens at indices 2 and 3 (tie -> 2); 1.5x boundary is 18 exactly.
+    # The wrong answer at 0 is shorter than the chosen: not a negative.
     "tie": [(False, 5), (True, 20), (True, 12), (True, 12), (True, 17), (True, 18), (False, 40),
             (True, 30)],
     "none": [(False, n) for n in (3, 9, 4, 50, 7, 7, 12, 8)],
     # Shortest correct 7 tokens at indices 1 and 4 (tie -> 1); boundary 10.5: 10 kept, 11 rejected.
+    # Wrong answers at 3 (shorter) and 7 (as long as the chosen) are not negatives.
     "odd": [(True, 11), (True, 7), (True, 10), (False, 3), (True, 7), (True, 9), (True, 14),
             (False, 7)],
     # All correct and within 1.5x of the shortest: an SFT example but no DPO pair.
@@ -127,16 +129,17 @@ def test_shortest_rejection_sampling_keeps_first_shortest_correct():
       SFTExample("tie", "tie/2"), SFTExample("odd", "odd/1"), SFTExample("short", "short/1")]
 
 
-def test_dpo_pairs_follow_the_rule():
+def test_dpo_pairs_reject_only_longer_responses():
+  """k1.5 2.4: rejected = wrong responses longer than the chosen, correct ones >= 1.5x."""
   pairs = build_dpo_pairs(planted_samples())
-  assert pairs == ([PreferencePair("tie", "tie/2", f"tie/{i}") for i in (0, 1, 5, 6, 7)]
-                   + [PreferencePair("odd", "odd/1", f"odd/{i}") for i in (0, 3, 6, 7)])
+  assert pairs == ([PreferencePair("tie", "tie/2", f"tie/{i}") for i in (1, 5, 6, 7)]
+                   + [PreferencePair("odd", "odd/1", f"odd/{i}") for i in (0, 6)])
 
 
 def test_dpo_pairs_length_ratio_is_a_parameter():
   pairs = build_dpo_pairs(planted_samples(), length_ratio=2.0)  # boundaries 24 and 14
-  assert pairs == ([PreferencePair("tie", "tie/2", f"tie/{i}") for i in (0, 6, 7)]
-                   + [PreferencePair("odd", "odd/1", f"odd/{i}") for i in (3, 6, 7)])
+  assert pairs == ([PreferencePair("tie", "tie/2", f"tie/{i}") for i in (6, 7)]
+                   + [PreferencePair("odd", "odd/1", "odd/6")])
 
 
 def test_selection_rejects_bad_input():

@@ -90,7 +90,8 @@ def test_dpo_pairs_follow_the_rule(tmp_path, long_model):
     chosen = shortest_correct(group)
     if chosen is not None:
       expected += [(prompt, chosen["response"], s["response"]) for s in group
-                   if not s["correct"] or s["num_tokens"] >= 1.5 * chosen["num_tokens"]]
+                   if (not s["correct"] and s["num_tokens"] > chosen["num_tokens"])
+                   or s["num_tokens"] >= 1.5 * chosen["num_tokens"]]
   pairs = [(p["prompt"], p["chosen"], p["rejected"])
            for p in read_rows(tmp_path / "dpo_pairs.jsonl")]
   assert pairs == expected and pairs

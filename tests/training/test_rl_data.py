@@ -1,86 +1,9 @@
-"""Partial rollouts: segments across iterations, continuity, versions, masks, buffer JSON."""
-import dataclasses
-import json
-
+"""RL training batches: per-segment loss masks, right-padded arrays, whole-group minibatches."""
 import numpy as np
 
-from kimi_jax.rollout.replay_buffer import PartialRolloutBuffer
-from kimi_jax.training.rl_data import (RolloutLimits, build_rl_batch, collect_groups, new_groups,
-                                       split_minibatches)
-
-EOS = 0
-
-
-@dataclasses.dataclass
-class FakeCompletion:
-  output_ids: list
-  logprobs: list
-  finish_reason: dict
-  repetition: bool = False
-
-
-class ScriptedPolicy:
-  """Each prompt (first input token) has a fixed full response; emits it in segments."""
-
-  def __init__(self, responses):
-    self.responses = responses
-    self.calls = []
-
-  def __call__(self, inputs, max_new_tokens, seeds):
-    self.calls.append(list(max_new_tokens))
-    out = []
-    for ids, budget in zip(inputs, max_new_tokens):
-      full = self.responses[ids[0]]
-      done = len(ids) - 1  # prompts are one token long here
-      chunk = full[done:done + budget]
-      finished = done + len(chunk) == len(full)
-      reason = {"type": "stop", "matched": EOS} if finished else {"type": "length", "length": budget}
-      out.append(FakeCompletion(chunk, [-0.5 - 0.01 * t for t in chunk], reason))
-    return out
-
-
-@dataclasses.dataclass
-class P:
-  id: str
-  question: str
-  answer: str
-  domain: str = "arith"
-
-
-def encode(text):
-  return [int(text)]
-
-
-def test_long_responses_finish_over_several_iterations_with_versions():
-  # prompt 1 -> 3-token response; prompt 2 -> 10-token response; segment budget 4.
-  policy = ScriptedPolicy({1: [5, 6, EOS], 2: list(range(10, 19)) + [EOS]})
-  limits = RolloutLimits(max_response_tokens=32, segment_tokens=4)
-  buffer = PartialRolloutBuffer()
-  groups = new_groups([P("a", "1", "x"), P("b", "2", "y")], encode, k=2, first_group_id=0, version=0)
-  complete, tokens = collect_groups(policy, groups, buffer, limits, version=0, seed_base=0)
-  assert [g.prompt_id for g in complete] == ["a"] and len(buffer) == 1
-  assert tokens == 2 * 3 + 2 * 4
-  finished_by_version = {}
-  for version in (1, 2):
-    for g in collect_groups(policy, [], buffer, limits, version=version, seed_base=100 * version)[0]:
-      finished_by_version[version] = g
-  long_group = finished_by_version[2]
-  for t in long_group.trajectories:
-    assert t.response_ids == list(range(10, 19)) + [EOS]  # continuous across segments
-    assert [(s.start, s.end, s.version) for s in t.segments] == [(0, 4, 0), (4, 8, 1), (8, 10, 2)]
-    assert len(t.logprobs) == 10
-  assert policy.calls[1] == [4, 4] and len(buffer) == 0
-
-
-def test_response_cap_finishes_truncated_trajectories():
-  policy = ScriptedPolicy({2: list(range(10, 30))})
-  limits = RolloutLimits(max_response_tokens=6, segment_tokens=4)
-  buffer = PartialRolloutBuffer()
-  groups = new_groups([P("b", "2", "y")], encode, k=1, first_group_id=0, version=0)
-  assert collect_groups(policy, groups, buffer, limits, 0, 0) == ([], 4)
-  (group,), _ = collect_groups(policy, [], buffer, limits, 1, 0)
-  assert policy.calls[-1] == [2]  # only the remaining 2 tokens were requested
-  assert group.trajectories[0].finish_reason["type"] == "length"
+from kimi_jax.rollout.partial import PartialRolloutBuffer, RolloutLimits, collect_groups, new_groups
+from kimi_jax.training.rl_data import build_rl_batch, split_minibatches
+from tests.rollout.test_partial import EOS, SAMPLING, P, ScriptedPolicy, encode
 
 
 def _two_segment_group():
@@ -88,14 +11,14 @@ def _two_segment_group():
   buffer = PartialRolloutBuffer()
   groups = new_groups([P("b", "2", "y")], encode, k=1, first_group_id=7, version=3)
   limits = RolloutLimits(max_response_tokens=8, segment_tokens=2)
-  collect_groups(policy, groups, buffer, limits, 3, 0)
-  return collect_groups(policy, [], buffer, limits, 4, 0)[0]
+  collect_groups(policy, SAMPLING, groups, buffer, limits, 3, 0)
+  return collect_groups(policy, SAMPLING, [], buffer, limits, 4, 0)[0]
 
 
 def test_loss_mask_follows_segment_policy():
   groups = _two_segment_group()
   for train_old, expected in ((True, [1, 1, 1, 1]), (False, [0, 0, 1, 1])):
-    batch = build_rl_batch(groups, np.ones(1), seq_len=8, pad_id=99, current_version=4,
+    batch = build_rl_batch(groups, np.ones(1), seq_len=8, pad_id=99,
                            train_old_segments=train_old)
     # prompt has 1 token: response token i is predicted at position i.
     np.testing.assert_array_equal(batch["loss_mask"][0, :4], expected)
@@ -104,15 +27,24 @@ def test_loss_mask_follows_segment_policy():
     np.testing.assert_array_equal(batch["tokens"][0, :5], [2, 10, 11, 12, EOS])
 
 
-def test_buffer_survives_json_round_trip():
-  policy = ScriptedPolicy({2: list(range(10, 19)) + [EOS]})
+def test_trajectory_finished_early_keeps_its_final_segment_in_the_loss():
+  """Prompt 1 answers in 3 tokens (iteration 0); its sibling, prompt 2's twin in the same group,
+  needs 3 iterations. Without old segments, each trajectory still trains its final segment."""
+  policy = ScriptedPolicy({1: [5, 6, EOS], 2: list(range(10, 19)) + [EOS]})
+  limits = RolloutLimits(max_response_tokens=32, segment_tokens=4)
   buffer = PartialRolloutBuffer()
-  groups = new_groups([P("b", "2", "y")], encode, k=2, first_group_id=0, version=0)
-  collect_groups(policy, groups, buffer, RolloutLimits(32, 4), 0, 0)
-  restored = PartialRolloutBuffer.from_json(json.loads(json.dumps(buffer.to_json())))
-  assert restored.to_json() == buffer.to_json()
-  (group,) = restored.take_all()
-  assert group.trajectories[1].segments[0].version == 0 and not group.complete
+  (group,) = new_groups([P("a", "1", "x")], encode, k=2, first_group_id=0, version=0)
+  group.trajectories[1].prompt_ids = [2]  # the sibling that runs long
+  complete = []
+  for version in range(3):
+    complete += collect_groups(policy, SAMPLING, [group] if version == 0 else [], buffer, limits, version,
+                               seed_base=0)[0]
+  assert complete == [group]
+  short, long = group.trajectories
+  assert [s.version for s in short.segments] == [0] and [s.version for s in long.segments] == [0, 1, 2]
+  batch = build_rl_batch(complete, np.ones(2), seq_len=16, pad_id=99, train_old_segments=False)
+  np.testing.assert_array_equal(batch["loss_mask"][0, :4], [1, 1, 1, 0])  # 3 tokens, all trained
+  np.testing.assert_array_equal(batch["loss_mask"][1, :11], [0] * 8 + [1, 1, 0])  # last segment
 
 
 def test_minibatches_keep_groups_whole():
