@@ -55,10 +55,10 @@ class EngineBackend:
     self.engine.update_weights(params, version)
 
   def release(self) -> None:
-    self.engine.release_memory()
+    self.engine.release_memory(keep_weights=False)  # `sync` brings the trainer's weights
 
   def resume(self) -> None:
-    self.engine.resume_memory()
+    self.engine.resume_memory(["kv_cache"])
 
   def close(self) -> None:
     pass

@@ -2,8 +2,10 @@
 
 Endpoints: /generate (single or batch, `input_ids` or `text`, n, return_logprob, rid, SSE
 streaming with cumulative chunks and `data: [DONE]`), /abort_request, /pause_generation,
-/continue_generation, /flush_cache, /update_weights_from_disk, /health, /model_info and
-/get_model_info, /server_info and /get_server_info, /get_load and /v1/loads. Malformed
+/continue_generation, /flush_cache, /update_weights_from_disk, /release_memory_occupation and
+/resume_memory_occupation (tags "kv_cache", "weights"), /health, /health_generate,
+/get_weight_version, /model_info and /get_model_info, /server_info and /get_server_info,
+/get_load and /v1/loads. Malformed
 requests get 400 {"error": {"message": ...}}. The engine runs on a worker thread, so admin
 calls are answered while it decodes.
 """
@@ -21,11 +23,12 @@ from aiohttp import web
 from kimi_jax.checkpointing import hf
 from kimi_jax.rollout.engine import RolloutEngine, Update
 from kimi_jax.rollout.protocol import RequestError, parse_generate_request, response_json
-from kimi_jax.rollout.types import Completion
+from kimi_jax.rollout.types import Completion, SamplingParams
 from kimi_jax.rollout.worker import EngineWorker
 
 VERSION = "kimi_jax-0.1.0"
 _PAUSE_MODES = ("abort", "retract", "in_place")
+_HEALTH_TIMEOUT_S = 20.0
 # A checkpoint may replace the served weights only if these ModelConfig fields agree.
 _ARCHITECTURE_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size",
                         "num_layers", "num_heads", "num_kv_heads", "head_dim", "rope_theta",
@@ -52,8 +55,9 @@ async def _json_body(request: web.Request) -> dict:
 class _Sample:
   """One sample of a /generate call as it streams in."""
 
-  rid: str
+  id: str
   prompt_ids: list[int]
+  sampling: SamplingParams
   return_logprob: bool
   output_ids: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[float] = dataclasses.field(default_factory=list)
@@ -83,6 +87,7 @@ class RolloutServer:
     self.load_checkpoint = load_checkpoint
     self.worker = EngineWorker(engine)
     self.url = ""
+    self._bound: tuple[str, int] = ("", 0)
     self._open_samples = 0  # accepted by /generate and not yet answered
     self._runner: web.AppRunner | None = None
 
@@ -90,7 +95,8 @@ class RolloutServer:
     app = web.Application(client_max_size=64 << 20)
     routes = [
         ("*", "/generate", self.generate),
-        ("GET", "/health", self.health),
+        ("GET", "/health", self.health), ("GET", "/health_generate", self.health_generate),
+        ("GET", "/get_weight_version", self.get_weight_version),
         ("GET", "/model_info", self.model_info), ("GET", "/get_model_info", self.model_info),
         ("GET", "/server_info", self.server_info), ("GET", "/get_server_info", self.server_info),
         ("GET", "/get_load", self.get_load), ("GET", "/v1/loads", self.v1_loads),
@@ -99,6 +105,8 @@ class RolloutServer:
         ("POST", "/continue_generation", self.continue_generation),
         ("*", "/flush_cache", self.flush_cache),
         ("POST", "/update_weights_from_disk", self.update_weights_from_disk),
+        ("*", "/release_memory_occupation", self.release_memory_occupation),
+        ("*", "/resume_memory_occupation", self.resume_memory_occupation),
     ]
     for method, path, handler in routes:
       app.router.add_route(method, path, self._answer_request_errors(handler))
@@ -116,11 +124,13 @@ class RolloutServer:
   async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
     """Bind (port 0 = ephemeral), start the engine thread; returns the base URL."""
     self.worker.start()
-    self._runner = web.AppRunner(self.app(), access_log=None)
+    # handler_cancellation: a client that hangs up cancels its handler, which aborts its samples
+    self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
     await self._runner.setup()
     site = web.TCPSite(self._runner, host, port)
     await site.start()
     bound_port = self._runner.addresses[0][1]
+    self._bound = (host, bound_port)
     self.url = f"http://{host}:{bound_port}"
     return self.url
 
@@ -137,14 +147,16 @@ class RolloutServer:
     req = parse_generate_request(await _json_body(request), lambda: uuid.uuid4().hex, encode)
     arrivals: asyncio.Queue[Update] = asyncio.Queue()
     try:
-      uids = await self.worker.submit(req.prompts, req.sampling, req.rids, arrivals.put_nowait)
+      uids = await self.worker.submit(req.prompts, req.sampling, req.rids, req.sample_ids,
+                                      arrivals.put_nowait)
     except ValueError as error:
       raise RequestError(str(error)) from error
     samples, index = [], {}
-    for prompt, sp, rid, logprob in zip(req.prompts, req.sampling, req.rids, req.return_logprob):
-      for _ in range(sp.n):
+    for prompt, sp, ids, logprob in zip(req.prompts, req.sampling, req.sample_ids,
+                                        req.return_logprob):
+      for sample_id in ids:
         index[uids[len(samples)]] = len(samples)
-        samples.append(_Sample(rid, prompt, logprob))
+        samples.append(_Sample(sample_id, prompt, sp, logprob))
     self._open_samples += len(samples)
     grouped = req.is_batch or len(samples) > 1
     answer = lambda s: self._answer(s, received)
@@ -168,7 +180,7 @@ class RolloutServer:
       await response.write_eof()
       return response
     finally:
-      unfinished = [s.rid for s in samples if s.completion is None]
+      unfinished = [s.id for s in samples if s.completion is None]
       self._open_samples -= len(samples)
       if unfinished:  # the client went away: free the rows
         self.worker.abort(sorted(set(unfinished)), "client disconnected")
@@ -184,11 +196,24 @@ class RolloutServer:
       if on_update is not None:
         await on_update(i)
 
+  def _text(self, sample: _Sample) -> str | None:
+    """The output decoded like SGLang's detokenizer: a matched stop string is cut off unless
+    no_stop_trim. None without a tokenizer (SGLang's --skip-tokenizer-init answers)."""
+    if self.tokenizer is None:
+      return None
+    sp = sample.sampling
+    text = self.tokenizer.decode(sample.output_ids, skip_special_tokens=sp.skip_special_tokens)
+    matched = (sample.completion.finish_reason.get("matched")
+               if sample.completion is not None else None)
+    if isinstance(matched, str) and matched in sp.stop and not sp.no_stop_trim:
+      text = text[:text.find(matched)] if matched in text else text
+    return text
+
   def _answer(self, sample: _Sample, received: float) -> dict:
     done = sample.completion
-    text = None if self.tokenizer is None else self.tokenizer.decode(sample.output_ids)
+    text = self._text(sample)
     return response_json(
-        sample.rid, sample.prompt_ids, sample.output_ids, sample.logprobs,
+        sample.id, sample.prompt_ids, sample.output_ids, sample.logprobs,
         None if done is None else done.finish_reason,
         self.engine.weight_version if done is None else done.weight_version,
         time.perf_counter() - received, sample.return_logprob, text)
@@ -208,13 +233,45 @@ class RolloutServer:
         "architectures": hf.config_to_hf(config)["architectures"]})
 
   async def server_info(self, request: web.Request) -> web.Response:
+    """SGLang's answer: its ServerArgs fields (slime compares several with the ones it would
+    launch), scheduler facts, `internal_states` and `version`."""
     load = self.worker.load
+    host, port = self._bound
     return web.json_response({
-        "model_path": self.model_path, "served_model_name": self.model_path, "url": self.url,
-        "max_running_requests": self.engine.max_batch, "context_length": self.engine.max_seq_len,
+        "model_path": self.model_path, "tokenizer_path": self.model_path if self.tokenizer else None,
+        "tokenizer_mode": "auto", "skip_tokenizer_init": self.tokenizer is None,
+        "load_format": "auto", "trust_remote_code": False, "dtype": self.engine.config.dtype,
+        "served_model_name": self.model_path, "host": host, "port": port, "url": self.url,
+        "context_length": self.engine.max_seq_len, "max_running_requests": self.engine.max_batch,
+        "max_total_num_tokens": self.engine.max_batch * self.engine.max_seq_len,
+        "chunked_prefill_size": self.engine.prefill_tokens, "random_seed": self.engine.seed,
+        "tp_size": 1, "dp_size": 1, "pp_size": 1, "ep_size": 1, "nnodes": 1, "node_rank": 0,
+        "base_gpu_id": 0, "gpu_id_step": 1, "dist_init_addr": None,
+        "enable_memory_saver": True,  # /release_memory_occupation really frees device memory
+        "disaggregation_mode": "null", "skip_server_warmup": True,
         "weight_version": self.engine.weight_version, "version": VERSION,
         "internal_states": [{"num_running_reqs": load.num_running,
                              "num_queued_reqs": load.num_queued, "paused": self.worker.paused}]})
+
+  async def get_weight_version(self, request: web.Request) -> web.Response:
+    return web.json_response({"weight_version": self.engine.weight_version})
+
+  async def health_generate(self, request: web.Request) -> web.Response:
+    """200 once a one-token generation completes, 503 if none does within the timeout."""
+    arrivals: asyncio.Queue[Update] = asyncio.Queue()
+    rid = f"HEALTH_CHECK_{uuid.uuid4().hex}"
+    try:
+      await self.worker.submit([[0]], [SamplingParams(max_new_tokens=1, ignore_eos=True)], [rid],
+                               [[rid]], arrivals.put_nowait)
+    except ValueError as error:  # e.g. memory released
+      return web.Response(status=503, text=f"{error}\n")
+    try:
+      while (await asyncio.wait_for(arrivals.get(), _HEALTH_TIMEOUT_S)).completion is None:
+        pass
+    except asyncio.TimeoutError:
+      await self.worker.abort([rid], "health check timed out")
+      return web.Response(status=503, text="no generation within the health-check timeout\n")
+    return web.Response(status=200)
 
   def _counts(self) -> tuple[int, int]:
     running = min(self.worker.load.num_running, self._open_samples)
@@ -264,8 +321,8 @@ class RolloutServer:
     return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
 
   async def flush_cache(self, request: web.Request) -> web.Response:
-    # No prefix cache to flush; like SGLang, refuse while requests are in flight.
-    if self._open_samples:
+    # No prefix cache to flush; like SGLang 0.5, refuse while requests run unless paused.
+    if self._open_samples and not self.worker.paused:
       return web.Response(status=400, text="Cache not flushed: requests are running or waiting.\n")
     return web.Response(status=200, text="Cache flushed.\n")
 
@@ -295,6 +352,24 @@ class RolloutServer:
       return failed(str(error))
     return web.json_response({"success": True, "message": "Succeeded to update model weights.",
                               "num_paused_requests": 0})
+
+
+  async def _memory_occupation(self, request: web.Request, change) -> web.Response:
+    tags = (await _json_body(request)).get("tags")
+    if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+      raise RequestError(f"'tags' must be null or a list of strings, got {tags!r}")
+    try:
+      await change(tags)
+    except ValueError as error:
+      raise RequestError(str(error)) from error
+    return web.json_response(None)  # SGLang answers 200 with a JSON null
+
+  async def release_memory_occupation(self, request: web.Request) -> web.Response:
+    """Hybrid deployment: drop the KV cache and/or weights from device memory until resumed."""
+    return await self._memory_occupation(request, self.worker.release_memory)
+
+  async def resume_memory_occupation(self, request: web.Request) -> web.Response:
+    return await self._memory_occupation(request, self.worker.resume_memory)
 
 
 class BackgroundServer:

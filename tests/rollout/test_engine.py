@@ -316,17 +316,17 @@ def test_release_frees_device_memory_until_resume_and_update_weights(engine, par
   before = engine.generate(prompts, greedy)
   live_bytes = lambda: sum(x.nbytes for x in jax.live_arrays())
   held, compiled = live_bytes(), engine.num_compilations
-  engine.release_memory()
+  engine.release_memory(keep_weights=False)
   try:
     # The engine's own weight copy and its KV cache are gone, not just the weights.
     assert held - live_bytes() > sum(x.nbytes for x in jax.tree.leaves(params))
-    with pytest.raises(RuntimeError, match="released"):
+    with pytest.raises(ValueError, match="released"):
       engine.generate(prompts, greedy)
-    engine.resume_memory()
-    with pytest.raises(RuntimeError, match="released"):  # weights return with update_weights
+    engine.resume_memory(["kv_cache"])
+    with pytest.raises(ValueError, match="released"):  # weights return with update_weights
       engine.generate(prompts, greedy)
   finally:
-    engine.resume_memory()
+    engine.resume_memory(["kv_cache"])
     engine.update_weights(params, "0")
   after = engine.generate(prompts, greedy)
   assert [c.output_ids for c in after] == [c.output_ids for c in before]
