@@ -1,4 +1,4 @@
-"""An HTTP server for RolloutEngine speaking SGLang's native API (DESIGN.md section 6).
+"""An HTTP server for RolloutEngine speaking SGLang's native API.
 
 Endpoints: /generate (single or batch, `input_ids` or `text`, n, return_logprob, rid, SSE
 streaming with cumulative chunks and `data: [DONE]`), /abort_request, /pause_generation,
@@ -22,7 +22,9 @@ from aiohttp import web
 
 from kimi_jax.checkpointing import hf
 from kimi_jax.rollout.engine import RolloutEngine, Update
-from kimi_jax.rollout.protocol import RequestError, parse_generate_request, response_json
+from kimi_jax.rollout import openai_api
+from kimi_jax.rollout.protocol import (GenerateRequest, LogprobRequest, RequestError,
+                                       parse_generate_request, response_json)
 from kimi_jax.rollout.types import Completion, SamplingParams
 from kimi_jax.rollout.worker import EngineWorker
 
@@ -51,6 +53,23 @@ async def _json_body(request: web.Request) -> dict:
   return body
 
 
+async def _event_stream(request: web.Request) -> web.StreamResponse:
+  response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                         "Cache-Control": "no-cache"})
+  await response.prepare(request)
+  return response
+
+
+async def _send_event(response: web.StreamResponse, event: dict) -> None:
+  await response.write(f"data: {json.dumps(event)}\n\n".encode())
+
+
+async def _end_event_stream(response: web.StreamResponse) -> web.StreamResponse:
+  await response.write(b"data: [DONE]\n\n")
+  await response.write_eof()
+  return response
+
+
 @dataclasses.dataclass
 class _Sample:
   """One sample of a /generate call as it streams in."""
@@ -59,6 +78,7 @@ class _Sample:
   prompt_ids: list[int]
   sampling: SamplingParams
   return_logprob: bool
+  logprob_request: LogprobRequest
   output_ids: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[float] = dataclasses.field(default_factory=list)
   completion: Completion | None = None
@@ -88,6 +108,7 @@ class RolloutServer:
     self.worker = EngineWorker(engine)
     self.url = ""
     self._bound: tuple[str, int] = ("", 0)
+    self._started = time.time()
     self._open_samples = 0  # accepted by /generate and not yet answered
     self._runner: web.AppRunner | None = None
 
@@ -95,6 +116,9 @@ class RolloutServer:
     app = web.Application(client_max_size=64 << 20)
     routes = [
         ("*", "/generate", self.generate),
+        ("GET", "/v1/models", self.v1_models),
+        ("POST", "/v1/completions", self.v1_completions),
+        ("POST", "/v1/chat/completions", self.v1_chat_completions),
         ("GET", "/health", self.health), ("GET", "/health_generate", self.health_generate),
         ("GET", "/get_weight_version", self.get_weight_version),
         ("GET", "/model_info", self.model_info), ("GET", "/get_model_info", self.model_info),
@@ -145,6 +169,30 @@ class RolloutServer:
     received = time.perf_counter()
     encode = None if self.tokenizer is None else self.tokenizer.encode
     req = parse_generate_request(await _json_body(request), lambda: uuid.uuid4().hex, encode)
+    vocab = self.engine.config.vocab_size
+    for i, want in enumerate(req.logprobs):
+      bad = [t for t in want.token_ids or () if t >= vocab]
+      if bad:
+        raise RequestError(f"'token_ids_logprob' of prompt {i}: ids {bad[:5]} outside [0, {vocab})")
+    grouped = req.is_batch or sum(sp.n for sp in req.sampling) > 1
+    answer = lambda s: self._answer(s, received)
+    if not req.stream:
+      answers = [await answer(s) for s in await self._run(req)]
+      return web.json_response(answers if grouped else answers[0])
+    response = await _event_stream(request)
+
+    async def send(samples: list[_Sample], i: int) -> None:
+      chunk = await answer(samples[i])
+      if grouped:
+        chunk["index"] = i
+      await _send_event(response, chunk)
+
+    await self._run(req, send)
+    return await _end_event_stream(response)
+
+  async def _run(self, req: GenerateRequest, on_update=None) -> list[_Sample]:
+    """Submit `req` and wait for all its samples; `on_update(samples, i)` after each update
+    of sample i. Samples still unfinished when this ends (the client went away) are aborted."""
     arrivals: asyncio.Queue[Update] = asyncio.Queue()
     try:
       uids = await self.worker.submit(req.prompts, req.sampling, req.rids, req.sample_ids,
@@ -152,49 +200,27 @@ class RolloutServer:
     except ValueError as error:
       raise RequestError(str(error)) from error
     samples, index = [], {}
-    for prompt, sp, ids, logprob in zip(req.prompts, req.sampling, req.sample_ids,
-                                        req.return_logprob):
+    for prompt, sp, ids, logprob, extra in zip(req.prompts, req.sampling, req.sample_ids,
+                                               req.return_logprob, req.logprobs):
       for sample_id in ids:
         index[uids[len(samples)]] = len(samples)
-        samples.append(_Sample(sample_id, prompt, sp, logprob))
+        samples.append(_Sample(sample_id, prompt, sp, logprob, extra))
     self._open_samples += len(samples)
-    grouped = req.is_batch or len(samples) > 1
-    answer = lambda s: self._answer(s, received)
     try:
-      if not req.stream:
-        await self._collect(arrivals, samples, index)
-        answers = [answer(s) for s in samples]
-        return web.json_response(answers if grouped else answers[0])
-      response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                             "Cache-Control": "no-cache"})
-      await response.prepare(request)
-
-      async def send(i: int) -> None:
-        chunk = answer(samples[i])
-        if grouped:
-          chunk["index"] = i
-        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-
-      await self._collect(arrivals, samples, index, send)
-      await response.write(b"data: [DONE]\n\n")
-      await response.write_eof()
-      return response
+      waiting = len(samples)
+      while waiting:
+        update = await arrivals.get()
+        i = index[update.uid]
+        samples[i].apply(update)
+        waiting -= update.completion is not None
+        if on_update is not None:
+          await on_update(samples, i)
+      return samples
     finally:
       unfinished = [s.id for s in samples if s.completion is None]
       self._open_samples -= len(samples)
       if unfinished:  # the client went away: free the rows
         self.worker.abort(sorted(set(unfinished)), "client disconnected")
-
-  @staticmethod
-  async def _collect(arrivals, samples, index, on_update=None) -> None:
-    waiting = len(samples)
-    while waiting:
-      update = await arrivals.get()
-      i = index[update.uid]
-      samples[i].apply(update)
-      waiting -= update.completion is not None
-      if on_update is not None:
-        await on_update(i)
 
   def _text(self, sample: _Sample) -> str | None:
     """The output decoded like SGLang's detokenizer: a matched stop string is cut off unless
@@ -209,14 +235,132 @@ class RolloutServer:
       text = text[:text.find(matched)] if matched in text else text
     return text
 
-  def _answer(self, sample: _Sample, received: float) -> dict:
+  def _token_text(self, with_text: bool) -> Callable[[int], str | None]:
+    if not with_text or self.tokenizer is None:
+      return lambda token: None
+    return lambda token: self.tokenizer.decode([token], skip_special_tokens=False)
+
+  async def _logprob_fields(self, sample: _Sample) -> dict:
+    """SGLang's input log-probs and top / chosen-id alternatives of one sample."""
+    want = sample.logprob_request
+    fields = {"input_token_logprobs": []}
+    if not want.needs_scoring:
+      return fields
+    prompt, n = sample.prompt_ids, len(sample.output_ids)
+    next_logp, top_logp, top_ids, ids_logp = await self.worker.score(
+        prompt + sample.output_ids, sample.sampling.temperature, want.top_n,
+        want.token_ids or ())
+    text = self._token_text(want.with_text)
+    triplets = lambda values, ids: [[float(v), int(t), text(int(t))] for v, t in zip(values, ids)]
+    inputs = range(want.start, len(prompt)) if want.start >= 0 else range(0)
+    # position p's log-probs come from the distribution after p - 1 (none for p = 0)
+    fields["input_token_logprobs"] = [
+        [None if p == 0 else float(next_logp[p - 1]), prompt[p], text(prompt[p])] for p in inputs]
+    outputs = range(len(prompt) - 1, len(prompt) - 1 + n)
+    if want.top_n:
+      top = lambda q: triplets(top_logp[q], top_ids[q])
+      fields["input_top_logprobs"] = [None if p == 0 else top(p - 1) for p in inputs]
+      fields["output_top_logprobs"] = [top(q) for q in outputs]
+    if want.token_ids:
+      chosen = lambda q: triplets(ids_logp[q], want.token_ids)
+      fields["input_token_ids_logprobs"] = [None if p == 0 else chosen(p - 1) for p in inputs]
+      fields["output_token_ids_logprobs"] = [chosen(q) for q in outputs]
+    return fields
+
+  async def _answer(self, sample: _Sample, received: float) -> dict:
     done = sample.completion
     text = self._text(sample)
+    fields = await self._logprob_fields(sample) if sample.return_logprob else None
     return response_json(
         sample.id, sample.prompt_ids, sample.output_ids, sample.logprobs,
         None if done is None else done.finish_reason,
         self.engine.weight_version if done is None else done.weight_version,
-        time.perf_counter() - received, sample.return_logprob, text)
+        time.perf_counter() - received, sample.return_logprob, text, fields,
+        self._token_text(sample.logprob_request.with_text))
+
+  # ---- OpenAI-compatible API ----
+
+  async def v1_models(self, request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [{
+        "id": self.model_path, "object": "model", "created": int(self._started),
+        "owned_by": "kimi_jax", "root": self.model_path, "max_model_len": self.engine.max_seq_len}]})
+
+  async def v1_completions(self, request: web.Request) -> web.StreamResponse:
+    encode = None if self.tokenizer is None else self.tokenizer.encode
+    parsed = openai_api.parse_completion_request(await _json_body(request), encode,
+                                                 self.engine.max_seq_len)
+    return await self._openai(request, parsed, chat=False)
+
+  async def v1_chat_completions(self, request: web.Request) -> web.StreamResponse:
+    template = None if self.tokenizer is None else self.tokenizer.chat_template
+    parsed = openai_api.parse_chat_request(
+        await _json_body(request), None if template is None else template.render,
+        None if self.tokenizer is None else self.tokenizer.encode, self.engine.max_seq_len)
+    return await self._openai(request, parsed, chat=True)
+
+  async def _openai(self, request: web.Request, parsed, chat: bool) -> web.StreamResponse:
+    """Serve a parsed completions / chat request (choice i: prompt i // n, sample i % n)."""
+    rids = [openai_api.new_id("req") for _ in parsed.prompts]
+    req = GenerateRequest(
+        parsed.prompts, parsed.sampling, rids,
+        [[f"{rid}-{j}" for j in range(sp.n)] for rid, sp in zip(rids, parsed.sampling)],
+        [parsed.return_logprob] * len(rids), [parsed.logprobs] * len(rids), parsed.stream, True)
+    request_id = openai_api.new_id("chatcmpl" if chat else "cmpl")
+    model = parsed.model or self.model_path
+    kind = "chat.completion" if chat else "text_completion"
+    prompt_tokens = sum(map(len, parsed.prompts))
+    if not parsed.stream:
+      samples = await self._run(req)
+      choices = [await self._openai_choice(i, s, chat) for i, s in enumerate(samples)]
+      usage = openai_api.usage(prompt_tokens, sum(len(s.output_ids) for s in samples))
+      return web.json_response(openai_api.envelope(kind, request_id, model, choices,
+                                                   usage=usage))
+    response = await _event_stream(request)
+    sent = {}  # sample index -> text already streamed
+
+    async def send(samples: list[_Sample], i: int) -> None:
+      sample = samples[i]
+      text = self._text(sample) or ""
+      if sample.completion is None:  # hold back what a stop string might still cut off
+        text = text[:len(text) - max(map(len, sample.sampling.stop), default=1) + 1]
+      delta, first = text[len(sent.get(i, "")):], i not in sent
+      if not (delta or first or sample.completion):
+        return
+      sent[i] = text
+      reason = openai_api.finish_reason(None if sample.completion is None
+                                        else sample.completion.finish_reason)
+      if chat:
+        choice = {"index": i, "delta": {"role": "assistant", "content": delta} if first
+                  else {"content": delta}, "logprobs": None, "finish_reason": reason}
+      else:
+        choice = {"index": i, "text": delta, "logprobs": None, "finish_reason": reason}
+      await _send_event(response, openai_api.envelope(kind + ("" if not chat else ".chunk"),
+                                                      request_id, model, [choice]))
+
+    samples = await self._run(req, send)
+    if parsed.include_usage:
+      await _send_event(response, openai_api.envelope(
+          kind + (".chunk" if chat else ""), request_id, model, [],
+          usage=openai_api.usage(prompt_tokens, sum(len(s.output_ids) for s in samples))))
+    return await _end_event_stream(response)
+
+  async def _openai_choice(self, index: int, sample: _Sample, chat: bool) -> dict:
+    text = self._text(sample) or ""
+    reason = sample.completion.finish_reason
+    choice = {"index": index, "logprobs": None, "finish_reason": openai_api.finish_reason(reason),
+              "matched_stop": openai_api.matched_stop(reason)}
+    if sample.return_logprob:
+      fields = await self._logprob_fields(sample)
+      token_text = self._token_text(True)
+      triplets = [[lp, t, token_text(t) or ""] for lp, t in zip(sample.logprobs, sample.output_ids)]
+      top = fields.get("output_top_logprobs")
+      choice["logprobs"] = (openai_api.chat_logprobs(triplets, top) if chat
+                            else openai_api.completion_logprobs(triplets, top))
+    if chat:
+      choice["message"] = {"role": "assistant", "content": text}
+    else:
+      choice["text"] = text
+    return choice
 
   # ---- admin ----
 

@@ -118,6 +118,10 @@ class EngineWorker:
   def swap_weights(self, params, weight_version: str) -> asyncio.Future:
     return self._call(lambda: self.engine.update_weights(params, weight_version), barrier=True)
 
+  def score(self, token_ids, temperature: float, top_n: int, ids) -> asyncio.Future:
+    """`engine.score` on the engine thread (between decode chunks)."""
+    return self._call(lambda: self.engine.score(token_ids, temperature, top_n, ids))
+
   def release_memory(self, tags) -> asyncio.Future:
     """Once the engine is idle (or paused), free the device memory of `tags`."""
     return self._call(lambda: self.engine.release_memory(tags), barrier=True)
