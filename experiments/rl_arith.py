@@ -65,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
       length_penalty=ml_collections.ConfigDict(dict(weight=0.2, warmup_iterations=10)),
       clip_eps=0.2))  # grpo only
 
-  # strategy: uniform | prioritized | switch_curriculum | gradual_curriculum (DESIGN.md 4).
+  # strategy: uniform | prioritized | switch_curriculum | gradual_curriculum.
   c.sampler = ml_collections.ConfigDict(dict(
       strategy="prioritized", epsilon=0.05, ema_rate=0.0, base="prioritized",
       switch_step=24, hard_level=4, start_level=1, steps_per_level=8))

@@ -13,7 +13,7 @@ from kimi_jax.model.layers import Dense, RMSNorm, SwiGLU
 from kimi_jax.model.vision import VisionTower, vision_layout
 from kimi_jax.sharding.rules import constrain
 
-KVCache = tuple  # per layer: (keys_BxSxKxD, values_BxSxKxD); slot index == position
+KVCache = tuple  # per layer: (keys_BxSxKxA, values_BxSxKxA); slot index == position
 
 
 class DecoderLayer(nn.Module):

@@ -21,7 +21,8 @@ import numpy as np
 
 from kimi_jax.model import ModelConfig
 from kimi_jax.rollout import batch_state, scoring
-from kimi_jax.rollout.batch_state import LENGTH, REPEATED, RUNNING, STOPPED, Admission
+from kimi_jax.rollout.batch_state import (ROW_FULL, ROW_REPEATED, ROW_RUNNING, ROW_STOPPED,
+                                         Admission)
 from kimi_jax.rollout.types import (REPETITION_MATCH, Completion, SamplingParams, abort_reason,
                                     length_reason, stop_reason)
 
@@ -423,7 +424,7 @@ class RolloutEngine:
         seed_lo_R=column([q.seed & 0xFFFFFFFF for q in requests], np.uint32),
         seed_hi_R=column([(q.seed >> 32) & 0xFFFFFFFF for q in requests], np.uint32),
         sample_index_R=column([q.sample_index for q in requests], np.uint32),
-        stop_ids_RxK=stop_ids, min_new_R=column([s.min_new_tokens for s in sp], np.int32),
+        stop_ids_RxJ=stop_ids, min_new_R=column([s.min_new_tokens for s in sp], np.int32),
         repetition_R=np.array([s.repetition_penalty for s in sp] + [1.0] * (r - len(sp)),
                               np.float32),
         frequency_R=column([s.frequency_penalty for s in sp], np.float32),
@@ -431,29 +432,29 @@ class RolloutEngine:
 
   def _absorb(self, emitted: batch_state.Emitted) -> list[Update]:
     """Append a decode chunk's tokens to their requests; complete the requests that finished."""
-    tokens_CxB, logprobs_CxB, emitted_CxB, finish_B = jax.device_get(emitted)
-    self._decode_steps += int(emitted_CxB.any(axis=1).sum())  # every step emits for some row
+    tokens_IxB, logprobs_IxB, emitted_IxB, finish_B = jax.device_get(emitted)
+    self._decode_steps += int(emitted_IxB.any(axis=1).sum())  # every step emits for some row
     updates = []
     for row, request in enumerate(self._rows):
       if request is None:
         continue
-      mask_C = emitted_CxB[:, row]
-      new_ids = tokens_CxB[mask_C, row].tolist()
-      new_logprobs = logprobs_CxB[mask_C, row].tolist()
+      mask_I = emitted_IxB[:, row]
+      new_ids = tokens_IxB[mask_I, row].tolist()
+      new_logprobs = logprobs_IxB[mask_I, row].tolist()
       code = int(finish_B[row])
       stop_at = self._stop_string_end(request, new_ids)
       if stop_at is not None:  # the device row ran on past the match: release it
         new_ids, new_logprobs = new_ids[:stop_at[0]], new_logprobs[:stop_at[0]]
-        self._release_B[row] = code == RUNNING
+        self._release_B[row] = code == ROW_RUNNING
       request.output_ids += new_ids
       request.logprobs += new_logprobs
       completion = None
       if stop_at is not None:
         completion = self._complete(request, stop_reason(stop_at[1]))
         self._rows[row] = None
-      elif code != RUNNING:
+      elif code != ROW_RUNNING:
         completion = self._complete(request, self._finish_reason(code, request),
-                                    repetition=code == REPEATED)
+                                    repetition=code == ROW_REPEATED)
         self._rows[row] = None
       if new_ids or completion:
         updates.append(Update(request.uid, new_ids, new_logprobs, completion))
@@ -480,11 +481,11 @@ class RolloutEngine:
 
   @staticmethod
   def _finish_reason(code: int, request: _Request) -> dict:
-    if code == STOPPED:
+    if code == ROW_STOPPED:
       return stop_reason(request.output_ids[-1])
-    if code == REPEATED:
+    if code == ROW_REPEATED:
       return stop_reason(REPETITION_MATCH)
-    assert code == LENGTH, code
+    assert code == ROW_FULL, code
     return length_reason(len(request.output_ids))
 
   def _complete(self, request: _Request, finish_reason: dict,

@@ -1,4 +1,4 @@
-"""SGLang native /generate JSON <-> our request and completion types (DESIGN.md section 6).
+"""SGLang native /generate JSON <-> our request and completion types.
 
 One module holds the wire format so the server that speaks it and the client that reads it
 cannot drift apart.

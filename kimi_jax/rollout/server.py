@@ -1,4 +1,4 @@
-"""An HTTP server for RolloutEngine speaking SGLang's native API (DESIGN.md section 6).
+"""An HTTP server for RolloutEngine speaking SGLang's native API.
 
 Endpoints: /generate (single or batch, `input_ids` or `text`, n, return_logprob, rid, SSE
 streaming with cumulative chunks and `data: [DONE]`), /abort_request, /pause_generation,

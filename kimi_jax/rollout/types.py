@@ -1,6 +1,6 @@
 """Request and result types shared by the engine, the server and the SGLang client.
 
-Field names and meanings follow SGLang's native API (DESIGN.md section 6).
+Field names and meanings follow SGLang's native API.
 """
 import dataclasses
 import operator

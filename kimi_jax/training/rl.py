@@ -1,4 +1,4 @@
-"""The k1.5 synchronous RL loop (DESIGN.md section 1), read top-down.
+"""The k1.5 synchronous RL loop, read top-down.
 
 `run` sets a run up and loops over steps; each step is one `rl_iteration`: prompts -> k samples
 per prompt on the rollout backend -> rewards (+ length penalty) -> `PolicyTrainer.train`
@@ -19,7 +19,7 @@ from tqdm import tqdm
 from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.checkpointing.manager import RunCheckpointer
 from kimi_jax.data.samplers import PromptSampler, make_strategy
-from kimi_jax.data.tasks import encode_prompt
+from kimi_jax.data.tasks import encode_task_prompt
 from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.metrics.plots import plot_metrics
 from kimi_jax.metrics.writers import read_jsonl
@@ -27,7 +27,7 @@ from kimi_jax.rewards.registry import score_rollout
 from kimi_jax.rollout.backends import build_backend
 from kimi_jax.rollout.partial import (Group, PartialRolloutBuffer, RolloutLimits, collect_groups,
                                       new_groups)
-from kimi_jax.rollout.types import SamplingParams
+from kimi_jax.rollout.types import LENGTH, SamplingParams
 from kimi_jax.training import rl_data
 from kimi_jax.training.optim import build_optimizer, build_post_update
 from kimi_jax.training.rl_losses import make_policy_loss
@@ -102,7 +102,7 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   Returns (state, metrics)."""
   rl = config.rl
   t0 = time.perf_counter()
-  groups = new_groups(next(sampler), lambda q: encode_prompt(tokenizer, q), rl.k,
+  groups = new_groups(next(sampler), lambda q: encode_task_prompt(tokenizer, q), rl.k,
                       step * rl.prompts_per_iteration, step)
   limits = RolloutLimits(rl.max_response_tokens, rl.segment_tokens, rl.repetition_ngram,
                          rl.repetition_count)
@@ -240,7 +240,7 @@ def rollout_metrics(groups: list[Group], rewards_B, correct_B, lengths_B) -> dic
       "length_p90": percentile(90), "length_max": percentile(100),
       "lengths": lengths_B,
       "repetition_frac": mean([t.repetition for t in trajectories]),
-      "truncated_frac": mean([t.finish_reason["type"] == "length" for t in trajectories]),
+      "truncated_frac": mean([t.finish_reason["type"] == LENGTH for t in trajectories]),
       "multi_segment_frac": mean([t.num_segments > 1 for t in trajectories]),
       # Sampled-token negative log-prob: an entropy estimate (exact in expectation at T=1).
       "entropy": -mean(logprobs),

@@ -55,8 +55,8 @@ def test_padded_patch_sequence_gives_the_same_logits(params, batch):
   """Padding patches (one compiled shape for many image sizes) see only each other."""
   tokens, pv = batch
   inputs = prepare_vlm_inputs(CFG, tokens, pv, GRIDS, num_patches=len(pv) + 8)
-  assert inputs.pixel_values_NxF.shape == (len(pv) + 8, pv.shape[1])
-  inputs = inputs._replace(pixel_values_NxF=np.concatenate([pv, np.ones((8, pv.shape[1]))]))
+  assert inputs.pixel_values_OxE.shape == (len(pv) + 8, pv.shape[1])
+  inputs = inputs._replace(pixel_values_OxE=np.concatenate([pv, np.ones((8, pv.shape[1]))]))
   out = jax.jit(vlm_logits, static_argnums=0)(CFG, params, jnp.asarray(tokens), inputs)
   np.testing.assert_allclose(out, apply_vlm(CFG, params, tokens, pv, GRIDS), atol=ATOL)
 
