@@ -35,7 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
       source="", num_documents=2000, heldout_documents=64, min_problems=2, max_problems=16,
       position_edges=(0, 64, 256, 1024)))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+  # sequence > 1 splits every sequence over that many devices (ring attention; context
+  # parallelism for long CoT); the sequence length must divide by it.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, sequence=1))
 
   c.sft = ml_collections.ConfigDict(dict(
       steps=400, batch_size=64, seq_len=64, learning_rate=3e-3, warmup_steps=50,
