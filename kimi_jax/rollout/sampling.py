@@ -23,12 +23,12 @@ def request_key_data(seed_lo_B, seed_hi_B, sample_index_B) -> jax.Array:
 
 
 def penalized_logits(logits_BxV, counts_BxV, repetition_B, frequency_B, presence_B,
-                     suppress_BxK) -> jax.Array:
+                     suppress_BxJ) -> jax.Array:
   """SGLang's penalties on raw logits, from each row's output-token counts.
 
   Repetition (multiplicative, tokens seen in the output): logit / p where logit > 0, else
   logit * p. Frequency and presence (additive): logit - f * count - p * (count > 0).
-  `suppress_BxK` lists token ids that get -inf (min_new_tokens holds back the stop ids);
+  `suppress_BxJ` lists token ids that get -inf (min_new_tokens holds back the stop ids);
   entries outside [0, V) are ignored.
   """
   b, vocab = logits_BxV.shape
@@ -37,8 +37,8 @@ def penalized_logits(logits_BxV, counts_BxV, repetition_B, frequency_B, presence
   logits_BxV = jnp.where(logits_BxV > 0, logits_BxV / scale_BxV, logits_BxV * scale_BxV)
   logits_BxV = (logits_BxV - frequency_B[:, None] * counts_BxV
                 - presence_B[:, None] * seen_BxV.astype(logits_BxV.dtype))
-  suppress_BxK = jnp.where((suppress_BxK >= 0) & (suppress_BxK < vocab), suppress_BxK, vocab)
-  return logits_BxV.at[jnp.arange(b)[:, None], suppress_BxK].set(-jnp.inf, mode="drop")
+  suppress_BxJ = jnp.where((suppress_BxJ >= 0) & (suppress_BxJ < vocab), suppress_BxJ, vocab)
+  return logits_BxV.at[jnp.arange(b)[:, None], suppress_BxJ].set(-jnp.inf, mode="drop")
 
 
 def log_probs(logits_BxV: jax.Array, temperature_B: jax.Array) -> jax.Array:
