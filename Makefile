@@ -2,6 +2,7 @@
 #   make demo      -> the tiny k1.5 RL demo on CPU
 #   make test      -> the full test suite on 8 fake CPU devices (what CI runs)
 #   make test-fast -> the unit tier: everything not marked slow
+#   make bench     -> every benchmark (ratios to in-run references) -> runs/bench/results.{json,md}
 PY := .venv/bin/python
 WORKDIR ?= runs/demo
 
@@ -30,4 +31,10 @@ test: install sandbox
 test-fast: install sandbox
 	$(PYTEST) -m "not slow" --durations=10
 
-.PHONY: install demo sandbox test test-fast
+bench: install
+	PYTHONPATH=$(CURDIR) JAX_PLATFORMS=cpu $(PY) benchmarks/run_all.py
+
+bench-readme: install
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/run_all.py --readme
+
+.PHONY: install demo sandbox test test-fast bench bench-readme
