@@ -77,6 +77,8 @@ def run(config, workdir: str) -> dict:
                                     task, tokenizer, config)
       step += 1  # the policy now has version `step`
       t0 = time.perf_counter()
+      if config.rollout.colocate:
+        backend.resume()
       backend.sync(state.params, str(step))
       metrics["time/sync"] = time.perf_counter() - t0
       if every_or_final(step, config.eval.every, rl.iterations):
@@ -106,13 +108,17 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
                          rl.repetition_count)
   complete, new_tokens = collect_groups(backend, sampling, groups, buffer, limits, step,
                                         request_seed_base(config.seed, step))
+  metrics = {"memory/rollout_bytes": live_device_bytes()}
+  if config.rollout.colocate:  # hybrid deployment: the trainer gets the rollout's memory
+    backend.release()
   t1 = time.perf_counter()
-  metrics = {"complete_groups": len(complete), "buffer_groups": len(buffer),
-             "tokens_per_s": new_tokens / max(t1 - t0, 1e-9), "time/rollout": t1 - t0}
+  metrics.update({"complete_groups": len(complete), "buffer_groups": len(buffer),
+                  "tokens_per_s": new_tokens / max(t1 - t0, 1e-9), "time/rollout": t1 - t0})
   if not complete:
     metrics.update(rollout_metrics([], [], [], []))
     metrics.update(trainer.nan_metrics(state, rl.groups_per_minibatch * rl.k))
-    metrics.update({"time/reward": 0.0, "time/train": 0.0})
+    metrics.update({"time/reward": 0.0, "time/train": 0.0,
+                    "memory/train_bytes": live_device_bytes()})
     return state, metrics
   rewards_B, correct_B, lengths_B = score_groups(complete, tokenizer.decode, task.reward_by_domain,
                                                  rl, step)
@@ -126,8 +132,14 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   sampler.update([g.prompt_id for g in complete for _ in g.trajectories], correct_B)
   metrics.update(rollout_metrics(complete, rewards_B, correct_B, lengths_B))
   metrics.update(train_metrics)
-  metrics.update({"time/reward": t2 - t1, "time/train": time.perf_counter() - t2})
+  metrics.update({"time/reward": t2 - t1, "time/train": time.perf_counter() - t2,
+                  "memory/train_bytes": live_device_bytes()})
   return state, metrics
+
+
+def live_device_bytes() -> int:
+  """Bytes of all live JAX arrays (every device): what a phase holds at its end."""
+  return sum(x.nbytes for x in jax.live_arrays())
 
 
 class PolicyTrainer:
