@@ -119,6 +119,8 @@ class RolloutEngine:
     self._prefill = self._jit("prefill", functools.partial(batch_state.prefill, config))
     self._decode = self._jit("decode", functools.partial(
         batch_state.decode_chunk, config, num_steps=chunk_steps, **stopping))
+    self._reset_rows = jax.jit(functools.partial(batch_state.reset_rows, config, max_stop_ids),
+                               donate_argnums=(0,))
     self._seed_rng = np.random.default_rng(seed)
     self._queue: collections.deque[_Request] = collections.deque()
     self._rows: list[_Request | None] = [None] * max_batch
@@ -183,7 +185,11 @@ class RolloutEngine:
     return bool(self._queue or self.num_running or self._finished_at_submit)
 
   def update_weights(self, params, weight_version: str) -> None:
-    """Swap in new parameters (same tree, shapes and dtypes); nothing recompiles."""
+    """Swap in new parameters (same tree, shapes and dtypes); nothing recompiles.
+
+    Every row without a running request is reset (KV cache included): nothing computed with
+    the old weights reaches a later request. Requests paused in place keep their rows.
+    """
     new = _plain_tree(params)
     old_paths = jax.tree_util.tree_flatten_with_path(self._params)[0]
     new_paths = jax.tree_util.tree_flatten_with_path(new)[0]
@@ -197,6 +203,20 @@ class RolloutEngine:
                        f"given {[new_specs.get(k) for k in diff[:5]]})")
     self._params = self._own_copy(new)
     self.weight_version = str(weight_version)
+    self._state = self._reset_rows(self._state, np.array([r is None for r in self._rows]))
+
+  def reset(self, message: str) -> list[Update]:
+    """Abort every request (reason `message`) and rebuild the batch state from scratch.
+
+    For recovery after a failed step: the device state may be half-updated or, if the failed
+    program had been handed the state, deleted.
+    """
+    updates = self._finished_at_submit + self.abort(None, message)
+    self._finished_at_submit = []
+    self._release_B = np.zeros(self.max_batch, bool)
+    self._state = jax.device_put(batch_state.init_batch_state(
+        self.config, self.max_batch, self.max_seq_len, self.max_stop_ids), self._device)
+    return updates
 
   def _own_copy(self, params):
     """A private copy on our device: the trainer may donate (delete) the buffers it passed."""
@@ -241,6 +261,10 @@ class RolloutEngine:
 
   def _stop_ids(self, index: int, sp: SamplingParams) -> tuple[int, ...]:
     ids = tuple(dict.fromkeys(sp.stop_token_ids + (() if sp.ignore_eos else self.eos_token_ids)))
+    outside = [t for t in sp.stop_token_ids if t >= self.config.vocab_size]
+    if outside:
+      raise ValueError(f"sampling[{index}].stop_token_ids: {outside[:5]} outside the vocabulary "
+                       f"[0, {self.config.vocab_size})")
     if len(ids) > self.max_stop_ids:
       raise ValueError(f"sampling[{index}].stop_token_ids: {len(ids)} stop ids (with eos) exceed "
                        f"max_stop_ids={self.max_stop_ids}")

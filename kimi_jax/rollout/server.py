@@ -4,13 +4,16 @@ Endpoints: /generate (single or batch, `input_ids` or `text`, n, return_logprob,
 streaming with cumulative chunks and `data: [DONE]`), /abort_request, /pause_generation,
 /continue_generation, /flush_cache, /update_weights_from_disk, /health, /model_info and
 /get_model_info, /server_info and /get_server_info, /get_load and /v1/loads. Malformed
-requests get 400 {"error": {"message": ...}}. The engine runs on a worker thread, so admin
-calls are answered while it decodes.
+requests get 400 {"error": {"message": ...}} (`request_checks`), server faults 500 with the same
+shape; a client that hangs up has its samples aborted. The engine runs on a worker thread, so
+admin calls are answered while it decodes; if it fails, its requests get 500, /health answers
+503 until the engine is reset, and serving goes on.
 """
 import asyncio
 import dataclasses
 import datetime
-import json
+import functools
+import logging
 import threading
 import time
 import uuid
@@ -20,9 +23,10 @@ from aiohttp import web
 
 from kimi_jax.checkpointing import hf
 from kimi_jax.rollout.engine import RolloutEngine, Update
+from kimi_jax.rollout import request_checks
 from kimi_jax.rollout.protocol import RequestError, parse_generate_request, response_json
 from kimi_jax.rollout.types import Completion
-from kimi_jax.rollout.worker import EngineWorker
+from kimi_jax.rollout.worker import EngineFailure, EngineWorker
 
 VERSION = "kimi_jax-0.1.0"
 _PAUSE_MODES = ("abort", "retract", "in_place")
@@ -32,20 +36,17 @@ _ARCHITECTURE_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermedia
                         "rms_norm_eps", "qkv_bias", "qk_norm", "tie_embeddings")
 
 
+_json_response = functools.partial(web.json_response, dumps=request_checks.dumps)
+
+
 def _error(message: str, status: int = 400) -> web.Response:
-  return web.json_response({"error": {"message": message}}, status=status)
+  return _json_response({"error": {"message": message}}, status=status)
 
 
 async def _json_body(request: web.Request) -> dict:
   if not request.can_read_body:
     return {}
-  try:
-    body = await request.json()
-  except json.JSONDecodeError as error:
-    raise RequestError(f"request body is not valid JSON: {error}") from error
-  if not isinstance(body, dict):
-    raise RequestError("request body must be a JSON object")
-  return body
+  return request_checks.parse_json_body(await request.read())
 
 
 @dataclasses.dataclass
@@ -73,11 +74,15 @@ class RolloutServer:
     tokenizer: optional; enables `text` prompts and the `text` field of answers.
     model_path: reported by /model_info.
     load_checkpoint: path -> (ModelConfig, params), used by /update_weights_from_disk.
+    max_samples_per_request: the most samples (prompts x n) one /generate may ask for.
   """
 
   def __init__(self, engine: RolloutEngine, *, tokenizer=None, model_path: str = "",
-               load_checkpoint: Callable = hf.load_hf):
+               load_checkpoint: Callable = hf.load_hf, max_samples_per_request: int = 4096):
     self.engine = engine
+    self.max_samples_per_request = max_samples_per_request
+    # Prompt + output tokens per request: the KV slots, and no more than the model was made for.
+    self.context_length = min(engine.max_seq_len, engine.config.max_position_embeddings)
     self.tokenizer = tokenizer
     self.model_path = model_path
     self.load_checkpoint = load_checkpoint
@@ -111,12 +116,20 @@ class RolloutServer:
         return await handler(request)
       except RequestError as error:
         return _error(str(error))
+      except EngineFailure as error:
+        return _error(str(error), status=500)
+      except (web.HTTPException, asyncio.CancelledError, ConnectionResetError):
+        raise
+      except Exception as error:  # noqa: BLE001 -- a JSON 500 instead of aiohttp's text page
+        logging.exception("rollout server: %s %s failed", request.method, request.path)
+        return _error(f"internal server error: {type(error).__name__}: {error}", status=500)
     return wrapped
 
   async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
     """Bind (port 0 = ephemeral), start the engine thread; returns the base URL."""
     self.worker.start()
-    self._runner = web.AppRunner(self.app(), access_log=None)
+    # handler_cancellation: a client that hangs up cancels its handler, which aborts its samples
+    self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
     await self._runner.setup()
     site = web.TCPSite(self._runner, host, port)
     await site.start()
@@ -134,7 +147,10 @@ class RolloutServer:
   async def generate(self, request: web.Request) -> web.StreamResponse:
     received = time.perf_counter()
     encode = None if self.tokenizer is None else self.tokenizer.encode
-    req = parse_generate_request(await _json_body(request), lambda: uuid.uuid4().hex, encode)
+    body = await _json_body(request)
+    request_checks.check_generate_flags(body)
+    req = parse_generate_request(body, lambda: uuid.uuid4().hex, encode)
+    request_checks.check_fits(body, req, self.context_length, self.max_samples_per_request)
     arrivals: asyncio.Queue[Update] = asyncio.Queue()
     try:
       uids = await self.worker.submit(req.prompts, req.sampling, req.rids, arrivals.put_nowait)
@@ -152,7 +168,7 @@ class RolloutServer:
       if not req.stream:
         await self._collect(arrivals, samples, index)
         answers = [answer(s) for s in samples]
-        return web.json_response(answers if grouped else answers[0])
+        return _json_response(answers if grouped else answers[0])
       response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                              "Cache-Control": "no-cache"})
       await response.prepare(request)
@@ -161,9 +177,13 @@ class RolloutServer:
         chunk = answer(samples[i])
         if grouped:
           chunk["index"] = i
-        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(f"data: {request_checks.dumps(chunk)}\n\n".encode())
 
-      await self._collect(arrivals, samples, index, send)
+      try:
+        await self._collect(arrivals, samples, index, send)
+      except EngineFailure as error:  # the status line is sent: report it in the stream
+        await response.write(
+            f"data: {request_checks.dumps({'error': {'message': str(error)}})}\n\n".encode())
       await response.write(b"data: [DONE]\n\n")
       await response.write_eof()
       return response
@@ -178,6 +198,8 @@ class RolloutServer:
     waiting = len(samples)
     while waiting:
       update = await arrivals.get()
+      if isinstance(update, EngineFailure):
+        raise update
       i = index[update.uid]
       samples[i].apply(update)
       waiting -= update.completion is not None
@@ -196,11 +218,13 @@ class RolloutServer:
   # ---- admin ----
 
   async def health(self, request: web.Request) -> web.Response:
+    if not self.worker.healthy:
+      return web.Response(status=503, text="rollout engine failed; resetting\n")
     return web.Response(status=200)
 
   async def model_info(self, request: web.Request) -> web.Response:
     config = self.engine.config
-    return web.json_response({
+    return _json_response({
         "model_path": self.model_path, "tokenizer_path": self.model_path if self.tokenizer else None,
         "is_generation": True, "preferred_sampling_params": None,
         "weight_version": self.engine.weight_version, "has_image_understanding": False,
@@ -209,9 +233,9 @@ class RolloutServer:
 
   async def server_info(self, request: web.Request) -> web.Response:
     load = self.worker.load
-    return web.json_response({
+    return _json_response({
         "model_path": self.model_path, "served_model_name": self.model_path, "url": self.url,
-        "max_running_requests": self.engine.max_batch, "context_length": self.engine.max_seq_len,
+        "max_running_requests": self.engine.max_batch, "context_length": self.context_length,
         "weight_version": self.engine.weight_version, "version": VERSION,
         "internal_states": [{"num_running_reqs": load.num_running,
                              "num_queued_reqs": load.num_queued, "paused": self.worker.paused}]})
@@ -222,7 +246,7 @@ class RolloutServer:
 
   async def get_load(self, request: web.Request) -> web.Response:
     running, waiting = self._counts()
-    return web.json_response([{"dp_rank": 0, "num_reqs": running + waiting,
+    return _json_response([{"dp_rank": 0, "num_reqs": running + waiting,
                                "num_waiting_reqs": waiting,
                                "num_tokens": self.worker.load.num_tokens}])
 
@@ -231,7 +255,7 @@ class RolloutServer:
     running, waiting = self._counts()
     usage = load.num_tokens / (self.engine.max_batch * self.engine.max_seq_len)
     utilization = running / self.engine.max_batch
-    return web.json_response({
+    return _json_response({
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), "version": VERSION,
         "dp_rank_count": 1,
         "loads": [{"dp_rank": 0, "num_running_reqs": running, "num_waiting_reqs": waiting,
@@ -244,7 +268,7 @@ class RolloutServer:
 
   async def abort_request(self, request: web.Request) -> web.Response:
     body = await _json_body(request)
-    if body.get("abort_all"):
+    if request_checks.flag(body, "abort_all"):
       await self.worker.abort(None, "aborted by /abort_request")
     elif isinstance(body.get("rid"), str):
       await self.worker.abort([body["rid"]], "aborted by /abort_request")
@@ -257,11 +281,11 @@ class RolloutServer:
     if mode not in _PAUSE_MODES:
       raise RequestError(f"'mode'={mode!r}: must be one of {_PAUSE_MODES}")
     await self.worker.set_paused(True, "aborted by /pause_generation" if mode == "abort" else None)
-    return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
+    return _json_response({"message": "Generation paused successfully.", "status": "ok"})
 
   async def continue_generation(self, request: web.Request) -> web.Response:
     await self.worker.set_paused(False)
-    return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
+    return _json_response({"message": "Generation continued successfully.", "status": "ok"})
 
   async def flush_cache(self, request: web.Request) -> web.Response:
     # No prefix cache to flush; like SGLang, refuse while requests are in flight.
@@ -276,24 +300,29 @@ class RolloutServer:
       raise RequestError("'model_path' (an HF safetensors directory) is required")
     version = body.get("weight_version")
     version = self.engine.weight_version if version is None else str(version)
-    failed = lambda message: web.json_response(
+    abort_all = request_checks.flag(body, "abort_all_requests")
+    failed = lambda message: _json_response(
         {"success": False, "message": message, "num_paused_requests": 0}, status=400)
     try:
       config, params = await asyncio.get_running_loop().run_in_executor(
           None, self.load_checkpoint, path)
-    except (OSError, ValueError) as error:
-      return failed(f"Failed to load {path}: {error}")
+    except Exception as error:  # noqa: BLE001 -- any unreadable checkpoint is the caller's error
+      return failed(f"Failed to load {path}: {type(error).__name__}: {error}")
+    poisoned = await asyncio.get_running_loop().run_in_executor(
+        None, request_checks.non_finite_tensor, params)
+    if poisoned is not None:
+      return failed(f"{path}: tensor {poisoned} holds NaN or infinite values; weights not loaded")
     differs = {f: (getattr(config, f), getattr(self.engine.config, f))
                for f in _ARCHITECTURE_FIELDS if getattr(config, f) != getattr(self.engine.config, f)}
     if differs:
       return failed(f"{path}: config differs from the served model in (new, served) {differs}")
-    if body.get("abort_all_requests"):
+    if abort_all:
       await self.worker.abort(None, "aborted by /update_weights_from_disk")
     try:
       await self.worker.swap_weights(params, version)
     except ValueError as error:
       return failed(str(error))
-    return web.json_response({"success": True, "message": "Succeeded to update model weights.",
+    return _json_response({"success": True, "message": "Succeeded to update model weights.",
                               "num_paused_requests": 0})
 
 
