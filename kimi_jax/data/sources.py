@@ -11,8 +11,9 @@ data file's directory) or base64 strings / `data:image/...;base64,` URLs; each m
 image header. They reach `Prompt.images` (paths made absolute) and the model sees them before
 the question text.
 
-Answer formats: GSM8K ("... #### 1,234" -> "1234") and MATH (the last \\boxed{...} of the
-solution, nested braces allowed).
+Answer formats: GSM8K ("... #### 1,234" -> "1234"), MATH (the last \\boxed{...} of the
+solution, nested braces allowed), plain `answer`, and code (`tests: [{input, output}]`, stored
+as the JSON pairs the code reward reads).
 """
 import dataclasses
 import json
@@ -152,7 +153,22 @@ class Schema:
   parse_difficulty: Callable[[Any], int] = as_int
 
 
+def code_tests(value: Any) -> str:
+  """Code rows' `tests: [{"input": ..., "output": ...}, ...]` as the code reward's answer: a JSON
+  list of [stdin, expected stdout] pairs."""
+  if not isinstance(value, list) or not value:
+    raise ValueError(f"expected a non-empty list of {{input, output}} objects, got {value!r:.80}")
+  pairs = []
+  for i, test in enumerate(value):
+    if not (isinstance(test, dict) and isinstance(test.get("input"), str)
+            and isinstance(test.get("output"), str)):
+      raise ValueError(f"test {i}: expected {{\"input\": str, \"output\": str}}, got {test!r:.80}")
+    pairs.append([test["input"], test["output"]])
+  return json.dumps(pairs)
+
+
 GSM8K = Schema(parse_answer=_required(gsm8k_answer, "'#### N'"))
+CODE = Schema(answer="tests", parse_answer=code_tests)
 MATH = Schema(question="problem", answer="solution", difficulty="level", domain="type",
               parse_answer=_required(boxed_answer, "\\boxed{}"), parse_difficulty=math_level)
 

@@ -13,7 +13,9 @@ import dataclasses
 import enum
 import json
 import math
+import os
 import re
+import time
 from typing import Sequence
 
 import numpy as np
@@ -73,16 +75,36 @@ def judge(execution: Execution, expected: str) -> CaseStatus:
       CaseStatus.WRONG_ANSWER)
 
 
+DEFAULT_WORKERS = os.cpu_count() or 1  # each job is one sandboxed process
+
+
+def _not_run(budget_s: float) -> Execution:
+  """A job the reward's time budget ran out before: scored like a timeout."""
+  return Execution(timed_out=True, output_limited=False, returncode=None, stdout="",
+                   stderr_tail=f"not run: the reward's {budget_s} s budget was spent", wall_s=0.0)
+
+
 def run_programs(jobs: Sequence[tuple[str, str]], limits: Limits = Limits(),
-                 max_workers: int = 2, python_packages: tuple[str, ...] = (),
-                 allow_unsandboxed: bool = False) -> list[Execution]:
-  """Sandboxed executions of (source, stdin) jobs, at most `max_workers` at a time, in order."""
+                 max_workers: int = DEFAULT_WORKERS, python_packages: tuple[str, ...] = (),
+                 allow_unsandboxed: bool = False,
+                 budget_s: float | None = None) -> list[Execution]:
+  """Sandboxed executions of (source, stdin) jobs, at most `max_workers` at a time, in order.
+
+  With `budget_s`, jobs not started within the budget are not run (they read as timeouts), so
+  the whole call returns within budget_s + one job's timeout.
+  """
   if max_workers < 1:
     raise ValueError(f"max_workers must be >= 1, got {max_workers}")
   check_isolation(allow_unsandboxed)  # refuse before any job starts
+  deadline = None if budget_s is None else time.monotonic() + budget_s
+
+  def run(job):
+    if deadline is not None and time.monotonic() > deadline:
+      return _not_run(budget_s)
+    return run_program(*job, limits, python_packages, allow_unsandboxed)
+
   with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
-    return list(pool.map(
-        lambda job: run_program(*job, limits, python_packages, allow_unsandboxed), jobs))
+    return list(pool.map(run, jobs))
 
 
 def _check_tests(tests: Sequence[tuple[str, str]], where: str) -> None:
@@ -95,8 +117,9 @@ def _check_tests(tests: Sequence[tuple[str, str]], where: str) -> None:
 
 
 def run_test_suites(programs: Sequence[str], suites: Sequence[Sequence[tuple[str, str]]],
-                    timeout_s: float = 2.0, memory_mb: int = 256, max_workers: int = 2,
-                    allow_unsandboxed: bool = False) -> list[SuiteResult]:
+                    timeout_s: float = 2.0, memory_mb: int = 256,
+                    max_workers: int = DEFAULT_WORKERS, allow_unsandboxed: bool = False,
+                    budget_s: float | None = None) -> list[SuiteResult]:
   """`run_tests` for many programs (program i against suite i) through one worker pool."""
   if len(programs) != len(suites):
     raise ValueError(f"{len(programs)} programs but {len(suites)} test suites")
@@ -105,13 +128,13 @@ def run_test_suites(programs: Sequence[str], suites: Sequence[Sequence[tuple[str
   limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb)
   jobs = [(program, stdin) for program, tests in zip(programs, suites) for stdin, _ in tests]
   executions = iter(run_programs(jobs, limits, max_workers,
-                                 allow_unsandboxed=allow_unsandboxed))
+                                 allow_unsandboxed=allow_unsandboxed, budget_s=budget_s))
   return [SuiteResult(tuple(judge(next(executions), expected) for _, expected in tests))
           for tests in suites]
 
 
 def run_tests(program: str, tests: Sequence[tuple[str, str]], timeout_s: float = 2.0,
-              memory_mb: int = 256, max_workers: int = 2,
+              memory_mb: int = 256, max_workers: int = DEFAULT_WORKERS,
               allow_unsandboxed: bool = False) -> SuiteResult:
   """Run Python `program` once per (stdin, expected stdout) test, sandboxed; per-test statuses.
 
@@ -141,18 +164,20 @@ def parse_tests(answer: str) -> list[tuple[str, str]]:
 
 
 def code_rewards(responses: Sequence[str], answers: Sequence[str], timeout_s: float = 2.0,
-                 memory_mb: int = 256, max_workers: int = 2,
-                 allow_unsandboxed: bool = False) -> np.ndarray:
+                 memory_mb: int = 256, max_workers: int = DEFAULT_WORKERS,
+                 allow_unsandboxed: bool = False, budget_s: float = 120.0) -> np.ndarray:
   """1.0 where the response's program passes every test of its answer (`parse_tests`), else 0.0.
 
-  Binary like the math reward; float64 [B]. A response without a code block scores 0.
+  Binary like the math reward (k1.5: a program must pass all tests; no partial credit); float64
+  [B]. A response without a code block scores 0; so does a wrong, crashing or timing-out
+  program, and one whose tests the `budget_s` of the whole batch did not reach.
   """
   if len(responses) != len(answers):
     raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
   programs = [extract_program(r) for r in responses]
   rows = [i for i, program in enumerate(programs) if program is not None]
   results = run_test_suites([programs[i] for i in rows], [parse_tests(answers[i]) for i in rows],
-                            timeout_s, memory_mb, max_workers, allow_unsandboxed)
+                            timeout_s, memory_mb, max_workers, allow_unsandboxed, budget_s)
   rewards_B = np.zeros(len(responses))
   rewards_B[rows] = [float(result.score == 1.0) for result in results]
   return rewards_B

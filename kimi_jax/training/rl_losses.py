@@ -15,7 +15,8 @@ from kimi_jax.losses.policy_gradient import grpo_loss, reinforce_loss
 LOSSES = ("mirror_descent", "grpo", "reinforce")
 
 
-def _mean_over_real_rows(loss_fn):
+def _rescaled_to_real_rows(loss_fn):
+  """`loss_fn` with its mean over all rows turned into a mean over rows with loss tokens."""
   def wrapped(logp_BxT, batch):
     loss, metrics = loss_fn(logp_BxT, batch)
     real_rows = (batch["loss_mask"].sum(axis=-1) > 0).sum()
@@ -24,7 +25,7 @@ def _mean_over_real_rows(loss_fn):
 
 
 def _mirror_descent(logp_BxT, batch, tau, baseline, length_normalize):
-  return mirror_descent_loss(logp_BxT, batch["ref_logp_sum"], batch["rewards"], batch["loss_mask"],
+  return mirror_descent_loss(logp_BxT, batch["ref_logp"], batch["rewards"], batch["loss_mask"],
                              batch["group_ids"], tau, baseline=baseline,
                              length_normalize=length_normalize)
 
@@ -51,4 +52,4 @@ def make_policy_loss(rl_config):
   }
   if rl_config.loss not in builders:
     raise ValueError(f"rl.loss={rl_config.loss!r}: expected one of {LOSSES}")
-  return _mean_over_real_rows(builders[rl_config.loss]())
+  return _rescaled_to_real_rows(builders[rl_config.loss]())

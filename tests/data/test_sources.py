@@ -104,7 +104,7 @@ def test_gsm8k_answer(text, expected):
 
 def test_gsm8k_shared_test_split():
   prompts = load_gsm8k()
-  assert len(prompts) == 1319  # DESIGN.md section 10
+  assert len(prompts) == 1319  # GSM8K's test split
   assert prompts[0].answer == "18" and prompts[0].question.startswith("Janet")
   assert prompts[2].answer == "70000"
   assert all(p.answer.lstrip("-").isdigit() for p in prompts)  # commas stripped everywhere
@@ -117,6 +117,20 @@ def test_shared_data_path_env_override(tmp_path, monkeypatch):
   monkeypatch.setenv(sources.SHARED_DATA_ENV, str(tmp_path))
   assert sources.shared_data_path("gsm8k") == os.path.join(str(tmp_path), "gsm8k")
   assert load_gsm8k() == [Prompt(question="q", answer="4", id="test-1", domain="math")]
+
+
+def test_code_rows_tests_become_the_code_rewards_answer(tmp_path):
+  from kimi_jax.rewards.code import parse_tests
+  path = tmp_path / "code.jsonl"
+  rows = [{"question": "Print a+b.", "tests": [{"input": "1 2\n", "output": "3\n"},
+                                                 {"input": "5 5\n", "output": "10\n"}]},
+          {"question": "Broken.", "tests": [{"input": "1"}]},
+          {"question": "No tests.", "tests": []}]
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  prompts, errors = sources.read_prompts(str(path), sources.CODE)
+  assert parse_tests(prompts[0].answer) == [("1 2\n", "3\n"), ("5 5\n", "10\n")]
+  assert [(e.line, e.field) for e in errors] == [(2, "tests"), (3, "tests")]
+  assert "test 0" in errors[0].message and "non-empty" in errors[1].message
 
 
 def test_rows_with_images(tmp_path):

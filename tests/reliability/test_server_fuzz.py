@@ -122,7 +122,7 @@ FUZZ_CASES = [
     ("max_new_tokens_past_context", "/generate", generate(P, max_new_tokens=CONTEXT), 400,
      f"at most {CONTEXT - len(P)} new tokens fit"),
     # Controls: well-formed requests at the edges are served.
-    ("top_k_above_vocab", "/generate", generate(P, top_k=10**8, temperature=1.0), 200, None),
+    ("areal_top_k_1e8", "/generate", generate(P, top_k=1e8, temperature=1.0), 200, None),
     ("max_new_tokens_exactly_fits", "/generate",
      generate(P, max_new_tokens=CONTEXT - len(P), stop_token_ids=[]), 200, None),
     ("stream_false", "/generate", {**generate(P), "stream": False}, 200, None),

@@ -97,6 +97,19 @@ def test_worker_limit_is_respected(monkeypatch):
   assert [e.stdout for e in executions] == [str(i) for i in range(12)]  # order kept
 
 
+def test_budget_spent_leaves_later_jobs_unrun_and_scored_zero(monkeypatch):
+  def slow_run(source, stdin, limits, packages, allow_unsandboxed):
+    time.sleep(0.2)
+    return _execution(stdout=stdin)
+
+  monkeypatch.setattr(code, "run_program", slow_run)
+  executions = code.run_programs([("p", "1")] * 10, max_workers=1, budget_s=0.3)
+  ran = [not e.timed_out for e in executions]
+  assert ran[0] and not any(ran[5:])  # ~2 jobs fit in 0.3 s of 0.2 s jobs; never 6
+  assert ran == sorted(ran, reverse=True)  # jobs start in order, so only a tail is skipped
+  assert all(code.judge(e, "1") is code.CaseStatus.TIMEOUT for e, r in zip(executions, ran) if not r)
+
+
 def test_extract_program():
   response = "Plan.\n```python\nprint(1)\n```\nFixed:\n```py\nprint(2)\n```\nDone."
   assert extract_program(response) == "print(2)\n"

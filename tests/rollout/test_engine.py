@@ -308,3 +308,4 @@ def test_bad_requests_name_the_prompt(engine):
 def test_zero_new_tokens_finishes_with_length_zero(engine):
   got = engine.generate([[3, 4]], SamplingParams(max_new_tokens=0, n=2))
   assert [(c.output_ids, c.finish_reason) for c in got] == [([], {"type": "length", "length": 0})] * 2
+

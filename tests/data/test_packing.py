@@ -5,12 +5,12 @@ import jax
 import numpy as np
 import pytest
 
-from kimi_jax.data.sft import (PLAIN, ChatTemplate, Example, PackedBatches,
+from kimi_jax.data.packing import (PLAIN, ChatTemplate, Example, PackedBatches,
                                encode_example, encode_prompt, pack_examples, plan_rows)
 from kimi_jax.data.synthetic import CHARSET, make_dataset, solve, target_response
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.model import ModelConfig, init_params
-from kimi_jax.training.steps import token_logprobs
+from kimi_jax.model.logprobs import token_logprobs
 
 PAD = 0
 
