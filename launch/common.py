@@ -4,11 +4,11 @@ import importlib
 from absl import flags
 from ml_collections import config_flags
 
+from launch import distributed
+
 CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variant]",
                                          lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and plots")
-MULTIHOST = flags.DEFINE_bool("multihost", False,
-                              "call jax.distributed.initialize() (TPU pods, SLURM GPU clusters)")
 
 
 def start(argv) -> tuple:
@@ -21,9 +21,7 @@ def start(argv) -> tuple:
     raise app.UsageError("--config is required, e.g. --config=experiments/rl_arith.py:tiny")
   if not WORKDIR.value:
     raise app.UsageError("--workdir is required")
-  if MULTIHOST.value:
-    import jax
-    jax.distributed.initialize()
+  distributed.initialize()
   return CONFIG.value, WORKDIR.value
 
 

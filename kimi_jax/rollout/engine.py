@@ -110,7 +110,7 @@ class RolloutEngine:
     detokenize: token ids -> text; needed by requests with `stop` strings, which are matched
       on the host in the decoded output after each chunk (the sample ends at the token that
       completes the match, finish reason {"type": "stop", "matched": <string>}).
-    device: where params and the batch live (default: the first device).
+    device: where params and the batch live (default: this process's first device).
   """
 
   def __init__(self, config: ModelConfig, params, *, max_batch: int, max_seq_len: int,
@@ -141,7 +141,7 @@ class RolloutEngine:
     self.share_prefixes = share_prefixes
     self.detokenize = detokenize
     self.seed = seed
-    self._device = device or jax.devices()[0]
+    self._device = device or jax.local_devices()[0]
     self._params = self._own_copy(params)
     self._param_specs = _specs(self._params)
     self._host_params = None  # the weights while released with a host copy

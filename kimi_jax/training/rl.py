@@ -16,7 +16,6 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.checkpointing.manager import RunCheckpointer
 from kimi_jax.data.samplers import PromptSampler, make_strategy
 from kimi_jax.data.tasks import encode_task_prompt
@@ -28,7 +27,7 @@ from kimi_jax.rollout.backends import build_backend
 from kimi_jax.rollout.partial import (Group, PartialRolloutBuffer, RolloutLimits, collect_groups,
                                       new_groups)
 from kimi_jax.rollout.types import LENGTH, SamplingParams
-from kimi_jax.training import rl_data
+from kimi_jax.training import multihost, rl_data
 from kimi_jax.training.optim import build_optimizer, build_post_update
 from kimi_jax.training.rl_losses import make_policy_loss
 from kimi_jax.training.setup import (build_basics, build_writer, every_or_final,
@@ -63,7 +62,8 @@ def run(config, workdir: str) -> dict:
     sampler.set_state(extra["sampler"])
     buffer, step = PartialRolloutBuffer.from_json(extra["buffer"]), extra["iteration"]
     tqdm.write(f"resumed from checkpoint {latest} (step {step})")
-  backend = build_backend(config, model_config, tokenizer, state.params, str(step), workdir)
+  backend = build_backend(config, model_config, tokenizer, multihost.addressable(state.params),
+                          str(step), workdir)
   if latest is None:  # the starting policy (SFT or init checkpoint), compared in summary.json
     writer.write(0, evaluate_with_config(backend, tokenizer, task, task.heldout,
                                          config.eval).as_dict("start"))
@@ -79,7 +79,7 @@ def run(config, workdir: str) -> dict:
       t0 = time.perf_counter()
       if config.rollout.colocate:
         backend.resume()
-      backend.sync(state.params, str(step))
+      backend.sync(multihost.addressable(state.params), str(step))
       metrics["time/sync"] = time.perf_counter() - t0
       if every_or_final(step, config.eval.every, rl.iterations):
         metrics.update(evaluate_with_config(backend, tokenizer, task, task.heldout,
@@ -92,8 +92,9 @@ def run(config, workdir: str) -> dict:
   checkpointer.close()
   writer.close()
   backend.close()
-  save_hf(os.path.join(workdir, "hf"), model_config, state.params, tokenizer=tokenizer)
-  return write_summary(workdir)
+  multihost.save_hf_from_main(os.path.join(workdir, "hf"), model_config, state.params,
+                              tokenizer=tokenizer)
+  return write_summary(workdir) if multihost.is_main_process() else {}
 
 
 def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, task, tokenizer,
@@ -158,19 +159,19 @@ class PolicyTrainer:
     The reference log-probs come from the gradient program itself, run on every minibatch at
     pi_theta_i (a gradient pass per minibatch, the price of the first update's loss seeing
     exactly S - S_ref = 0)."""
-    old_logp = np.asarray(self.token_logprobs(state, batch))
+    old_logp = multihost.to_host(self.token_logprobs(state, batch))
     num_minibatches = batch["tokens"].shape[0] // (self.rl.groups_per_minibatch * self.rl.k)
     minibatches = rl_data.split_minibatches({**batch, "ref_logp": np.zeros_like(old_logp)},
                                             self.rl.k, num_minibatches)
     for mb in minibatches:
-      mb["ref_logp"] = np.asarray(self.grads(state, mb)[1]["logp_BxT"])
+      mb["ref_logp"] = multihost.to_host(self.grads(state, mb)[1]["logp_BxT"])
     state = reset_opt_state(state)
     step_metrics = []
     for _ in range(self.rl.epochs):
       for mb in minibatches:
         state, metrics = self.apply(state, *self.grads(state, mb))
         step_metrics.append(metrics)
-    new_logp = np.asarray(self.token_logprobs(state, batch))
+    new_logp = multihost.to_host(self.token_logprobs(state, batch))
     step_metrics = jax.device_get(step_metrics)  # one transfer for every minibatch's metrics
     metrics = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
     metrics["kl_prev"] = k3_kl(old_logp, new_logp, batch["loss_mask"])
@@ -182,7 +183,8 @@ class PolicyTrainer:
     dummy = {"tokens": np.zeros((rows, 2), np.int32), "targets": np.zeros((rows, 2), np.int32),
              "loss_mask": np.zeros((rows, 2), np.float32), "ref_logp": np.zeros((rows, 2), np.float32),
              "rewards": np.zeros(rows, np.float32), "group_ids": np.zeros(rows, np.int32)}
-    _, step_metrics = jax.eval_shape(self.apply, state, *jax.eval_shape(self.grads, state, dummy))
+    grads = jax.eval_shape(self.grads.jitted, state, dummy)  # shapes only: no global batch
+    _, step_metrics = jax.eval_shape(self.apply, state, *grads)
     return {k: float("nan") for k in [*step_metrics, "kl_prev", "updates"]}
 
 
@@ -200,7 +202,8 @@ def initial_params(config, task, tokenizer, model_config, mesh, workdir: str):
     return load_initial_checkpoint(config.init.checkpoint, model_config,
                                    config.init.changed_fields)
   params = sft_warmup(config, task, tokenizer, model_config, mesh, workdir)
-  save_hf(os.path.join(workdir, "hf_sft"), model_config, params, tokenizer=tokenizer)
+  multihost.save_hf_from_main(os.path.join(workdir, "hf_sft"), model_config, params,
+                              tokenizer=tokenizer)
   return params
 
 

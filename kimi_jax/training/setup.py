@@ -11,6 +11,7 @@ from kimi_jax.metrics.writers import JsonlWriter, MultiWriter, TensorBoardWriter
 from kimi_jax.model import ModelConfig
 from kimi_jax.model.config import with_execution
 from kimi_jax.sharding.rules import make_mesh
+from kimi_jax.training import multihost
 
 
 class Basics(NamedTuple):
@@ -53,7 +54,10 @@ def load_initial_checkpoint(path: str, model_config: ModelConfig, changed_fields
 
 
 def build_writer(config, workdir: str, truncate_after: int | None = None) -> MultiWriter:
-  """metrics.jsonl (cut after step `truncate_after` on resume), plus TensorBoard if enabled."""
+  """metrics.jsonl (cut after step `truncate_after` on resume), plus TensorBoard if enabled;
+  on processes other than 0 of a multi-process run, a writer that writes nothing."""
+  if not multihost.is_main_process():
+    return MultiWriter([])
   writers = [JsonlWriter(os.path.join(workdir, "metrics.jsonl"), truncate_after=truncate_after)]
   if config.metrics.tensorboard:
     writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard")))

@@ -7,7 +7,8 @@ from tqdm import tqdm
 
 from kimi_jax.data.packing import PackedBatches, encode_example
 from kimi_jax.data.tasks import TEMPLATE
-from kimi_jax.metrics.writers import JsonlWriter
+from kimi_jax.metrics.writers import JsonlWriter, MultiWriter
+from kimi_jax.training import multihost
 from kimi_jax.training.setup import every_or_final
 from kimi_jax.training.state import init_train_state, train_state_from_params
 from kimi_jax.training.steps import jit_step, lm_step
@@ -52,7 +53,7 @@ def fine_tune(sft_config, seed: int, batches, model_config, mesh, metrics_path: 
     state, shardings = init_train_state(model_config, tx, mesh, jax.random.key(seed))
   else:
     state, shardings = train_state_from_params(model_config, tx, mesh, params)
-  writer = JsonlWriter(metrics_path)
+  writer = JsonlWriter(metrics_path) if multihost.is_main_process() else MultiWriter([])
   state, _ = run_sft(state, shardings, mesh, model_config, batches, sft_config.steps, writer,
                      desc=desc)
   writer.close()

@@ -13,11 +13,11 @@ stage's training length too).
 import json
 import os
 
-from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.data.corpus import CorpusBatches, TokenStream, corpus_documents
 from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.eval.lm_loss import corpus_loss_by_position
 from kimi_jax.rollout.backends import EngineBackend
+from kimi_jax.training import multihost
 from kimi_jax.training.setup import build_basics, load_initial_checkpoint
 from kimi_jax.training.sft import fine_tune, sft_warmup
 
@@ -36,8 +36,9 @@ def run(config, workdir: str) -> dict:
     params = fine_tune(config.sft, config.seed, batches, model_config, mesh, metrics_path, params)
   else:
     params = sft_warmup(config, task, tokenizer, model_config, mesh, workdir, params)
-  export = os.path.join(workdir, "hf")
-  save_hf(export, model_config, params, tokenizer=tokenizer)
+  multihost.save_hf_from_main(os.path.join(workdir, "hf"), model_config, params,
+                              tokenizer=tokenizer)
+  params = multihost.addressable(params)  # evaluation runs on each process's own devices
   backend = EngineBackend(model_config, params, config.rollout, config.rl, tokenizer.eos_id, "sft")
   summary = evaluate_with_config(backend, tokenizer, task, task.heldout,
                                  config.eval).as_dict("sft")
@@ -45,7 +46,8 @@ def run(config, workdir: str) -> dict:
     losses = corpus_loss_by_position(model_config, params, tokenizer, heldout_docs,
                                      tuple(config.corpus.position_edges))
     summary.update({f"heldout/{k}": v for k, v in losses.items()})
-  with open(os.path.join(workdir, "sft_summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  if multihost.is_main_process():
+    with open(os.path.join(workdir, "sft_summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
   print("held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items()))
   return summary

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from kimi_jax.model import ModelConfig
 from kimi_jax.model.logprobs import token_logprobs
 from kimi_jax.sharding.rules import activation_mesh, logical_to_spec
+from kimi_jax.training import multihost
 
 
 def keep_params(params, max_logits_LxH):
@@ -60,18 +61,33 @@ def _with_activation_mesh(fn, mesh: Mesh, static):
   return traced
 
 
-def jit_step(step_fn, mesh: Mesh, state_shardings, **static):
+class GlobalBatchProgram:
+  """A jitted `(state, batch, *rest)` program whose host batch (a dict of numpy arrays) enters
+  as global arrays, each process contributing its own rows (`multihost.global_batch`)."""
+
+  def __init__(self, jitted, mesh: Mesh):
+    self.jitted, self.sharding = jitted, batch_sharding(mesh)
+
+  def __call__(self, state, batch, *rest):
+    return self.jitted(state, multihost.global_batch(batch, self.sharding), *rest)
+
+  def lower(self, state, batch, *rest):
+    return self.jitted.lower(state, multihost.global_batch(batch, self.sharding), *rest)
+
+
+def jit_step(step_fn, mesh: Mesh, state_shardings, **static) -> GlobalBatchProgram:
   """jit `step_fn(state, batch, **static) -> (state, metrics)` with explicit shardings and
   state donation. Activations are pinned by the rules table while tracing."""
-  return jax.jit(_with_activation_mesh(step_fn, mesh, static),
-                 in_shardings=(state_shardings, batch_sharding(mesh)),
-                 out_shardings=(state_shardings, None), donate_argnums=0)
+  return GlobalBatchProgram(jax.jit(_with_activation_mesh(step_fn, mesh, static),
+                                    in_shardings=(state_shardings, batch_sharding(mesh)),
+                                    out_shardings=(state_shardings, None), donate_argnums=0),
+                            mesh)
 
 
-def jit_eval(eval_fn, mesh: Mesh, state_shardings, **static):
+def jit_eval(eval_fn, mesh: Mesh, state_shardings, **static) -> GlobalBatchProgram:
   """jit a read-only `eval_fn(state, batch, **static) -> outputs` (no donation)."""
-  return jax.jit(_with_activation_mesh(eval_fn, mesh, static),
-                 in_shardings=(state_shardings, batch_sharding(mesh)))
+  return GlobalBatchProgram(jax.jit(_with_activation_mesh(eval_fn, mesh, static),
+                                    in_shardings=(state_shardings, batch_sharding(mesh))), mesh)
 
 
 def masked_token_logprobs(state, batch, config: ModelConfig) -> jax.Array:
@@ -110,10 +126,10 @@ def jit_rl_programs(mesh: Mesh, state_shardings, config: ModelConfig, policy_los
   """(grads, apply): `rl_grads` jitted read-only, and `apply_grads` jitted with the state
   donated. An RL step is `apply(state, *grads(state, minibatch))`; keeping the
   gradient program separate lets S_ref come from that very program."""
-  grads = jax.jit(_with_activation_mesh(rl_grads, mesh, dict(config=config,
-                                                              policy_loss=policy_loss)),
-                  in_shardings=(state_shardings, batch_sharding(mesh)),
-                  out_shardings=(state_shardings.params, None))
+  grads = GlobalBatchProgram(jax.jit(
+      _with_activation_mesh(rl_grads, mesh, dict(config=config, policy_loss=policy_loss)),
+      in_shardings=(state_shardings, batch_sharding(mesh)),
+      out_shardings=(state_shardings.params, None)), mesh)
 
   def apply(state, grads, metrics):
     with activation_mesh(mesh):

@@ -1,0 +1,65 @@
+"""What changes when one run spans several JAX processes (hosts): batches enter jitted programs
+as global arrays built from each process's rows, sharded results come back to every host, and
+only process 0 writes files other than checkpoints.
+
+With one process every function here is the identity (or always-true), so single-host runs
+take exactly the code path they had before.
+"""
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from kimi_jax.checkpointing.hf import save_hf
+
+
+def is_main_process() -> bool:
+  """True on the process that writes metrics, samples, plots and HF exports."""
+  return jax.process_index() == 0
+
+
+def process_rows(num_rows: int) -> slice:
+  """This process's contiguous share of `num_rows` batch rows (process i takes the i-th of
+  process_count equal parts, the rows its devices hold under the batch sharding)."""
+  count = jax.process_count()
+  if num_rows % count:
+    raise ValueError(f"{num_rows} batch rows do not split over {count} processes")
+  per = num_rows // count
+  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def global_batch(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
+  """The host batch (identical on every process) as global arrays: each process contributes
+  only its own rows through `jax.make_array_from_process_local_data`."""
+  if jax.process_count() == 1:
+    return batch
+
+  def one(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(sharding, x[process_rows(x.shape[0])], x.shape)
+
+  return {k: one(v) for k, v in batch.items()}
+
+
+def to_host(tree):
+  """Numpy copies of a tree of (possibly multi-process sharded) arrays, on every process.
+  A collective when arrays span processes: every process must call it."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(one, tree)
+
+
+def addressable(tree):
+  """`tree` itself when this process can address all of it (always with one process), else
+  its numpy gather: what a process-local consumer such as the rollout engine can take."""
+  return tree if jax.process_count() == 1 else to_host(tree)
+
+
+def save_hf_from_main(path: str, model_config, params, **kwargs) -> None:
+  """`save_hf` of (possibly multi-process sharded) params, written by process 0 only; every
+  process must call it (the gather is a collective)."""
+  params = addressable(params)
+  if is_main_process():
+    save_hf(path, model_config, params, **kwargs)
