@@ -5,6 +5,10 @@ and frame, patches in merge-block-major order (each 2x2 merge block's patches ar
 The host describes that sequence once (`vision_layout`: each patch's (h, w) grid position, its
 frame and its attention window); the tower then attends within frames (or windows) through
 segment masks, so no image sees another and nothing is padded to a square.
+
+Qwen2.5-VL's window attention needs no reordering here: HF permutes patches window by window
+(and back after the merger) so its variable-length kernels see contiguous windows; a mask on
+window ids gives the same attention with the patches left in the processor's order.
 """
 import functools
 from typing import NamedTuple
