@@ -5,7 +5,9 @@
 DIR holds config.json + *.safetensors (as written by `save_hf` or transformers) and, optionally,
 the HF tokenizer files (tokenizer.json enables `text` prompts and answers; the eos ids come from
 tokenizer_config.json, generation_config.json or config.json, and generation stops at any). Prints "serving <url>" once bound
-(--port=0 picks a free port).
+(--port=0 picks a free port). A vision-language checkpoint (Qwen2-VL / Qwen2.5-VL) also takes
+`image_data` in /generate, preprocessed per its preprocessor_config.json (Qwen2-VL's defaults
+without one).
 """
 import asyncio
 import os
@@ -13,6 +15,7 @@ import os
 from absl import app, flags
 
 from kimi_jax.checkpointing.hf import load_hf
+from kimi_jax.data.images import load_image_processing
 from kimi_jax.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from kimi_jax.rollout.engine import RolloutEngine
 from kimi_jax.rollout.server import RolloutServer
@@ -37,7 +40,8 @@ def build_server(model_path: str) -> RolloutServer:
                          eos_token_ids=sorted(eos), weight_version=WEIGHT_VERSION.value,
                          repetition_ngram=REPETITION_NGRAM.value,
                          repetition_count=REPETITION_COUNT.value, chunk_steps=CHUNK_STEPS.value)
-  return RolloutServer(engine, tokenizer=tokenizer, model_path=model_path)
+  return RolloutServer(engine, tokenizer=tokenizer, model_path=model_path,
+                       image_processing=load_image_processing(model_path))
 
 
 async def serve(server: RolloutServer) -> None:

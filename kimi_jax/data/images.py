@@ -20,6 +20,7 @@ import base64
 import binascii
 import dataclasses
 import io
+import json
 import math
 import os
 from typing import NamedTuple, Sequence, Union
@@ -31,6 +32,7 @@ import PIL.ImageOps
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
+PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
 
 ImageSource = Union[str, bytes, PIL.Image.Image, np.ndarray]
 
@@ -84,6 +86,26 @@ class ImageProcessing:
             "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,
             "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
             "merge_size": self.merge_size}
+
+
+def load_image_processing(directory: str) -> ImageProcessing:
+  """The settings of an HF checkpoint directory's preprocessor_config.json (Qwen2-VL's
+  defaults without one)."""
+  path = os.path.join(directory, PREPROCESSOR_CONFIG_FILE)
+  if not os.path.exists(path):
+    return ImageProcessing()
+  with open(path) as f:
+    try:
+      return ImageProcessing.from_hf(json.load(f))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+
+
+def save_image_processing(directory: str, processing: ImageProcessing) -> None:
+  """Writes `processing` as the directory's preprocessor_config.json (transformers reads it)."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, PREPROCESSOR_CONFIG_FILE), "w") as f:
+    json.dump(processing.to_hf(), f, indent=2)
 
 
 class ProcessedImages(NamedTuple):

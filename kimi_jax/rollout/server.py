@@ -19,6 +19,7 @@ from typing import Callable
 from aiohttp import web
 
 from kimi_jax.checkpointing import hf
+from kimi_jax.data import image_prompts, images
 from kimi_jax.rollout.engine import RolloutEngine, Update
 from kimi_jax.rollout.protocol import RequestError, parse_generate_request, response_json
 from kimi_jax.rollout.types import Completion
@@ -73,12 +74,15 @@ class RolloutServer:
     tokenizer: optional; enables `text` prompts and the `text` field of answers.
     model_path: reported by /model_info.
     load_checkpoint: path -> (ModelConfig, params), used by /update_weights_from_disk.
+    image_processing: how `image_data` is preprocessed for a vision-language model.
   """
 
   def __init__(self, engine: RolloutEngine, *, tokenizer=None, model_path: str = "",
-               load_checkpoint: Callable = hf.load_hf):
+               load_checkpoint: Callable = hf.load_hf,
+               image_processing: images.ImageProcessing = images.ImageProcessing()):
     self.engine = engine
     self.tokenizer = tokenizer
+    self.image_processing = image_processing
     self.model_path = model_path
     self.load_checkpoint = load_checkpoint
     self.worker = EngineWorker(engine)
@@ -135,9 +139,11 @@ class RolloutServer:
     received = time.perf_counter()
     encode = None if self.tokenizer is None else self.tokenizer.encode
     req = parse_generate_request(await _json_body(request), lambda: uuid.uuid4().hex, encode)
+    prompt_images = await asyncio.get_running_loop().run_in_executor(None, self._images, req)
     arrivals: asyncio.Queue[Update] = asyncio.Queue()
     try:
-      uids = await self.worker.submit(req.prompts, req.sampling, req.rids, arrivals.put_nowait)
+      uids = await self.worker.submit(req.prompts, req.sampling, req.rids, arrivals.put_nowait,
+                                      prompt_images)
     except ValueError as error:
       raise RequestError(str(error)) from error
     samples, index = [], {}
@@ -173,6 +179,26 @@ class RolloutServer:
       if unfinished:  # the client went away: free the rows
         self.worker.abort(sorted(set(unfinished)), "client disconnected")
 
+  def _images(self, req) -> list[images.ProcessedImages | None]:
+    """Each prompt's `image_data` preprocessed; its image pads (one per image, or runs already
+    of the image's length) expanded in `req.prompts` in place."""
+    if not any(req.image_data):
+      return [None] * len(req.prompts)
+    vision = self.engine.config.vision
+    if vision is None:
+      raise RequestError("'image_data' given, but this model has no vision tower")
+    processed = []
+    for i, sources in enumerate(req.image_data):
+      try:
+        prompt_images = images.preprocess(sources, self.image_processing)
+        counts = image_prompts.image_token_counts(prompt_images, vision.spatial_merge_size)
+        req.prompts[i] = image_prompts.expand_image_pads(req.prompts[i], vision.image_token_id,
+                                                         counts)
+      except (ValueError, TypeError) as error:
+        raise RequestError(f"prompt {i}: {error}") from error
+      processed.append(prompt_images)
+    return processed
+
   @staticmethod
   async def _collect(arrivals, samples, index, on_update=None) -> None:
     waiting = len(samples)
@@ -203,7 +229,8 @@ class RolloutServer:
     return web.json_response({
         "model_path": self.model_path, "tokenizer_path": self.model_path if self.tokenizer else None,
         "is_generation": True, "preferred_sampling_params": None,
-        "weight_version": self.engine.weight_version, "has_image_understanding": False,
+        "weight_version": self.engine.weight_version,
+        "has_image_understanding": config.vision is not None,
         "has_audio_understanding": False, "model_type": config.architecture,
         "architectures": hf.config_to_hf(config)["architectures"]})
 

@@ -85,10 +85,12 @@ class EngineWorker:
       self._wake.notify()
     return future
 
-  def submit(self, prompts, sampling, rids: list[str], sink: Sink) -> asyncio.Future:
-    """Queue prompts (rid per prompt); resolves to their uids, grouped like `engine.submit`."""
+  def submit(self, prompts, sampling, rids: list[str], sink: Sink,
+             images=None) -> asyncio.Future:
+    """Queue prompts (rid per prompt, optional images per prompt); resolves to their uids,
+    grouped like `engine.submit`."""
     def run():
-      uids = self.engine.submit(prompts, sampling)
+      uids = self.engine.submit(prompts, sampling, images)
       samples = iter(uids)
       for rid, sp in zip(rids, sampling):
         for uid in [next(samples) for _ in range(sp.n)]:

@@ -9,7 +9,6 @@ is the torchvision backend in transformers 5.x (not installed here; without torc
 falls back to the PIL backend, as `AutoImageProcessor` does).
 """
 import base64
-import json
 import math
 
 import chex
@@ -143,7 +142,9 @@ def test_patch_rows_are_merge_windows_and_columns_repeat_the_frame():
 
 def test_preprocessor_config_round_trips_through_transformers(tmp_path):
   processing = ImageProcessing(min_pixels=28 * 28 * 6, max_pixels=28 * 28 * 30)
-  (tmp_path / "preprocessor_config.json").write_text(json.dumps(processing.to_hf()))
+  images.save_image_processing(str(tmp_path), processing)
+  assert images.load_image_processing(str(tmp_path)) == processing
+  assert images.load_image_processing(str(tmp_path / "missing")) == ImageProcessing()
   loaded = hf_qwen2_vl.Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path))
   image = picture(500, 333, "RGB", seed=8)
   out = loaded(image)
