@@ -77,12 +77,14 @@ class PromptInputs(NamedTuple):
 
 def encode_prompt_with_images(tokenizer, template: ChatTemplate, prompt: Prompt,
                               processing: images.ImageProcessing) -> PromptInputs:
-  """[bos] + prefix + one placeholder per image + question + suffix, pads expanded."""
-  pad_id = vision_token_ids(tokenizer).image_pad
+  """[bos] + prefix + one placeholder per image + question + suffix, pads expanded (a prompt
+  without images needs no vision tokens in the tokenizer)."""
   processed = images.preprocess(prompt.images, processing)
   ids = encode_prompt(tokenizer, template, IMAGE_PLACEHOLDER * len(prompt.images) + prompt.question)
-  counts = image_token_counts(processed, processing.merge_size)
-  return PromptInputs(expand_image_pads(ids, pad_id, counts), processed)
+  if prompt.images:
+    counts = image_token_counts(processed, processing.merge_size)
+    ids = expand_image_pads(ids, vision_token_ids(tokenizer).image_pad, counts)
+  return PromptInputs(ids, processed)
 
 
 def concat_images(batch: Sequence[images.ProcessedImages]) -> images.ProcessedImages:

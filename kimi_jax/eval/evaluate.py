@@ -48,7 +48,8 @@ def evaluate(backend, tokenizer, task, prompts, max_new_tokens: int, samples: in
                             max_new_tokens, seed)
   shape = (len(prompts), samples)
   return summarize(graded.correct_R.reshape(shape), graded.num_tokens_R.reshape(shape), k,
-                   difficulty_P=np.array([p.difficulty for p in prompts]))
+                   difficulty_P=np.array([p.difficulty for p in prompts]),
+                   domain_P=[p.domain for p in prompts])
 
 
 def evaluate_with_config(backend, tokenizer, task, prompts, eval_config) -> EvalResult:

@@ -60,6 +60,9 @@ def test_text_only_prompt_is_unchanged(tokenizer):
   ours = encode_prompt_with_images(tokenizer, ChatTemplate(add_bos=True), prompt, PROCESSING)
   assert ours.ids == [tokenizer.bos_id] + tokenizer.encode("1+2=")
   assert ours.images.pixel_values.shape == (0, 1176)
+  plain = char_tokenizer(rendered.charset())  # no vision tokens: text prompts still encode
+  assert encode_prompt_with_images(plain, ChatTemplate(add_bos=True), prompt,
+                                   PROCESSING).ids == [plain.bos_id] + plain.encode("1+2=")
 
 
 def test_expand_image_pads():
