@@ -2,7 +2,8 @@
 
 Masks are built from positions (a key is visible when its position <= the query's and, for
 packed rows, it is in the same segment), so the same kernels serve the full forward, packed
-batches and the KV-cache decode path (cache slot index == position).
+batches, the KV-cache decode path (cache slot index == position) and, with all positions equal,
+bidirectional attention within segments (the vision tower).
 """
 import functools
 
@@ -100,13 +101,30 @@ def max_attention_logits(q_BxTxHxD, k_BxSxKxD, q_pos_BxT, k_pos_BxS, q_seg_BxT, 
   return jax.lax.stop_gradient(per_block.max(axis=0))
 
 
+def segment_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, impl: str,
+                      block_size: int):
+  """Bidirectional attention within segments (a token sees every token of its segment and
+  none outside), through the causal kernels with every position 0."""
+  zeros_BxT = jnp.zeros(segment_ids_BxT.shape, jnp.int32)
+  if impl == "blockwise":
+    return blockwise_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, zeros_BxT, zeros_BxT,
+                               segment_ids_BxT, segment_ids_BxT, block_size)
+  mask = causal_mask(zeros_BxT, zeros_BxT, segment_ids_BxT, segment_ids_BxT)
+  return dot_product_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask)
+
+
 class Attention(nn.Module):
-  """GQA self-attention with RoPE, optional QKV bias and q/k-norm, optional KV cache."""
+  """GQA self-attention with RoPE, optional QKV bias and q/k-norm, optional KV cache.
+
+  `positions_BxT` order the sequence (causal mask, cache slots); `rope_positions` rotate q/k:
+  None means `positions_BxT`, else [B, T] or M-RoPE's [3, B, T].
+  """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, kv_cache, return_max_logits):
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, kv_cache, return_max_logits,
+               rope_positions=None):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     b, t, _ = x_BxTxD.shape
@@ -118,8 +136,10 @@ class Attention(nn.Module):
     if cfg.qk_norm:
       q = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="q_norm")(q)
       k = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="k_norm")(k)
-    q = constrain(rotary_embedding(q, positions_BxT, cfg.rope_theta), ("batch", "length", "act_heads", None))
-    k = rotary_embedding(k, positions_BxT, cfg.rope_theta)
+    rope_positions = positions_BxT if rope_positions is None else rope_positions
+    q = rotary_embedding(q, rope_positions, cfg.rope_theta, cfg.mrope_section)
+    q = constrain(q, ("batch", "length", "act_heads", None))
+    k = rotary_embedding(k, rope_positions, cfg.rope_theta, cfg.mrope_section)
 
     if kv_cache is None:
       keys, values, k_pos, k_seg, q_seg = k, v, positions_BxT, segment_ids_BxT, segment_ids_BxT
