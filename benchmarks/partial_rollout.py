@@ -73,7 +73,7 @@ def run_mode(engine, segment: int) -> dict[str, float]:
   compiled = sum(engine.num_compilations.values())
   for it in range(ITERATIONS.value):
     prompts = [Prompt(it * PROMPTS.value + i) for i in range(PROMPTS.value)]
-    groups = new_groups(prompts, lambda q: [], K.value, it * PROMPTS.value, it)
+    groups = new_groups(prompts, lambda p: [], K.value, it * PROMPTS.value, it)
     lengths = heavy_tailed_lengths(len(groups) * K.value, seed=it)
     for j, trajectory in enumerate(t for g in groups for t in g.trajectories):
       trajectory.prompt_ids = [3 + it, 3 + j // 90, 3 + j % 90]  # unique 3-token prompt

@@ -4,9 +4,11 @@ Every field is batch-major, so batches shard and split by rows like their tokens
   pixel_values [B, P, F]: the row's image patches in order, zero-padded to P per row;
   hw_positions [B, P, 2], frame_ids [B, P], window_ids [B, P]: the vision tower's layout, frame
     and window ids unique across the whole batch (-1 on padding patches);
-  rope_positions [B, 3, T]: M-RoPE positions of the row's tokens (prompt, response, padding).
+  rope_positions [B, 3, T]: M-RoPE positions of the row's tokens (prompt, response, padding);
+  image_mask [B, T]: the image tokens of the prompt (an image pad id sampled in a response is
+    text, as the rollout engine decoded it).
 The model encodes the B * P patches as one packed sequence (attention never crosses frames) and
-row b's k-th image token takes row b's k-th merged patch embedding.
+row b's k-th masked token takes row b's k-th merged patch embedding.
 
 SFT examples with images are not packed (M-RoPE positions run over a whole row): one example
 per row, right-padded.
@@ -23,13 +25,16 @@ from kimi_jax.model.config import VisionConfig
 from kimi_jax.model.mrope import mrope_positions
 from kimi_jax.model.vision import vision_layout
 
-IMAGE_FIELDS = ("pixel_values", "hw_positions", "frame_ids", "window_ids", "rope_positions")
+IMAGE_FIELDS = ("pixel_values", "hw_positions", "frame_ids", "window_ids", "rope_positions",
+                "image_mask")
 
 
 def image_fields(vision: VisionConfig, tokens_BxT: np.ndarray,
-                 row_images: Sequence[ProcessedImages | None],
-                 patches_per_row: int) -> dict[str, np.ndarray]:
-  """The fields above for token rows `tokens_BxT` whose image pad runs take `row_images[b]`."""
+                 row_images: Sequence[ProcessedImages | None], patches_per_row: int,
+                 prompt_lengths_B: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+  """The fields above for token rows `tokens_BxT` whose image pad runs take `row_images[b]`.
+  With `prompt_lengths_B`, only a row's first tokens (its prompt) hold images; positions after
+  them count on as decoded tokens do, whatever was sampled there."""
   b, t = tokens_BxT.shape
   if len(row_images) != b:
     raise ValueError(f"{len(row_images)} image sets for {b} rows")
@@ -40,12 +45,15 @@ def image_fields(vision: VisionConfig, tokens_BxT: np.ndarray,
             "hw_positions": np.zeros((b, patches_per_row, 2), np.int32),
             "frame_ids": np.full((b, patches_per_row), -1, np.int32),
             "window_ids": np.full((b, patches_per_row), -1, np.int32),
-            "rope_positions": np.zeros((b, 3, t), np.int32)}
+            "rope_positions": np.zeros((b, 3, t), np.int32),
+            "image_mask": np.zeros((b, t), bool)}
   next_frame = next_window = 0
   for row, images in enumerate(row_images):
     grid = np.zeros((0, 3), np.int64) if images is None else images.image_grid_thw
-    positions_3x1xT, _ = mrope_positions(vision, tokens_BxT[row:row + 1], grid)
+    prompt = t if prompt_lengths_B is None else prompt_lengths_B[row]
+    positions_3x1xT, _ = mrope_positions(vision, tokens_BxT[row:row + 1], grid, [prompt])
     fields["rope_positions"][row] = positions_3x1xT[:, 0]
+    fields["image_mask"][row, :prompt] = tokens_BxT[row, :prompt] == vision.image_token_id
     if not len(grid):
       continue
     n = len(images.pixel_values)

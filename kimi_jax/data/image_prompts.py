@@ -69,6 +69,11 @@ def image_token_counts(processed: images.ProcessedImages, merge_size: int) -> li
   return [images.num_image_tokens(grid, merge_size) for grid in processed.image_grid_thw]
 
 
+def placeholder_question(prompt: Prompt) -> str:
+  """The prompt's text with one placeholder per image before the question."""
+  return IMAGE_PLACEHOLDER * len(prompt.images) + prompt.question
+
+
 class PromptInputs(NamedTuple):
   """A prompt as the model takes it: token ids with expanded image pads, and its images."""
   ids: list[int]
@@ -80,7 +85,7 @@ def encode_prompt_with_images(tokenizer, template: ChatTemplate, prompt: Prompt,
   """[bos] + prefix + one placeholder per image + question + suffix, pads expanded (a prompt
   without images needs no vision tokens in the tokenizer)."""
   processed = images.preprocess(prompt.images, processing)
-  ids = encode_prompt(tokenizer, template, IMAGE_PLACEHOLDER * len(prompt.images) + prompt.question)
+  ids = encode_prompt(tokenizer, template, placeholder_question(prompt))
   if prompt.images:
     counts = image_token_counts(processed, processing.merge_size)
     ids = expand_image_pads(ids, vision_token_ids(tokenizer).image_pad, counts)

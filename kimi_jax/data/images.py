@@ -88,6 +88,12 @@ class ImageProcessing:
             "merge_size": self.merge_size}
 
 
+def run_image_processing(config) -> ImageProcessing:
+  """A run config's image preprocessing: its `images` section (Qwen2-VL's defaults without)."""
+  section = config.get("images")
+  return ImageProcessing() if section is None else ImageProcessing(**section.to_dict())
+
+
 def load_image_processing(directory: str) -> ImageProcessing:
   """The settings of an HF checkpoint directory's preprocessor_config.json (Qwen2-VL's
   defaults without one)."""

@@ -6,20 +6,23 @@ import jax.numpy as jnp
 from kimi_jax.model.config import ModelConfig
 from kimi_jax.model.transformer import Transformer, apply_lm, default_positions
 from kimi_jax.model.vision import VisionLayout
-from kimi_jax.model.vlm import embed_with_images, encode_images
+from kimi_jax.model.vlm import encode_images
 
 
 def _vlm_logits(config: ModelConfig, params, batch, return_max_logits: bool):
-  """Logits of rows whose images are batch-major: row b's k-th image token takes row b's k-th
-  merged patch embedding; the B * P patches are encoded as one packed sequence."""
-  tokens_BxT = batch["tokens"]
+  """Logits of rows whose images are batch-major: row b's k-th `image_mask` token takes row b's
+  k-th merged patch embedding; the B * P patches are encoded as one packed sequence."""
+  tokens_BxT, image_BxT = batch["tokens"], batch["image_mask"]
   b, p, f = batch["pixel_values"].shape
   layout = VisionLayout(batch["hw_positions"].reshape(b * p, 2), batch["frame_ids"].reshape(-1),
                         batch["window_ids"].reshape(-1))
+  dtype = jnp.dtype(config.dtype)
   merged_BxMxD = encode_images(config, params, batch["pixel_values"].reshape(b * p, f),
-                               layout).reshape(b, p // config.vision.merge_unit, -1)
-  embeds_BxTxD = jax.vmap(lambda tokens_T, merged_MxD: embed_with_images(
-      config, params, tokens_T[None], merged_MxD)[0])(tokens_BxT, merged_BxMxD)
+                               layout).reshape(b, p // config.vision.merge_unit, -1).astype(dtype)
+  index_BxT = jnp.clip(jnp.cumsum(image_BxT, axis=1) - 1, 0, merged_BxMxD.shape[1] - 1)
+  image_BxTxD = jnp.take_along_axis(merged_BxMxD, index_BxT[..., None], axis=1)
+  text_BxTxD = jnp.take(params["embed_tokens"]["embedding"].astype(dtype), tokens_BxT, axis=0)
+  embeds_BxTxD = jnp.where(image_BxT[..., None], image_BxTxD, text_BxTxD)
   positions = batch.get("positions")
   logits, _, max_logits = Transformer(config, return_max_logits).apply(
       {"params": params}, tokens_BxT,

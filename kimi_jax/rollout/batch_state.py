@@ -6,6 +6,11 @@ engine. Every row holds one request: its tokens (slot index == position), its KV
 sampling settings and its stop rules.
 Sampling, emission and stopping live on device in `decode_chunk` only, so a chunk of decode
 steps needs no host round-trip and the prefill programs stay small.
+
+Prompts with images (a vision-language model) are prefilled by `prefill_images`, which runs the
+vision tower once per distinct image of the program (the samples of one prompt share theirs)
+and places M-RoPE positions; each row keeps its rope delta, so decoded tokens rotate by
+position + delta (0 for text-only rows).
 """
 from typing import NamedTuple
 
@@ -14,6 +19,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from kimi_jax.model import ModelConfig, decode_lm, init_kv_cache
+from kimi_jax.model.transformer import Transformer
+from kimi_jax.model.vision import VisionLayout
+from kimi_jax.model.vlm import embed_with_images, encode_images
 from kimi_jax.rollout.repetition import repeated_loop
 from kimi_jax.rollout.sampling import request_key_data, row_keys, sample_tokens
 
@@ -36,6 +44,7 @@ class BatchState:
   min_p_B: jax.Array
   key_data_Bx2: jax.Array
   stop_ids_BxK: jax.Array  # padded with -1
+  rope_delta_B: jax.Array  # rotary position - slot for decoded tokens (M-RoPE after images)
 
 
 class Admission(NamedTuple):
@@ -53,6 +62,21 @@ class Admission(NamedTuple):
   seed_hi_R: jax.Array
   sample_index_R: jax.Array
   stop_ids_RxK: jax.Array
+
+
+class ImageAdmission(NamedTuple):
+  """The distinct images of one prefill program (patches padded to N) and where each image
+  token of its prompts takes its embedding from."""
+
+  pixel_values_NxF: jax.Array
+  hw_positions_Nx2: jax.Array
+  frame_ids_N: jax.Array
+  window_ids_N: jax.Array
+  # Per image token of the R x T prompts (row-major), its row of the merged embeddings of the
+  # distinct images; padded to R * T.
+  embed_index_P: jax.Array
+  rope_positions_3xRxT: jax.Array
+  rope_delta_R: jax.Array
 
 
 class Emitted(NamedTuple):
@@ -76,7 +100,7 @@ def init_batch_state(config: ModelConfig, max_batch: int, max_seq_len: int,
       temperature_B=zeros(jnp.float32), top_p_B=jnp.ones((b,), jnp.float32),
       top_k_B=zeros(jnp.int32), min_p_B=zeros(jnp.float32),
       key_data_Bx2=jnp.zeros((b, 2), jnp.uint32),
-      stop_ids_BxK=jnp.full((b, max_stop_ids), -1, jnp.int32))
+      stop_ids_BxK=jnp.full((b, max_stop_ids), -1, jnp.int32), rope_delta_B=zeros(jnp.int32))
 
 
 def _record(state: BatchState, logits_BxV, budget, ngram: int, count: int):
@@ -109,12 +133,32 @@ def prefill(config: ModelConfig, params, state: BatchState, admission: Admission
   The row's newest token is the last prompt token, so the next decode step samples the first
   output token like any other (its K/V entry is rewritten with the same values).
   """
+  r, t = admission.prompts_RxT.shape
+  positions_RxT = jnp.broadcast_to(jnp.arange(t), (r, t))
+  _, prompt_cache = decode_lm(config, params, admission.prompts_RxT, positions_RxT,
+                              init_kv_cache(config, r, t))
+  return _seat(state, admission, prompt_cache, jnp.zeros((r,), jnp.int32))
+
+
+def prefill_images(config: ModelConfig, params, state: BatchState, admission: Admission,
+                   images: ImageAdmission) -> BatchState:
+  """`prefill` for prompts whose image pad tokens take the images' merged patch embeddings."""
+  r, t = admission.prompts_RxT.shape
+  layout = VisionLayout(images.hw_positions_Nx2, images.frame_ids_N, images.window_ids_N)
+  merged_MxD = encode_images(config, params, images.pixel_values_NxF, layout)
+  embeds_RxTxD = embed_with_images(config, params, admission.prompts_RxT,
+                                   merged_MxD[images.embed_index_P])
+  _, prompt_cache, _ = Transformer(config).apply(
+      {"params": params}, admission.prompts_RxT, jnp.broadcast_to(jnp.arange(t), (r, t)), None,
+      init_kv_cache(config, r, t), embeds_RxTxD, images.rope_positions_3xRxT)
+  return _seat(state, admission, prompt_cache, images.rope_delta_R)
+
+
+def _seat(state: BatchState, admission: Admission, prompt_cache, rope_delta_R) -> BatchState:
+  """The admitted rows' prompt KV cache, tokens, settings and stop rules written into `state`."""
   a = admission
   r, t = a.prompts_RxT.shape
   s = state.history_BxS.shape[1]
-  positions_RxT = jnp.broadcast_to(jnp.arange(t), (r, t))
-  _, prompt_cache = decode_lm(config, params, a.prompts_RxT, positions_RxT,
-                              init_kv_cache(config, r, t))
   put = lambda target, value: target.at[a.rows_R].set(value, mode="drop")
   kv_cache = tuple((k.at[a.rows_R, :t].set(pk, mode="drop"), v.at[a.rows_R, :t].set(pv, mode="drop"))
                    for (k, v), (pk, pv) in zip(state.kv_cache, prompt_cache))
@@ -128,7 +172,8 @@ def prefill(config: ModelConfig, params, state: BatchState, admission: Admission
       top_k_B=put(state.top_k_B, a.top_k_R), min_p_B=put(state.min_p_B, a.min_p_R),
       key_data_Bx2=put(state.key_data_Bx2,
                        request_key_data(a.seed_lo_R, a.seed_hi_R, a.sample_index_R)),
-      stop_ids_BxK=put(state.stop_ids_BxK, a.stop_ids_RxK))
+      stop_ids_BxK=put(state.stop_ids_BxK, a.stop_ids_RxK),
+      rope_delta_B=put(state.rope_delta_B, rope_delta_R))
 
 
 def decode_chunk(config: ModelConfig, params, state: BatchState, release_B, budget, exit_when_free,
@@ -152,7 +197,8 @@ def decode_chunk(config: ModelConfig, params, state: BatchState, release_B, budg
     step, state, budget, emitted = carry
     tokens_Bx1 = jnp.take_along_axis(state.history_BxS, state.position_B[:, None], axis=1)
     logits_Bx1xV, kv_cache = decode_lm(config, params, tokens_Bx1, state.position_B[:, None],
-                                       state.kv_cache)
+                                       state.kv_cache,
+                                       (state.position_B + state.rope_delta_B)[:, None])
     state, new, budget = _record(state.replace(kv_cache=kv_cache), logits_Bx1xV[:, 0], budget,
                                  ngram, count)
     emitted = tuple(buf.at[step].set(value) for buf, value in zip(emitted, new))

@@ -6,7 +6,6 @@ from typing import NamedTuple
 
 from kimi_jax.checkpointing.hf import CheckpointError, config_diff, load_hf
 from kimi_jax.data.image_prompts import add_vision_tokens, vision_token_ids
-from kimi_jax.data.images import ImageProcessing
 from kimi_jax.data.tasks import Task, build_task
 from kimi_jax.data.tokenizer import Tokenizer, char_tokenizer
 from kimi_jax.metrics.writers import JsonlWriter, MultiWriter, TensorBoardWriter
@@ -34,12 +33,6 @@ def build_model_config(model_cfg, tokenizer) -> ModelConfig:
                                     vision_end_token_id=ids.vision_end)
   return ModelConfig(vocab_size=vocab, bos_token_id=tokenizer.bos_id,
                      eos_token_id=tokenizer.eos_id, **fields)
-
-
-def image_processing(config) -> ImageProcessing:
-  """The run's image preprocessing (the `images` config section; Qwen2-VL's defaults without)."""
-  section = config.get("images")
-  return ImageProcessing() if section is None else ImageProcessing(**section.to_dict())
 
 
 def build_tokenizer(task: Task) -> Tokenizer:

@@ -13,7 +13,7 @@ from kimi_jax.data.image_prompts import encode_prompt_with_images
 from kimi_jax.data.sft import Example, PackedBatches, encode_example
 from kimi_jax.data.tasks import TEMPLATE
 from kimi_jax.metrics.writers import JsonlWriter
-from kimi_jax.training.setup import every_or_final, image_processing
+from kimi_jax.training.setup import every_or_final
 from kimi_jax.training.state import init_train_state, train_state_from_params
 from kimi_jax.training.steps import jit_step, lm_step
 
@@ -80,7 +80,7 @@ def sft_warmup(config, task, tokenizer, model_config, mesh, workdir: str, params
 
 def image_sft_batches(config, task, tokenizer, model_config) -> ImageExampleBatches:
   """Unpacked SFT batches of the task's prompts (with their images) and references."""
-  processing = image_processing(config)
+  processing = images.run_image_processing(config)
   examples, num_patches = [], []
   for prompt in task.train:
     inputs = encode_prompt_with_images(tokenizer, TEMPLATE, prompt, processing)
