@@ -5,7 +5,7 @@ import functools
 import jax
 
 from kimi_jax.data import image_prompts, images, rendered
-from kimi_jax.data.sft import ChatTemplate
+from kimi_jax.data.packing import ChatTemplate
 from kimi_jax.data.sources import Prompt
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.model import ModelConfig, VisionConfig, init_params

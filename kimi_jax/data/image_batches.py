@@ -1,13 +1,13 @@
 """The image fields of a training batch whose rows hold prompts with images (host side, numpy).
 
 Every field is batch-major, so batches shard and split by rows like their tokens:
-  pixel_values [B, P, F]: the row's image patches in order, zero-padded to P per row;
-  hw_positions [B, P, 2], frame_ids [B, P], window_ids [B, P]: the vision tower's layout, frame
+  pixel_values [B, O, E]: the row's image patches in order, zero-padded to O per row;
+  hw_positions [B, O, 2], frame_ids [B, O], window_ids [B, O]: the vision tower's layout, frame
     and window ids unique across the whole batch (-1 on padding patches);
   rope_positions [B, 3, T]: M-RoPE positions of the row's tokens (prompt, response, padding);
   image_mask [B, T]: the image tokens of the prompt (an image pad id sampled in a response is
     text, as the rollout engine decoded it).
-The model encodes the B * P patches as one packed sequence (attention never crosses frames) and
+The model encodes the B * O patches as one packed sequence (attention never crosses frames) and
 row b's k-th masked token takes row b's k-th merged patch embedding.
 
 SFT examples with images are not packed (M-RoPE positions run over a whole row): one example
@@ -20,7 +20,7 @@ import numpy as np
 
 from kimi_jax.data.epochs import EpochIterator
 from kimi_jax.data.images import ProcessedImages
-from kimi_jax.data.sft import Example
+from kimi_jax.data.packing import Example
 from kimi_jax.model.config import VisionConfig
 from kimi_jax.model.mrope import mrope_positions
 from kimi_jax.model.vision import vision_layout
@@ -62,11 +62,11 @@ def image_fields(vision: VisionConfig, tokens_BxT: np.ndarray,
                        f"{patches_per_row}")
     layout = vision_layout(vision, grid)
     fields["pixel_values"][row, :n] = images.pixel_values
-    fields["hw_positions"][row, :n] = layout.hw_positions_Nx2
-    fields["frame_ids"][row, :n] = layout.frame_ids_N + next_frame
-    fields["window_ids"][row, :n] = layout.window_ids_N + next_window
-    next_frame += int(layout.frame_ids_N.max()) + 1
-    next_window += int(layout.window_ids_N.max()) + 1
+    fields["hw_positions"][row, :n] = layout.hw_positions_Ox2
+    fields["frame_ids"][row, :n] = layout.frame_ids_O + next_frame
+    fields["window_ids"][row, :n] = layout.window_ids_O + next_window
+    next_frame += int(layout.frame_ids_O.max()) + 1
+    next_window += int(layout.window_ids_O.max()) + 1
   return fields
 
 

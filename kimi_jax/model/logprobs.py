@@ -11,7 +11,7 @@ from kimi_jax.model.vlm import encode_images
 
 def _vlm_logits(config: ModelConfig, params, batch, return_max_logits: bool):
   """Logits of rows whose images are batch-major: row b's k-th `image_mask` token takes row b's
-  k-th merged patch embedding; the B * P patches are encoded as one packed sequence."""
+  k-th merged patch embedding; the B * O patches are encoded as one packed sequence."""
   tokens_BxT, image_BxT = batch["tokens"], batch["image_mask"]
   b, p, f = batch["pixel_values"].shape
   layout = VisionLayout(batch["hw_positions"].reshape(b * p, 2), batch["frame_ids"].reshape(-1),

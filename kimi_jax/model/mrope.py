@@ -3,7 +3,7 @@
 Text tokens carry one index in all three rows (temporal, height, width), counting on from the
 previous token. An image of merged grid (t, h, w) placed when the count is `p` gets rows
 (p + t_i, p + h_i, p + w_i) over its tokens in (t, h, w) raster order, and the count then moves
-on by max(h, w). The rope delta (max position + 1 - prompt length) continues the count for
+on by max(h, w). The rope delta (max position + 1 - sequence length) continues the count for
 tokens decoded after the prompt: rope position = sequence index + delta in all rows.
 """
 import numpy as np
@@ -23,12 +23,46 @@ def _image_positions(vision: VisionConfig, grid_row, start: int) -> np.ndarray:
   return np.stack(rows).reshape(3, -1) + start
 
 
-def mrope_positions(vision: VisionConfig, tokens_BxT, image_grid_thw, lengths_B=None):
+def _sequence_positions(vision: VisionConfig, tokens_T, grid, counts, image: int, where):
+  """Positions [3, T] of one sequence whose images start at `image`; returns them and the next
+  image index. `where(i)` names token i in errors."""
+  is_image = tokens_T == vision.image_token_id
+  n, i, count_from, parts = len(tokens_T), 0, 0, [np.zeros((3, 0), np.int64)]
+  while i < n:
+    if not is_image[i]:
+      end = i + int(np.argmax(is_image[i:])) if is_image[i:].any() else n
+      parts.append(np.broadcast_to(np.arange(end - i) + count_from, (3, end - i)))
+      count_from += end - i
+      i = end
+      continue
+    if image >= len(grid):
+      raise ValueError(f"{where(i)}: more images than the {len(grid)} rows of image_grid_thw")
+    if i + counts[image] > n or not is_image[i:i + counts[image]].all():
+      raise ValueError(f"{where(i)}: image {image} with grid {tuple(grid[image].tolist())} "
+                       f"needs {counts[image]} consecutive image tokens")
+    parts.append(_image_positions(vision, grid[image], count_from))
+    count_from += int(grid[image][1:].max()) // vision.spatial_merge_size
+    i += counts[image]
+    image += 1
+  return np.concatenate(parts, axis=1), image
+
+
+def _segments(segment_ids_T, n: int) -> list[tuple[int, int]]:
+  """[start, end) runs of equal segment id among the first n tokens (one run without ids)."""
+  if segment_ids_T is None or n == 0:
+    return [(0, n)]
+  starts = [0] + [i for i in range(1, n) if segment_ids_T[i] != segment_ids_T[i - 1]]
+  return list(zip(starts, starts[1:] + [n]))
+
+
+def mrope_positions(vision: VisionConfig, tokens_BxT, image_grid_thw, lengths_B=None,
+                    segment_ids_BxT=None):
   """(positions_3xBxT, rope_delta_B) for token rows whose images (runs of
   `vision.image_token_id`) take `image_grid_thw`'s rows in order, row after row.
 
-  Only the first lengths_B[b] tokens of row b are the prompt (default: all); positions past it
-  continue as decoded tokens would (sequence index + delta).
+  Only the first lengths_B[b] tokens of row b are given (default: all); positions past them
+  continue as decoded tokens would (sequence index + delta). Packed rows (`segment_ids_BxT`)
+  count each segment from 0; the delta is then that of the row's last segment.
   """
   tokens = np.asarray(tokens_BxT)
   b, t = tokens.shape
@@ -39,30 +73,15 @@ def mrope_positions(vision: VisionConfig, tokens_BxT, image_grid_thw, lengths_B=
   deltas = np.zeros(b, np.int32)
   image = 0
   for row in range(b):
-    n, i, count_from, parts = int(lengths[row]), 0, 0, []
-    is_image = tokens[row, :n] == vision.image_token_id
-    while i < n:
-      if not is_image[i]:
-        end = i + int(np.argmax(is_image[i:])) if is_image[i:].any() else n
-        parts.append(np.broadcast_to(np.arange(end - i) + count_from, (3, end - i)))
-        count_from += end - i
-        i = end
-        continue
-      if image >= len(grid):
-        raise ValueError(f"tokens row {row} position {i}: more images than the "
-                         f"{len(grid)} rows of image_grid_thw")
-      if not is_image[i:i + counts[image]].all() or i + counts[image] > n:
-        raise ValueError(f"tokens row {row} position {i}: image {image} with grid "
-                         f"{tuple(grid[image].tolist())} needs {counts[image]} consecutive "
-                         "image tokens")
-      parts.append(_image_positions(vision, grid[image], count_from))
-      count_from += int(grid[image][1:].max()) // vision.spatial_merge_size
-      i += counts[image]
-      image += 1
-    prompt = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.int32)
-    deltas[row] = (prompt.max() + 1 if n else 0) - n
-    positions[:, row, :n] = prompt
-    positions[:, row, n:] = np.arange(n, t) + deltas[row]
+    n = int(lengths[row])
+    where = lambda i, row=row: f"tokens row {row} position {i}"
+    seg_ids = None if segment_ids_BxT is None else np.asarray(segment_ids_BxT)[row]
+    for start, end in _segments(seg_ids, n):
+      segment, image = _sequence_positions(vision, tokens[row, start:end], grid, counts, image,
+                                           lambda i, start=start: where(start + i))
+      positions[:, row, start:end] = segment
+      deltas[row] = (segment.max() + 1 if end > start else 0) - (end - start)
+    positions[:, row, n:] = np.arange(n - start, t - start) + deltas[row]
   if image != len(grid):
     raise ValueError(f"image_grid_thw has {len(grid)} rows but the tokens hold {image} images")
   return positions, deltas

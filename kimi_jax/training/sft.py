@@ -10,7 +10,7 @@ import numpy as np
 from kimi_jax.data import images
 from kimi_jax.data.image_batches import ImageExampleBatches, padded_patches
 from kimi_jax.data.image_prompts import encode_prompt_with_images
-from kimi_jax.data.sft import Example, PackedBatches, encode_example
+from kimi_jax.data.packing import Example, PackedBatches, encode_example
 from kimi_jax.data.tasks import TEMPLATE
 from kimi_jax.metrics.writers import JsonlWriter
 from kimi_jax.training.setup import every_or_final

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.data import image_batches, rendered
-from kimi_jax.data.sft import Example
+from kimi_jax.data.packing import Example
 from kimi_jax.model import apply_vlm
 from kimi_jax.model.logprobs import token_logprobs
 from tests.tiny_vlm import encoded, model

@@ -123,8 +123,8 @@ def test_smart_resize_equals_transformers_everywhere():
 def test_patch_rows_are_merge_windows_and_columns_repeat_the_frame():
   processing = ImageProcessing()
   p, m = processing.patch_size, processing.merge_size
-  pixels_CxHxW = np.random.default_rng(0).normal(size=(3, 4 * p, 6 * p)).astype(np.float32)
-  frames = np.broadcast_to(pixels_CxHxW, (2, *pixels_CxHxW.shape))
+  pixels_CxYxX = np.random.default_rng(0).normal(size=(3, 4 * p, 6 * p)).astype(np.float32)
+  frames = np.broadcast_to(pixels_CxYxX, (2, *pixels_CxYxX.shape))
   patches, grid = images.patchify(frames, processing)
   assert grid == (1, 4, 6)
   chex.assert_shape(patches, (24, 3 * 2 * p * p))
@@ -134,7 +134,7 @@ def test_patch_rows_are_merge_windows_and_columns_repeat_the_frame():
       for r in range(m):
         for c in range(m):
           y, x = (window_row * m + r) * p, (window_col * m + c) * p
-          patch_CxPxP = pixels_CxHxW[:, y:y + p, x:x + p]
+          patch_CxPxP = pixels_CxYxX[:, y:y + p, x:x + p]
           expected = np.stack([patch_CxPxP, patch_CxPxP], axis=1).reshape(-1)  # (C, frame, P, P)
           np.testing.assert_array_equal(patches[row], expected)
           row += 1

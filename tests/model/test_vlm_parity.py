@@ -10,6 +10,7 @@ import torch
 from kimi_jax.checkpointing import hf
 from kimi_jax.model import (apply_vlm, decode_lm, init_kv_cache, prepare_vlm_inputs,
                             vlm_prefill)
+from kimi_jax.model.mrope import mrope_positions
 from kimi_jax.model.vision import vision_layout
 from kimi_jax.model.vlm import encode_images
 from tests.model.vlm_reference import (TEXT_VOCAB, TOKEN_IDS, hf_vlm_logits, pixels, prompt,
@@ -56,10 +57,10 @@ def test_mrope_positions_match_get_rope_index(vlm):
   ref_pos, ref_delta = model.model.get_rope_index(
       ids, mm_token_type_ids=(ids == TOKEN_IDS["image_token_id"]).int(),
       image_grid_thw=torch.as_tensor(grids), attention_mask=torch.as_tensor(mask))
-  inputs = prepare_vlm_inputs(config, tokens, grids, lengths)
-  np.testing.assert_array_equal(inputs.rope_positions_3xBxT[:, mask], ref_pos.numpy()[:, mask])
-  np.testing.assert_array_equal(inputs.rope_delta_B, ref_delta.numpy()[:, 0])
-  assert inputs.rope_delta_B.min() < 0  # images take fewer positions than tokens
+  positions, deltas = mrope_positions(config.vision, tokens, grids, lengths)
+  np.testing.assert_array_equal(positions[:, mask], ref_pos.numpy()[:, mask])
+  np.testing.assert_array_equal(deltas, ref_delta.numpy()[:, 0])
+  assert deltas.min() < 0  # images take fewer positions than tokens
 
 
 def test_several_images_in_one_prompt(vlm):
@@ -99,10 +100,10 @@ def test_kv_cache_decode_continues_after_images(vlm):
     tokens[i, :len(r)] = r
   grids = row_grids[0] + row_grids[1]
   pv = pixels(rng, grids)
-  inputs = prepare_vlm_inputs(config, tokens, grids, lengths)
+  inputs = prepare_vlm_inputs(config, tokens, pv, grids, lengths)
   cache = init_kv_cache(config, 2, int(lengths.max()) + steps)
-  logits, cache = jax.jit(vlm_prefill, static_argnums=0)(config, params, jnp.asarray(tokens), jnp.asarray(pv), inputs.layout,
-                              jnp.asarray(inputs.rope_positions_3xBxT), cache)
+  logits, cache = jax.jit(vlm_prefill, static_argnums=0)(config, params, jnp.asarray(tokens),
+                                                         inputs, cache)
   per_row = [[np.asarray(logits[i, :lengths[i]])] for i in range(2)]
   decode = jax.jit(decode_lm, static_argnums=0)
   for step in range(steps):

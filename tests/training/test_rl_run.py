@@ -10,8 +10,9 @@ from kimi_jax.metrics.writers import read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "experiments", "rl_arith.py") + ":smoke"
-# Wall-clock-dependent metrics; everything else must replay exactly.
-TIMING = ("time/", "tokens_per_s")
+# Wall-clock-dependent metrics and what the process holds in memory (differs with
+# rollout.colocate); everything else must replay exactly.
+TIMING = ("time/", "tokens_per_s", "memory/")
 
 
 def run(workdir, *flags, env_extra=None, driver="tests.training.rl_kill_driver"):
@@ -103,3 +104,51 @@ def test_rl_through_sglang_client_and_server_replays_the_engine_run(reference, t
     server.stop()
   assert engine.weight_version == str(config.rl.iterations)  # every sync reached the server
   assert_same_records(replayable(str(tmp_path)), replayable(reference), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_partial_rollouts_carry_groups_across_iterations_without_crashing(tmp_path):
+  """8 tokens per iteration against a 56-token cap: most groups wait in the buffer, some
+  iterations complete no group at all. Every iteration still writes a full row."""
+  result = run(str(tmp_path), "--config.rl.segment_tokens=8", "--config.rl.iterations=4",
+               driver="launch.train_rl")
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl"))
+  rl_rows = [r for r in records if r["step"] > 0]
+  assert [r["step"] for r in rl_rows] == [1, 2, 3, 4]
+  assert len({frozenset(k for k in r if not k.startswith("eval/")) for r in rl_rows}) == 1
+  assert all(r["buffer_groups"] > 0 for r in rl_rows)  # groups are carried over
+  empty = [r for r in rl_rows if r["complete_groups"] == 0]
+  trained = [r for r in rl_rows if r["complete_groups"] > 0]
+  assert empty and trained
+  assert all(np.isnan(r["reward"]) and np.isnan(r["kl_prev"]) for r in empty)
+  assert all(r["kl_prev"] >= 0 for r in trained)  # k3 is non-negative
+  assert any(r["multi_segment_frac"] > 0 for r in trained)  # groups finished over iterations
+
+
+@pytest.mark.slow
+def test_colocated_run_gives_the_same_metrics_and_frees_the_engine_while_training(reference,
+                                                                                   tmp_path):
+  """rollout.colocate=True: the engine drops its weights and KV cache while the trainer runs and
+  gets the new weights back for the next iteration; the run replays the reference exactly."""
+  from experiments.rl_arith import get_config
+  from kimi_jax.data import synthetic
+  from kimi_jax.data.tokenizer import char_tokenizer
+  from kimi_jax.training.setup import build_model_config
+
+  result = run(str(tmp_path), "--config.rollout.colocate=True")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert_same_records(replayable(str(tmp_path)), replayable(reference), rtol=1e-6)
+  config = get_config("smoke")
+  model = build_model_config(config.model, char_tokenizer(synthetic.CHARSET))
+  rows, cache = config.rollout.max_batch, config.rollout.max_seq_len
+  # the engine's own weight copy + its KV cache (float32), in closed form
+  engine_bytes = 4 * (model.vocab_size * model.hidden_size * (1 if model.tie_embeddings else 2)
+                      + model.num_layers * 2 * rows * cache * model.num_kv_heads * model.head_dim)
+  colocated = [r for r in read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl")) if r["step"]]
+  separate = [r for r in read_jsonl(os.path.join(reference, "metrics.jsonl")) if r["step"]]
+  for c, s in zip(colocated, separate):
+    assert s["memory/train_bytes"] - c["memory/train_bytes"] >= engine_bytes, c["step"]
+    print(f"step {c['step']}: train phase holds {c['memory/train_bytes']:,} bytes colocated, "
+          f"{s['memory/train_bytes']:,} not; rollout phase {c['memory/rollout_bytes']:,} / "
+          f"{s['memory/rollout_bytes']:,}")
