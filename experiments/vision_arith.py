@@ -45,7 +45,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.task.domains = ("arith", "arith_image", "chart")
   elif arg == "smoke":
     c.task.num_train, c.task.num_heldout = 60, 8
-    c.sft.steps, c.sft.batch_size, c.sft.warmup_steps = 10, 8, 2
+    c.sft.steps, c.sft.batch_size, c.sft.optimizer.warmup_steps = 10, 8, 2
     c.rl.iterations, c.rl.prompts_per_iteration, c.rl.k = 2, 4, 4
     c.rl.groups_per_minibatch = 2
     c.rl.length_penalty.warmup_iterations = 1

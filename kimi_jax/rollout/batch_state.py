@@ -132,6 +132,23 @@ def _penalize(state: BatchState, logits_BxV):
       state.repetition_B, state.frequency_B, state.presence_B, suppress_BxJ)
 
 
+def reset_rows(config: ModelConfig, max_stop_ids: int, state: BatchState,
+               reset_B: jax.Array) -> BatchState:
+  """`state` with the rows in `reset_B` as `init_batch_state` makes them (KV cache included).
+
+  Prefill rewrites only a prompt's own KV slots; the slots past it keep what the row's previous
+  requests left, masked out of attention but still multiplied by a zero weight, so a NaN left by
+  poisoned weights would spread to every later request of the row.
+  """
+  b, s = state.history_BxS.shape
+  fresh = init_batch_state(config, b, s, max_stop_ids)
+
+  def pick(old, new):
+    return jnp.where(reset_B.reshape((b,) + (1,) * (old.ndim - 1)), new, old)
+
+  return jax.tree_util.tree_map(pick, state, fresh)
+
+
 def _record(state: BatchState, logits_BxV, budget, ngram: int, count: int):
   """Sample one token for active rows within `budget`, append it and apply stop rules."""
   b, s = state.history_BxS.shape

@@ -167,6 +167,8 @@ class RolloutEngine:
                                      functools.partial(batch_state.prefill_images, config))
     self._decode = self._jit("decode", functools.partial(
         batch_state.decode_chunk, config, num_steps=chunk_steps, **stopping))
+    self._reset_rows = jax.jit(functools.partial(batch_state.reset_rows, config, max_stop_ids),
+                               donate_argnums=(0,))
     self._score = jax.jit(functools.partial(scoring.token_scores, config),
                           static_argnames=("top_k",))
     self._seed_rng = np.random.default_rng(seed)
@@ -243,7 +245,11 @@ class RolloutEngine:
     return bool(self._queue or self.num_running or self._finished_at_submit)
 
   def update_weights(self, params, weight_version: str) -> None:
-    """Swap in new parameters (same tree, shapes and dtypes); nothing recompiles."""
+    """Swap in new parameters (same tree, shapes and dtypes); nothing recompiles.
+
+    Every row without a running request is reset (KV cache included): nothing computed with
+    the old weights reaches a later request. Requests paused in place keep their rows.
+    """
     new = _plain_tree(params)
     old_specs, new_specs = self._param_specs, _specs(new)
     if old_specs != new_specs:
@@ -257,6 +263,20 @@ class RolloutEngine:
     self._params = self._own_copy(new)
     self._host_params = None
     self.weight_version = str(weight_version)
+    if self._state is not None:  # None: released, and resumed empty
+      self._state = self._reset_rows(self._state, np.array([r is None for r in self._rows]))
+
+  def reset(self, message: str) -> list[Update]:
+    """Abort every request (reason `message`) and rebuild the batch state from scratch.
+
+    For recovery after a failed step: the device state may be half-updated or, if the failed
+    program had been handed the state, deleted.
+    """
+    updates = self._finished_at_submit + self.abort(None, message)
+    self._finished_at_submit = []
+    self._release_B = np.zeros(self.max_batch, bool)
+    self._state = self._fresh_state()
+    return updates
 
   def score(self, token_ids: Sequence[int], temperature: float = 1.0, top_n: int = 0,
             ids: Sequence[int] = ()) -> tuple[np.ndarray, ...]:
@@ -403,6 +423,10 @@ class RolloutEngine:
 
   def _stop_ids(self, index: int, sp: SamplingParams) -> tuple[int, ...]:
     ids = tuple(dict.fromkeys(sp.stop_token_ids + (() if sp.ignore_eos else self.eos_token_ids)))
+    outside = [t for t in sp.stop_token_ids if t >= self.config.vocab_size]
+    if outside:
+      raise ValueError(f"sampling[{index}].stop_token_ids: {outside[:5]} outside the vocabulary "
+                       f"[0, {self.config.vocab_size})")
     if len(ids) > self.max_stop_ids:
       raise ValueError(f"sampling[{index}].stop_token_ids: {len(ids)} stop ids (with eos) exceed "
                        f"max_stop_ids={self.max_stop_ids}")
