@@ -45,11 +45,17 @@ class BatchState:
 
 
 class Admission(NamedTuple):
-  """New requests for R rows (padding rows have row index B and are dropped)."""
+  """New requests for up to R rows, their prompts computed once per distinct prompt (U rows).
+
+  Requests that share a prompt share its prefill: each of the first `num_rows` rows copies the
+  KV cache of prompt row `source_R` (padding rows have row index B and are dropped).
+  """
 
   rows_R: jax.Array
-  prompts_RxT: jax.Array  # right-padded
-  lengths_R: jax.Array
+  source_R: jax.Array  # index into the U prompt rows
+  num_rows: jax.Array  # real (non-padding) rows, a scalar
+  prompts_UxT: jax.Array  # right-padded
+  lengths_U: jax.Array
   max_new_R: jax.Array
   temperature_R: jax.Array
   top_p_R: jax.Array
@@ -102,6 +108,23 @@ def _penalize(state: BatchState, logits_BxV):
       state.repetition_B, state.frequency_B, state.presence_B, suppress_BxJ)
 
 
+def reset_rows(config: ModelConfig, max_stop_ids: int, state: BatchState,
+               reset_B: jax.Array) -> BatchState:
+  """`state` with the rows in `reset_B` as `init_batch_state` makes them (KV cache included).
+
+  Prefill rewrites only a prompt's own KV slots; the slots past it keep what the row's previous
+  requests left, masked out of attention but still multiplied by a zero weight, so a NaN left by
+  poisoned weights would spread to every later request of the row.
+  """
+  b, s = state.history_BxS.shape
+  fresh = init_batch_state(config, b, s, max_stop_ids)
+
+  def pick(old, new):
+    return jnp.where(reset_B.reshape((b,) + (1,) * (old.ndim - 1)), new, old)
+
+  return jax.tree_util.tree_map(pick, state, fresh)
+
+
 def _record(state: BatchState, logits_BxV, budget, ngram: int, count: int):
   """Sample one token for active rows within `budget`, append it and apply stop rules."""
   b, s = state.history_BxS.shape
@@ -127,25 +150,38 @@ def _record(state: BatchState, logits_BxV, budget, ngram: int, count: int):
   return state, (tokens_B, logprobs_B, emit_B), budget - jnp.sum(emit_B)
 
 
-def prefill(config: ModelConfig, params, state: BatchState, admission: Admission) -> BatchState:
-  """Write R new requests into their rows: KV cache of the prompt, settings and stop rules.
+def _copy_prompt_cache(kv_cache, prompt_cache, rows_R, source_R, num_rows):
+  """Write prompt row `source_R[i]`'s keys and values into cache row `rows_R[i]`, i < num_rows
+  (in place, one row at a time: the copying grows with the rows admitted, not with R)."""
+  def copy_row(i, cache):
+    at = (rows_R[i], 0, 0, 0)
+    return tuple((jax.lax.dynamic_update_slice(k, pk[source_R[i]][None], at),
+                  jax.lax.dynamic_update_slice(v, pv[source_R[i]][None], at))
+                 for (k, v), (pk, pv) in zip(cache, prompt_cache))
+  return jax.lax.fori_loop(0, num_rows, copy_row, kv_cache)
 
-  The row's newest token is the last prompt token, so the next decode step samples the first
-  output token like any other (its K/V entry is rewritten with the same values).
+
+def prefill(config: ModelConfig, params, state: BatchState, admission: Admission) -> BatchState:
+  """Write new requests into their rows: KV cache of the prompt, settings and stop rules.
+
+  Each distinct prompt runs through the model once; its rows copy the result. The row's
+  newest token is the last prompt token, so the next decode step samples the first output
+  token like any other (its K/V entry is rewritten with the same values).
   """
   a = admission
-  r, t = a.prompts_RxT.shape
+  u, t = a.prompts_UxT.shape
+  r = a.rows_R.shape[0]
   s = state.history_BxS.shape[1]
-  positions_RxT = jnp.broadcast_to(jnp.arange(t), (r, t))
-  _, prompt_cache = decode_lm(config, params, a.prompts_RxT, positions_RxT,
-                              init_kv_cache(config, r, t))
+  positions_UxT = jnp.broadcast_to(jnp.arange(t), (u, t))
+  _, prompt_cache = decode_lm(config, params, a.prompts_UxT, positions_UxT,
+                              init_kv_cache(config, u, t))
+  kv_cache = _copy_prompt_cache(state.kv_cache, prompt_cache, a.rows_R, a.source_R, a.num_rows)
   put = lambda target, value: target.at[a.rows_R].set(value, mode="drop")
-  kv_cache = tuple((k.at[a.rows_R, :t].set(pk, mode="drop"), v.at[a.rows_R, :t].set(pv, mode="drop"))
-                   for (k, v), (pk, pv) in zip(state.kv_cache, prompt_cache))
-  prompts_RxS = jnp.zeros((r, s), jnp.int32).at[:, :t].set(a.prompts_RxT)
+  prompts_RxS = jnp.zeros((r, s), jnp.int32).at[:, :t].set(a.prompts_UxT[a.source_R])
   return state.replace(
       kv_cache=kv_cache, history_BxS=put(state.history_BxS, prompts_RxS),
-      position_B=put(state.position_B, a.lengths_R - 1), active_B=put(state.active_B, True),
+      position_B=put(state.position_B, a.lengths_U[a.source_R] - 1),
+      active_B=put(state.active_B, True),
       finish_B=put(state.finish_B, ROW_RUNNING), num_generated_B=put(state.num_generated_B, 0),
       max_new_B=put(state.max_new_B, a.max_new_R),
       temperature_B=put(state.temperature_B, a.temperature_R), top_p_B=put(state.top_p_B, a.top_p_R),

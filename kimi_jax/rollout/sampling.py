@@ -73,14 +73,19 @@ def sample_tokens(logits_BxV, temperature_B, top_p_B, top_k_B, min_p_B, keys_B):
   """Returns (tokens_B int32, logprobs_B float32).
 
   Sampling is Gumbel-max over the kept tokens' log-probs, i.e. a draw from the renormalised
-  filtered distribution. The sort behind the filters runs only when some sampling row needs it.
+  filtered distribution. The sort behind the filters runs only when some sampling row needs it,
+  the noise only when some row samples.
   """
   greedy_B = temperature_B == 0
   logp_BxV = log_probs(logits_BxV, temperature_B)
   filtering = jnp.any(~greedy_B & ((top_k_B > 0) | (top_p_B < 1) | (min_p_B > 0)))
   keep_BxV = jax.lax.cond(filtering, kept_mask, lambda logp, *_: jnp.ones(logp.shape, bool),
                           logp_BxV, top_p_B, top_k_B, min_p_B)
-  gumbel_BxV = jax.vmap(lambda key: jax.random.gumbel(key, logp_BxV.shape[-1:]))(keys_B)
+  # The noise (threefry, a rolled loop on CPU) is drawn only when some row samples.
+  gumbel_BxV = jax.lax.cond(
+      jnp.any(~greedy_B),
+      lambda keys: jax.vmap(lambda key: jax.random.gumbel(key, logp_BxV.shape[-1:]))(keys),
+      lambda keys: jnp.zeros(logp_BxV.shape, logp_BxV.dtype), keys_B)
   sampled_B = jnp.argmax(jnp.where(keep_BxV, logp_BxV + gumbel_BxV, -jnp.inf), axis=-1)
   tokens_B = jnp.where(greedy_B, jnp.argmax(logits_BxV, axis=-1), sampled_B).astype(jnp.int32)
   logprobs_B = jnp.take_along_axis(logp_BxV, tokens_B[:, None], axis=-1)[:, 0]
