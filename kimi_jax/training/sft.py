@@ -2,24 +2,24 @@
 import os
 
 import jax
-import optax
 from tqdm import tqdm
 
 from kimi_jax.data.packing import PackedBatches, encode_example
 from kimi_jax.data.tasks import TEMPLATE
 from kimi_jax.metrics.writers import JsonlWriter
+from kimi_jax.training.optim import build_optimizer, build_post_update
 from kimi_jax.training.setup import every_or_final
 from kimi_jax.training.state import init_train_state, train_state_from_params
-from kimi_jax.training.steps import jit_step, lm_step
+from kimi_jax.training.steps import jit_step, keep_params, lm_step
 
 
 def run_sft(state, shardings, mesh, model_config, batches, num_steps: int, writer=None,
-            log_every: int = 50, desc: str = "sft"):
+            log_every: int = 50, desc: str = "sft", post_update=keep_params):
   """`num_steps` LM steps on `batches` (an iterator of packed numpy batches).
 
   Returns (state, last metrics). Progress is shown as a bar; metrics go to `writer`.
   """
-  train_step = jit_step(lm_step, mesh, shardings, config=model_config)
+  train_step = jit_step(lm_step, mesh, shardings, config=model_config, post_update=post_update)
   metrics = {}
   with tqdm(range(1, num_steps + 1), desc=desc, dynamic_ncols=True) as bar:
     for step in bar:
@@ -32,29 +32,19 @@ def run_sft(state, shardings, mesh, model_config, batches, num_steps: int, write
   return state, jax.device_get(metrics)
 
 
-def sft_optimizer(sft_config) -> optax.GradientTransformation:
-  """AdamW with linear warm-up then cosine decay to a tenth (the `sft` config section)."""
-  # max(): a stage of zero steps (only re-exporting, e.g. under a new RoPE theta) still builds.
-  total_steps = max(sft_config.steps, sft_config.warmup_steps + 1)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, sft_config.learning_rate,
-                                                sft_config.warmup_steps, total_steps,
-                                                sft_config.learning_rate / 10)
-  return optax.adamw(schedule, weight_decay=sft_config.weight_decay)
-
-
 def fine_tune(sft_config, seed: int, batches, model_config, mesh, metrics_path: str,
-              params=None, desc: str = "sft"):
-  """`sft_config.steps` LM steps on the batch iterator `batches`, with `sft_optimizer`, from
-  `params` or, when None, from a fresh init with `seed`. Returns the trained params; metrics go
-  to the JSONL file at `metrics_path`."""
-  tx = sft_optimizer(sft_config)
+              params=None, desc: str = "sft", key: str = "sft.optimizer"):
+  """`sft_config.steps` LM steps on the batch iterator `batches`, with the optimizer of
+  `sft_config.optimizer`, from `params` or, when None, from a fresh init with `seed`. Returns the
+  trained params; metrics go to the JSONL file at `metrics_path`."""
+  tx = build_optimizer(sft_config.optimizer, sft_config.steps, key)
   if params is None:
     state, shardings = init_train_state(model_config, tx, mesh, jax.random.key(seed))
   else:
     state, shardings = train_state_from_params(model_config, tx, mesh, params)
   writer = JsonlWriter(metrics_path)
   state, _ = run_sft(state, shardings, mesh, model_config, batches, sft_config.steps, writer,
-                     desc=desc)
+                     desc=desc, post_update=build_post_update(sft_config.optimizer))
   writer.close()
   return state.params
 
