@@ -54,6 +54,20 @@ def fine_tune(sft_config, seed: int, batches, model_config, mesh, metrics_path: 
   return state.params
 
 
+def check_examples_fit(examples, config) -> None:
+  """Every SFT example fits one packed row of `config.sft.seq_len` (an example of n tokens
+  takes n - 1 slots); otherwise an error naming the config keys that decide the lengths."""
+  longest = max(range(len(examples)), key=lambda i: len(examples[i]))
+  needed = len(examples[longest]) - 1
+  if needed > config.sft.seq_len:
+    raise ValueError(
+        f"config.sft.seq_len={config.sft.seq_len} is too short for task "
+        f"{config.task.name!r}: its longest SFT example (train prompt {longest}, "
+        f"{len(examples[longest])} tokens) needs config.sft.seq_len >= {needed}. Raise "
+        f"config.sft.seq_len, or make the task's examples shorter through config.task "
+        f"({', '.join(sorted(config.task.keys()))})")
+
+
 def sft_warmup(config, task, tokenizer, model_config, mesh, workdir: str, params=None):
   """Long-CoT SFT warm-up on the task's reference responses, from `params` or a fresh init;
   returns trained params. Its metrics go to sft_metrics.jsonl (their own step axis)."""
@@ -62,6 +76,7 @@ def sft_warmup(config, task, tokenizer, model_config, mesh, workdir: str, params
   else:
     examples = [encode_example(tokenizer, TEMPLATE, p.question, task.reference_response(p))
                 for p in task.train]
+    check_examples_fit(examples, config)
     batches = iter(PackedBatches(examples, config.sft.batch_size, config.sft.seq_len,
                                  tokenizer.pad_id, config.seed))
   return fine_tune(config.sft, config.seed, batches, model_config, mesh,
@@ -78,6 +93,7 @@ def image_sft_batches(config, task, tokenizer, model_config) -> ImageExampleBatc
     examples.append(Example(np.array(inputs.ids + completion, np.int32),
                             np.array([False] * len(inputs.ids) + [True] * len(completion))))
     num_patches.append(len(inputs.images.pixel_values))
+  check_examples_fit(examples, config)
   images_of = lambda i: (images.preprocess(task.train[i].images, processing)
                          if task.train[i].images else None)
   vision = model_config.vision
