@@ -18,18 +18,22 @@ from kimi_jax.model.config import with_execution
 from kimi_jax.sharding.rules import make_mesh
 
 
-# Sections every stage reads through `build_basics`.
+# Sections every stage reads through `build_basics`, and those a config may leave out
+# (`images`: Qwen2-VL's preprocessing defaults apply without it).
 BASIC_SECTIONS = ("seed", "task", "model", "mesh", "metrics")
+OPTIONAL_SECTIONS = ("images",)
 
 
 def stage_config(config, sections: Sequence[str], stage: str) -> ml_collections.ConfigDict:
-  """The sections of `config` that `stage` reads, and nothing else: a stage that reaches for
-  another stage's section fails by name instead of silently depending on it."""
+  """The sections of `config` that `stage` reads (plus the OPTIONAL_SECTIONS it has), and
+  nothing else: a stage that reaches for another stage's section fails by name instead of
+  silently depending on it."""
   missing = [s for s in sections if s not in config]
   if missing:
     raise ValueError(f"{stage}: the config has no section(s) {missing}")
   resolved = config.copy_and_resolve_references()
-  view = ml_collections.ConfigDict({s: resolved[s] for s in sections})
+  kept = list(sections) + [s for s in OPTIONAL_SECTIONS if s in config]
+  view = ml_collections.ConfigDict({s: resolved[s] for s in kept})
   view.lock()
   return view
 

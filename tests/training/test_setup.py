@@ -5,7 +5,7 @@ import os
 import ml_collections
 import pytest
 
-from experiments import long2short_arith, rl_arith
+from experiments import long2short_arith, rl_arith, vision_arith
 from kimi_jax.training import long2short_run, rl, sft_run
 from kimi_jax.training.setup import every_or_final, stage_config
 
@@ -27,6 +27,8 @@ def test_a_stage_sees_only_its_sections():
   with pytest.raises(ValueError, match=r"probe: the config has no section\(s\) \['corpus2'\]"):
     stage_config(config, ("seed", "corpus2"), "probe")
   assert "long2short" not in rl.SECTIONS and "corpus" not in rl.SECTIONS
+  with_images = vision_arith.get_config("smoke")  # an optional section is kept when present
+  assert stage_config(with_images, ("seed",), "probe").images == with_images.images
 
 
 @pytest.mark.parametrize("stage", list(RUNNERS))
