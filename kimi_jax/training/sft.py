@@ -4,7 +4,12 @@ import os
 import jax
 from tqdm import tqdm
 
-from kimi_jax.data.packing import PackedBatches, encode_example
+import numpy as np
+
+from kimi_jax.data import images
+from kimi_jax.data.image_batches import ImageExampleBatches, padded_patches
+from kimi_jax.data.image_prompts import encode_prompt_with_images
+from kimi_jax.data.packing import Example, PackedBatches, encode_example
 from kimi_jax.data.tasks import TEMPLATE
 from kimi_jax.metrics.writers import JsonlWriter
 from kimi_jax.training.optim import build_optimizer, build_post_update
@@ -49,12 +54,49 @@ def fine_tune(sft_config, seed: int, batches, model_config, mesh, metrics_path: 
   return state.params
 
 
+def check_examples_fit(examples, config) -> None:
+  """Every SFT example fits one packed row of `config.sft.seq_len` (an example of n tokens
+  takes n - 1 slots); otherwise an error naming the config keys that decide the lengths."""
+  longest = max(range(len(examples)), key=lambda i: len(examples[i]))
+  needed = len(examples[longest]) - 1
+  if needed > config.sft.seq_len:
+    raise ValueError(
+        f"config.sft.seq_len={config.sft.seq_len} is too short for task "
+        f"{config.task.name!r}: its longest SFT example (train prompt {longest}, "
+        f"{len(examples[longest])} tokens) needs config.sft.seq_len >= {needed}. Raise "
+        f"config.sft.seq_len, or make the task's examples shorter through config.task "
+        f"({', '.join(sorted(config.task.keys()))})")
+
+
 def sft_warmup(config, task, tokenizer, model_config, mesh, workdir: str, params=None):
   """Long-CoT SFT warm-up on the task's reference responses, from `params` or a fresh init;
   returns trained params. Its metrics go to sft_metrics.jsonl (their own step axis)."""
-  examples = [encode_example(tokenizer, TEMPLATE, p.question, task.reference_response(p))
-              for p in task.train]
-  batches = iter(PackedBatches(examples, config.sft.batch_size, config.sft.seq_len,
-                               tokenizer.pad_id, config.seed))
+  if task.has_images:
+    batches = image_sft_batches(config, task, tokenizer, model_config)
+  else:
+    examples = [encode_example(tokenizer, TEMPLATE, p.question, task.reference_response(p))
+                for p in task.train]
+    check_examples_fit(examples, config)
+    batches = iter(PackedBatches(examples, config.sft.batch_size, config.sft.seq_len,
+                                 tokenizer.pad_id, config.seed))
   return fine_tune(config.sft, config.seed, batches, model_config, mesh,
                    os.path.join(workdir, "sft_metrics.jsonl"), params)
+
+
+def image_sft_batches(config, task, tokenizer, model_config) -> ImageExampleBatches:
+  """Unpacked SFT batches of the task's prompts (with their images) and references."""
+  processing = images.run_image_processing(config)
+  examples, num_patches = [], []
+  for prompt in task.train:
+    inputs = encode_prompt_with_images(tokenizer, TEMPLATE, prompt, processing)
+    completion = tokenizer.encode(task.reference_response(prompt)) + [tokenizer.eos_id]
+    examples.append(Example(np.array(inputs.ids + completion, np.int32),
+                            np.array([False] * len(inputs.ids) + [True] * len(completion))))
+    num_patches.append(len(inputs.images.pixel_values))
+  check_examples_fit(examples, config)
+  images_of = lambda i: (images.preprocess(task.train[i].images, processing)
+                         if task.train[i].images else None)
+  vision = model_config.vision
+  return ImageExampleBatches(examples, images_of, vision, config.sft.batch_size,
+                             config.sft.seq_len, padded_patches(num_patches, vision.merge_unit),
+                             tokenizer.pad_id, config.seed)
