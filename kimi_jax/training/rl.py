@@ -146,10 +146,13 @@ class PolicyTrainer:
     The reference log-probs come from the gradient program itself, run on every minibatch at
     pi_theta_i (a gradient pass per minibatch, the price of the first update's loss seeing
     exactly S - S_ref = 0)."""
-    old_logp = np.asarray(self.token_logprobs(state, batch))
     num_minibatches = batch["tokens"].shape[0] // (self.rl.groups_per_minibatch * self.rl.k)
-    minibatches = rl_data.split_minibatches({**batch, "ref_logp": np.zeros_like(old_logp)},
-                                            self.rl.k, num_minibatches)
+    minibatches = [rl_data.trim_to_bucket(mb) for mb in rl_data.split_minibatches(
+        {**batch, "ref_logp": np.zeros(batch["loss_mask"].shape, np.float32)}, self.rl.k,
+        num_minibatches)]
+    # Every program sees bucketed minibatch shapes only: nothing recompiles when the number of
+    # complete groups changes from one iteration to the next (partial rollouts).
+    old_logp = [np.asarray(self.token_logprobs(state, mb)) for mb in minibatches]
     for mb in minibatches:
       mb["ref_logp"] = np.asarray(self.grads(state, mb)[1]["logp_BxT"])
     state = reset_opt_state(state)
@@ -158,10 +161,12 @@ class PolicyTrainer:
       for mb in minibatches:
         state, metrics = self.apply(state, *self.grads(state, mb))
         step_metrics.append(metrics)
-    new_logp = np.asarray(self.token_logprobs(state, batch))
+    new_logp = [np.asarray(self.token_logprobs(state, mb)) for mb in minibatches]
     step_metrics = jax.device_get(step_metrics)  # one transfer for every minibatch's metrics
     metrics = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-    metrics["kl_prev"] = k3_kl(old_logp, new_logp, batch["loss_mask"])
+    masks = [mb["loss_mask"] for mb in minibatches]
+    metrics["kl_prev"] = k3_kl(*(np.concatenate([lp[mask > 0] for lp, mask in zip(logp, masks)])
+                                 for logp in (old_logp, new_logp)))
     metrics["updates"] = len(step_metrics)
     return state, metrics
 
@@ -174,10 +179,10 @@ class PolicyTrainer:
     return {k: float("nan") for k in [*step_metrics, "kl_prev", "updates"]}
 
 
-def k3_kl(old_logp_BxT, new_logp_BxT, mask_BxT) -> float:
-  """KL(pi_old || pi_new) per token on pi_old's own samples, with the non-negative estimator
-  k3 = (r - 1) - log r, r = pi_new / pi_old (Schulman 2020), averaged over counted tokens."""
-  log_r = (new_logp_BxT - old_logp_BxT)[mask_BxT > 0].astype(np.float64)
+def k3_kl(old_logp_N, new_logp_N) -> float:
+  """KL(pi_old || pi_new) per token on pi_old's own samples (the N counted tokens), with the
+  non-negative estimator k3 = (r - 1) - log r, r = pi_new / pi_old (Schulman 2020)."""
+  log_r = (np.asarray(new_logp_N, np.float64) - np.asarray(old_logp_N, np.float64))
   return float(np.mean(np.expm1(log_r) - log_r)) if log_r.size else float("nan")
 
 

@@ -73,3 +73,15 @@ def split_minibatches(batch: dict[str, np.ndarray], group_size: int, num_minibat
     mb["group_ids"] = mb["group_ids"] - mb["group_ids"][0]
     out.append(mb)
   return out
+
+
+def trim_to_bucket(minibatch: dict[str, np.ndarray], min_length: int = 32) -> dict[str, np.ndarray]:
+  """The minibatch's [rows, T] arrays cut after its last counted token, rounded up to a power of
+  two (at least `min_length`, at most T). The LM is causal, so no log-prob changes; training
+  cost then follows the responses' real lengths, with at most log2(T / min_length) + 2 shapes
+  to compile."""
+  t = minibatch["loss_mask"].shape[1]
+  counted = np.flatnonzero(minibatch["loss_mask"].any(axis=0))
+  last = int(counted[-1]) + 1 if counted.size else 1
+  length = min(t, max(min_length, 1 << (last - 1).bit_length()))
+  return {k: v[:, :length] if v.ndim == 2 else v for k, v in minibatch.items()}
