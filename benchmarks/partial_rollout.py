@@ -11,7 +11,7 @@ from the buffer. Both modes start from the same weights, see the same prompt str
 same planted lengths; the engine and the trainer (one program per minibatch length bucket) are
 compiled before timing and the first iteration of each mode is left out of its mean. Prints per mode the mean iteration time and its
 rollout / scoring / training parts, then the ratio of mean times (goal <= 0.6).
-Run: .venv/bin/python benchmarks/partial_rollout.py   (`partial_vs_full` for `make bench`)
+Run: .venv/bin/python benchmarks/partial_rollout.py   (`measure()` for `make bench`)
 """
 import dataclasses
 import os
@@ -99,7 +99,7 @@ def run_mode(config, params, tx, trainer, backend, workdir,
     backend.sync(state.params, str(step + 1))
     rows.append((time.perf_counter() - start, metrics["time/rollout"], metrics["time/reward"],
                  metrics["time/train"], metrics["complete_groups"]))
-  seconds, rollout, reward, train, groups = np.mean(rows[1:], axis=0)
+  seconds, rollout, reward, train, groups = np.mean(rows[1:], axis=0).tolist()
   return {"seconds": seconds, "rollout": rollout, "reward": reward, "train": train,
           "groups": groups}
 
@@ -117,11 +117,11 @@ def warm_up_trainer(trainer, config, model_config, tx, mesh, params) -> None:
     trainer.train(train_state_from_params(model_config, tx, mesh, params)[0], batch)
 
 
-def partial_vs_full(iterations: int = 12, prompts: int = 16, k: int = 4, max_response: int = 384,
-                    segment: int = 48) -> dict:
-  """{"full": ..., "partial": ..., "ratio": partial / full mean iteration seconds}."""
-  full_config = bench_config(max_response, max_response, prompts, k)
-  partial_config = bench_config(max_response, segment, prompts, k)
+def measure(iterations: int = 12, num_prompts: int = 16, k: int = 4, max_response: int = 384,
+            segment: int = 48) -> dict:
+  """partial_vs_full_rl_iteration: mean whole-iteration time with partial rollouts / without."""
+  full_config = bench_config(max_response, max_response, num_prompts, k)
+  partial_config = bench_config(max_response, segment, num_prompts, k)
   with tempfile.TemporaryDirectory() as workdir:
     task, tokenizer, model_config, mesh = build_basics(full_config, workdir)
     params = init_params(model_config, jax.random.key(0))
@@ -135,28 +135,29 @@ def partial_vs_full(iterations: int = 12, prompts: int = 16, k: int = 4, max_res
     engine.warm_up()
     backend = PlantedLengths(engine, max_response)
     warm_up_trainer(trainer, full_config, model_config, tx, mesh, params)
-    full = run_mode(full_config, params, tx, trainer, backend, workdir, iterations)
-    partial = run_mode(partial_config, params, tx, trainer, backend, workdir, iterations)
-  per_group = {name: r["seconds"] / r["groups"] for name, r in (("full", full),
-                                                                 ("partial", partial))}
-  return {"full": full, "partial": partial, "ratio": partial["seconds"] / full["seconds"],
-          "ratio_per_group": per_group["partial"] / per_group["full"]}
+    modes = {name: run_mode(config, params, tx, trainer, backend, workdir, iterations)
+             for name, config in (("full", full_config), ("partial", partial_config))}
+  return {"partial_vs_full_rl_iteration": modes["partial"]["seconds"] / modes["full"]["seconds"],
+          "partial_rollout": dict(
+              modes=modes, iterations=iterations, prompts=num_prompts, k=k,
+              max_response=max_response, segment=segment,
+              scope="whole RL iteration: rollout + scoring + training (rl_iteration) + sync",
+              reference="the same prompt stream and planted lengths without partial rollouts")}
 
 
 def main(argv):
   del argv
-  result = partial_vs_full(ITERATIONS.value, PROMPTS.value, K.value, MAX_RESPONSE.value,
-                           SEGMENT.value)
-  print(f"{ITERATIONS.value} RL iterations of {PROMPTS.value} prompts x {K.value}, response cap "
-        f"{MAX_RESPONSE.value}; means over iterations 2-{ITERATIONS.value} (seconds):")
-  for name in ("full", "partial"):
-    r = result[name]
-    label = "full rollouts" if name == "full" else f"partial rollouts (segment {SEGMENT.value})"
-    print(f"  {label:32s} {r['seconds']:6.3f} s/iter = rollout {r['rollout']:6.3f} + reward "
-          f"{r['reward']:5.3f} + train {r['train']:5.3f} (+ sync)   {r['groups']:4.1f} groups "
+  result = measure(ITERATIONS.value, PROMPTS.value, K.value, MAX_RESPONSE.value, SEGMENT.value)
+  r = result["partial_rollout"]
+  print(f"{r['iterations']} RL iterations of {r['prompts']} prompts x {r['k']}, response cap "
+        f"{r['max_response']}; means over iterations 2-{r['iterations']} (seconds):")
+  for name, m in r["modes"].items():
+    label = f"{name} rollouts" + (f" (segment {r['segment']})" if name == "partial" else "")
+    print(f"  {label:32s} {m['seconds']:6.3f} s/iter = rollout {m['rollout']:6.3f} + reward "
+          f"{m['reward']:5.3f} + train {m['train']:5.3f} (+ sync)   {m['groups']:4.1f} groups "
           "trained per iteration")
-  print(f"ratio partial / full (whole iteration): {result['ratio']:.2f} (goal <= 0.6); per "
-        f"trained group: {result['ratio_per_group']:.2f}")
+  print(f"ratio partial / full (whole iteration): {result['partial_vs_full_rl_iteration']:.2f} "
+        "(goal <= 0.6)")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
       source="", num_documents=2000, heldout_documents=64, min_problems=2, max_problems=16,
       position_edges=(0, 64, 256, 1024)))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+  # sequence > 1 splits every sequence over that many devices (ring attention; context
+  # parallelism for long CoT); the sequence length must divide by it.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, sequence=1))
 
   c.sft = ml_collections.ConfigDict(dict(
       steps=400, batch_size=64, seq_len=64, learning_rate=3e-3, warmup_steps=50,
@@ -65,13 +67,16 @@ def base_config() -> ml_collections.ConfigDict:
       length_penalty=ml_collections.ConfigDict(dict(weight=0.2, warmup_iterations=10)),
       clip_eps=0.2))  # grpo only
 
-  # strategy: uniform | prioritized | switch_curriculum | gradual_curriculum (DESIGN.md 4).
+  # strategy: uniform | prioritized | switch_curriculum | gradual_curriculum.
   c.sampler = ml_collections.ConfigDict(dict(
       strategy="prioritized", epsilon=0.05, ema_rate=0.0, base="prioritized",
       switch_step=24, hard_level=4, start_level=1, steps_per_level=8))
 
+  # colocate: hybrid deployment (k1.5's colocated train + rollout): the rollout backend frees its
+  # device memory (KV cache, weights) while the trainer runs and takes it back for the next
+  # iteration's weights. urls: SGLang servers or a router (backend "sglang").
   c.rollout = ml_collections.ConfigDict(dict(
-      backend="engine", urls=(), max_batch=128, max_seq_len=72))
+      backend="engine", urls=(), max_batch=128, max_seq_len=72, colocate=False))
 
   # Held-out eval: `samples` responses per prompt at `temperature` (1 at 0.0 = greedy), pass@k.
   c.eval = ml_collections.ConfigDict(dict(every=5, max_new_tokens=56, samples=1, temperature=0.0,

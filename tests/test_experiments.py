@@ -2,7 +2,7 @@
 import pytest
 
 from experiments import long2short_arith, long_context_arith, rl_arith
-from kimi_jax.data.sft import encode_example
+from kimi_jax.data.packing import encode_example
 from kimi_jax.data.tasks import TEMPLATE, build_task
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.training.rl import validate_config

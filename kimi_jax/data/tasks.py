@@ -22,8 +22,7 @@ from typing import Callable
 import numpy as np
 
 from kimi_jax.data import rendered, synthetic
-from kimi_jax.data.sft import ChatTemplate
-from kimi_jax.data.sft import encode_prompt as template_encode_prompt
+from kimi_jax.data.packing import ChatTemplate, encode_prompt
 from kimi_jax.data.sources import Prompt
 
 TASKS = ("arith", "vision")
@@ -31,9 +30,9 @@ VISION_DOMAINS = (synthetic.DOMAIN, rendered.ARITH_IMAGE_DOMAIN, rendered.CHART_
 TEMPLATE = ChatTemplate(add_bos=True)  # <bos> question | response <eos>
 
 
-def encode_prompt(tokenizer, question: str) -> list[int]:
+def encode_task_prompt(tokenizer, question: str) -> list[int]:
   """Prompt ids exactly as the SFT warm-up saw them (every stage uses this template)."""
-  return template_encode_prompt(tokenizer, TEMPLATE, question)
+  return encode_prompt(tokenizer, TEMPLATE, question)
 
 
 @dataclasses.dataclass(frozen=True)

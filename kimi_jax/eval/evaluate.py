@@ -8,10 +8,10 @@ import dataclasses
 
 import numpy as np
 
-from kimi_jax.eval.metrics import EvalResult, summarize
+from kimi_jax.eval.summary import EvalResult, summarize
 from kimi_jax.rewards.registry import REGISTRY
 from kimi_jax.rollout.types import SamplingParams
-from kimi_jax.data.tasks import encode_prompt
+from kimi_jax.data.tasks import encode_task_prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +29,8 @@ def sample_and_grade(backend, tokenizer, task, prompts, samples: int, temperatur
   rows = [p for p in prompts for _ in range(samples)]
   sampling = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r,
                              stop_token_ids=(tokenizer.eos_id,)) for r in range(len(rows))]
-  completions = backend.generate([encode_prompt(tokenizer, p.question) for p in rows], sampling)
+  completions = backend.generate([encode_task_prompt(tokenizer, p.question) for p in rows],
+                                 sampling)
   responses = [tokenizer.decode(c.output_ids) for c in completions]
   rewards = REGISTRY.task_rewards(task.reward_by_domain, [p.domain for p in rows], responses,
                                   [p.answer for p in rows])

@@ -86,21 +86,21 @@ def rotary_angles(positions, head_dim: int, theta: float, mrope_section=None) ->
   return jnp.concatenate([block[row] for row, block in enumerate(blocks)], axis=-1)
 
 
-def apply_rotary(x_BxTxNxD: jax.Array, angles_BxTxHalf: jax.Array) -> jax.Array:
+def apply_rotary(x_BxTxHxA: jax.Array, angles_BxTxHalf: jax.Array) -> jax.Array:
   """Rotate-half RoPE as in HF Llama/Qwen (first and second halves pair up), in float32."""
   cos = jnp.cos(angles_BxTxHalf)[:, :, None, :]
   sin = jnp.sin(angles_BxTxHalf)[:, :, None, :]
-  x32 = x_BxTxNxD.astype(jnp.float32)
+  x32 = x_BxTxHxA.astype(jnp.float32)
   first, second = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-  return rotated.astype(x_BxTxNxD.dtype)
+  return rotated.astype(x_BxTxHxA.dtype)
 
 
-def rotary_embedding(x_BxTxNxD: jax.Array, positions_BxT: jax.Array, theta: float,
+def rotary_embedding(x_BxTxHxA: jax.Array, positions_BxT: jax.Array, theta: float,
                      mrope_section=None) -> jax.Array:
   """RoPE at positions [B, T], or M-RoPE at 3-row positions [3, B, T] with `mrope_section`."""
-  angles = rotary_angles(positions_BxT, x_BxTxNxD.shape[-1], theta, mrope_section)
-  return apply_rotary(x_BxTxNxD, angles)
+  angles = rotary_angles(positions_BxT, x_BxTxHxA.shape[-1], theta, mrope_section)
+  return apply_rotary(x_BxTxHxA, angles)
 
 
 class SwiGLU(nn.Module):

@@ -5,6 +5,10 @@ and frame, patches in merge-block-major order (each 2x2 merge block's patches ar
 The host describes that sequence once (`vision_layout`: each patch's (h, w) grid position, its
 frame and its attention window); the tower then attends within frames (or windows) through
 segment masks, so no image sees another and nothing is padded to a square.
+
+Qwen2.5-VL's window attention needs no reordering here: HF permutes patches window by window
+(and back after the merger) so its variable-length kernels see contiguous windows; a mask on
+window ids gives the same attention with the patches left in the processor's order.
 """
 import functools
 from typing import NamedTuple
@@ -27,14 +31,14 @@ _ACTIVATIONS = {
 
 
 class VisionLayout(NamedTuple):
-  """Per-patch facts of a packed patch sequence of N patches (host numpy arrays).
+  """Per-patch facts of a packed patch sequence of O patches (host numpy arrays).
 
   Padding patches (past the real images) have frame and window id -1: they only see each other.
   """
 
-  hw_positions_Nx2: np.ndarray  # (row, column) of the patch in its image's patch grid
-  frame_ids_N: np.ndarray  # full attention within a frame (one per image for still images)
-  window_ids_N: np.ndarray  # window attention within a window (Qwen2.5-VL)
+  hw_positions_Ox2: np.ndarray  # (row, column) of the patch in its image's patch grid
+  frame_ids_O: np.ndarray  # full attention within a frame (one per image for still images)
+  window_ids_O: np.ndarray  # window attention within a window (Qwen2.5-VL)
 
 
 def check_grid(vision: VisionConfig, image_grid_thw) -> np.ndarray:
@@ -73,16 +77,16 @@ def vision_layout(vision: VisionConfig, image_grid_thw, num_patches: int | None 
   layout = VisionLayout(np.concatenate([np.zeros((0, 2))] + hw).astype(np.int32),
                         np.concatenate([np.zeros(0)] + frames).astype(np.int32),
                         np.concatenate([np.zeros(0)] + windows).astype(np.int32))
-  real = layout.frame_ids_N.shape[0]
+  real = layout.frame_ids_O.shape[0]
   if num_patches is None or num_patches == real:
     return layout
   if num_patches < real or num_patches % vision.merge_unit:
     raise ValueError(f"num_patches={num_patches}: must be >= the {real} patches of the images "
                      f"and a multiple of {vision.merge_unit}")
   pad = num_patches - real
-  return VisionLayout(np.pad(layout.hw_positions_Nx2, ((0, pad), (0, 0))),
-                      np.pad(layout.frame_ids_N, (0, pad), constant_values=-1),
-                      np.pad(layout.window_ids_N, (0, pad), constant_values=-1))
+  return VisionLayout(np.pad(layout.hw_positions_Ox2, ((0, pad), (0, 0))),
+                      np.pad(layout.frame_ids_O, (0, pad), constant_values=-1),
+                      np.pad(layout.window_ids_O, (0, pad), constant_values=-1))
 
 
 def _norm(vision: VisionConfig, dtype, param_dtype, name: str):
@@ -97,14 +101,14 @@ class VisionAttention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_1xNxD, angles_1xNxHalf, segment_ids_1xN):
+  def __call__(self, x_1xOxD, angles_1xOxHalf, segment_ids_1xO):
     cfg, vision = self.config, self.config.vision
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    n, d, h = x_1xNxD.shape[1], vision.hidden_size, vision.num_heads
-    qkv = Dense(3 * d, ("embed", "heads"), True, dtype, pdtype, name="qkv")(x_1xNxD)
+    n, d, h = x_1xOxD.shape[1], vision.hidden_size, vision.num_heads
+    qkv = Dense(3 * d, ("embed", "heads"), True, dtype, pdtype, name="qkv")(x_1xOxD)
     q, k, v = jnp.moveaxis(qkv.reshape(1, n, 3, h, d // h), 2, 0)
-    q, k = apply_rotary(q, angles_1xNxHalf), apply_rotary(k, angles_1xNxHalf)
-    out = segment_attention(q, k, v, segment_ids_1xN, cfg.attention, cfg.attention_block_size)
+    q, k = apply_rotary(q, angles_1xOxHalf), apply_rotary(k, angles_1xOxHalf)
+    out = segment_attention(q, k, v, segment_ids_1xO, cfg.attention, cfg.attention_block_size)
     return Dense(d, ("heads", "embed"), True, dtype, pdtype, name="proj")(out.reshape(1, n, d))
 
 
@@ -114,16 +118,16 @@ class VisionMLP(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_1xNxD):
+  def __call__(self, x_1xOxD):
     cfg, vision = self.config, self.config.vision
     dense = lambda name, feats, axes: Dense(feats, axes, True, jnp.dtype(cfg.dtype),
                                             jnp.dtype(cfg.param_dtype), name=name)
     act = _ACTIVATIONS[vision.hidden_act]
     d, f = vision.hidden_size, vision.intermediate_size
     if vision.architecture == "qwen2_vl":
-      return dense("fc2", d, ("mlp", "embed"))(act(dense("fc1", f, ("embed", "mlp"))(x_1xNxD)))
-    hidden = act(dense("gate_proj", f, ("embed", "mlp"))(x_1xNxD)) * dense(
-        "up_proj", f, ("embed", "mlp"))(x_1xNxD)
+      return dense("fc2", d, ("mlp", "embed"))(act(dense("fc1", f, ("embed", "mlp"))(x_1xOxD)))
+    hidden = act(dense("gate_proj", f, ("embed", "mlp"))(x_1xOxD)) * dense(
+        "up_proj", f, ("embed", "mlp"))(x_1xOxD)
     return dense("down_proj", d, ("mlp", "embed"))(hidden)
 
 
@@ -131,13 +135,13 @@ class VisionBlock(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_1xNxD, angles_1xNxHalf, segment_ids_1xN):
+  def __call__(self, x_1xOxD, angles_1xOxHalf, segment_ids_1xO):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    normed = _norm(cfg.vision, dtype, pdtype, "norm1")(x_1xNxD)
-    x_1xNxD = x_1xNxD + VisionAttention(cfg, name="attn")(normed, angles_1xNxHalf, segment_ids_1xN)
-    normed = _norm(cfg.vision, dtype, pdtype, "norm2")(x_1xNxD)
-    return x_1xNxD + VisionMLP(cfg, name="mlp")(normed)
+    normed = _norm(cfg.vision, dtype, pdtype, "norm1")(x_1xOxD)
+    x_1xOxD = x_1xOxD + VisionAttention(cfg, name="attn")(normed, angles_1xOxHalf, segment_ids_1xO)
+    normed = _norm(cfg.vision, dtype, pdtype, "norm2")(x_1xOxD)
+    return x_1xOxD + VisionMLP(cfg, name="mlp")(normed)
 
 
 class PatchMerger(nn.Module):
@@ -146,26 +150,26 @@ class PatchMerger(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_NxD):
+  def __call__(self, x_OxD):
     cfg, vision = self.config, self.config.vision
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     merged = vision.hidden_size * vision.merge_unit
-    x_MxK = _norm(vision, dtype, pdtype, "ln_q")(x_NxD).reshape(-1, merged)
-    x_MxK = Dense(merged, ("embed", "mlp"), True, dtype, pdtype, name="mlp_0")(x_MxK)
-    x_MxK = jax.nn.gelu(x_MxK, approximate=False)
-    return Dense(vision.out_hidden_size, ("mlp", "embed"), True, dtype, pdtype, name="mlp_2")(x_MxK)
+    x_MxF = _norm(vision, dtype, pdtype, "ln_q")(x_OxD).reshape(-1, merged)
+    x_MxF = Dense(merged, ("embed", "mlp"), True, dtype, pdtype, name="mlp_0")(x_MxF)
+    x_MxF = jax.nn.gelu(x_MxF, approximate=False)
+    return Dense(vision.out_hidden_size, ("mlp", "embed"), True, dtype, pdtype, name="mlp_2")(x_MxF)
 
 
-def vision_rotary_angles(vision: VisionConfig, hw_positions_Nx2) -> jax.Array:
-  """2D RoPE angles [N, head_dim // 2]: row angles then column angles, each over head_dim // 4
+def vision_rotary_angles(vision: VisionConfig, hw_positions_Ox2) -> jax.Array:
+  """2D RoPE angles [O, head_dim // 2]: row angles then column angles, each over head_dim // 4
   frequencies of a head_dim // 2 rotary base."""
   inv_freq = inverse_frequencies(vision.head_dim // 2, vision.rope_theta)
-  angles_Nx2xQ = hw_positions_Nx2.astype(jnp.float32)[..., None] * inv_freq
-  return angles_Nx2xQ.reshape(angles_Nx2xQ.shape[0], -1)
+  angles_Ox2xQuarter = hw_positions_Ox2.astype(jnp.float32)[..., None] * inv_freq
+  return angles_Ox2xQuarter.reshape(angles_Ox2xQuarter.shape[0], -1)
 
 
 class VisionTower(nn.Module):
-  """Flattened patches [N, C*T*P*P] -> merged image embeddings [N / merge_unit, LM hidden].
+  """Flattened patches [O, C*T*P*P] -> merged image embeddings [O / merge_unit, LM hidden].
 
   The patch embedding is HF's Conv3d with stride == kernel, i.e. one dense layer on the
   flattened (C, T, P, P) patch.
@@ -174,17 +178,17 @@ class VisionTower(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, pixels_NxF, layout: VisionLayout):
+  def __call__(self, pixels_OxE, layout: VisionLayout):
     cfg, vision = self.config, self.config.vision
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    x_1xNxD = Dense(vision.hidden_size, ("patch", "embed"), False, dtype, pdtype,
-                    name="patch_embed")(pixels_NxF)[None]
-    angles_1xNxHalf = vision_rotary_angles(vision, jnp.asarray(layout.hw_positions_Nx2))[None]
-    frames_1xN = jnp.asarray(layout.frame_ids_N)[None]
-    windows_1xN = jnp.asarray(layout.window_ids_N)[None]
+    x_1xOxD = Dense(vision.hidden_size, ("patch", "embed"), False, dtype, pdtype,
+                    name="patch_embed")(pixels_OxE)[None]
+    angles_1xOxHalf = vision_rotary_angles(vision, jnp.asarray(layout.hw_positions_Ox2))[None]
+    frames_1xO = jnp.asarray(layout.frame_ids_O)[None]
+    windows_1xO = jnp.asarray(layout.window_ids_O)[None]
     block_cls = nn.remat(VisionBlock) if cfg.remat else VisionBlock
     for i in range(vision.depth):
       windowed = vision.window_size > 0 and i not in vision.fullatt_block_indexes
-      x_1xNxD = block_cls(cfg, name=f"blocks_{i}")(x_1xNxD, angles_1xNxHalf,
-                                                   windows_1xN if windowed else frames_1xN)
-    return PatchMerger(cfg, name="merger")(x_1xNxD[0])
+      x_1xOxD = block_cls(cfg, name=f"blocks_{i}")(x_1xOxD, angles_1xOxHalf,
+                                                   windows_1xO if windowed else frames_1xO)
+    return PatchMerger(cfg, name="merger")(x_1xOxD[0])

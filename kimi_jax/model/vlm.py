@@ -19,19 +19,19 @@ from kimi_jax.model.vision import VisionLayout, VisionTower, check_grid, vision_
 class VLMInputs(NamedTuple):
   """Everything image-shaped a batch of prompts with images needs (a pytree of arrays)."""
 
-  pixel_values_NxF: np.ndarray  # all images' patches in order, zero rows padding to N
+  pixel_values_OxE: np.ndarray  # all images' patches in order, then zero rows of padding
   layout: VisionLayout
   rope_positions_3xBxT: np.ndarray
   rope_delta_B: np.ndarray  # rope position - sequence index for tokens after the prompt
 
 
-def check_images(config: ModelConfig, tokens_BxT, pixel_values_NxF, image_grid_thw) -> None:
+def check_images(config: ModelConfig, tokens_BxT, pixel_values_OxE, image_grid_thw) -> None:
   """ValueError unless the pixel rows and the image tokens match `image_grid_thw`."""
   vision = config.vision
   counts = image_token_counts(vision, image_grid_thw)
   patches = int(counts.sum()) * vision.merge_unit
-  if tuple(pixel_values_NxF.shape) != (patches, vision.patch_features):
-    raise ValueError(f"pixel_values shape {tuple(pixel_values_NxF.shape)}: image_grid_thw "
+  if tuple(pixel_values_OxE.shape) != (patches, vision.patch_features):
+    raise ValueError(f"pixel_values shape {tuple(pixel_values_OxE.shape)}: image_grid_thw "
                      f"needs ({patches}, {vision.patch_features})")
   image_tokens = int((np.asarray(tokens_BxT) == vision.image_token_id).sum())
   if image_tokens != counts.sum():
@@ -55,15 +55,15 @@ def prepare_vlm_inputs(config: ModelConfig, tokens_BxT, pixel_values, image_grid
   check_images(config, tokens_BxT, pixel_values, grid)
   positions, deltas = mrope_positions(config.vision, tokens_BxT, grid, lengths_B, segment_ids_BxT)
   layout = vision_layout(config.vision, grid, num_patches)
-  padding = ((0, len(layout.frame_ids_N) - len(pixel_values)), (0, 0))
+  padding = ((0, len(layout.frame_ids_O) - len(pixel_values)), (0, 0))
   return VLMInputs(np.pad(np.asarray(pixel_values, np.float32), padding), layout, positions, deltas)
 
 
-def encode_images(config: ModelConfig, params, pixel_values_NxF, layout: VisionLayout) -> jax.Array:
-  """Merged image embeddings [N / merge_unit, hidden], images in layout order."""
-  if pixel_values_NxF.shape[0] == 0:  # a batch without images
+def encode_images(config: ModelConfig, params, pixel_values_OxE, layout: VisionLayout) -> jax.Array:
+  """Merged image embeddings [O / merge_unit, hidden], images in layout order."""
+  if pixel_values_OxE.shape[0] == 0:  # a batch without images
     return jnp.zeros((0, config.hidden_size), jnp.dtype(config.dtype))
-  return VisionTower(config).apply({"params": params["visual"]}, pixel_values_NxF, layout)
+  return VisionTower(config).apply({"params": params["visual"]}, pixel_values_OxE, layout)
 
 
 def embed_with_images(config: ModelConfig, params, tokens_BxT, image_embeds_MxD) -> jax.Array:
@@ -81,7 +81,7 @@ def embed_with_images(config: ModelConfig, params, tokens_BxT, image_embeds_MxD)
 
 
 def _embeds(config: ModelConfig, params, tokens_BxT, inputs: VLMInputs) -> jax.Array:
-  image_embeds = encode_images(config, params, inputs.pixel_values_NxF, inputs.layout)
+  image_embeds = encode_images(config, params, inputs.pixel_values_OxE, inputs.layout)
   return embed_with_images(config, params, tokens_BxT, image_embeds)
 
 

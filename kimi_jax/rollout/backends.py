@@ -33,7 +33,7 @@ class RolloutBackend(Protocol):
     """Free accelerator memory (weights, KV cache) while the trainer runs on the same chips."""
 
   def resume(self) -> None:
-    """Take the memory back after `release`; `sync` then restores the weights."""
+    """Take the memory back after `release`, the weights served before it included."""
 
   def close(self) -> None:
     """Stop for good (connections, event loops)."""

@@ -19,7 +19,7 @@ from kimi_jax.rollout.sampling import (penalized_logits, request_key_data, row_k
                                        sample_tokens)
 
 # Per-row finish codes, set on device when a row's request stops.
-RUNNING, STOPPED, LENGTH, REPEATED = 0, 1, 2, 3
+ROW_RUNNING, ROW_STOPPED, ROW_FULL, ROW_REPEATED = 0, 1, 2, 3
 
 
 @struct.dataclass
@@ -36,7 +36,7 @@ class BatchState:
   top_k_B: jax.Array
   min_p_B: jax.Array
   key_data_Bx2: jax.Array
-  stop_ids_BxK: jax.Array  # padded with -1
+  stop_ids_BxJ: jax.Array  # padded with -1
   min_new_B: jax.Array  # stop ids are suppressed until this many tokens are out
   repetition_B: jax.Array
   frequency_B: jax.Array
@@ -45,11 +45,17 @@ class BatchState:
 
 
 class Admission(NamedTuple):
-  """New requests for R rows (padding rows have row index B and are dropped)."""
+  """New requests for up to R rows, their prompts computed once per distinct prompt (U rows).
+
+  Requests that share a prompt share its prefill: each of the first `num_rows` rows copies the
+  KV cache of prompt row `source_R` (padding rows have row index B and are dropped).
+  """
 
   rows_R: jax.Array
-  prompts_RxT: jax.Array  # right-padded
-  lengths_R: jax.Array
+  source_R: jax.Array  # index into the U prompt rows
+  num_rows: jax.Array  # real (non-padding) rows, a scalar
+  prompts_UxT: jax.Array  # right-padded
+  lengths_U: jax.Array
   max_new_R: jax.Array
   temperature_R: jax.Array
   top_p_R: jax.Array
@@ -58,7 +64,7 @@ class Admission(NamedTuple):
   seed_lo_R: jax.Array  # uint32 halves of the 64-bit seed
   seed_hi_R: jax.Array
   sample_index_R: jax.Array
-  stop_ids_RxK: jax.Array
+  stop_ids_RxJ: jax.Array
   min_new_R: jax.Array
   repetition_R: jax.Array
   frequency_R: jax.Array
@@ -68,9 +74,9 @@ class Admission(NamedTuple):
 class Emitted(NamedTuple):
   """What a decode chunk produced, step-major: tokens, log-probs and emission mask [C, B]."""
 
-  tokens_CxB: jax.Array
-  logprobs_CxB: jax.Array
-  emitted_CxB: jax.Array
+  tokens_IxB: jax.Array
+  logprobs_IxB: jax.Array
+  emitted_IxB: jax.Array
   finish_B: jax.Array
 
 
@@ -86,7 +92,7 @@ def init_batch_state(config: ModelConfig, max_batch: int, max_seq_len: int,
       temperature_B=zeros(jnp.float32), top_p_B=jnp.ones((b,), jnp.float32),
       top_k_B=zeros(jnp.int32), min_p_B=zeros(jnp.float32),
       key_data_Bx2=jnp.zeros((b, 2), jnp.uint32),
-      stop_ids_BxK=jnp.full((b, max_stop_ids), -1, jnp.int32), min_new_B=zeros(jnp.int32),
+      stop_ids_BxJ=jnp.full((b, max_stop_ids), -1, jnp.int32), min_new_B=zeros(jnp.int32),
       repetition_B=jnp.ones((b,), jnp.float32), frequency_B=zeros(jnp.float32),
       presence_B=zeros(jnp.float32), counts_BxV=jnp.zeros((b, config.vocab_size), jnp.int32))
 
@@ -96,10 +102,27 @@ def _penalize(state: BatchState, logits_BxV):
   holding_B = state.num_generated_B < state.min_new_B
   needed = jnp.any(state.active_B & (holding_B | (state.repetition_B != 1)
                                      | (state.frequency_B != 0) | (state.presence_B != 0)))
-  suppress_BxK = jnp.where(holding_B[:, None], state.stop_ids_BxK, -1)
+  suppress_BxJ = jnp.where(holding_B[:, None], state.stop_ids_BxJ, -1)
   return jax.lax.cond(
       needed, penalized_logits, lambda logits, *_: logits, logits_BxV, state.counts_BxV,
-      state.repetition_B, state.frequency_B, state.presence_B, suppress_BxK)
+      state.repetition_B, state.frequency_B, state.presence_B, suppress_BxJ)
+
+
+def reset_rows(config: ModelConfig, max_stop_ids: int, state: BatchState,
+               reset_B: jax.Array) -> BatchState:
+  """`state` with the rows in `reset_B` as `init_batch_state` makes them (KV cache included).
+
+  Prefill rewrites only a prompt's own KV slots; the slots past it keep what the row's previous
+  requests left, masked out of attention but still multiplied by a zero weight, so a NaN left by
+  poisoned weights would spread to every later request of the row.
+  """
+  b, s = state.history_BxS.shape
+  fresh = init_batch_state(config, b, s, max_stop_ids)
+
+  def pick(old, new):
+    return jnp.where(reset_B.reshape((b,) + (1,) * (old.ndim - 1)), new, old)
+
+  return jax.tree_util.tree_map(pick, state, fresh)
 
 
 def _record(state: BatchState, logits_BxV, budget, ngram: int, count: int):
@@ -114,11 +137,11 @@ def _record(state: BatchState, logits_BxV, budget, ngram: int, count: int):
   history_BxS = state.history_BxS.at[jnp.arange(b), write_at_B].set(tokens_B, mode="drop")
   position_B = jnp.where(emit_B, next_position_B, state.position_B)
   num_generated_B = state.num_generated_B + emit_B
-  stopped_B = jnp.any(tokens_B[:, None] == state.stop_ids_BxK, axis=1)
+  stopped_B = jnp.any(tokens_B[:, None] == state.stop_ids_BxJ, axis=1)
   repeated_B = repeated_loop(history_BxS, position_B, num_generated_B, ngram, count)
   full_B = (num_generated_B >= state.max_new_B) | (position_B >= s - 1)
-  code_B = jnp.select([stopped_B, repeated_B, full_B], [STOPPED, REPEATED, LENGTH], RUNNING)
-  finished_B = emit_B & (code_B != RUNNING)
+  code_B = jnp.select([stopped_B, repeated_B, full_B], [ROW_STOPPED, ROW_REPEATED, ROW_FULL], ROW_RUNNING)
+  finished_B = emit_B & (code_B != ROW_RUNNING)
   counts_BxV = state.counts_BxV.at[jnp.arange(b), tokens_B].add(emit_B.astype(jnp.int32))
   state = state.replace(
       history_BxS=history_BxS, position_B=position_B, num_generated_B=num_generated_B,
@@ -127,32 +150,45 @@ def _record(state: BatchState, logits_BxV, budget, ngram: int, count: int):
   return state, (tokens_B, logprobs_B, emit_B), budget - jnp.sum(emit_B)
 
 
-def prefill(config: ModelConfig, params, state: BatchState, admission: Admission) -> BatchState:
-  """Write R new requests into their rows: KV cache of the prompt, settings and stop rules.
+def _copy_prompt_cache(kv_cache, prompt_cache, rows_R, source_R, num_rows):
+  """Write prompt row `source_R[i]`'s keys and values into cache row `rows_R[i]`, i < num_rows
+  (in place, one row at a time: the copying grows with the rows admitted, not with R)."""
+  def copy_row(i, cache):
+    at = (rows_R[i], 0, 0, 0)
+    return tuple((jax.lax.dynamic_update_slice(k, pk[source_R[i]][None], at),
+                  jax.lax.dynamic_update_slice(v, pv[source_R[i]][None], at))
+                 for (k, v), (pk, pv) in zip(cache, prompt_cache))
+  return jax.lax.fori_loop(0, num_rows, copy_row, kv_cache)
 
-  The row's newest token is the last prompt token, so the next decode step samples the first
-  output token like any other (its K/V entry is rewritten with the same values).
+
+def prefill(config: ModelConfig, params, state: BatchState, admission: Admission) -> BatchState:
+  """Write new requests into their rows: KV cache of the prompt, settings and stop rules.
+
+  Each distinct prompt runs through the model once; its rows copy the result. The row's
+  newest token is the last prompt token, so the next decode step samples the first output
+  token like any other (its K/V entry is rewritten with the same values).
   """
   a = admission
-  r, t = a.prompts_RxT.shape
+  u, t = a.prompts_UxT.shape
+  r = a.rows_R.shape[0]
   s = state.history_BxS.shape[1]
-  positions_RxT = jnp.broadcast_to(jnp.arange(t), (r, t))
-  _, prompt_cache = decode_lm(config, params, a.prompts_RxT, positions_RxT,
-                              init_kv_cache(config, r, t))
+  positions_UxT = jnp.broadcast_to(jnp.arange(t), (u, t))
+  _, prompt_cache = decode_lm(config, params, a.prompts_UxT, positions_UxT,
+                              init_kv_cache(config, u, t))
+  kv_cache = _copy_prompt_cache(state.kv_cache, prompt_cache, a.rows_R, a.source_R, a.num_rows)
   put = lambda target, value: target.at[a.rows_R].set(value, mode="drop")
-  kv_cache = tuple((k.at[a.rows_R, :t].set(pk, mode="drop"), v.at[a.rows_R, :t].set(pv, mode="drop"))
-                   for (k, v), (pk, pv) in zip(state.kv_cache, prompt_cache))
-  prompts_RxS = jnp.zeros((r, s), jnp.int32).at[:, :t].set(a.prompts_RxT)
+  prompts_RxS = jnp.zeros((r, s), jnp.int32).at[:, :t].set(a.prompts_UxT[a.source_R])
   return state.replace(
       kv_cache=kv_cache, history_BxS=put(state.history_BxS, prompts_RxS),
-      position_B=put(state.position_B, a.lengths_R - 1), active_B=put(state.active_B, True),
-      finish_B=put(state.finish_B, RUNNING), num_generated_B=put(state.num_generated_B, 0),
+      position_B=put(state.position_B, a.lengths_U[a.source_R] - 1),
+      active_B=put(state.active_B, True),
+      finish_B=put(state.finish_B, ROW_RUNNING), num_generated_B=put(state.num_generated_B, 0),
       max_new_B=put(state.max_new_B, a.max_new_R),
       temperature_B=put(state.temperature_B, a.temperature_R), top_p_B=put(state.top_p_B, a.top_p_R),
       top_k_B=put(state.top_k_B, a.top_k_R), min_p_B=put(state.min_p_B, a.min_p_R),
       key_data_Bx2=put(state.key_data_Bx2,
                        request_key_data(a.seed_lo_R, a.seed_hi_R, a.sample_index_R)),
-      stop_ids_BxK=put(state.stop_ids_BxK, a.stop_ids_RxK), min_new_B=put(state.min_new_B, a.min_new_R),
+      stop_ids_BxJ=put(state.stop_ids_BxJ, a.stop_ids_RxJ), min_new_B=put(state.min_new_B, a.min_new_R),
       repetition_B=put(state.repetition_B, a.repetition_R),
       frequency_B=put(state.frequency_B, a.frequency_R),
       presence_B=put(state.presence_B, a.presence_R),

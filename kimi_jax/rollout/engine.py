@@ -7,8 +7,10 @@ never idles the batch. Admitted prompts are prefilled longest first by programs 
 per length bucket (a power of two, capped at max_seq_len; rows = a token budget / bucket), the
 rows a program's longest prompts leave free taken by the next-longest: a new prompt length, such
 as a partial rollout resumed from prompt + earlier segments, never compiles a new program, and
-short prompts are not padded to the longest one admitted with them. Weights are a jit argument:
-swapping them keeps every compiled program.
+short prompts are not padded to the longest one admitted with them. Requests admitted together
+with the same prompt (the n samples of a prompt, the k trajectories of an RL group) share its
+prefill: the prompt runs through the model once and its rows copy the KV cache. Weights are a
+jit argument: swapping them keeps every compiled program.
 """
 import collections
 import dataclasses
@@ -20,8 +22,9 @@ import jax
 import numpy as np
 
 from kimi_jax.model import ModelConfig
-from kimi_jax.rollout import batch_state
-from kimi_jax.rollout.batch_state import LENGTH, REPEATED, RUNNING, STOPPED, Admission
+from kimi_jax.rollout import batch_state, scoring
+from kimi_jax.rollout.batch_state import (ROW_FULL, ROW_REPEATED, ROW_RUNNING, ROW_STOPPED,
+                                         Admission)
 from kimi_jax.rollout.types import (REPETITION_MATCH, Completion, SamplingParams, abort_reason,
                                     length_reason, stop_reason)
 
@@ -96,8 +99,10 @@ class RolloutEngine:
       `Completion.repetition`). 0 disables.
     chunk_steps: decode steps per device program (host round-trip).
     prefill_tokens: padded prompt tokens per prefill program: a program of length bucket T
-      prefills max(1, min(max_batch, prefill_tokens // T)) rows, so there is one prefill
-      program per bucket (`warm_up` compiles them all).
+      prefills max(1, min(max_batch, prefill_tokens // T)) distinct prompts, so there is one
+      prefill program per bucket (`warm_up` compiles them all).
+    share_prefixes: prefill a prompt once for all requests admitted with it (False: once per
+      request; the samples are the same either way).
     refill_rows: a chunk ends early once this many rows are free and requests wait
       (default max_batch // 8, at least 1).
     max_stop_ids: stop ids per request (stop_token_ids + eos), a fixed device shape.
@@ -112,8 +117,8 @@ class RolloutEngine:
                eos_token_ids: Sequence[int] = (), weight_version: str = "0",
                repetition_ngram: int = 0, repetition_count: int = 0, chunk_steps: int = 16,
                prefill_tokens: int = 2048, refill_rows: int | None = None, max_stop_ids: int = 8,
-               seed: int = 0, detokenize: Callable[[list[int]], str] | None = None,
-               device=None):
+               share_prefixes: bool = True, seed: int = 0,
+               detokenize: Callable[[list[int]], str] | None = None, device=None):
     if max_batch < 1:
       raise ValueError(f"max_batch={max_batch}: must be >= 1")
     if max_seq_len < 2:
@@ -133,6 +138,7 @@ class RolloutEngine:
     self.weight_version = str(weight_version)
     self.refill_rows = refill_rows or max(1, max_batch // 8)
     self.max_stop_ids = max_stop_ids
+    self.share_prefixes = share_prefixes
     self.detokenize = detokenize
     self.seed = seed
     self._device = device or jax.devices()[0]
@@ -142,10 +148,15 @@ class RolloutEngine:
     self._state = self._fresh_state()
     self._traces = collections.Counter()
     self._decode_steps = 0
+    self._prefill_counts = collections.Counter(programs=0, prompt_tokens=0, shared_tokens=0)
     stopping = dict(ngram=repetition_ngram, count=repetition_count)
     self._prefill = self._jit("prefill", functools.partial(batch_state.prefill, config))
     self._decode = self._jit("decode", functools.partial(
         batch_state.decode_chunk, config, num_steps=chunk_steps, **stopping))
+    self._reset_rows = jax.jit(functools.partial(batch_state.reset_rows, config, max_stop_ids),
+                               donate_argnums=(0,))
+    self._score = jax.jit(functools.partial(scoring.token_scores, config),
+                          static_argnames=("top_k",))
     self._seed_rng = np.random.default_rng(seed)
     self._queue: collections.deque[_Request] = collections.deque()
     self._rows: list[_Request | None] = [None] * max_batch
@@ -172,6 +183,12 @@ class RolloutEngine:
   def num_decode_steps(self) -> int:
     """Decode steps run so far; each samples one token for every active row."""
     return self._decode_steps
+
+  @property
+  def prefill_counts(self) -> dict[str, int]:
+    """Prefill programs run, prompt tokens run through the model, and prompt tokens whose KV
+    cache was copied from an identical prompt admitted with them (prefix sharing)."""
+    return dict(self._prefill_counts)
 
   @property
   def prompt_buckets(self) -> list[int]:
@@ -214,7 +231,11 @@ class RolloutEngine:
     return bool(self._queue or self.num_running or self._finished_at_submit)
 
   def update_weights(self, params, weight_version: str) -> None:
-    """Swap in new parameters (same tree, shapes and dtypes); nothing recompiles."""
+    """Swap in new parameters (same tree, shapes and dtypes); nothing recompiles.
+
+    Every row without a running request is reset (KV cache included): nothing computed with
+    the old weights reaches a later request. Requests paused in place keep their rows.
+    """
     new = _plain_tree(params)
     old_specs, new_specs = self._param_specs, _specs(new)
     if old_specs != new_specs:
@@ -228,6 +249,43 @@ class RolloutEngine:
     self._params = self._own_copy(new)
     self._host_params = None
     self.weight_version = str(weight_version)
+    if self._state is not None:  # None: released, and resumed empty
+      self._state = self._reset_rows(self._state, np.array([r is None for r in self._rows]))
+
+  def reset(self, message: str) -> list[Update]:
+    """Abort every request (reason `message`) and rebuild the batch state from scratch.
+
+    For recovery after a failed step: the device state may be half-updated or, if the failed
+    program had been handed the state, deleted.
+    """
+    updates = self._finished_at_submit + self.abort(None, message)
+    self._finished_at_submit = []
+    self._release_B = np.zeros(self.max_batch, bool)
+    self._state = self._fresh_state()
+    return updates
+
+  def score(self, token_ids: Sequence[int], temperature: float = 1.0, top_n: int = 0,
+            ids: Sequence[int] = ()) -> tuple[np.ndarray, ...]:
+    """Position t's next-token log-probs under the served weights, for t < len(token_ids):
+    (logp of token_ids[t + 1] [T] (last entry meaningless), top-`top_n` log-probs and ids
+    [T, top_n], log-probs of `ids` [T, len(ids)]). Padded shapes are powers of two, so few
+    programs compile."""
+    if self.released:
+      raise ValueError(f"engine memory {list(self.released)} is released: resume it first")
+    t = len(token_ids)
+    bad = [i for i in list(token_ids) + list(ids) if not 0 <= i < self.config.vocab_size]
+    if bad or not 0 < t <= self.max_seq_len:
+      raise ValueError(f"score: {t} tokens (max_seq_len {self.max_seq_len}), ids outside "
+                       f"[0, {self.config.vocab_size}): {bad[:5]}")
+    tokens = np.zeros(self._prompt_bucket(t), np.int32)
+    tokens[:t] = token_ids
+    padded_ids = np.zeros(_bucket(len(ids), 1, 1 << 30), np.int32)
+    padded_ids[:len(ids)] = ids
+    top_k = min(self.config.vocab_size, _bucket(top_n, 1, 1 << 30))
+    next_logp, top_logp, top_ids, ids_logp = jax.device_get(self._score(
+        self._params, tokens, np.float32(temperature if temperature > 0 else 1.0), padded_ids,
+        top_k=top_k))
+    return next_logp[:t], top_logp[:t, :top_n], top_ids[:t, :top_n], ids_logp[:t, :len(ids)]
 
   # ---- hybrid deployment: give the device to a trainer between rollouts ----
 
@@ -321,6 +379,10 @@ class RolloutEngine:
 
   def _stop_ids(self, index: int, sp: SamplingParams) -> tuple[int, ...]:
     ids = tuple(dict.fromkeys(sp.stop_token_ids + (() if sp.ignore_eos else self.eos_token_ids)))
+    outside = [t for t in sp.stop_token_ids if t >= self.config.vocab_size]
+    if outside:
+      raise ValueError(f"sampling[{index}].stop_token_ids: {outside[:5]} outside the vocabulary "
+                       f"[0, {self.config.vocab_size})")
     if len(ids) > self.max_stop_ids:
       raise ValueError(f"sampling[{index}].stop_token_ids: {len(ids)} stop ids (with eos) exceed "
                        f"max_stop_ids={self.max_stop_ids}")
@@ -358,7 +420,7 @@ class RolloutEngine:
     return updates
 
   def _prefill_requests(self, rows: list[int], requests: list[_Request]) -> None:
-    """Seat `requests` in `rows` and prefill them longest first.
+    """Seat `requests` in `rows` and prefill their distinct prompts longest first.
 
     Each program is shaped by the bucket of its longest prompt and filled with the next-longest
     ones, so no program runs padding rows while shorter prompts wait for one of their own.
@@ -366,30 +428,43 @@ class RolloutEngine:
     for row, request in zip(rows, requests):
       self._rows[row] = request
       self._release_B[row] = False
-    seated = sorted(zip(rows, requests), key=lambda seat: -len(seat[1].prompt_ids))
-    while seated:
-      bucket = self._prompt_bucket(len(seated[0][1].prompt_ids))
+    by_prompt: dict = {}
+    for seat in sorted(zip(rows, requests), key=lambda seat: -len(seat[1].prompt_ids)):
+      key = tuple(seat[1].prompt_ids) if self.share_prefixes else seat[1].uid
+      by_prompt.setdefault(key, []).append(seat)
+    groups = list(by_prompt.values())
+    while groups:
+      bucket = self._prompt_bucket(len(groups[0][0][1].prompt_ids))
       count = self._prefill_rows(bucket)
-      admission = self._admission(bucket, seated[:count])
+      admission = self._admission(bucket, groups[:count])
       self._state = self._prefill(self._params, self._state, admission)
-      seated = seated[count:]
+      for group in groups[:count]:
+        self._prefill_counts["prompt_tokens"] += len(group[0][1].prompt_ids)
+        self._prefill_counts["shared_tokens"] += (len(group) - 1) * len(group[0][1].prompt_ids)
+      self._prefill_counts["programs"] += 1
+      groups = groups[count:]
 
-  def _admission(self, bucket: int, seated: list[tuple[int, _Request]]) -> Admission:
-    """Device arrays of one prefill program; rows past `seated` are padding (dropped)."""
-    r = self._prefill_rows(bucket)
+  def _admission(self, bucket: int, groups: list[list[tuple[int, _Request]]]) -> Admission:
+    """Device arrays of one prefill program: one prompt row per group of (row, request) seats
+    with that prompt; request rows past the seats are padding (dropped)."""
+    u, r = self._prefill_rows(bucket), self.max_batch
+    seated = [seat for group in groups for seat in group]
     rows, requests = [row for row, _ in seated], [q for _, q in seated]
-    prompts = np.zeros((r, bucket), np.int32)
+    prompts = np.zeros((u, bucket), np.int32)
+    lengths = np.ones(u, np.int32)
+    for i, group in enumerate(groups):
+      prompt_ids = group[0][1].prompt_ids
+      prompts[i, :len(prompt_ids)] = prompt_ids
+      lengths[i] = len(prompt_ids)
     stop_ids = np.full((r, self.max_stop_ids), -1, np.int32)
-    lengths = np.ones(r, np.int32)
     for i, q in enumerate(requests):
-      prompts[i, :len(q.prompt_ids)] = q.prompt_ids
       stop_ids[i, :len(q.stop_ids)] = q.stop_ids
-      lengths[i] = len(q.prompt_ids)
     column = lambda values, dtype: np.array(values + [0] * (r - len(values)), dtype)
     sp = [q.sampling for q in requests]
     return Admission(
         rows_R=column(rows, np.int32) + np.where(np.arange(r) < len(rows), 0, self.max_batch),
-        prompts_RxT=prompts, lengths_R=lengths,
+        source_R=column([i for i, group in enumerate(groups) for _ in group], np.int32),
+        num_rows=np.int32(len(rows)), prompts_UxT=prompts, lengths_U=lengths,
         max_new_R=column([s.max_new_tokens for s in sp], np.int32),
         temperature_R=column([s.temperature for s in sp], np.float32),
         top_p_R=column([s.top_p for s in sp], np.float32),
@@ -398,7 +473,7 @@ class RolloutEngine:
         seed_lo_R=column([q.seed & 0xFFFFFFFF for q in requests], np.uint32),
         seed_hi_R=column([(q.seed >> 32) & 0xFFFFFFFF for q in requests], np.uint32),
         sample_index_R=column([q.sample_index for q in requests], np.uint32),
-        stop_ids_RxK=stop_ids, min_new_R=column([s.min_new_tokens for s in sp], np.int32),
+        stop_ids_RxJ=stop_ids, min_new_R=column([s.min_new_tokens for s in sp], np.int32),
         repetition_R=np.array([s.repetition_penalty for s in sp] + [1.0] * (r - len(sp)),
                               np.float32),
         frequency_R=column([s.frequency_penalty for s in sp], np.float32),
@@ -406,29 +481,29 @@ class RolloutEngine:
 
   def _absorb(self, emitted: batch_state.Emitted) -> list[Update]:
     """Append a decode chunk's tokens to their requests; complete the requests that finished."""
-    tokens_CxB, logprobs_CxB, emitted_CxB, finish_B = jax.device_get(emitted)
-    self._decode_steps += int(emitted_CxB.any(axis=1).sum())  # every step emits for some row
+    tokens_IxB, logprobs_IxB, emitted_IxB, finish_B = jax.device_get(emitted)
+    self._decode_steps += int(emitted_IxB.any(axis=1).sum())  # every step emits for some row
     updates = []
     for row, request in enumerate(self._rows):
       if request is None:
         continue
-      mask_C = emitted_CxB[:, row]
-      new_ids = tokens_CxB[mask_C, row].tolist()
-      new_logprobs = logprobs_CxB[mask_C, row].tolist()
+      mask_I = emitted_IxB[:, row]
+      new_ids = tokens_IxB[mask_I, row].tolist()
+      new_logprobs = logprobs_IxB[mask_I, row].tolist()
       code = int(finish_B[row])
       stop_at = self._stop_string_end(request, new_ids)
       if stop_at is not None:  # the device row ran on past the match: release it
         new_ids, new_logprobs = new_ids[:stop_at[0]], new_logprobs[:stop_at[0]]
-        self._release_B[row] = code == RUNNING
+        self._release_B[row] = code == ROW_RUNNING
       request.output_ids += new_ids
       request.logprobs += new_logprobs
       completion = None
       if stop_at is not None:
         completion = self._complete(request, stop_reason(stop_at[1]))
         self._rows[row] = None
-      elif code != RUNNING:
+      elif code != ROW_RUNNING:
         completion = self._complete(request, self._finish_reason(code, request),
-                                    repetition=code == REPEATED)
+                                    repetition=code == ROW_REPEATED)
         self._rows[row] = None
       if new_ids or completion:
         updates.append(Update(request.uid, new_ids, new_logprobs, completion))
@@ -455,11 +530,11 @@ class RolloutEngine:
 
   @staticmethod
   def _finish_reason(code: int, request: _Request) -> dict:
-    if code == STOPPED:
+    if code == ROW_STOPPED:
       return stop_reason(request.output_ids[-1])
-    if code == REPEATED:
+    if code == ROW_REPEATED:
       return stop_reason(REPETITION_MATCH)
-    assert code == LENGTH, code
+    assert code == ROW_FULL, code
     return length_reason(len(request.output_ids))
 
   def _complete(self, request: _Request, finish_reason: dict,

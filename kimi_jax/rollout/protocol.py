@@ -1,4 +1,4 @@
-"""SGLang native /generate JSON <-> our request and completion types (DESIGN.md section 6).
+"""SGLang native /generate JSON <-> our request and completion types.
 
 One module holds the wire format so the server that speaks it and the client that reads it
 cannot drift apart.
@@ -29,6 +29,59 @@ class RequestError(ValueError):
   """A malformed request; servers answer it with 400 {"error": {"message": str(error)}}."""
 
 
+@dataclasses.dataclass(frozen=True)
+class LogprobRequest:
+  """What one prompt's answers report beyond the sampled tokens' log-probs (SGLang's fields).
+
+  start: first prompt position of `input_token_logprobs` (-1: none); top_n: alternatives per
+  position (`input_top_logprobs`, `output_top_logprobs`); token_ids: ids whose log-probs every
+  position reports (`*_token_ids_logprobs`); with_text: decode each token in the triplets.
+  """
+
+  start: int = -1
+  top_n: int = 0
+  token_ids: tuple[int, ...] | None = None
+  with_text: bool = False
+
+  @property
+  def needs_scoring(self) -> bool:
+    return self.start >= 0 or self.top_n > 0 or self.token_ids is not None
+
+
+def _int_at_least(value, lowest: int, where: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+    raise RequestError(f"'{where}' must be an integer >= {lowest}, got {value!r}")
+  return value
+
+
+def _logprob_requests(body, prompts, is_batch: bool) -> list[LogprobRequest]:
+  count = len(prompts)
+  starts = _per_prompt(body.get("logprob_start_len"), count, "logprob_start_len", -1)
+  tops = _per_prompt(body.get("top_logprobs_num"), count, "top_logprobs_num", 0)
+  ids = body.get("token_ids_logprob")
+  if not ids:  # SGLang: None and [] both mean none
+    ids = [None] * count
+  elif not (is_batch and all(isinstance(x, list) or x is None for x in ids)):
+    ids = [ids] * count
+  elif len(ids) != count:
+    raise RequestError(f"'token_ids_logprob' has {len(ids)} entries for {count} prompts")
+  with_text = body.get("return_text_in_logprobs", False)
+  if not isinstance(with_text, bool):
+    raise RequestError(f"'return_text_in_logprobs' must be true or false, got {with_text!r}")
+  requests = []
+  for i, (prompt, start, top, wanted) in enumerate(zip(prompts, starts, tops, ids)):
+    at = lambda field: f"{field}[{i}]" if is_batch else field
+    start = _int_at_least(start, -1, at("logprob_start_len"))
+    if start >= len(prompt):
+      raise RequestError(f"'{at('logprob_start_len')}'={start}: must be < the prompt's "
+                         f"{len(prompt)} tokens")
+    top = _int_at_least(top, 0, at("top_logprobs_num"))
+    if wanted is not None:
+      wanted = tuple(_token_ids(wanted, at("token_ids_logprob")))
+    requests.append(LogprobRequest(start, top, wanted or None, with_text))
+  return requests
+
+
 @dataclasses.dataclass
 class GenerateRequest:
   """A parsed /generate body: one entry per prompt (each prompt yields `sampling[i].n` samples).
@@ -42,6 +95,7 @@ class GenerateRequest:
   rids: list[str]
   sample_ids: list[list[str]]
   return_logprob: list[bool]
+  logprobs: list["LogprobRequest"]
   stream: bool
   is_batch: bool
 
@@ -163,10 +217,8 @@ def parse_generate_request(body, new_rid: Callable[[], str],
   sample_ids = [[r] if sp.n == 1 else [new_rid() for _ in range(sp.n)]
                 for r, sp in zip(rids, sampling)]
   return_logprob = _per_prompt(body.get("return_logprob"), count, "return_logprob", False)
-  start = body.get("logprob_start_len")
-  if start not in (None, -1) and any(return_logprob):
-    raise RequestError(f"'logprob_start_len'={start}: input log-probs are not supported (use -1)")
   return GenerateRequest(prompts, sampling, rids, sample_ids, [bool(r) for r in return_logprob],
+                         _logprob_requests(body, prompts, is_batch),
                          bool(body.get("stream", False)), is_batch)
 
 
@@ -178,13 +230,19 @@ def generate_request_json(prompt_ids: list[int], sampling: SamplingParams, rid: 
 
 def response_json(rid: str, prompt_ids, output_ids, logprobs, finish_reason: dict | None,
                   weight_version: str, e2e_latency: float, return_logprob: bool,
-                  text: str | None) -> dict:
-  """One sample's /generate answer (also each cumulative streaming chunk)."""
+                  text: str | None, logprob_fields: dict | None = None,
+                  token_text: Callable[[int], str | None] = lambda token: None) -> dict:
+  """One sample's /generate answer (also each cumulative streaming chunk).
+
+  logprob_fields: the other `meta_info` log-prob fields (`input_token_logprobs`...);
+  token_text: the text of the output triplets (None unless return_text_in_logprobs).
+  """
   meta = {"id": rid, "finish_reason": finish_reason, "prompt_tokens": len(prompt_ids),
           "completion_tokens": len(output_ids), "cached_tokens": 0,
           "weight_version": weight_version, "e2e_latency": e2e_latency}
   if return_logprob:
-    meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(logprobs, output_ids)]
+    meta["output_token_logprobs"] = [[lp, t, token_text(t)] for lp, t in zip(logprobs, output_ids)]
+    meta.update(logprob_fields or {})
   answer = {"output_ids": list(output_ids), "meta_info": meta}
   if text is not None:
     answer["text"] = text

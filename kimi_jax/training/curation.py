@@ -1,4 +1,4 @@
-"""The curation stage's `generate` over a rollout backend (DESIGN.md section 4).
+"""The curation stage's `generate` over a rollout backend.
 
 `curate` asks for text: n completions per prompt string; a `RolloutBackend` speaks token ids.
 This adapter encodes prompts with the chat template the policy was trained with, sends each of the n samples as its own request with its own seed (one seed
@@ -8,7 +8,7 @@ decodes the outputs without special tokens.
 import itertools
 
 from kimi_jax.data.curation import Generate
-from kimi_jax.data.sft import ChatTemplate, encode_prompt
+from kimi_jax.data.packing import ChatTemplate, encode_prompt
 from kimi_jax.rollout.backends import RolloutBackend
 from kimi_jax.rollout.types import SamplingParams
 

@@ -1,4 +1,4 @@
-"""The long2short stage (k1.5 section 2.4, DESIGN.md section 9): shorten a long-CoT model.
+"""The long2short stage (k1.5 section 2.4): shorten a long-CoT model.
 
 `config.init.checkpoint` is the long model (an HF directory, e.g. an RL run's `hf/`);
 `config.long2short.method` picks how to shorten it:
@@ -18,8 +18,8 @@ import os
 import random
 
 from kimi_jax.checkpointing.hf import save_hf
-from kimi_jax.data.sft import PackedBatches, encode_example
-from kimi_jax.data.tasks import TEMPLATE, encode_prompt
+from kimi_jax.data.packing import PackedBatches, encode_example
+from kimi_jax.data.tasks import TEMPLATE, encode_task_prompt
 from kimi_jax.eval import compare
 from kimi_jax.eval.evaluate import sample_and_grade
 from kimi_jax.metrics.writers import JsonlWriter
@@ -80,8 +80,9 @@ def shortest(config, task, tokenizer, model_config, mesh, params, workdir: str):
 
 def dpo_batches(pairs, tokenizer, batch_size: int, seq_len: int, seed: int) -> list[dict]:
   """Shuffled pair batches of exactly `batch_size` (the last one topped up from the start)."""
-  triples = [(encode_prompt(tokenizer, p.prompt), tokenizer.encode(p.chosen) + [tokenizer.eos_id],
-              tokenizer.encode(p.rejected) + [tokenizer.eos_id]) for p in pairs]
+  eos = [tokenizer.eos_id]
+  triples = [(encode_task_prompt(tokenizer, p.prompt), tokenizer.encode(p.chosen) + eos,
+              tokenizer.encode(p.rejected) + eos) for p in pairs]
   random.Random(seed).shuffle(triples)
   triples += triples[:(-len(triples)) % batch_size]
   return [pair_batch(triples[i:i + batch_size], seq_len, tokenizer.pad_id)

@@ -1,4 +1,4 @@
-"""The k1.5 synchronous RL loop (DESIGN.md section 1), read top-down.
+"""The k1.5 synchronous RL loop, read top-down.
 
 `run` sets a run up and loops over steps; each step is one `rl_iteration`: prompts -> k samples
 per prompt on the rollout backend -> rewards (+ length penalty) -> `PolicyTrainer.train`
@@ -19,18 +19,19 @@ from tqdm import tqdm
 from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.checkpointing.manager import RunCheckpointer
 from kimi_jax.data.samplers import PromptSampler, make_strategy
-from kimi_jax.data.tasks import encode_prompt
+from kimi_jax.data.tasks import encode_task_prompt
 from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.metrics.plots import plot_metrics
 from kimi_jax.metrics.writers import read_jsonl
 from kimi_jax.rewards.registry import score_rollout
-from kimi_jax.rollout.backends import build_backend
+from kimi_jax.losses.mirror_descent import BASELINES
+from kimi_jax.rollout.backends import BACKENDS, build_backend
 from kimi_jax.rollout.partial import (Group, PartialRolloutBuffer, RolloutLimits, collect_groups,
                                       new_groups)
-from kimi_jax.rollout.types import SamplingParams
+from kimi_jax.rollout.types import LENGTH, SamplingParams
 from kimi_jax.training import rl_data
 from kimi_jax.training.optim import build_optimizer, build_post_update
-from kimi_jax.training.rl_losses import make_policy_loss
+from kimi_jax.training.rl_losses import LOSSES, make_policy_loss
 from kimi_jax.training.setup import (build_basics, build_writer, every_or_final,
                                      load_initial_checkpoint)
 from kimi_jax.training.sft import sft_warmup
@@ -40,25 +41,33 @@ from kimi_jax.training.steps import jit_eval, jit_rl_programs, masked_token_logp
 
 
 def run(config, workdir: str) -> dict:
-  """Train with k1.5 RL per `config`; resumes from `workdir`'s latest checkpoint."""
+  """Train with k1.5 RL per `config`; resumes from `workdir`'s newest readable checkpoint.
+
+  The whole config is checked before any work; pending checkpoint saves are waited for on
+  every exit, errors included."""
   validate_config(config)
+  with RunCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
+                       config.checkpoint.async_save) as checkpointer:
+    return _run(config, workdir, checkpointer)
+
+
+def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
   rl = config.rl
   task, tokenizer, model_config, mesh = build_basics(config, workdir)
   tx = build_optimizer(config.optimizer)
   abstract, shardings = train_state_shardings(model_config, tx, mesh)
-  checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
-                                 config.checkpoint.async_save)
   sampler = iter(PromptSampler(task.train, make_strategy(config.sampler), rl.prompts_per_iteration,
                                config.seed, ema_rate=config.sampler.ema_rate))
-  latest = checkpointer.latest_step()
+  resumed = checkpointer.restore_latest(_saved_tree(abstract), _saved_tree(shardings), tqdm.write)
+  latest = None if resumed is None else resumed[0]
   writer = build_writer(config, workdir, truncate_after=latest)
 
-  if latest is None:
+  if resumed is None:
     params = initial_params(config, task, tokenizer, model_config, mesh, workdir)
     state, _ = train_state_from_params(model_config, tx, mesh, params)
     buffer, step = PartialRolloutBuffer(), 0
   else:
-    restored, extra = checkpointer.restore(latest, _saved_tree(abstract), _saved_tree(shardings))
+    _, restored, extra = resumed
     state = TrainState(tx=tx, **restored)
     sampler.set_state(extra["sampler"])
     buffer, step = PartialRolloutBuffer.from_json(extra["buffer"]), extra["iteration"]
@@ -77,6 +86,8 @@ def run(config, workdir: str) -> dict:
                                     task, tokenizer, config)
       step += 1  # the policy now has version `step`
       t0 = time.perf_counter()
+      if config.rollout.colocate:
+        backend.resume()
       backend.sync(state.params, str(step))
       metrics["time/sync"] = time.perf_counter() - t0
       if every_or_final(step, config.eval.every, rl.iterations):
@@ -87,7 +98,6 @@ def run(config, workdir: str) -> dict:
       if every_or_final(step, config.checkpoint.every, rl.iterations):
         checkpointer.save(step, _saved_tree(state), _extra_state(step, sampler, buffer))
       bar.update()
-  checkpointer.close()
   writer.close()
   backend.close()
   save_hf(os.path.join(workdir, "hf"), model_config, state.params, tokenizer=tokenizer)
@@ -100,19 +110,23 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   Returns (state, metrics)."""
   rl = config.rl
   t0 = time.perf_counter()
-  groups = new_groups(next(sampler), lambda q: encode_prompt(tokenizer, q), rl.k,
+  groups = new_groups(next(sampler), lambda q: encode_task_prompt(tokenizer, q), rl.k,
                       step * rl.prompts_per_iteration, step)
   limits = RolloutLimits(rl.max_response_tokens, rl.segment_tokens, rl.repetition_ngram,
                          rl.repetition_count)
   complete, new_tokens = collect_groups(backend, sampling, groups, buffer, limits, step,
                                         request_seed_base(config.seed, step))
+  metrics = {"memory/rollout_bytes": live_device_bytes()}
+  if config.rollout.colocate:  # hybrid deployment: the trainer gets the rollout's memory
+    backend.release()
   t1 = time.perf_counter()
-  metrics = {"complete_groups": len(complete), "buffer_groups": len(buffer),
-             "tokens_per_s": new_tokens / max(t1 - t0, 1e-9), "time/rollout": t1 - t0}
+  metrics.update({"complete_groups": len(complete), "buffer_groups": len(buffer),
+                  "tokens_per_s": new_tokens / max(t1 - t0, 1e-9), "time/rollout": t1 - t0})
   if not complete:
     metrics.update(rollout_metrics([], [], [], []))
     metrics.update(trainer.nan_metrics(state, rl.groups_per_minibatch * rl.k))
-    metrics.update({"time/reward": 0.0, "time/train": 0.0})
+    metrics.update({"time/reward": 0.0, "time/train": 0.0,
+                    "memory/train_bytes": live_device_bytes()})
     return state, metrics
   rewards_B, correct_B, lengths_B = score_groups(complete, tokenizer.decode, task.reward_by_domain,
                                                  rl, step)
@@ -126,8 +140,14 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   sampler.update([g.prompt_id for g in complete for _ in g.trajectories], correct_B)
   metrics.update(rollout_metrics(complete, rewards_B, correct_B, lengths_B))
   metrics.update(train_metrics)
-  metrics.update({"time/reward": t2 - t1, "time/train": time.perf_counter() - t2})
+  metrics.update({"time/reward": t2 - t1, "time/train": time.perf_counter() - t2,
+                  "memory/train_bytes": live_device_bytes()})
   return state, metrics
+
+
+def live_device_bytes() -> int:
+  """Bytes of all live JAX arrays (every device): what a phase holds at its end."""
+  return sum(x.nbytes for x in jax.live_arrays())
 
 
 class PolicyTrainer:
@@ -233,7 +253,7 @@ def rollout_metrics(groups: list[Group], rewards_B, correct_B, lengths_B) -> dic
       "length_p90": percentile(90), "length_max": percentile(100),
       "lengths": lengths_B,
       "repetition_frac": mean([t.repetition for t in trajectories]),
-      "truncated_frac": mean([t.finish_reason["type"] == "length" for t in trajectories]),
+      "truncated_frac": mean([t.finish_reason["type"] == LENGTH for t in trajectories]),
       "multi_segment_frac": mean([t.num_segments > 1 for t in trajectories]),
       # Sampled-token negative log-prob: an entropy estimate (exact in expectation at T=1).
       "entropy": -mean(logprobs),
@@ -298,6 +318,8 @@ def validate_config(config) -> None:
        f"with SGD, optimizer.learning_rate * rl.tau = "
        f"{config.optimizer.learning_rate * rl.tau:.3g} must be <= {SGD_MAX_LR_TAU}: above it "
        "the tau term overshoots S_ref and larger tau moves the policy more, not less"),
+      ("rl.loss", rl.loss in LOSSES, f"expected one of {LOSSES}"),
+      ("rl.baseline", rl.baseline in BASELINES, f"expected one of {BASELINES}"),
       ("rl.k", rl.k >= 2, "needs >= 2 samples per prompt for a group baseline"),
       ("rl.iterations", rl.iterations >= 0, "must be >= 0 (0: SFT warm-up only)"),
       ("rl.segment_tokens", 0 < rl.segment_tokens <= rl.max_response_tokens,
@@ -306,6 +328,11 @@ def validate_config(config) -> None:
       ("rl.temperature", rl.temperature > 0, "must be > 0 for on-policy sampling"),
       ("rollout.max_seq_len", config.rollout.max_seq_len >= rl.max_response_tokens + 1,
        "must exceed rl.max_response_tokens (prompt + response must fit)"),
+      ("rollout.backend", config.rollout.backend in BACKENDS, f"expected one of {BACKENDS}"),
+      ("rollout.urls", config.rollout.backend != "sglang" or bool(config.rollout.urls),
+       "the sglang backend needs server URLs"),
+      ("checkpoint.every", config.checkpoint.every >= 1, "must be >= 1"),
+      ("checkpoint.keep", config.checkpoint.keep >= 1, "must be >= 1"),
       ("eval.k", 1 <= config.eval.k <= config.eval.samples, "must be in [1, eval.samples]"),
       ("eval.temperature", config.eval.samples == 1 or config.eval.temperature > 0,
        "must be > 0 when eval.samples > 1"),

@@ -5,7 +5,7 @@ import jax
 import optax
 from tqdm import tqdm
 
-from kimi_jax.data.sft import PackedBatches, encode_example
+from kimi_jax.data.packing import PackedBatches, encode_example
 from kimi_jax.data.tasks import TEMPLATE
 from kimi_jax.metrics.writers import JsonlWriter
 from kimi_jax.training.setup import every_or_final

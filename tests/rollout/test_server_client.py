@@ -294,8 +294,12 @@ def test_text_prompts_are_tokenized_and_answers_decoded(served):
     ("/generate", {"input_ids": [3] * MAX_SEQ_LEN}, "max_seq_len"),
     ("/generate", {"input_ids": [[3], [CFG.vocab_size]]}, "prompts[1]: token ids"),
     ("/generate", {"input_ids": [[3], [4]], "rid": ["a", "a"]}, "unique"),
-    ("/generate", {"input_ids": [3], "return_logprob": True, "logprob_start_len": 0},
-     "logprob_start_len"),
+    ("/generate", {"input_ids": [3], "return_logprob": True, "logprob_start_len": 1},
+     "'logprob_start_len'=1: must be < the prompt's 1 tokens"),
+    ("/generate", {"input_ids": [3], "return_logprob": True, "top_logprobs_num": -2},
+     "'top_logprobs_num' must be an integer >= 0"),
+    ("/generate", {"input_ids": [3], "return_logprob": True, "token_ids_logprob": [CFG.vocab_size]},
+     "'token_ids_logprob' of prompt 0: ids [64]"),
     ("/abort_request", {}, "'rid'"),
     ("/pause_generation", {"mode": "sideways"}, "'mode'"),
     ("/update_weights_from_disk", {}, "'model_path'"),
@@ -539,3 +543,46 @@ def test_custom_params_and_null_structured_fields_are_accepted(served):
   status, answer = asyncio.run(http("POST", served.url, "/generate", body))
   ref_out, _, _ = greedy(served.params, [[3, 4]], 3)
   assert status == 200 and answer["output_ids"] == ref_out[0]
+
+
+def test_input_top_and_chosen_id_logprobs_equal_the_full_forward(served):
+  prompt, wanted = [4, 11, 7, 30, 2, 19], [5, 9, 40]
+  body = {"input_ids": prompt, "return_logprob": True, "logprob_start_len": 0,
+          "top_logprobs_num": 3, "token_ids_logprob": wanted, "return_text_in_logprobs": True,
+          "sampling_params": {"temperature": 0.7, "max_new_tokens": 5, "sampling_seed": 3,
+                              "ignore_eos": True}}
+  status, answer = asyncio.run(http("POST", served.url, "/generate", body))
+  assert status == 200, answer
+  meta, out = answer["meta_info"], answer["output_ids"]
+  logits = teacher_forced_logits(served.params, [prompt + out], MAX_SEQ_LEN)[0]
+  logp = log_softmax(logits / 0.7)  # row q: the distribution of the token after position q
+  text = lambda t: served.tokenizer.decode([t], skip_special_tokens=False)
+
+  def check(triplets, q, ids):
+    assert [t for _, t, _ in triplets] == ids and [x for _, _, x in triplets] == list(map(text, ids))
+    np.testing.assert_allclose([v for v, _, _ in triplets], logp[q, ids], atol=LOGPROB_ATOL)
+
+  assert meta["input_token_logprobs"][0] == [None, prompt[0], text(prompt[0])]
+  assert meta["input_top_logprobs"][0] is None and meta["input_token_ids_logprobs"][0] is None
+  for p in range(1, len(prompt)):
+    check([meta["input_token_logprobs"][p]], p - 1, [prompt[p]])
+    check(meta["input_top_logprobs"][p], p - 1, np.argsort(-logp[p - 1])[:3].tolist())
+    check(meta["input_token_ids_logprobs"][p], p - 1, wanted)
+  for j, token in enumerate(out):
+    q = len(prompt) - 1 + j
+    check([meta["output_token_logprobs"][j]], q, [token])
+    check(meta["output_top_logprobs"][j], q, np.argsort(-logp[q])[:3].tolist())
+    check(meta["output_token_ids_logprobs"][j], q, wanted)
+
+
+def test_areal_prefill_logprob_request(served):
+  body = request_fixture("areal_prefill_logprobs.json")["body"]
+  status, answer = asyncio.run(http("POST", served.url, "/generate", body))
+  prompt, start = body["input_ids"], body["logprob_start_len"]
+  logp = log_softmax(teacher_forced_logits(served.params, [prompt], MAX_SEQ_LEN)[0])
+  meta = answer["meta_info"]
+  assert status == 200 and answer["output_ids"] == [] and meta["finish_reason"]["type"] == "length"
+  assert [t for _, t, _ in meta["input_token_logprobs"]] == prompt[start:]
+  np.testing.assert_allclose([v for v, _, _ in meta["input_token_logprobs"]],
+                             [logp[p - 1, prompt[p]] for p in range(start, len(prompt))],
+                             atol=LOGPROB_ATOL)

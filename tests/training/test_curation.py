@@ -28,7 +28,7 @@ from kimi_jax.data import synthetic
 from kimi_jax.data.curation import (GUESSABLE, MULTIPLE_CHOICE, PROOF, TOO_EASY, TRUE_FALSE,
                                     CurationConfig, curate)
 from kimi_jax.data.sources import Prompt
-from kimi_jax.data.tasks import TEMPLATE, Task, encode_prompt
+from kimi_jax.data.tasks import TEMPLATE, Task, encode_task_prompt
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.model import init_params
 from kimi_jax.rollout.backends import EngineBackend
@@ -106,6 +106,7 @@ def trained_backend(tokenizer, run_config, tmp_path_factory):
                        version="sft")
 
 
+@pytest.mark.slow
 def test_known_easy_prompts_removed_and_reported(trained_backend, tokenizer, tmp_path):
   prompts = [TEXT_FILTERED["mc"], *map(arith, ADDITIONS), TEXT_FILTERED["tf"],
              *map(arith, SUBTRACTIONS), TEXT_FILTERED["proof"], *map(arith, HARD)]
@@ -124,9 +125,9 @@ def test_known_easy_prompts_removed_and_reported(trained_backend, tokenizer, tmp
   # Only arithmetic reached the model, encoded as in SFT: all of it for 8 short guesses, then
   # what the guess stage let through for 10 full samples; every request had its own seed.
   (guess_ids, guess_sampling), (pass_ids, pass_sampling) = recorder.calls
-  assert guess_ids == [encode_prompt(tokenizer, q)
+  assert guess_ids == [encode_task_prompt(tokenizer, q)
                        for q in ADDITIONS + SUBTRACTIONS + HARD for _ in range(8)]
-  assert pass_ids == [encode_prompt(tokenizer, q)
+  assert pass_ids == [encode_task_prompt(tokenizer, q)
                       for q in SUBTRACTIONS + HARD for _ in range(10)]
   settings = lambda sampling: {(s.temperature, s.max_new_tokens, s.stop_token_ids)
                                for s in sampling}
@@ -151,6 +152,7 @@ def test_known_easy_prompts_removed_and_reported(trained_backend, tokenizer, tmp
     assert re.fullmatch(r"pass rate (0\.[89]0|1\.00) > 0\.7", details[q])
 
 
+@pytest.mark.slow
 def test_greedy_completions_stop_at_eos(trained_backend, tokenizer):
   generate = curation_generate(trained_backend, tokenizer, TEMPLATE)
   assert generate(["9-4=", "7+5="], 2, 0.0, 40) == [["9-4=5#5"] * 2, ["#12"] * 2]
@@ -170,7 +172,8 @@ def test_samples_are_distinct_draws_and_greedy_repeats(tokenizer, run_config):
   assert all(len(set(samples)) >= 3 for samples in sampled), sampled
 
   greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
-  direct = backend.generate([encode_prompt(tokenizer, q) for q in questions], [greedy] * 2)
+  direct = backend.generate([encode_task_prompt(tokenizer, q) for q in questions],
+                            [greedy] * 2)
   assert generate(questions, 3, 0.0, 12) == [[tokenizer.decode(c.output_ids)] * 3 for c in direct]
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 
 from kimi_jax.rollout.partial import PartialRolloutBuffer, RolloutLimits, collect_groups, new_groups
-from kimi_jax.training.rl_data import build_rl_batch, split_minibatches, trim_to_bucket
+from kimi_jax.training.rl_data import build_rl_batch, pad_groups, split_minibatches, trim_to_bucket
 from tests.rollout.test_partial import EOS, SAMPLING, P, ScriptedPolicy, encode
 
 
@@ -65,3 +65,22 @@ def test_trim_to_bucket_keeps_every_counted_token_and_rounds_up():
   mask[0, 90] = 1.0  # past the largest power of two: the full width
   assert trim_to_bucket(mb)["tokens"].shape == (2, 100)
   assert trim_to_bucket({**mb, "loss_mask": np.zeros((2, 100))})["tokens"].shape == (2, 32)
+
+
+def test_pad_groups_appends_finished_empty_groups_that_train_on_nothing():
+  complete = new_groups([P(c, "2", "y") for c in "abcde"], encode, k=2, first_group_id=0,
+                        version=0)
+  for group in complete:
+    for t in group.trajectories:
+      t.extend([10, EOS], [-0.5, -0.1], version=0)
+      t.finished = True
+  padded = pad_groups(complete, groups_per_minibatch=4, k=2)
+  assert padded[:5] == complete and len(padded) == 8
+  for group in padded[5:]:
+    assert group.complete and len(group.trajectories) == 2 and group.group_id == -1
+    assert all(t.prompt_ids == [2] and t.response_ids == [] for t in group.trajectories)
+  batch = build_rl_batch(padded, np.ones(16), seq_len=4, pad_id=99, train_old_segments=False)
+  assert batch["loss_mask"][:10].sum(-1).tolist() == [2.0] * 10
+  assert batch["loss_mask"][10:].sum() == 0
+  assert batch["group_ids"].tolist() == [g for g in range(8) for _ in range(2)]
+  assert pad_groups(complete[:4], groups_per_minibatch=4, k=2) == complete[:4]

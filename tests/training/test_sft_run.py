@@ -3,6 +3,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from experiments.rl_arith import get_config
 from kimi_jax.checkpointing.hf import load_hf
@@ -10,6 +11,7 @@ from kimi_jax.metrics.writers import read_jsonl
 from kimi_jax.training import sft_run
 
 
+@pytest.mark.slow
 def test_sft_stage_learns_and_exports(tmp_path):
   config = get_config("smoke")
   summary = sft_run.run(config, str(tmp_path))
