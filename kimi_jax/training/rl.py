@@ -19,7 +19,10 @@ from tqdm import tqdm
 from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.checkpointing.manager import RunCheckpointer
 from kimi_jax.data.samplers import PromptSampler, make_strategy
-from kimi_jax.data.tasks import encode_task_prompt
+from kimi_jax.data.image_batches import image_fields
+from kimi_jax.data.image_prompts import encode_prompt_with_images
+from kimi_jax.data.images import run_image_processing
+from kimi_jax.data.tasks import TEMPLATE
 from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.metrics.plots import plot_metrics
 from kimi_jax.metrics.writers import read_jsonl
@@ -78,7 +81,10 @@ def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
                                          config.eval).as_dict("start"))
     checkpointer.save(0, _saved_tree(state), _extra_state(0, sampler, buffer))
 
-  trainer = PolicyTrainer(mesh, shardings, model_config, rl, build_post_update(config.optimizer))
+  row_images = (None if model_config.vision is None else rl_data.RowImages.for_prompts(
+      task.train, model_config.vision, run_image_processing(config)))
+  trainer = PolicyTrainer(mesh, shardings, model_config, rl, build_post_update(config.optimizer),
+                          row_images)
   sampling = SamplingParams(temperature=rl.temperature, stop_token_ids=(tokenizer.eos_id,))
   with tqdm(desc="rl", initial=step, total=rl.iterations) as bar:
     while step < rl.iterations:
@@ -110,8 +116,9 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   Returns (state, metrics)."""
   rl = config.rl
   t0 = time.perf_counter()
-  groups = new_groups(next(sampler), lambda q: encode_task_prompt(tokenizer, q), rl.k,
-                      step * rl.prompts_per_iteration, step)
+  processing = run_image_processing(config)
+  encode = lambda p: encode_prompt_with_images(tokenizer, TEMPLATE, p, processing).ids
+  groups = new_groups(next(sampler), encode, rl.k, step * rl.prompts_per_iteration, step)
   limits = RolloutLimits(rl.max_response_tokens, rl.segment_tokens, rl.repetition_ngram,
                          rl.repetition_count)
   complete, new_tokens = collect_groups(backend, sampling, groups, buffer, limits, step,
@@ -136,6 +143,8 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   batch = rl_data.build_rl_batch(padded, np.concatenate([rewards_B, np.zeros(pad_rows)]),
                                  config.rollout.max_seq_len, tokenizer.pad_id,
                                  rl.train_old_segments)
+  if trainer.row_images is not None:
+    batch.update(trainer.row_images.fields(padded, batch["tokens"]))
   state, train_metrics = trainer.train(state, batch)
   sampler.update([g.prompt_id for g in complete for _ in g.trajectories], correct_B)
   metrics.update(rollout_metrics(complete, rewards_B, correct_B, lengths_B))
@@ -154,7 +163,9 @@ class PolicyTrainer:
   """The jitted programs of one run: the policy-loss gradient (which also gives S_ref), the
   optimizer step, and the log-probs forward for the KL metric."""
 
-  def __init__(self, mesh, shardings, model_config, rl_config, post_update):
+  def __init__(self, mesh, shardings, model_config, rl_config, post_update,
+               row_images: rl_data.RowImages | None = None):
+    self.row_images = row_images  # a vision-language model's batch rows take their images
     self.token_logprobs = jit_eval(masked_token_logprobs, mesh, shardings, config=model_config)
     self.grads, self.apply = jit_rl_programs(mesh, shardings, model_config,
                                              make_policy_loss(rl_config), post_update)
@@ -192,9 +203,13 @@ class PolicyTrainer:
 
   def nan_metrics(self, state, rows: int) -> dict:
     """`train`'s metric names with NaN values: the row of an iteration with nothing to train."""
-    dummy = {"tokens": np.zeros((rows, 2), np.int32), "targets": np.zeros((rows, 2), np.int32),
-             "loss_mask": np.zeros((rows, 2), np.float32), "ref_logp": np.zeros((rows, 2), np.float32),
-             "rewards": np.zeros(rows, np.float32), "group_ids": np.zeros(rows, np.int32)}
+    tokens = np.zeros((rows, 2), np.int32)
+    dummy = {"tokens": tokens, "targets": tokens, "loss_mask": np.zeros((rows, 2), np.float32),
+             "ref_logp": np.zeros((rows, 2), np.float32), "rewards": np.zeros(rows, np.float32),
+             "group_ids": np.zeros(rows, np.int32)}
+    if self.row_images is not None:  # rows without images, shaped like the real ones
+      dummy.update(image_fields(self.row_images.vision, tokens, [None] * rows,
+                                self.row_images.patches_per_row))
     _, step_metrics = jax.eval_shape(self.apply, state, *jax.eval_shape(self.grads, state, dummy))
     return {k: float("nan") for k in [*step_metrics, "kl_prev", "updates"]}
 

@@ -57,9 +57,11 @@ def test_minibatches_keep_groups_whole():
 def test_trim_to_bucket_keeps_every_counted_token_and_rounds_up():
   mask = np.zeros((2, 100), np.float32)
   mask[1, 30:40] = 1.0  # last counted position 39 -> 40 columns -> bucket 64
-  mb = {"tokens": np.arange(200).reshape(2, 100), "loss_mask": mask, "rewards": np.ones(2)}
+  mb = {"tokens": np.arange(200).reshape(2, 100), "loss_mask": mask, "rewards": np.ones(2),
+        "rope_positions": np.zeros((2, 3, 100)), "frame_ids": np.zeros((2, 100))}  # per patch
   trimmed = trim_to_bucket(mb)
   assert trimmed["tokens"].shape == (2, 64) and trimmed["rewards"].shape == (2,)
+  assert trimmed["rope_positions"].shape == (2, 3, 64) and trimmed["frame_ids"].shape == (2, 100)
   np.testing.assert_array_equal(trimmed["tokens"], mb["tokens"][:, :64])
   assert trimmed["loss_mask"].sum() == mask.sum()
   mask[0, 90] = 1.0  # past the largest power of two: the full width

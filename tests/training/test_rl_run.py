@@ -68,7 +68,11 @@ def test_sharded_mesh_gives_the_single_device_curves(reference, tmp_path):
 
 def test_unknown_override_and_bad_value_fail_at_start_naming_the_key(tmp_path):
   unknown = run(str(tmp_path), "--config.rl.taau=0.1", driver="launch.train_rl")
-  assert unknown.returncode != 0 and "taau" in unknown.stderr
+  assert unknown.returncode != 0 and "'config.rl.taau'" in unknown.stderr
+  nested = run(str(tmp_path), "--config.rl.length_penalty.weightt=0.1", driver="launch.train_rl")
+  assert nested.returncode != 0
+  assert ("unknown config key 'config.rl.length_penalty.weightt'" in nested.stderr
+          and "did you mean 'config.rl.length_penalty.weight'" in nested.stderr), nested.stderr
   bad = run(str(tmp_path), "--config.rl.tau=-1.0", driver="launch.train_rl")
   assert bad.returncode != 0 and "config.rl.tau=-1.0" in bad.stderr
   # Used only after the SFT warm-up: still checked before any work starts.
