@@ -19,6 +19,7 @@ from tqdm import tqdm
 from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.checkpointing.manager import RunCheckpointer
 from kimi_jax.data.samplers import PromptSampler, make_strategy
+from kimi_jax.data.image_batches import image_fields
 from kimi_jax.data.image_prompts import encode_prompt_with_images
 from kimi_jax.data.images import run_image_processing
 from kimi_jax.data.tasks import TEMPLATE
@@ -177,10 +178,13 @@ class PolicyTrainer:
     The reference log-probs come from the gradient program itself, run on every minibatch at
     pi_theta_i (a gradient pass per minibatch, the price of the first update's loss seeing
     exactly S - S_ref = 0)."""
-    old_logp = np.asarray(self.token_logprobs(state, batch))
     num_minibatches = batch["tokens"].shape[0] // (self.rl.groups_per_minibatch * self.rl.k)
-    minibatches = rl_data.split_minibatches({**batch, "ref_logp": np.zeros_like(old_logp)},
-                                            self.rl.k, num_minibatches)
+    minibatches = [rl_data.trim_to_bucket(mb) for mb in rl_data.split_minibatches(
+        {**batch, "ref_logp": np.zeros(batch["loss_mask"].shape, np.float32)}, self.rl.k,
+        num_minibatches)]
+    # Every program sees bucketed minibatch shapes only: nothing recompiles when the number of
+    # complete groups changes from one iteration to the next (partial rollouts).
+    old_logp = [np.asarray(self.token_logprobs(state, mb)) for mb in minibatches]
     for mb in minibatches:
       mb["ref_logp"] = np.asarray(self.grads(state, mb)[1]["logp_BxT"])
     state = reset_opt_state(state)
@@ -189,26 +193,32 @@ class PolicyTrainer:
       for mb in minibatches:
         state, metrics = self.apply(state, *self.grads(state, mb))
         step_metrics.append(metrics)
-    new_logp = np.asarray(self.token_logprobs(state, batch))
+    new_logp = [np.asarray(self.token_logprobs(state, mb)) for mb in minibatches]
     step_metrics = jax.device_get(step_metrics)  # one transfer for every minibatch's metrics
     metrics = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-    metrics["kl_prev"] = k3_kl(old_logp, new_logp, batch["loss_mask"])
+    masks = [mb["loss_mask"] for mb in minibatches]
+    metrics["kl_prev"] = k3_kl(*(np.concatenate([lp[mask > 0] for lp, mask in zip(logp, masks)])
+                                 for logp in (old_logp, new_logp)))
     metrics["updates"] = len(step_metrics)
     return state, metrics
 
   def nan_metrics(self, state, rows: int) -> dict:
     """`train`'s metric names with NaN values: the row of an iteration with nothing to train."""
-    dummy = {"tokens": np.zeros((rows, 2), np.int32), "targets": np.zeros((rows, 2), np.int32),
-             "loss_mask": np.zeros((rows, 2), np.float32), "ref_logp": np.zeros((rows, 2), np.float32),
-             "rewards": np.zeros(rows, np.float32), "group_ids": np.zeros(rows, np.int32)}
+    tokens = np.zeros((rows, 2), np.int32)
+    dummy = {"tokens": tokens, "targets": tokens, "loss_mask": np.zeros((rows, 2), np.float32),
+             "ref_logp": np.zeros((rows, 2), np.float32), "rewards": np.zeros(rows, np.float32),
+             "group_ids": np.zeros(rows, np.int32)}
+    if self.row_images is not None:  # rows without images, shaped like the real ones
+      dummy.update(image_fields(self.row_images.vision, tokens, [None] * rows,
+                                self.row_images.patches_per_row))
     _, step_metrics = jax.eval_shape(self.apply, state, *jax.eval_shape(self.grads, state, dummy))
     return {k: float("nan") for k in [*step_metrics, "kl_prev", "updates"]}
 
 
-def k3_kl(old_logp_BxT, new_logp_BxT, mask_BxT) -> float:
-  """KL(pi_old || pi_new) per token on pi_old's own samples, with the non-negative estimator
-  k3 = (r - 1) - log r, r = pi_new / pi_old (Schulman 2020), averaged over counted tokens."""
-  log_r = (new_logp_BxT - old_logp_BxT)[mask_BxT > 0].astype(np.float64)
+def k3_kl(old_logp_N, new_logp_N) -> float:
+  """KL(pi_old || pi_new) per token on pi_old's own samples (the N counted tokens), with the
+  non-negative estimator k3 = (r - 1) - log r, r = pi_new / pi_old (Schulman 2020)."""
+  log_r = (np.asarray(new_logp_N, np.float64) - np.asarray(old_logp_N, np.float64))
   return float(np.mean(np.expm1(log_r) - log_r)) if log_r.size else float("nan")
 
 
