@@ -33,10 +33,11 @@ from kimi_jax.rollout.partial import (Group, PartialRolloutBuffer, RolloutLimits
                                       new_groups)
 from kimi_jax.rollout.types import LENGTH, SamplingParams
 from kimi_jax.training import rl_data
-from kimi_jax.training.optim import build_optimizer, build_post_update
+from kimi_jax.training.optim import build_optimizer, build_post_update, optimizer_checks
 from kimi_jax.training.rl_losses import LOSSES, make_policy_loss
-from kimi_jax.training.setup import (build_basics, build_writer, every_or_final,
-                                     load_initial_checkpoint)
+from kimi_jax.training.setup import (BASIC_SECTIONS, build_basics, build_writer, check,
+                                     eval_checks, every_or_final, is_int, is_number,
+                                     load_initial_checkpoint, stage_config)
 from kimi_jax.training.sft import sft_warmup
 from kimi_jax.training.state import (TrainState, reset_opt_state, train_state_from_params,
                                      train_state_shardings)
@@ -323,42 +324,49 @@ def write_summary(workdir: str) -> dict:
 SGD_MAX_LR_TAU = 2e-3
 
 
+SECTIONS = BASIC_SECTIONS + ("init", "sft", "optimizer", "rl", "sampler", "rollout", "eval",
+                             "checkpoint")
+
+
 def validate_config(config) -> None:
-  """Fail at start with the offending key rather than deep inside the loop."""
+  """Fail at start naming the offending dotted key rather than deep inside the loop."""
+  check(config, _checks(config))
+
+
+def _checks(config):
+  """(dotted key, ok, why) in order, each evaluated only once the ones before it passed."""
   rl = config.rl
-  checks = [
-      ("rl.tau", rl.tau > 0, "must be > 0"),
-      ("rl.tau", not (rl.loss == "mirror_descent" and config.optimizer.name == "sgd")
-       or rl.tau * config.optimizer.learning_rate <= SGD_MAX_LR_TAU,
-       f"with SGD, optimizer.learning_rate * rl.tau = "
-       f"{config.optimizer.learning_rate * rl.tau:.3g} must be <= {SGD_MAX_LR_TAU}: above it "
-       "the tau term overshoots S_ref and larger tau moves the policy more, not less"),
-      ("rl.loss", rl.loss in LOSSES, f"expected one of {LOSSES}"),
-      ("rl.baseline", rl.baseline in BASELINES, f"expected one of {BASELINES}"),
-      ("rl.k", rl.k >= 2, "needs >= 2 samples per prompt for a group baseline"),
-      ("rl.iterations", rl.iterations >= 0, "must be >= 0 (0: SFT warm-up only)"),
-      ("rl.segment_tokens", 0 < rl.segment_tokens <= rl.max_response_tokens,
-       "must be in (0, rl.max_response_tokens]"),
-      ("rl.groups_per_minibatch", rl.groups_per_minibatch >= 1, "must be >= 1"),
-      ("rl.temperature", rl.temperature > 0, "must be > 0 for on-policy sampling"),
-      ("rollout.max_seq_len", config.rollout.max_seq_len >= rl.max_response_tokens + 1,
-       "must exceed rl.max_response_tokens (prompt + response must fit)"),
-      ("rollout.backend", config.rollout.backend in BACKENDS, f"expected one of {BACKENDS}"),
-      ("rollout.urls", config.rollout.backend != "sglang" or bool(config.rollout.urls),
-       "the sglang backend needs server URLs"),
-      ("checkpoint.every", config.checkpoint.every >= 1, "must be >= 1"),
-      ("checkpoint.keep", config.checkpoint.keep >= 1, "must be >= 1"),
-      ("eval.k", 1 <= config.eval.k <= config.eval.samples, "must be in [1, eval.samples]"),
-      ("eval.temperature", config.eval.samples == 1 or config.eval.temperature > 0,
-       "must be > 0 when eval.samples > 1"),
-  ]
-  for key, ok, why in checks:
-    if not ok:
-      raise ValueError(f"config.{key}={_lookup(config, key)!r}: {why}")
-
-
-def _lookup(config, dotted: str):
-  value = config
-  for part in dotted.split("."):
-    value = value[part]
-  return value
+  yield ("rl.tau", is_number(rl.tau) and rl.tau > 0, "must be a number > 0")
+  yield ("rl.k", is_int(rl.k) and rl.k >= 2,
+         "must be an int >= 2 (samples per prompt, for a group baseline)")
+  yield ("rl.iterations", is_int(rl.iterations) and rl.iterations >= 0,
+         "must be an int >= 0 (0: SFT warm-up only)")
+  yield ("rl.max_response_tokens", is_int(rl.max_response_tokens) and rl.max_response_tokens >= 1,
+         "must be an int >= 1")
+  yield ("rl.segment_tokens", is_int(rl.segment_tokens)
+         and 0 < rl.segment_tokens <= rl.max_response_tokens,
+         "must be an int in (0, rl.max_response_tokens]")
+  yield ("rl.groups_per_minibatch",
+         is_int(rl.groups_per_minibatch) and rl.groups_per_minibatch >= 1, "must be an int >= 1")
+  yield ("rl.temperature", is_number(rl.temperature) and rl.temperature > 0,
+         "must be > 0 for on-policy sampling")
+  yield ("rl.loss", rl.loss in LOSSES, f"expected one of {LOSSES}")
+  yield ("rl.baseline", rl.baseline in BASELINES, f"expected one of {BASELINES}")
+  yield from optimizer_checks(config.optimizer, "optimizer")
+  yield from optimizer_checks(config.sft.optimizer, "sft.optimizer")
+  yield ("rl.tau", not (rl.loss == "mirror_descent" and config.optimizer.name == "sgd")
+         or rl.tau * config.optimizer.learning_rate <= SGD_MAX_LR_TAU,
+         f"with SGD, optimizer.learning_rate * rl.tau = "
+         f"{config.optimizer.learning_rate * rl.tau:.3g} must be <= {SGD_MAX_LR_TAU}: above it "
+         "the tau term overshoots S_ref and larger tau moves the policy more, not less")
+  yield ("rollout.max_seq_len", is_int(config.rollout.max_seq_len)
+         and config.rollout.max_seq_len >= rl.max_response_tokens + 1,
+         "must exceed rl.max_response_tokens (prompt + response must fit)")
+  yield ("rollout.backend", config.rollout.backend in BACKENDS, f"expected one of {BACKENDS}")
+  yield ("rollout.urls", config.rollout.backend != "sglang" or bool(config.rollout.urls),
+         "the sglang backend needs server URLs")
+  yield ("checkpoint.every", is_int(config.checkpoint.every) and config.checkpoint.every >= 1,
+         "must be an int >= 1")
+  yield ("checkpoint.keep", is_int(config.checkpoint.keep) and config.checkpoint.keep >= 1,
+         "must be an int >= 1")
+  yield from eval_checks(config)
