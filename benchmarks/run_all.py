@@ -7,6 +7,7 @@ Run: .venv/bin/python benchmarks/run_all.py [--only=decode,muon] [--readme]
 """
 import argparse
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -24,8 +25,11 @@ import muon  # noqa: E402
 import partial_rollout  # noqa: E402
 import train_step  # noqa: E402
 
-BENCHMARKS = {"train_step": train_step.measure, "decode": decode.measure, "muon": muon.measure,
-              "partial_rollout": partial_rollout.measure,
+# Repetitions sized so that the whole run takes ~10 minutes on 2 quiet cores.
+BENCHMARKS = {"train_step": functools.partial(train_step.measure, reps=5),
+              "decode": functools.partial(decode.measure, repeats=3),
+              "muon": functools.partial(muon.measure, reps=3),
+              "partial_rollout": functools.partial(partial_rollout.measure, iterations=10),
               "attention_memory": attention_memory.measure}
 # key: (comparison, goal or None (reported only), what the ratio is measured against)
 GOALS = {
