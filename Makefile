@@ -20,10 +20,10 @@ demo: install
 test: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 -q --durations=15
 
-bench: install
+bench:
 	PYTHONPATH=$(CURDIR) JAX_PLATFORMS=cpu $(PY) benchmarks/run_all.py
 
-bench-readme: install
+bench-readme:
 	PYTHONPATH=$(CURDIR) $(PY) benchmarks/run_all.py --readme
 
 .PHONY: install demo test bench bench-readme
