@@ -74,7 +74,7 @@ def run_mode(engine, segment: int, iterations: int, num_prompts: int, k: int,
   compiled = sum(engine.num_compilations.values())
   for it in range(iterations):
     prompts = [Prompt(it * num_prompts + i) for i in range(num_prompts)]
-    groups = new_groups(prompts, lambda q: [], k, it * num_prompts, it)
+    groups = new_groups(prompts, lambda p: [], k, it * num_prompts, it)
     lengths = heavy_tailed_lengths(len(groups) * k, seed=it, cap=max_response)
     for j, trajectory in enumerate(t for g in groups for t in g.trajectories):
       trajectory.prompt_ids = [3 + it, 3 + j // 90, 3 + j % 90]  # unique 3-token prompt

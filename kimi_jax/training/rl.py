@@ -19,18 +19,21 @@ from tqdm import tqdm
 from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.checkpointing.manager import RunCheckpointer
 from kimi_jax.data.samplers import PromptSampler, make_strategy
-from kimi_jax.data.tasks import encode_task_prompt
+from kimi_jax.data.image_prompts import encode_prompt_with_images
+from kimi_jax.data.images import run_image_processing
+from kimi_jax.data.tasks import TEMPLATE
 from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.metrics.plots import plot_metrics
 from kimi_jax.metrics.writers import read_jsonl
 from kimi_jax.rewards.registry import score_rollout
-from kimi_jax.rollout.backends import build_backend
+from kimi_jax.losses.mirror_descent import BASELINES
+from kimi_jax.rollout.backends import BACKENDS, build_backend
 from kimi_jax.rollout.partial import (Group, PartialRolloutBuffer, RolloutLimits, collect_groups,
                                       new_groups)
 from kimi_jax.rollout.types import LENGTH, SamplingParams
 from kimi_jax.training import rl_data
 from kimi_jax.training.optim import build_optimizer, build_post_update
-from kimi_jax.training.rl_losses import make_policy_loss
+from kimi_jax.training.rl_losses import LOSSES, make_policy_loss
 from kimi_jax.training.setup import (build_basics, build_writer, every_or_final,
                                      load_initial_checkpoint)
 from kimi_jax.training.sft import sft_warmup
@@ -40,25 +43,33 @@ from kimi_jax.training.steps import jit_eval, jit_rl_programs, masked_token_logp
 
 
 def run(config, workdir: str) -> dict:
-  """Train with k1.5 RL per `config`; resumes from `workdir`'s latest checkpoint."""
+  """Train with k1.5 RL per `config`; resumes from `workdir`'s newest readable checkpoint.
+
+  The whole config is checked before any work; pending checkpoint saves are waited for on
+  every exit, errors included."""
   validate_config(config)
+  with RunCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
+                       config.checkpoint.async_save) as checkpointer:
+    return _run(config, workdir, checkpointer)
+
+
+def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
   rl = config.rl
   task, tokenizer, model_config, mesh = build_basics(config, workdir)
   tx = build_optimizer(config.optimizer)
   abstract, shardings = train_state_shardings(model_config, tx, mesh)
-  checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
-                                 config.checkpoint.async_save)
   sampler = iter(PromptSampler(task.train, make_strategy(config.sampler), rl.prompts_per_iteration,
                                config.seed, ema_rate=config.sampler.ema_rate))
-  latest = checkpointer.latest_step()
+  resumed = checkpointer.restore_latest(_saved_tree(abstract), _saved_tree(shardings), tqdm.write)
+  latest = None if resumed is None else resumed[0]
   writer = build_writer(config, workdir, truncate_after=latest)
 
-  if latest is None:
+  if resumed is None:
     params = initial_params(config, task, tokenizer, model_config, mesh, workdir)
     state, _ = train_state_from_params(model_config, tx, mesh, params)
     buffer, step = PartialRolloutBuffer(), 0
   else:
-    restored, extra = checkpointer.restore(latest, _saved_tree(abstract), _saved_tree(shardings))
+    _, restored, extra = resumed
     state = TrainState(tx=tx, **restored)
     sampler.set_state(extra["sampler"])
     buffer, step = PartialRolloutBuffer.from_json(extra["buffer"]), extra["iteration"]
@@ -69,7 +80,10 @@ def run(config, workdir: str) -> dict:
                                          config.eval).as_dict("start"))
     checkpointer.save(0, _saved_tree(state), _extra_state(0, sampler, buffer))
 
-  trainer = PolicyTrainer(mesh, shardings, model_config, rl, build_post_update(config.optimizer))
+  row_images = (None if model_config.vision is None else rl_data.RowImages.for_prompts(
+      task.train, model_config.vision, run_image_processing(config)))
+  trainer = PolicyTrainer(mesh, shardings, model_config, rl, build_post_update(config.optimizer),
+                          row_images)
   sampling = SamplingParams(temperature=rl.temperature, stop_token_ids=(tokenizer.eos_id,))
   with tqdm(desc="rl", initial=step, total=rl.iterations) as bar:
     while step < rl.iterations:
@@ -89,7 +103,6 @@ def run(config, workdir: str) -> dict:
       if every_or_final(step, config.checkpoint.every, rl.iterations):
         checkpointer.save(step, _saved_tree(state), _extra_state(step, sampler, buffer))
       bar.update()
-  checkpointer.close()
   writer.close()
   backend.close()
   save_hf(os.path.join(workdir, "hf"), model_config, state.params, tokenizer=tokenizer)
@@ -102,8 +115,9 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   Returns (state, metrics)."""
   rl = config.rl
   t0 = time.perf_counter()
-  groups = new_groups(next(sampler), lambda q: encode_task_prompt(tokenizer, q), rl.k,
-                      step * rl.prompts_per_iteration, step)
+  processing = run_image_processing(config)
+  encode = lambda p: encode_prompt_with_images(tokenizer, TEMPLATE, p, processing).ids
+  groups = new_groups(next(sampler), encode, rl.k, step * rl.prompts_per_iteration, step)
   limits = RolloutLimits(rl.max_response_tokens, rl.segment_tokens, rl.repetition_ngram,
                          rl.repetition_count)
   complete, new_tokens = collect_groups(backend, sampling, groups, buffer, limits, step,
@@ -128,6 +142,8 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   batch = rl_data.build_rl_batch(padded, np.concatenate([rewards_B, np.zeros(pad_rows)]),
                                  config.rollout.max_seq_len, tokenizer.pad_id,
                                  rl.train_old_segments)
+  if trainer.row_images is not None:
+    batch.update(trainer.row_images.fields(padded, batch["tokens"]))
   state, train_metrics = trainer.train(state, batch)
   sampler.update([g.prompt_id for g in complete for _ in g.trajectories], correct_B)
   metrics.update(rollout_metrics(complete, rewards_B, correct_B, lengths_B))
@@ -146,7 +162,9 @@ class PolicyTrainer:
   """The jitted programs of one run: the policy-loss gradient (which also gives S_ref), the
   optimizer step, and the log-probs forward for the KL metric."""
 
-  def __init__(self, mesh, shardings, model_config, rl_config, post_update):
+  def __init__(self, mesh, shardings, model_config, rl_config, post_update,
+               row_images: rl_data.RowImages | None = None):
+    self.row_images = row_images  # a vision-language model's batch rows take their images
     self.token_logprobs = jit_eval(masked_token_logprobs, mesh, shardings, config=model_config)
     self.grads, self.apply = jit_rl_programs(mesh, shardings, model_config,
                                              make_policy_loss(rl_config), post_update)
@@ -305,6 +323,8 @@ def validate_config(config) -> None:
        f"with SGD, optimizer.learning_rate * rl.tau = "
        f"{config.optimizer.learning_rate * rl.tau:.3g} must be <= {SGD_MAX_LR_TAU}: above it "
        "the tau term overshoots S_ref and larger tau moves the policy more, not less"),
+      ("rl.loss", rl.loss in LOSSES, f"expected one of {LOSSES}"),
+      ("rl.baseline", rl.baseline in BASELINES, f"expected one of {BASELINES}"),
       ("rl.k", rl.k >= 2, "needs >= 2 samples per prompt for a group baseline"),
       ("rl.iterations", rl.iterations >= 0, "must be >= 0 (0: SFT warm-up only)"),
       ("rl.segment_tokens", 0 < rl.segment_tokens <= rl.max_response_tokens,
@@ -313,6 +333,11 @@ def validate_config(config) -> None:
       ("rl.temperature", rl.temperature > 0, "must be > 0 for on-policy sampling"),
       ("rollout.max_seq_len", config.rollout.max_seq_len >= rl.max_response_tokens + 1,
        "must exceed rl.max_response_tokens (prompt + response must fit)"),
+      ("rollout.backend", config.rollout.backend in BACKENDS, f"expected one of {BACKENDS}"),
+      ("rollout.urls", config.rollout.backend != "sglang" or bool(config.rollout.urls),
+       "the sglang backend needs server URLs"),
+      ("checkpoint.every", config.checkpoint.every >= 1, "must be >= 1"),
+      ("checkpoint.keep", config.checkpoint.keep >= 1, "must be >= 1"),
       ("eval.k", 1 <= config.eval.k <= config.eval.samples, "must be in [1, eval.samples]"),
       ("eval.temperature", config.eval.samples == 1 or config.eval.temperature > 0,
        "must be > 0 when eval.samples > 1"),

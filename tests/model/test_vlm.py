@@ -98,6 +98,16 @@ def test_mismatched_inputs_are_named(params, batch):
     prepare_vlm_inputs(CFG, tokens, pv, swapped)
 
 
+@pytest.mark.parametrize("architecture", ["qwen2_vl", "qwen2_5_vl"])
+def test_num_params_counts_the_parameter_tree(architecture):
+  vision = (dataclasses.replace(VISION, architecture="qwen2_vl", hidden_act="quick_gelu",
+                                window_size=0, fullatt_block_indexes=())
+            if architecture == "qwen2_vl" else VISION)
+  config = dataclasses.replace(CFG, vision=vision)
+  shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  assert config.num_params == sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+
+
 def test_vision_config_errors_name_the_field():
   with pytest.raises(ValueError, match="VisionConfig.window_size=0"):
     dataclasses.replace(VISION, window_size=0)
