@@ -32,6 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.images = ml_collections.ConfigDict(dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64))
   # Prompt: <bos> <|vision_start|> 4 or 12 image tokens <|vision_end|> then the text question.
   c.sft.seq_len = 80
+  # One segment per trajectory (partial rollouts off): a resumed prompt would carry its sampled
+  # response, and an image pad id sampled there would count as one more image.
   c.rl.update(max_response_tokens=40, segment_tokens=40)
   c.rollout.max_seq_len = 96
   c.eval.max_new_tokens = 40
