@@ -5,9 +5,22 @@ Run (the README's main job, CPU, < 15 minutes on 2 cores):
 Variants: `tiny` (CPU demo), `tiny_nolp` (same, length penalty off: for the length ablation),
 `long_cot` (responses that verify themselves, no length penalty: the long model of
 experiments/long2short_arith.py), `smoke` (seconds; used by tests), `small` (a single accelerator).
+Variants combine, applied in order: `:small,smoke` is the small model at smoke-test length.
 Override any field: --config.rl.tau=0.05 --config.rl.length_penalty.weight=0.0
 """
 import ml_collections
+
+from experiments import variants
+
+
+def optimizer(name: str, learning_rate: float, weight_decay: float = 0.0, b2: float = 0.99,
+              grad_clip: float = 0.0, qk_clip_tau: float = 0.0, warmup_steps: int = 0,
+              decay_to: float = 1.0) -> ml_collections.ConfigDict:
+  """An `optimizer` block (the fields `kimi_jax.training.optim` reads, for every stage)."""
+  return ml_collections.ConfigDict(dict(
+      name=name, learning_rate=learning_rate, weight_decay=weight_decay, b1=0.9, b2=b2,
+      momentum=0.0, grad_clip=grad_clip, qk_clip_tau=qk_clip_tau, warmup_steps=warmup_steps,
+      decay_to=decay_to))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -39,15 +52,15 @@ def base_config() -> ml_collections.ConfigDict:
   # parallelism for long CoT); the sequence length must divide by it.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, sequence=1))
 
+  # The warm-up: AdamW, linear warm-up then cosine decay to a tenth.
   c.sft = ml_collections.ConfigDict(dict(
-      steps=400, batch_size=64, seq_len=64, learning_rate=3e-3, warmup_steps=50,
-      weight_decay=0.01))
+      steps=400, batch_size=64, seq_len=64,
+      optimizer=optimizer("adamw", 3e-3, weight_decay=0.01, b2=0.999, warmup_steps=50,
+                          decay_to=0.1)))
 
   # RL resets the optimizer every iteration (k1.5); on this tiny model Adam's first, sign-like
   # step after each reset is a large random move, so the demo uses plain SGD on clipped grads.
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="sgd", learning_rate=5e-3, weight_decay=0.0, b1=0.9, b2=0.99, momentum=0.0,
-      grad_clip=1.0, qk_clip_tau=100.0))  # K2's tau; 0 turns QK-clip off
+  c.optimizer = optimizer("sgd", 5e-3, grad_clip=1.0, qk_clip_tau=100.0)  # K2's tau; 0: off
 
   c.rl = ml_collections.ConfigDict(dict(
       iterations=20,
@@ -86,40 +99,47 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _tiny_nolp(c):
+  c.rl.length_penalty.weight = 0.0
+
+
+def _long_cot(c):  # the long-CoT RL model that experiments/long2short_arith.py shortens
+  c.task.update(direct_answer_fraction=0.3, verify_fraction=0.7)
+  c.rl.length_penalty.weight = 0.0
+  c.sft.seq_len = 96
+  c.rl.update(max_response_tokens=80, segment_tokens=48)
+  c.rollout.max_seq_len = 96
+  c.eval.max_new_tokens = 80
+
+
+def _smoke(c):
+  c.task.num_train, c.task.num_heldout = 200, 32
+  c.sft.steps, c.sft.batch_size, c.sft.optimizer.warmup_steps = 20, 16, 5
+  c.rl.iterations, c.rl.prompts_per_iteration, c.rl.k = 3, 4, 4
+  c.rl.groups_per_minibatch = 2
+  c.rl.segment_tokens = 24
+  c.rl.length_penalty.warmup_iterations = 1
+  c.eval.every = 2
+  c.checkpoint.every = 1
+  c.metrics.tensorboard = False
+
+
+def _small(c):
+  c.model.update(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
+                 num_kv_heads=4, head_dim=64, dtype="bfloat16")
+  c.task.levels, c.task.max_operand = (1, 2, 3, 4, 5, 6), 99
+  c.rl.update(iterations=200, prompts_per_iteration=128, k=16, max_response_tokens=160,
+              segment_tokens=96)
+  c.rollout.update(max_batch=512, max_seq_len=192)
+  c.sft.seq_len = 192
+  c.eval.max_new_tokens = 160
+  c.optimizer.update(name="muon", learning_rate=1e-4, weight_decay=0.1)  # untested at scale
+
+
+VARIANTS = {"tiny": lambda c: None, "tiny_nolp": _tiny_nolp, "long_cot": _long_cot,
+            "smoke": _smoke, "small": _small}
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  c = base_config()
-  if arg == "tiny":
-    pass
-  elif arg == "tiny_nolp":
-    c.rl.length_penalty.weight = 0.0
-  elif arg == "long_cot":  # the long-CoT RL model that experiments/long2short_arith.py shortens
-    c.task.update(direct_answer_fraction=0.3, verify_fraction=0.7)
-    c.rl.length_penalty.weight = 0.0
-    c.sft.seq_len = 96
-    c.rl.update(max_response_tokens=80, segment_tokens=48)
-    c.rollout.max_seq_len = 96
-    c.eval.max_new_tokens = 80
-  elif arg == "smoke":
-    c.task.num_train, c.task.num_heldout = 200, 32
-    c.sft.steps, c.sft.batch_size, c.sft.warmup_steps = 20, 16, 5
-    c.rl.iterations, c.rl.prompts_per_iteration, c.rl.k = 3, 4, 4
-    c.rl.groups_per_minibatch = 2
-    c.rl.segment_tokens = 24
-    c.rl.length_penalty.warmup_iterations = 1
-    c.eval.every = 2
-    c.checkpoint.every = 1
-    c.metrics.tensorboard = False
-  elif arg == "small":
-    c.model.update(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
-                   num_kv_heads=4, head_dim=64, dtype="bfloat16")
-    c.task.levels, c.task.max_operand = (1, 2, 3, 4, 5, 6), 99
-    c.rl.update(iterations=200, prompts_per_iteration=128, k=16, max_response_tokens=160,
-                segment_tokens=96)
-    c.rollout.update(max_batch=512, max_seq_len=192)
-    c.sft.seq_len = 192
-    c.eval.max_new_tokens = 160
-    c.optimizer.update(name="muon", learning_rate=1e-4, weight_decay=0.1)  # untested at scale
-  else:
-    raise ValueError(f"unknown config variant {arg!r}: tiny, tiny_nolp, long_cot, smoke, small")
-  c.lock()
-  return c
+  """The base config with the variants of `arg` applied in order (e.g. "small,smoke")."""
+  return variants.apply(base_config(), arg, VARIANTS)

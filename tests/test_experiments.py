@@ -1,15 +1,17 @@
 """Every experiment variant builds, passes the run's validation, and fits its own data."""
 import pytest
 
-from experiments import long2short_arith, long_context_arith, rl_arith
+from experiments import long2short_arith, long_context_arith, rl_arith, vision_arith
+from kimi_jax.data.image_prompts import encode_prompt_with_images
 from kimi_jax.data.packing import encode_example
 from kimi_jax.data.tasks import TEMPLATE, build_task
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.training.rl import validate_config
-from kimi_jax.training.setup import build_model_config
+from kimi_jax.data.images import run_image_processing
+from kimi_jax.training.setup import build_model_config, build_tokenizer
 
 VARIANTS = ([(rl_arith, v) for v in ("tiny", "tiny_nolp", "long_cot", "smoke", "small")]
-            + [(long2short_arith, f"{m}{s}") for m in long2short_arith.VARIANTS
+            + [(long2short_arith, f"{m}{s}") for m in (*long2short_arith.METHODS, "rpo")
                for s in ("", ",smoke")]
             + [(long_context_arith, f"{st}{s}") for st in long_context_arith.STAGES
                for s in ("", ",smoke")])
@@ -30,8 +32,25 @@ def test_variant_is_valid_and_fits_its_data(module, variant):
   assert config.eval.max_new_tokens <= config.rollout.max_seq_len
 
 
+@pytest.mark.parametrize("variant", ["tiny", "mixed", "smoke", "pod"])
+def test_vision_variant_is_valid_and_fits_its_data(variant):
+  config = vision_arith.get_config(variant)
+  validate_config(config)
+  config.task.num_train = min(config.task.num_train, 200)  # rendering every image is slow
+  task = build_task(config.task, config.seed)
+  tokenizer = build_tokenizer(task)
+  model_config = build_model_config(config.model, tokenizer)
+  assert model_config.vision.image_token_id == tokenizer.hf.token_to_id("<|image_pad|>")
+  processing = run_image_processing(config)
+  lengths = [len(encode_prompt_with_images(tokenizer, TEMPLATE, p, processing).ids)
+             + len(tokenizer.encode(task.reference_response(p))) + 1 for p in task.train]
+  assert max(lengths) <= config.sft.seq_len + 1, "SFT references must fit a row"
+  assert max(lengths) <= config.rollout.max_seq_len, "prompt + reference must fit the engine"
+  assert config.eval.max_new_tokens <= config.rollout.max_seq_len
+
+
 def test_unknown_variants_are_refused():
-  for module in (rl_arith, long2short_arith, long_context_arith):
+  for module in (rl_arith, long2short_arith, long_context_arith, vision_arith):
     with pytest.raises(ValueError, match="unknown config variant"):
       module.get_config("nope")
 
@@ -58,3 +77,16 @@ def test_sgd_learning_rate_times_tau_is_bounded_and_named():
     config.rl.tau = 10.0  # lr 5e-3 x 10: the tau term overshoots
   with pytest.raises(ValueError, match=r"config.rl.tau=10.0: with SGD, optimizer.learning_rate"):
     validate_config(config)
+
+
+def test_variants_combine_in_order():
+  small_smoke, smoke_small = rl_arith.get_config("small,smoke"), rl_arith.get_config("smoke,small")
+  assert small_smoke.model.hidden_size == smoke_small.model.hidden_size == 512  # small's
+  assert small_smoke.task.num_train == smoke_small.task.num_train == 200  # smoke's
+  assert (small_smoke.rl.iterations, smoke_small.rl.iterations) == (3, 200)  # the later one wins
+  stage = long_context_arith.get_config("stage2,smoke")
+  assert stage.model.rope_theta == 1e6 and stage.sft.steps == 4
+  with pytest.raises(ValueError, match=r"unknown config variant\(s\) \['smol'\] in 'small,smol'"):
+    rl_arith.get_config("small,smol")
+  with pytest.raises(ValueError, match="names no stage"):
+    long_context_arith.get_config("smoke")

@@ -11,6 +11,7 @@ import numpy as np
 from kimi_jax.eval.summary import EvalResult, summarize
 from kimi_jax.rewards.registry import REGISTRY
 from kimi_jax.rollout.types import SamplingParams
+from kimi_jax.data.image_prompts import placeholder_question
 from kimi_jax.data.tasks import encode_task_prompt
 
 
@@ -29,8 +30,9 @@ def sample_and_grade(backend, tokenizer, task, prompts, samples: int, temperatur
   rows = [p for p in prompts for _ in range(samples)]
   sampling = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r,
                              stop_token_ids=(tokenizer.eos_id,)) for r in range(len(rows))]
-  completions = backend.generate([encode_task_prompt(tokenizer, p.question) for p in rows],
-                                 sampling)
+  completions = backend.generate(
+      [encode_task_prompt(tokenizer, placeholder_question(p)) for p in rows], sampling,
+      images=[p.images for p in rows])
   responses = [tokenizer.decode(c.output_ids) for c in completions]
   rewards = REGISTRY.task_rewards(task.reward_by_domain, [p.domain for p in rows], responses,
                                   [p.answer for p in rows])
@@ -49,7 +51,8 @@ def evaluate(backend, tokenizer, task, prompts, max_new_tokens: int, samples: in
                             max_new_tokens, seed)
   shape = (len(prompts), samples)
   return summarize(graded.correct_R.reshape(shape), graded.num_tokens_R.reshape(shape), k,
-                   difficulty_P=np.array([p.difficulty for p in prompts]))
+                   difficulty_P=np.array([p.difficulty for p in prompts]),
+                   domain_P=[p.domain for p in prompts])
 
 
 def evaluate_with_config(backend, tokenizer, task, prompts, eval_config) -> EvalResult:

@@ -6,6 +6,10 @@ engine. Every row holds one request: its tokens (slot index == position), its KV
 sampling settings and its stop rules.
 Sampling, emission and stopping live on device in `decode_chunk` only, so a chunk of decode
 steps needs no host round-trip and the prefill programs stay small.
+
+Prompts with images (a vision-language model) are prefilled by `prefill_images`, which runs the
+vision tower once per distinct image of the program and places M-RoPE positions; each row keeps
+its rope delta, so decoded tokens rotate by position + delta (0 for text-only rows).
 """
 from typing import NamedTuple
 
@@ -14,6 +18,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from kimi_jax.model import ModelConfig, decode_lm, init_kv_cache
+from kimi_jax.model.transformer import Transformer
+from kimi_jax.model.vision import VisionLayout
+from kimi_jax.model.vlm import embed_with_images, encode_images
 from kimi_jax.rollout.repetition import repeated_loop
 from kimi_jax.rollout.sampling import (penalized_logits, request_key_data, row_keys,
                                        sample_tokens)
@@ -24,7 +31,7 @@ ROW_RUNNING, ROW_STOPPED, ROW_FULL, ROW_REPEATED = 0, 1, 2, 3
 
 @struct.dataclass
 class BatchState:
-  kv_cache: tuple  # per layer (keys, values) [B, S, KV, Dh]
+  kv_cache: tuple  # per layer (keys, values) [B, K, S, A]
   history_BxS: jax.Array  # token at each position: prompt then output
   position_B: jax.Array  # position of the newest token (the next decode input)
   active_B: jax.Array
@@ -42,6 +49,7 @@ class BatchState:
   frequency_B: jax.Array
   presence_B: jax.Array
   counts_BxV: jax.Array  # output tokens of the row's request, by id (for the penalties)
+  rope_delta_B: jax.Array  # rotary position - slot for decoded tokens (M-RoPE after images)
 
 
 class Admission(NamedTuple):
@@ -71,6 +79,21 @@ class Admission(NamedTuple):
   presence_R: jax.Array
 
 
+class ImageAdmission(NamedTuple):
+  """The distinct images of one prefill program's U prompts (patches padded to N) and where
+  each of their image tokens takes its embedding from."""
+
+  pixel_values_OxE: jax.Array
+  hw_positions_Ox2: jax.Array
+  frame_ids_O: jax.Array
+  window_ids_O: jax.Array
+  # Per image token of the U x T prompts (row-major), its row of the merged embeddings of the
+  # distinct images (flat, U * T long).
+  embed_index: jax.Array
+  rope_positions_3xUxT: jax.Array
+  rope_delta_U: jax.Array
+
+
 class Emitted(NamedTuple):
   """What a decode chunk produced, step-major: tokens, log-probs and emission mask [C, B]."""
 
@@ -94,7 +117,8 @@ def init_batch_state(config: ModelConfig, max_batch: int, max_seq_len: int,
       key_data_Bx2=jnp.zeros((b, 2), jnp.uint32),
       stop_ids_BxJ=jnp.full((b, max_stop_ids), -1, jnp.int32), min_new_B=zeros(jnp.int32),
       repetition_B=jnp.ones((b,), jnp.float32), frequency_B=zeros(jnp.float32),
-      presence_B=zeros(jnp.float32), counts_BxV=jnp.zeros((b, config.vocab_size), jnp.int32))
+      presence_B=zeros(jnp.float32), counts_BxV=jnp.zeros((b, config.vocab_size), jnp.int32),
+      rope_delta_B=zeros(jnp.int32))
 
 
 def _penalize(state: BatchState, logits_BxV):
@@ -168,13 +192,34 @@ def prefill(config: ModelConfig, params, state: BatchState, admission: Admission
   newest token is the last prompt token, so the next decode step samples the first output
   token like any other (its K/V entry is rewritten with the same values).
   """
+  u, t = admission.prompts_UxT.shape
+  positions_UxT = jnp.broadcast_to(jnp.arange(t), (u, t))
+  _, prompt_cache = decode_lm(config, params, admission.prompts_UxT, positions_UxT,
+                              init_kv_cache(config, u, t))
+  return _seat(state, admission, prompt_cache, jnp.zeros((u,), jnp.int32))
+
+
+def prefill_images(config: ModelConfig, params, state: BatchState, admission: Admission,
+                   images: ImageAdmission) -> BatchState:
+  """`prefill` for prompts whose image pad tokens take the images' merged patch embeddings."""
+  u, t = admission.prompts_UxT.shape
+  layout = VisionLayout(images.hw_positions_Ox2, images.frame_ids_O, images.window_ids_O)
+  merged_MxD = encode_images(config, params, images.pixel_values_OxE, layout)
+  embeds_UxTxD = embed_with_images(config, params, admission.prompts_UxT,
+                                   merged_MxD[images.embed_index])
+  _, prompt_cache, _ = Transformer(config).apply(
+      {"params": params}, admission.prompts_UxT, jnp.broadcast_to(jnp.arange(t), (u, t)), None,
+      init_kv_cache(config, u, t), embeds_UxTxD, images.rope_positions_3xUxT)
+  return _seat(state, admission, prompt_cache, images.rope_delta_U)
+
+
+def _seat(state: BatchState, admission: Admission, prompt_cache, rope_delta_U) -> BatchState:
+  """The admitted rows' prompt KV cache (copied from their prompt row), tokens, settings and
+  stop rules written into `state`."""
   a = admission
-  u, t = a.prompts_UxT.shape
+  t = a.prompts_UxT.shape[1]
   r = a.rows_R.shape[0]
   s = state.history_BxS.shape[1]
-  positions_UxT = jnp.broadcast_to(jnp.arange(t), (u, t))
-  _, prompt_cache = decode_lm(config, params, a.prompts_UxT, positions_UxT,
-                              init_kv_cache(config, u, t))
   kv_cache = _copy_prompt_cache(state.kv_cache, prompt_cache, a.rows_R, a.source_R, a.num_rows)
   put = lambda target, value: target.at[a.rows_R].set(value, mode="drop")
   prompts_RxS = jnp.zeros((r, s), jnp.int32).at[:, :t].set(a.prompts_UxT[a.source_R])
@@ -192,7 +237,8 @@ def prefill(config: ModelConfig, params, state: BatchState, admission: Admission
       repetition_B=put(state.repetition_B, a.repetition_R),
       frequency_B=put(state.frequency_B, a.frequency_R),
       presence_B=put(state.presence_B, a.presence_R),
-      counts_BxV=put(state.counts_BxV, jnp.zeros((r, state.counts_BxV.shape[1]), jnp.int32)))
+      counts_BxV=put(state.counts_BxV, jnp.zeros((r, state.counts_BxV.shape[1]), jnp.int32)),
+      rope_delta_B=put(state.rope_delta_B, rope_delta_U[a.source_R]))
 
 
 def decode_chunk(config: ModelConfig, params, state: BatchState, release_B, budget, exit_when_free,
@@ -216,7 +262,8 @@ def decode_chunk(config: ModelConfig, params, state: BatchState, release_B, budg
     step, state, budget, emitted = carry
     tokens_Bx1 = jnp.take_along_axis(state.history_BxS, state.position_B[:, None], axis=1)
     logits_Bx1xV, kv_cache = decode_lm(config, params, tokens_Bx1, state.position_B[:, None],
-                                       state.kv_cache)
+                                       state.kv_cache,
+                                       (state.position_B + state.rope_delta_B)[:, None])
     state, new, budget = _record(state.replace(kv_cache=kv_cache), logits_Bx1xV[:, 0], budget,
                                  ngram, count)
     emitted = tuple(buf.at[step].set(value) for buf, value in zip(emitted, new))

@@ -24,6 +24,7 @@ from typing import Callable
 from aiohttp import web
 
 from kimi_jax.checkpointing import hf
+from kimi_jax.data import image_prompts, images
 from kimi_jax.rollout.engine import RolloutEngine, Update
 from kimi_jax.rollout import openai_api, request_checks
 from kimi_jax.rollout.protocol import (GenerateRequest, LogprobRequest, RequestError,
@@ -98,15 +99,18 @@ class RolloutServer:
     model_path: reported by /model_info.
     load_checkpoint: path -> (ModelConfig, params), used by /update_weights_from_disk.
     max_samples_per_request: the most samples (prompts x n) one /generate may ask for.
+    image_processing: how `image_data` is preprocessed for a vision-language model.
   """
 
   def __init__(self, engine: RolloutEngine, *, tokenizer=None, model_path: str = "",
-               load_checkpoint: Callable = hf.load_hf, max_samples_per_request: int = 4096):
+               load_checkpoint: Callable = hf.load_hf, max_samples_per_request: int = 4096,
+               image_processing: images.ImageProcessing = images.ImageProcessing()):
     self.engine = engine
     self.max_samples_per_request = max_samples_per_request
     # Prompt + output tokens per request: the KV slots, and no more than the model was made for.
     self.context_length = min(engine.max_seq_len, engine.config.max_position_embeddings)
     self.tokenizer = tokenizer
+    self.image_processing = image_processing
     self.model_path = model_path
     self.load_checkpoint = load_checkpoint
     self.worker = EngineWorker(engine)
@@ -217,10 +221,11 @@ class RolloutServer:
   async def _run(self, req: GenerateRequest, on_update=None) -> list[_Sample]:
     """Submit `req` and wait for all its samples; `on_update(samples, i)` after each update
     of sample i. Samples still unfinished when this ends (the client went away) are aborted."""
+    prompt_images = await asyncio.get_running_loop().run_in_executor(None, self._images, req)
     arrivals: asyncio.Queue[Update] = asyncio.Queue()
     try:
       uids = await self.worker.submit(req.prompts, req.sampling, req.rids, req.sample_ids,
-                                      arrivals.put_nowait)
+                                      arrivals.put_nowait, prompt_images)
     except ValueError as error:
       raise RequestError(str(error)) from error
     samples, index = [], {}
@@ -247,6 +252,26 @@ class RolloutServer:
       self._open_samples -= len(samples)
       if unfinished:  # the client went away: free the rows
         self.worker.abort(sorted(set(unfinished)), "client disconnected")
+
+  def _images(self, req) -> list[images.ProcessedImages | None]:
+    """Each prompt's `image_data` preprocessed; its image pads (one per image, or runs already
+    of the image's length) expanded in `req.prompts` in place."""
+    if not any(req.image_data):
+      return [None] * len(req.prompts)
+    vision = self.engine.config.vision
+    if vision is None:
+      raise RequestError("'image_data' given, but this model has no vision tower")
+    processed = []
+    for i, sources in enumerate(req.image_data):
+      try:
+        prompt_images = images.preprocess(sources, self.image_processing)
+        counts = image_prompts.image_token_counts(prompt_images, vision.spatial_merge_size)
+        req.prompts[i] = image_prompts.expand_image_pads(req.prompts[i], vision.image_token_id,
+                                                         counts)
+      except (ValueError, TypeError) as error:
+        raise RequestError(f"prompt {i}: {error}") from error
+      processed.append(prompt_images)
+    return processed
 
   def _text(self, sample: _Sample) -> str | None:
     """The output decoded like SGLang's detokenizer: a matched stop string is cut off unless
@@ -330,15 +355,17 @@ class RolloutServer:
     req = GenerateRequest(
         parsed.prompts, parsed.sampling, rids,
         [[f"{rid}-{j}" for j in range(sp.n)] for rid, sp in zip(rids, parsed.sampling)],
-        [parsed.return_logprob] * len(rids), [parsed.logprobs] * len(rids), parsed.stream, True)
+        [parsed.return_logprob] * len(rids), [parsed.logprobs] * len(rids), parsed.stream, True,
+        parsed.image_data)
     request_id = openai_api.new_id("chatcmpl" if chat else "cmpl")
     model = parsed.model or self.model_path
     kind = "chat.completion" if chat else "text_completion"
-    prompt_tokens = sum(map(len, parsed.prompts))
+    # Counted once the images' pads are expanded (in req.prompts, while it runs).
+    prompt_tokens = lambda: sum(map(len, req.prompts))
     if not parsed.stream:
       samples = await self._run(req)
       choices = [await self._openai_choice(i, s, chat) for i, s in enumerate(samples)]
-      usage = openai_api.usage(prompt_tokens, sum(len(s.output_ids) for s in samples))
+      usage = openai_api.usage(prompt_tokens(), sum(len(s.output_ids) for s in samples))
       return _json_response(openai_api.envelope(kind, request_id, model, choices,
                                                    usage=usage))
     response = await _event_stream(request)
@@ -367,7 +394,7 @@ class RolloutServer:
     if parsed.include_usage and samples is not None:
       await _send_event(response, openai_api.envelope(
           kind + (".chunk" if chat else ""), request_id, model, [],
-          usage=openai_api.usage(prompt_tokens, sum(len(s.output_ids) for s in samples))))
+          usage=openai_api.usage(prompt_tokens(), sum(len(s.output_ids) for s in samples))))
     return await _end_event_stream(response)
 
   async def _openai_choice(self, index: int, sample: _Sample, chat: bool) -> dict:
@@ -400,7 +427,8 @@ class RolloutServer:
     return _json_response({
         "model_path": self.model_path, "tokenizer_path": self.model_path if self.tokenizer else None,
         "is_generation": True, "preferred_sampling_params": None,
-        "weight_version": self.engine.weight_version, "has_image_understanding": False,
+        "weight_version": self.engine.weight_version,
+        "has_image_understanding": config.vision is not None,
         "has_audio_understanding": False, "model_type": config.architecture,
         "architectures": hf.config_to_hf(config)["architectures"]})
 

@@ -100,11 +100,11 @@ class EngineWorker:
     return future
 
   def submit(self, prompts, sampling, rids: list[str], sample_ids: list[list[str]],
-             sink: Sink) -> asyncio.Future:
-    """Queue prompts (a rid per prompt, an id per sample); resolves to their uids, grouped
-    like `engine.submit`."""
+             sink: Sink, images=None) -> asyncio.Future:
+    """Queue prompts (a rid per prompt, an id per sample, optional images per prompt);
+    resolves to their uids, grouped like `engine.submit`."""
     def run():
-      uids = self.engine.submit(prompts, sampling)
+      uids = self.engine.submit(prompts, sampling, images)
       names = [(rid, sample_id) for rid, ids in zip(rids, sample_ids) for sample_id in ids]
       for uid, name in zip(uids, names):
         self._uid_names[uid] = name

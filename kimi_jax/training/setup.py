@@ -1,17 +1,76 @@
-"""Run set-up shared by every stage (RL, SFT, long2short, eval, sweeps): the task, tokenizer,
-model config and mesh of a config; initial checkpoints; metric writers; the logging cadence."""
+"""Run set-up shared by every stage (RL, SFT, long2short, eval, sweeps): the sections a stage
+sees, config validation naming the dotted key, the task, tokenizer, model config and mesh of a
+config; initial checkpoints; metric writers; the logging cadence."""
 import dataclasses
+import numbers
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
+
+import ml_collections
 
 from kimi_jax.checkpointing.hf import CheckpointError, config_diff, load_hf
+from kimi_jax.data.image_prompts import add_vision_tokens, vision_token_ids
 from kimi_jax.data.tasks import Task, build_task
 from kimi_jax.data.tokenizer import Tokenizer, char_tokenizer
 from kimi_jax.metrics.writers import JsonlWriter, MultiWriter, TensorBoardWriter
-from kimi_jax.model import ModelConfig
+from kimi_jax.model import ModelConfig, VisionConfig
 from kimi_jax.model.config import with_execution
 from kimi_jax.sharding.rules import make_mesh
 from kimi_jax.training import multihost
+
+
+# Sections every stage reads through `build_basics`, and those a config may leave out
+# (`images`: Qwen2-VL's preprocessing defaults apply without it).
+BASIC_SECTIONS = ("seed", "task", "model", "mesh", "metrics")
+OPTIONAL_SECTIONS = ("images",)
+
+
+def stage_config(config, sections: Sequence[str], stage: str) -> ml_collections.ConfigDict:
+  """The sections of `config` that `stage` reads (plus the OPTIONAL_SECTIONS it has), and
+  nothing else: a stage that reaches for another stage's section fails by name instead of
+  silently depending on it."""
+  missing = [s for s in sections if s not in config]
+  if missing:
+    raise ValueError(f"{stage}: the config has no section(s) {missing}")
+  resolved = config.copy_and_resolve_references()
+  kept = list(sections) + [s for s in OPTIONAL_SECTIONS if s in config]
+  view = ml_collections.ConfigDict({s: resolved[s] for s in kept})
+  view.lock()
+  return view
+
+
+def lookup(config, dotted: str):
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+def check(config, checks) -> None:
+  """Fail at start on the first (dotted key, ok, why) whose `ok` is false, naming the key, its
+  value and why, rather than deep inside a run."""
+  for key, ok, why in checks:
+    if not ok:
+      raise ValueError(f"config.{key}={lookup(config, key)!r}: {why}")
+
+
+def is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def eval_checks(config):
+  """The `eval` section, as `evaluate_with_config` reads it."""
+  e = config.eval
+  yield ("eval.max_new_tokens", is_int(e.max_new_tokens) and e.max_new_tokens >= 1,
+         "must be an int >= 1")
+  yield ("eval.samples", is_int(e.samples) and e.samples >= 1, "must be an int >= 1")
+  yield ("eval.k", is_int(e.k) and 1 <= e.k <= e.samples, "must be an int in [1, eval.samples]")
+  yield ("eval.temperature", is_number(e.temperature) and e.temperature >= 0
+         and (e.samples == 1 or e.temperature > 0), "must be >= 0, and > 0 when eval.samples > 1")
 
 
 class Basics(NamedTuple):
@@ -22,18 +81,30 @@ class Basics(NamedTuple):
 
 
 def build_model_config(model_cfg, tokenizer) -> ModelConfig:
-  """The `model` config section with the vocabulary rounded up to `vocab_multiple`."""
-  fields = {k: v for k, v in model_cfg.items() if k != "vocab_multiple"}
+  """The `model` config section with the vocabulary rounded up to `vocab_multiple`; a `vision`
+  subsection becomes the vision tower, with the tokenizer's vision token ids."""
+  fields = {k: v for k, v in model_cfg.items() if k not in ("vocab_multiple", "vision")}
   vocab = -(-tokenizer.vocab_size // model_cfg.vocab_multiple) * model_cfg.vocab_multiple
+  if model_cfg.get("vision") is not None:
+    ids = vision_token_ids(tokenizer)
+    fields["vision"] = VisionConfig(**model_cfg.vision.to_dict(), image_token_id=ids.image_pad,
+                                    vision_start_token_id=ids.vision_start,
+                                    vision_end_token_id=ids.vision_end)
   return ModelConfig(vocab_size=vocab, bos_token_id=tokenizer.bos_id,
                      eos_token_id=tokenizer.eos_id, **fields)
+
+
+def build_tokenizer(task: Task) -> Tokenizer:
+  """The task's character tokenizer, with the vision tokens when its prompts carry images."""
+  tokenizer = char_tokenizer(task.charset)
+  return add_vision_tokens(tokenizer) if task.has_images else tokenizer
 
 
 def build_basics(config, workdir: str) -> Basics:
   """(task, tokenizer, model config, mesh) of a run; the tokenizer is saved in `workdir`."""
   os.makedirs(workdir, exist_ok=True)
   task = build_task(config.task, config.seed)
-  tokenizer = char_tokenizer(task.charset)
+  tokenizer = build_tokenizer(task)
   tokenizer.save(os.path.join(workdir, "tokenizer"))
   return Basics(task, tokenizer, build_model_config(config.model, tokenizer),
                 make_mesh(**config.mesh))

@@ -36,7 +36,8 @@ class PlantedBackend(FakeBackend):
     super().__init__()
     self.sampling = []
 
-  def generate(self, inputs, sampling):
+  def generate(self, inputs, sampling, images=None):
+    assert not any(images)  # text prompts
     self.sampling += sampling
     out = []
     for ids, params in zip(inputs, sampling):

@@ -90,7 +90,8 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def run_config():
   config = get_config("smoke")
-  config.sft.update(dict(steps=500, batch_size=16, warmup_steps=20, learning_rate=3e-3))
+  config.sft.update(dict(steps=500, batch_size=16))
+  config.sft.optimizer.update(dict(warmup_steps=20, learning_rate=3e-3))
   return config
 
 

@@ -23,3 +23,14 @@ def test_sft_stage_learns_and_exports(tmp_path):
   assert os.path.exists(tmp_path / "hf" / "tokenizer.json")
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
   assert 0.0 <= summary["sft/pass@1"] <= 1.0 and summary["sft/mean_tokens"] > 0
+
+
+def test_a_task_longer_than_sft_seq_len_names_the_keys_to_change(tmp_path):
+  config = get_config("smoke")
+  config.sft.seq_len = 8
+  with pytest.raises(ValueError) as info:
+    sft_run.run(config, str(tmp_path))
+  message = str(info.value)
+  assert "config.sft.seq_len=8 is too short for task 'arith'" in message
+  assert "needs config.sft.seq_len >= " in message and "max_operand" in message
+  assert not os.path.exists(tmp_path / "sft_metrics.jsonl")  # refused before any training
