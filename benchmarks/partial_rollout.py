@@ -11,6 +11,7 @@ iteration time, decode steps and generated tokens per iteration, tokens per deco
 occupancy) and programs compiled while timed; then the ratio of mean times (goal <= 0.6).
 Run: .venv/bin/python benchmarks/partial_rollout.py
 """
+import dataclasses
 import os
 import time
 
@@ -21,9 +22,10 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from kimi_jax.model import ModelConfig, init_params  # noqa: E402
+from kimi_jax.rollout.backends import EngineBackend  # noqa: E402
 from kimi_jax.rollout.engine import RolloutEngine, SamplingParams  # noqa: E402
-from kimi_jax.rollout.replay_buffer import PartialRolloutBuffer  # noqa: E402
-from kimi_jax.training.rl_data import RolloutLimits, collect_groups, new_groups  # noqa: E402
+from kimi_jax.rollout.partial import (PartialRolloutBuffer, RolloutLimits,  # noqa: E402
+                                      collect_groups, new_groups)
 
 ITERATIONS = flags.DEFINE_integer("iterations", 16, "rollout iterations per mode")
 PROMPTS = flags.DEFINE_integer("prompts", 16, "new prompts per iteration")
@@ -31,6 +33,7 @@ K = flags.DEFINE_integer("k", 4, "samples per prompt")
 MAX_RESPONSE = flags.DEFINE_integer("max_response", 384, "response cap over all segments")
 SEGMENT = flags.DEFINE_integer("segment", 48, "tokens per trajectory per iteration (partial mode)")
 
+SAMPLING = SamplingParams(temperature=1.0, ignore_eos=True)
 CONFIG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=16)
 
@@ -46,18 +49,21 @@ def heavy_tailed_lengths(n, seed):
   return np.clip(rng.lognormal(np.log(24), 1.0, n).astype(int), 4, MAX_RESPONSE.value)
 
 
-def scripted_generate(engine, target_of):
-  """Sample with the engine; a trajectory 'stops' when it reaches its planted length."""
-  def generate(inputs, budgets, seeds):
-    wanted = [min(b, target_of[tuple(x[:3])] - (len(x) - 3)) for x, b in zip(inputs, budgets)]
-    params = [SamplingParams(temperature=1.0, max_new_tokens=w, seed=s, ignore_eos=True)
-              for w, s in zip(wanted, seeds)]
-    completions = engine.generate(inputs, params)
-    for c, x in zip(completions, inputs):
-      if len(x) - 3 + len(c.output_ids) >= target_of[tuple(x[:3])]:
+class PlantedLengths(EngineBackend):
+  """Samples with the engine; a trajectory 'stops' when it reaches its planted length."""
+
+  def __init__(self, engine, target_of):
+    self.engine, self.target_of = engine, target_of
+
+  def generate(self, requests, sampling):
+    sampling = [dataclasses.replace(s, max_new_tokens=min(
+        s.max_new_tokens, self.target_of[tuple(x[:3])] - (len(x) - 3))) for x, s in
+                zip(requests, sampling)]
+    completions = self.engine.generate(requests, sampling)
+    for c, x in zip(completions, requests):
+      if len(x) - 3 + len(c.output_ids) >= self.target_of[tuple(x[:3])]:
         c.finish_reason = {"type": "stop", "matched": "planted"}
     return completions
-  return generate
 
 
 def run_mode(engine, segment: int) -> dict[str, float]:
@@ -73,8 +79,8 @@ def run_mode(engine, segment: int) -> dict[str, float]:
       trajectory.prompt_ids = [3 + it, 3 + j // 90, 3 + j % 90]  # unique 3-token prompt
       target_of[tuple(trajectory.prompt_ids)] = int(lengths[j])
     steps_before, start = engine.num_decode_steps, time.perf_counter()
-    _, tokens = collect_groups(scripted_generate(engine, target_of), groups, buffer, limits, it,
-                               seed_base=it)
+    _, tokens = collect_groups(PlantedLengths(engine, target_of), SAMPLING, groups, buffer,
+                               limits, it, seed_base=it)
     per_iteration.append((time.perf_counter() - start, engine.num_decode_steps - steps_before,
                           tokens))
   seconds, steps, tokens = np.mean(per_iteration[1:], axis=0)

@@ -3,9 +3,10 @@ import pytest
 
 from experiments import long2short_arith, long_context_arith, rl_arith
 from kimi_jax.data.sft import encode_example
+from kimi_jax.data.tasks import TEMPLATE, build_task
 from kimi_jax.data.tokenizer import char_tokenizer
-from kimi_jax.training.rl import build_model_config, validate_config
-from kimi_jax.training.tasks import TEMPLATE, build_task
+from kimi_jax.training.rl import validate_config
+from kimi_jax.training.setup import build_model_config
 
 VARIANTS = ([(rl_arith, v) for v in ("tiny", "tiny_nolp", "long_cot", "smoke", "small")]
             + [(long2short_arith, f"{m}{s}") for m in long2short_arith.VARIANTS

@@ -18,8 +18,8 @@ from kimi_jax.eval.lm_loss import corpus_loss_by_position
 from kimi_jax.eval.metrics import EvalResult
 from kimi_jax.metrics.plots import plot_checkpoint_comparison, plot_series
 from kimi_jax.model.config import with_execution
-from kimi_jax.training.rollout_backends import build_backend
-from kimi_jax.training.tasks import build_task
+from kimi_jax.rollout.backends import build_backend
+from kimi_jax.data.tasks import build_task
 
 
 def parse_checkpoints(spec: str) -> dict[str, str]:

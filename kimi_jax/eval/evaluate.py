@@ -11,7 +11,7 @@ import numpy as np
 from kimi_jax.eval.metrics import EvalResult, summarize
 from kimi_jax.rewards.registry import REGISTRY
 from kimi_jax.rollout.types import SamplingParams
-from kimi_jax.training.tasks import encode_prompt
+from kimi_jax.data.tasks import encode_prompt
 
 
 @dataclasses.dataclass(frozen=True)

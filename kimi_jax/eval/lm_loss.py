@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from kimi_jax.data.sft import Example, pack
-from kimi_jax.training.steps import token_logprobs
+from kimi_jax.model.logprobs import token_logprobs
 
 
 def loss_by_position(logp_BxT, loss_mask_BxT, positions_BxT, edges) -> dict[str, float]:

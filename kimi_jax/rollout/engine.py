@@ -111,8 +111,7 @@ class RolloutEngine:
     self.max_stop_ids = max_stop_ids
     self._device = device or jax.devices()[0]
     self._params = self._own_copy(params)
-    self._state = jax.device_put(
-        batch_state.init_batch_state(config, max_batch, max_seq_len, max_stop_ids), self._device)
+    self._state = self._init_state()
     self._traces = collections.Counter()
     self._decode_steps = 0
     stopping = dict(ngram=repetition_ngram, count=repetition_count)
@@ -198,6 +197,29 @@ class RolloutEngine:
     self._params = self._own_copy(new)
     self.weight_version = str(weight_version)
 
+  @property
+  def released(self) -> bool:
+    return self._state is None
+
+  def release_memory(self) -> None:
+    """Free the device weights and KV cache (e.g. while a colocated trainer runs); shapes and
+    compiled programs are kept. `resume_memory` re-allocates the cache; the next
+    `update_weights` brings weights back."""
+    if self.has_work:
+      raise RuntimeError("release_memory() needs an idle engine; requests are still running")
+    self._params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._params)
+    self._state = None
+
+  def resume_memory(self) -> None:
+    """Re-allocate the KV cache freed by `release_memory`."""
+    if self.released:
+      self._state = self._init_state()
+
+  def _init_state(self):
+    return jax.device_put(batch_state.init_batch_state(self.config, self.max_batch,
+                                                       self.max_seq_len, self.max_stop_ids),
+                          self._device)
+
   def _own_copy(self, params):
     """A private copy on our device: the trainer may donate (delete) the buffers it passed."""
     return jax.device_put(_plain_tree(params), self._device, may_alias=False)
@@ -207,6 +229,9 @@ class RolloutEngine:
   def submit(self, prompts: Sequence[Sequence[int]],
              sampling: SamplingParams | Sequence[SamplingParams]) -> list[int]:
     """Queue `n` samples per prompt; returns their ids grouped [p0 x n, p1 x n, ...]."""
+    if self.released or isinstance(jax.tree.leaves(self._params)[0], jax.ShapeDtypeStruct):
+      raise RuntimeError("the engine's memory is released: resume_memory() and update_weights() "
+                         "before submitting")
     per_prompt = ([sampling] * len(prompts) if isinstance(sampling, SamplingParams)
                   else list(sampling))
     if len(per_prompt) != len(prompts):

@@ -219,11 +219,21 @@ class SGLangClient:
 
   async def abort_all(self) -> None:
     """Abort everything on every server; aborted requests answer with their tokens so far."""
-    async def abort(url):
-      status, text = await self._request("POST", url, "/abort_request", {"abort_all": True})
+    await self._post_everywhere("/abort_request", {"abort_all": True})
+
+  async def _post_everywhere(self, path: str, body: dict) -> None:
+    async def post(url):
+      status, text = await self._request("POST", url, path, body)
       if status != 200:
-        raise RuntimeError(f"{url}/abort_request: {_error_message(status, text)}")
-    await asyncio.gather(*(abort(u) for u in self.urls))
+        raise RuntimeError(f"{url}{path}: {_error_message(status, text)}")
+    await asyncio.gather(*(post(u) for u in self.urls))
+
+  async def release_memory_occupation(self) -> None:
+    """Every server frees its weights and KV cache (SGLang's colocated-training hook)."""
+    await self._post_everywhere("/release_memory_occupation", {})
+
+  async def resume_memory_occupation(self) -> None:
+    await self._post_everywhere("/resume_memory_occupation", {})
 
   async def wait_until_idle(self, poll_s: float = 0.05, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s

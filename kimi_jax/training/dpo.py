@@ -17,7 +17,8 @@ from tqdm import tqdm
 from kimi_jax.losses.dpo import dpo_loss
 from kimi_jax.losses.masking import sequence_logprob
 from kimi_jax.model import ModelConfig
-from kimi_jax.training.steps import jit_eval, jit_step, masked_token_logprobs, token_logprobs
+from kimi_jax.model.logprobs import token_logprobs
+from kimi_jax.training.steps import jit_eval, jit_step, masked_token_logprobs
 
 
 def pair_batch(pairs: Sequence[tuple[list[int], list[int], list[int]]], seq_len: int,

@@ -17,19 +17,20 @@ import json
 import os
 import random
 
+from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.data.sft import PackedBatches, encode_example
+from kimi_jax.data.tasks import TEMPLATE, encode_prompt
 from kimi_jax.eval import compare
 from kimi_jax.eval.evaluate import sample_and_grade
-from kimi_jax.checkpointing.hf import save_hf
+from kimi_jax.metrics.writers import JsonlWriter
+from kimi_jax.rollout.backends import build_backend
 from kimi_jax.training import rl
 from kimi_jax.training.dpo import pair_batch, run_dpo
 from kimi_jax.training.long2short import (Sample, build_dpo_pairs, merge_params,
                                           shortest_rejection_sampling)
-from kimi_jax.training.rollout_backends import build_backend
+from kimi_jax.training.setup import build_basics, load_initial_checkpoint
 from kimi_jax.training.sft import fine_tune, sft_optimizer
 from kimi_jax.training.state import train_state_from_params
-from kimi_jax.training.tasks import TEMPLATE, encode_prompt
-from kimi_jax.metrics.writers import JsonlWriter
 
 
 def sample_long_model(config, task, tokenizer, model_config, params, workdir: str) -> list[Sample]:
@@ -106,8 +107,8 @@ def dpo(config, task, tokenizer, model_config, mesh, params, workdir: str):
 
 def merge(config, task, tokenizer, model_config, mesh, params, workdir: str):
   """long2short.merge_weight * long + (1 - merge_weight) * short."""
-  short = rl.load_initial_checkpoint(config.long2short.short_checkpoint, model_config,
-                                     key="long2short.short_checkpoint")
+  short = load_initial_checkpoint(config.long2short.short_checkpoint, model_config,
+                                  key="long2short.short_checkpoint")
   return merge_params(params, short, config.long2short.merge_weight)
 
 
@@ -127,8 +128,8 @@ def run(config, workdir: str) -> dict:
   if method == "rl":
     rl.run(config, workdir)
   else:
-    task, tokenizer, model_config, mesh = rl.build_basics(config, workdir)
-    params = rl.load_initial_checkpoint(config.init.checkpoint, model_config)
+    task, tokenizer, model_config, mesh = build_basics(config, workdir)
+    params = load_initial_checkpoint(config.init.checkpoint, model_config)
     short = DATA_METHODS[method](config, task, tokenizer, model_config, mesh, params, workdir)
     save_hf(os.path.join(workdir, "hf"), model_config, short, tokenizer=tokenizer)
   results = compare.run(config, os.path.join(workdir, "eval"),

@@ -1,85 +1,19 @@
-"""Host-side RL data: rollouts with partial-rollout resumption, and training batches.
-
-`collect_groups` turns prompts (plus groups waiting in the partial-rollout buffer) into
-complete groups of k trajectories through any `generate` callable: the in-process engine or
-the SGLang client, adapted to `generate(inputs, max_new_tokens, seeds) -> completions` where
-each completion has `output_ids`, `logprobs` and `finish_reason`. Repetition is detected here,
-on the host, from the returned tokens, so a loop stops a trajectory at the same token whichever
-backend sampled it (the engine also stops there on its own, which only saves decode steps).
-"""
-import dataclasses
-from typing import Callable, Sequence
+"""Host-side RL training batches from complete prompt groups: padding to whole minibatches,
+per-segment loss masks, right-padded arrays, minibatch splits."""
+from typing import Sequence
 
 import numpy as np
 
-from kimi_jax.rollout.repetition import first_loop_end
-from kimi_jax.rollout.replay_buffer import Group, PartialRolloutBuffer, Trajectory
-from kimi_jax.rollout.types import REPETITION_MATCH, STOP, stop_reason
+from kimi_jax.rollout.partial import Group, Trajectory
 
 
-@dataclasses.dataclass(frozen=True)
-class RolloutLimits:
-  max_response_tokens: int  # cap over all segments of one trajectory
-  segment_tokens: int  # cap per iteration (= max_response_tokens disables partial rollouts)
-  repetition_ngram: int = 0  # a response whose last ngram*count tokens loop with period
-  repetition_count: int = 0  # <= ngram stops there; ngram = 0 disables
+def pad_groups(groups: list[Group], groups_per_minibatch: int, k: int) -> list[Group]:
+  """Append empty finished groups so the count divides into equal minibatches."""
+  missing = (-len(groups)) % groups_per_minibatch
+  prompt_ids = groups[0].trajectories[0].prompt_ids
+  empty = lambda: Group(-1, "", "", [Trajectory(prompt_ids, finished=True) for _ in range(k)])
+  return groups + [empty() for _ in range(missing)]
 
-
-def new_groups(prompts, encode: Callable[[str], list[int]], k: int, first_group_id: int,
-               version: int) -> list[Group]:
-  return [Group(first_group_id + i, p.id, p.answer, [Trajectory(encode(p.question)) for _ in range(k)],
-                created_version=version, domain=p.domain or "")
-          for i, p in enumerate(prompts)]
-
-
-def _is_finished(trajectory: Trajectory, finish_reason: dict, limits: RolloutLimits) -> bool:
-  if finish_reason["type"] == "stop":
-    return True
-  return len(trajectory.response_ids) >= limits.max_response_tokens  # truncated for good
-
-
-def cut_at_loop(response_ids: list[int], completion, limits: RolloutLimits):
-  """(output_ids, logprobs, finish_reason) of `completion`, a continuation of `response_ids`,
-  cut after its first token that closes a repeated loop, which then finishes it with
-  {"type": "stop", "matched": "repetition"}. A stop token wins over a loop it would close."""
-  done = len(response_ids)
-  response = response_ids + list(completion.output_ids)
-  ends_with_stop_token = (completion.finish_reason["type"] == STOP
-                          and completion.finish_reason.get("matched") != REPETITION_MATCH)
-  end = first_loop_end(response, limits.repetition_ngram, limits.repetition_count, start=done,
-                       stop=len(response) - ends_with_stop_token)
-  if end is None:
-    return completion.output_ids, completion.logprobs, completion.finish_reason
-  return (completion.output_ids[:end - done], completion.logprobs[:end - done],
-          stop_reason(REPETITION_MATCH))
-
-
-def collect_groups(generate, groups: Sequence[Group], buffer: PartialRolloutBuffer,
-                   limits: RolloutLimits, version: int, seed_base: int) -> tuple[list[Group], int]:
-  """Advance every unfinished trajectory of `groups` + the buffer by one segment.
-
-  Returns (groups now complete, tokens generated); incomplete groups go (back) into `buffer`.
-  """
-  pending = buffer.take_all() + list(groups)
-  todo = [t for g in pending for t in g.trajectories if not t.finished]
-  inputs = [t.prompt_ids + t.response_ids for t in todo]
-  budgets = [min(limits.segment_tokens, limits.max_response_tokens - len(t.response_ids))
-             for t in todo]
-  seeds = [seed_base + i for i in range(len(todo))]
-  completions = generate(inputs, budgets, seeds) if todo else []
-  if len(completions) != len(todo):
-    raise RuntimeError(f"generate answered {len(completions)} of {len(todo)} requests")
-  for trajectory, completion in zip(todo, completions):
-    output_ids, logprobs, finish_reason = cut_at_loop(trajectory.response_ids, completion, limits)
-    trajectory.extend(output_ids, logprobs, version)
-    trajectory.repetition = finish_reason.get("matched") == REPETITION_MATCH
-    if _is_finished(trajectory, finish_reason, limits):
-      trajectory.finished = True
-      trajectory.finish_reason = finish_reason
-  complete = []
-  for group in pending:
-    (complete.append if group.complete else buffer.put)(group)
-  return complete, sum(len(c.output_ids) for c in completions)
 
 
 def loss_token_mask(trajectory: Trajectory, train_old_segments: bool):

@@ -1,9 +1,14 @@
 """Supervised fine-tuning (vanilla and the long-CoT warm-up): the LM step over packed batches."""
+import os
+
 import jax
 import optax
 from tqdm import tqdm
 
+from kimi_jax.data.sft import PackedBatches, encode_example
+from kimi_jax.data.tasks import TEMPLATE
 from kimi_jax.metrics.writers import JsonlWriter
+from kimi_jax.training.setup import every_or_final
 from kimi_jax.training.state import init_train_state, train_state_from_params
 from kimi_jax.training.steps import jit_step, lm_step
 
@@ -14,16 +19,16 @@ def run_sft(state, shardings, mesh, model_config, batches, num_steps: int, write
 
   Returns (state, last metrics). Progress is shown as a bar; metrics go to `writer`.
   """
-  step = jit_step(lm_step, mesh, shardings, config=model_config)
+  train_step = jit_step(lm_step, mesh, shardings, config=model_config)
   metrics = {}
-  with tqdm(range(num_steps), desc=desc, dynamic_ncols=True) as bar:
-    for i in bar:
-      state, metrics = step(state, next(batches))
-      if (i + 1) % log_every == 0 or i + 1 == num_steps:
+  with tqdm(range(1, num_steps + 1), desc=desc, dynamic_ncols=True) as bar:
+    for step in bar:
+      state, metrics = train_step(state, next(batches))
+      if every_or_final(step, log_every, num_steps):
         metrics = jax.device_get(metrics)
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
         if writer is not None:
-          writer.write(i + 1, {f"{desc}/{k}": v for k, v in metrics.items()})
+          writer.write(step, {f"{desc}/{k}": v for k, v in metrics.items()})
   return state, jax.device_get(metrics)
 
 
@@ -52,3 +57,14 @@ def fine_tune(sft_config, seed: int, batches, model_config, mesh, metrics_path: 
                      desc=desc)
   writer.close()
   return state.params
+
+
+def sft_warmup(config, task, tokenizer, model_config, mesh, workdir: str, params=None):
+  """Long-CoT SFT warm-up on the task's reference responses, from `params` or a fresh init;
+  returns trained params. Its metrics go to sft_metrics.jsonl (their own step axis)."""
+  examples = [encode_example(tokenizer, TEMPLATE, p.question, task.reference_response(p))
+              for p in task.train]
+  batches = iter(PackedBatches(examples, config.sft.batch_size, config.sft.seq_len,
+                               tokenizer.pad_id, config.seed))
+  return fine_tune(config.sft, config.seed, batches, model_config, mesh,
+                   os.path.join(workdir, "sft_metrics.jsonl"), params)

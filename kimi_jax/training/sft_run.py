@@ -17,17 +17,17 @@ from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.data.corpus import CorpusBatches, TokenStream, corpus_documents
 from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.eval.lm_loss import corpus_loss_by_position
-from kimi_jax.training import rl
-from kimi_jax.training.rollout_backends import EngineBackend
-from kimi_jax.training.sft import fine_tune
+from kimi_jax.rollout.backends import EngineBackend
+from kimi_jax.training.setup import build_basics, load_initial_checkpoint
+from kimi_jax.training.sft import fine_tune, sft_warmup
 
 
 def run(config, workdir: str) -> dict:
-  task, tokenizer, model_config, mesh = rl.build_basics(config, workdir)
+  task, tokenizer, model_config, mesh = build_basics(config, workdir)
   params = None
   if config.init.checkpoint:
-    params = rl.load_initial_checkpoint(config.init.checkpoint, model_config,
-                                        config.init.changed_fields)
+    params = load_initial_checkpoint(config.init.checkpoint, model_config,
+                                     config.init.changed_fields)
   metrics_path = os.path.join(workdir, "sft_metrics.jsonl")
   if config.corpus.source:
     train_docs, heldout_docs = corpus_documents(config.corpus, config.task, config.seed)
@@ -35,7 +35,7 @@ def run(config, workdir: str) -> dict:
     batches = iter(CorpusBatches(stream, config.sft.batch_size, config.sft.seq_len, config.seed))
     params = fine_tune(config.sft, config.seed, batches, model_config, mesh, metrics_path, params)
   else:
-    params = rl.sft_warmup(config, task, tokenizer, model_config, mesh, workdir, params)
+    params = sft_warmup(config, task, tokenizer, model_config, mesh, workdir, params)
   export = os.path.join(workdir, "hf")
   save_hf(export, model_config, params, tokenizer=tokenizer)
   backend = EngineBackend(model_config, params, config.rollout, config.rl, tokenizer.eos_id, "sft")

@@ -10,18 +10,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from kimi_jax.model import ModelConfig, apply_lm
+from kimi_jax.model import ModelConfig
+from kimi_jax.model.logprobs import token_logprobs
 from kimi_jax.sharding.rules import activation_mesh, logical_to_spec
-
-
-def token_logprobs(config: ModelConfig, params, batch, return_max_logits: bool = False):
-  """log p(targets_BxT | prefix) under `params`, float32 [B, T] (and max_logits_LxH)."""
-  out = apply_lm(config, params, batch["tokens"], batch.get("positions"),
-                 batch.get("segment_ids"), return_max_logits=return_max_logits)
-  logits_BxTxV, max_logits_LxH = out if return_max_logits else (out, None)
-  logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
-  logp_BxT = jnp.take_along_axis(logp_BxTxV, batch["targets"][..., None], axis=-1)[..., 0]
-  return (logp_BxT, max_logits_LxH) if return_max_logits else logp_BxT
 
 
 def keep_params(params, max_logits_LxH):

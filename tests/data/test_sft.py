@@ -10,7 +10,7 @@ from kimi_jax.data.sft import (PLAIN, ChatTemplate, Example, PackedBatches,
 from kimi_jax.data.synthetic import CHARSET, make_dataset, solve, target_response
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.model import ModelConfig, init_params
-from kimi_jax.training.steps import token_logprobs
+from kimi_jax.model.logprobs import token_logprobs
 
 PAD = 0
 

@@ -11,27 +11,29 @@ from experiments.rl_arith import get_config
 from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.data import synthetic
 from kimi_jax.data.corpus import corpus_documents
+from kimi_jax.data.tasks import build_task
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.eval import compare
 from kimi_jax.eval.evaluate import evaluate, evaluate_with_config
 from kimi_jax.eval.lm_loss import heldout_loss_by_position
 from kimi_jax.model import init_params
 from kimi_jax.model.config import with_execution
+from kimi_jax.rollout.backends import EngineBackend
 from kimi_jax.rollout.engine import RolloutEngine
 from kimi_jax.rollout.server import BackgroundServer, RolloutServer
 from kimi_jax.rollout.types import Completion
-from kimi_jax.training.rl import build_model_config
-from kimi_jax.training.rollout_backends import EngineBackend
-from kimi_jax.training.tasks import build_task
+from kimi_jax.training.setup import build_model_config
+from tests.rollout.fakes import FakeBackend
 
 TOKENIZER = char_tokenizer(synthetic.CHARSET)
 
 
-class PlantedBackend:
+class PlantedBackend(FakeBackend):
   """Answers with the worked response when a request's seed is even and with answer + 1
   (always wrong) when it is odd; records every request's sampling params."""
 
   def __init__(self):
+    super().__init__()
     self.sampling = []
 
   def generate(self, inputs, sampling):

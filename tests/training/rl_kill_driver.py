@@ -23,10 +23,10 @@ def main():
   kill_save = int(os.environ.get("KILL_IN_SAVE_STEP", -1))
   iteration_fn, save_fn = rl.rl_iteration, manager.RunCheckpointer.save
 
-  def rl_iteration(iteration, *args, **kwargs):
-    if iteration == kill_iteration:
+  def rl_iteration(state, step, *args, **kwargs):
+    if step == kill_iteration:
       _die()
-    return iteration_fn(iteration, *args, **kwargs)
+    return iteration_fn(state, step, *args, **kwargs)
 
   def save(self, step, *args, **kwargs):
     save_fn(self, step, *args, **kwargs)

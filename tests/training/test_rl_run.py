@@ -84,10 +84,11 @@ def test_rl_through_sglang_client_and_server_replays_the_engine_run(reference, t
   from kimi_jax.rollout.engine import RolloutEngine
   from kimi_jax.rollout.server import BackgroundServer, RolloutServer
   from kimi_jax.training import rl
+  from kimi_jax.training.setup import build_model_config
 
   config = get_config("smoke")
   tokenizer = char_tokenizer(synthetic.CHARSET)
-  model_config = rl.build_model_config(config.model, tokenizer)
+  model_config = build_model_config(config.model, tokenizer)
   engine = RolloutEngine(model_config, init_params(model_config, jax.random.key(9)),
                          max_batch=config.rollout.max_batch, max_seq_len=config.rollout.max_seq_len,
                          eos_token_ids=(tokenizer.eos_id,),

@@ -1,32 +1,64 @@
-"""Where the RL loop's samples come from: the in-process engine or SGLang servers.
+"""The rollout contract every sampler implements, and its two implementations.
 
-Both expose `generate(inputs, sampling) -> completions` and `sync(params, version)`; the loop
-does not know which one it has. SGLang servers (real ones on GPU pods, or our own
-`launch.serve`) receive weights as an HF safetensors directory + /update_weights_from_disk.
+`RolloutBackend` is what the RL loop, evaluation and curation call: the in-process
+`RolloutEngine` (`EngineBackend`) and SGLang-API servers (`SGLangBackend`, real SGLang on GPU
+pods or our own `launch.serve`) both implement it, as do the test fakes. SGLang servers receive
+weights as an HF safetensors directory + /update_weights_from_disk.
 """
 import asyncio
 import os
 import shutil
+from typing import Protocol, Sequence, runtime_checkable
 
 from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.rollout.engine import RolloutEngine
 from kimi_jax.rollout.sglang_client import SGLangClient
+from kimi_jax.rollout.types import Completion, SamplingParams
 
 BACKENDS = ("engine", "sglang")
 
 
+@runtime_checkable
+class RolloutBackend(Protocol):
+  """Samples completions from a policy whose weights the trainer pushes."""
+
+  def generate(self, requests: Sequence[Sequence[int]],
+               sampling: Sequence[SamplingParams]) -> list[Completion]:
+    """One completion per request (prompt token ids), in request order."""
+
+  def sync(self, params, version: str) -> None:
+    """Serve `params` from now on, reported as `version` in every completion."""
+
+  def release(self) -> None:
+    """Free accelerator memory (weights, KV cache) while the trainer runs on the same chips."""
+
+  def resume(self) -> None:
+    """Take the memory back after `release`; `sync` then restores the weights."""
+
+  def close(self) -> None:
+    """Stop for good (connections, event loops)."""
+
+
 class EngineBackend:
+  """`RolloutEngine` in this process."""
+
   def __init__(self, model_config, params, rollout_config, rl_config, eos_id, version: str):
     self.engine = RolloutEngine(model_config, params, max_batch=rollout_config.max_batch,
                                 max_seq_len=rollout_config.max_seq_len, eos_token_ids=(eos_id,),
                                 weight_version=version, repetition_ngram=rl_config.repetition_ngram,
                                 repetition_count=rl_config.repetition_count)
 
-  def generate(self, inputs, sampling):
-    return self.engine.generate(inputs, sampling)
+  def generate(self, requests, sampling):
+    return self.engine.generate(requests, sampling)
 
   def sync(self, params, version: str) -> None:
     self.engine.update_weights(params, version)
+
+  def release(self) -> None:
+    self.engine.release_memory()
+
+  def resume(self) -> None:
+    self.engine.resume_memory()
 
   def close(self) -> None:
     pass
@@ -42,8 +74,8 @@ class SGLangBackend:
     self._loop = asyncio.new_event_loop()
     self.client = SGLangClient(list(urls))
 
-  def generate(self, inputs, sampling):
-    return self._loop.run_until_complete(self.client.generate(inputs, sampling))
+  def generate(self, requests, sampling):
+    return self._loop.run_until_complete(self.client.generate(requests, sampling))
 
   def sync(self, params, version: str) -> None:
     """Write HF safetensors (+ tokenizer) for `version`, point every server at them, then drop
@@ -55,12 +87,20 @@ class SGLangBackend:
       if name != f"v{version}":
         shutil.rmtree(os.path.join(self.weights_dir, name), ignore_errors=True)
 
+  def release(self) -> None:
+    self._loop.run_until_complete(self.client.release_memory_occupation())
+
+  def resume(self) -> None:
+    self._loop.run_until_complete(self.client.resume_memory_occupation())
+
   def close(self) -> None:
     self._loop.run_until_complete(self.client.close())
     self._loop.close()
 
 
-def build_backend(config, model_config, tokenizer, params, version: str, workdir: str):
+def build_backend(config, model_config, tokenizer, params, version: str,
+                  workdir: str) -> RolloutBackend:
+  """The backend `config.rollout.backend` names, serving `params` as `version`."""
   rollout = config.rollout
   if rollout.backend == "engine":
     return EngineBackend(model_config, params, rollout, config.rl, tokenizer.eos_id, version)

@@ -1,23 +1,16 @@
-"""Reward models (DESIGN.md section 8): a value-head RM on our LM and a chain-of-thought RM.
+"""Value-head reward model (DESIGN.md section 8) on our LM, and its training step.
 
-Value-head RM. Parameters are {"lm": <the LM's own tree, unchanged>, "value_head": {"kernel"
-[D], "bias" []}}, so an SFT checkpoint drops in under "lm" and the LM part can be exported
-again. Input: [BOS] question [EOS] reference [EOS] response [EOS] (BOS only when the tokenizer
-has one), right-padded. The score is sigmoid(kernel . h + bias), h the final-norm hidden state
-at the closing EOS, the last non-pad token; causal attention makes padding after it
-irrelevant, and its index is stored rather than searched for, so a pad id equal to EOS is fine.
-LM and head train together on binary cross-entropy against a 0/1 correctness label. Hidden
-states come from the LM's own forward through flax's `capture_intermediates`; XLA drops the
-unused unembedding, which gets zero gradient (keep it out of weight decay to export it intact).
-
-Chain-of-thought RM. `JUDGE_PROMPT_TEMPLATE` asks a judge LM, through any
-`generate(prompts, max_new_tokens) -> texts` rollout callable, to reason and end with a JSON
-verdict {"correct": true|false}, parsed strictly by `kimi_jax.rewards.verdict`. A reply
-without a valid verdict scores 0 and is counted per reason in `errors`.
+Parameters are {"lm": <the LM's own tree, unchanged>, "value_head": {"kernel" [D], "bias" []}},
+so an SFT checkpoint drops in under "lm" and the LM part can be exported again. Input: [BOS]
+question [EOS] reference [EOS] response [EOS] (BOS only when the tokenizer has one),
+right-padded. The score is sigmoid(kernel . h + bias), h the final-norm hidden state at the
+closing EOS, the last non-pad token; causal attention makes padding after it irrelevant, and
+its index is stored rather than searched for, so a pad id equal to EOS is fine. LM and head
+train together on binary cross-entropy against a 0/1 correctness label. Hidden states come from
+the LM's own forward through flax's `capture_intermediates`; XLA drops the unused unembedding,
+which gets zero gradient (keep it out of weight decay to export it intact).
 """
-import collections
-import dataclasses
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,31 +21,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from kimi_jax.data.tokenizer import Tokenizer
 from kimi_jax.model import ModelConfig, init_params, param_logical_specs
 from kimi_jax.model.transformer import Transformer, default_positions
-from kimi_jax.rewards.verdict import VerdictError, parse_verdict
+from kimi_jax.rewards.judge import RMExample
 from kimi_jax.sharding.rules import logical_shardings
 from kimi_jax.training.state import TrainState, mirror_param_shardings
 from kimi_jax.training.steps import jit_eval
 
 LM, VALUE_HEAD = "lm", "value_head"
-
-JUDGE_PROMPT_TEMPLATE = (
-    "You are grading a response to a problem against the reference answer.\n\n"
-    "Problem:\n{question}\n\n"
-    "Reference answer:\n{reference}\n\n"
-    "Response:\n{response}\n\n"
-    "Reason step by step about whether the final answer of the response is equivalent to the "
-    "reference answer. Then end your reply with a JSON object and nothing after it: "
-    '{{"correct": true}} if it is equivalent, {{"correct": false}} if it is not.')
-
-
-@dataclasses.dataclass(frozen=True)
-class RMExample:
-  question: str
-  reference: str
-  response: str
-
-
-# ---------------------------------------------------------------------------- value-head RM
 
 
 def rm_input_ids(example: RMExample, tokenizer: Tokenizer) -> list[int]:
@@ -183,51 +157,3 @@ class ValueHeadRewardModel:
       batch = rm_batch(padded, self.tokenizer, self.seq_len)
       scores.append(np.asarray(self._probabilities(self.state, batch))[:len(chunk)])
     return np.concatenate(scores) if scores else np.zeros(0, np.float32)
-
-
-# ------------------------------------------------------------------- chain-of-thought RM
-
-GenerateFn = Callable[[list[str], int], list[str]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Judgement:
-  """One judge reply and what its verdict said."""
-
-  text: str  # the judge's whole reply
-  correct: bool | None  # None when the reply has no valid verdict
-  error: str | None  # a VERDICT_ERRORS reason, or None
-
-
-class ChainOfThoughtRewardModel:
-  """Scores 1.0 / 0.0 from the judge's strict JSON verdict; invalid replies score 0.0.
-
-  `errors` counts invalid replies per `kimi_jax.rewards.verdict.VERDICT_ERRORS` reason over
-  the model's lifetime. `generate` receives the filled JUDGE_PROMPT_TEMPLATE strings as they
-  are (any chat template is the callable's business).
-  """
-
-  def __init__(self, generate: GenerateFn, max_new_tokens: int):
-    if max_new_tokens <= 0:
-      raise ValueError(f"max_new_tokens={max_new_tokens}: must be positive")
-    self.generate, self.max_new_tokens = generate, max_new_tokens
-    self.errors: collections.Counter[str] = collections.Counter()
-
-  def judge(self, examples: Sequence[RMExample]) -> list[Judgement]:
-    """One generate call for all examples; parse each reply, counting invalid ones."""
-    prompts = [JUDGE_PROMPT_TEMPLATE.format(**dataclasses.asdict(e)) for e in examples]
-    texts = self.generate(prompts, self.max_new_tokens)
-    if len(texts) != len(prompts):
-      raise ValueError(f"generate returned {len(texts)} texts for {len(prompts)} prompts")
-    judgements = []
-    for text in texts:
-      try:
-        judgements.append(Judgement(text, parse_verdict(text), None))
-      except VerdictError as err:
-        self.errors[err.reason] += 1
-        judgements.append(Judgement(text, None, err.reason))
-    return judgements
-
-  def score(self, examples: Sequence[RMExample]) -> np.ndarray:
-    """1.0 for a true verdict, 0.0 for a false or invalid one, float32 [len(examples)]."""
-    return np.array([1.0 if j.correct else 0.0 for j in self.judge(examples)], np.float32)

@@ -3,7 +3,7 @@ import numpy as np
 
 from experiments.rl_arith import get_config
 from kimi_jax.data import synthetic
-from kimi_jax.training.tasks import build_task
+from kimi_jax.data.tasks import build_task
 
 
 def references(direct: float, verify: float):

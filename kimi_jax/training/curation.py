@@ -1,9 +1,7 @@
-"""Curation's `generate` over a rollout backend (DESIGN.md section 4).
+"""The curation stage's `generate` over a rollout backend (DESIGN.md section 4).
 
-`curate` asks for text: n completions per prompt string. Rollout backends (`EngineBackend`,
-`SGLangBackend`, or anything with `generate(inputs_token_ids, sampling) -> completions` in
-prompt order) speak token ids. This adapter encodes prompts with the chat template the policy
-was trained with, sends each of the n samples as its own request with its own seed (one seed
+`curate` asks for text: n completions per prompt string; a `RolloutBackend` speaks token ids.
+This adapter encodes prompts with the chat template the policy was trained with, sends each of the n samples as its own request with its own seed (one seed
 for n > 1 would let a server return n copies of one draw), stops at the tokenizer's eos and
 decodes the outputs without special tokens.
 """
@@ -11,10 +9,11 @@ import itertools
 
 from kimi_jax.data.curation import Generate
 from kimi_jax.data.sft import ChatTemplate, encode_prompt
+from kimi_jax.rollout.backends import RolloutBackend
 from kimi_jax.rollout.types import SamplingParams
 
 
-def curation_generate(backend, tokenizer, template: ChatTemplate, seed: int = 0) -> Generate:
+def curation_generate(backend: RolloutBackend, tokenizer, template: ChatTemplate, seed: int = 0) -> Generate:
   """`generate(prompts, n, temperature, max_new_tokens)` for `curate`, sampled on `backend`.
 
   Request seeds count up from `seed` over every sample of every call, so no two samples of one
