@@ -2,8 +2,8 @@
 import pytest
 
 from experiments import long2short_arith, long_context_arith, rl_arith
-from kimi_jax.data.sft import encode_example
-from kimi_jax.data.tasks import TEMPLATE, build_task
+from kimi_jax.data.sft import example_from_ids
+from kimi_jax.data.tasks import build_task
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.training.rl import validate_config
 from kimi_jax.training.setup import build_model_config
@@ -20,10 +20,11 @@ VARIANTS = ([(rl_arith, v) for v in ("tiny", "tiny_nolp", "long_cot", "smoke", "
 def test_variant_is_valid_and_fits_its_data(module, variant):
   config = module.get_config(variant)
   validate_config(config)
-  task = build_task(config.task, config.seed)
+  task = build_task(config.task, None, config.seed)
   tokenizer = char_tokenizer(task.charset)
   build_model_config(config.model, tokenizer)
-  longest = max(len(encode_example(tokenizer, TEMPLATE, p.question, task.reference_response(p)))
+  longest = max(len(example_from_ids(tokenizer, task.encode_prompt(tokenizer, p),
+                                     task.reference_response(p)))
                 for p in task.train[:2000])
   assert longest <= config.sft.seq_len + 1, "SFT references must fit a packed row"
   assert longest <= config.rollout.max_seq_len, "prompt + reference must fit the engine"

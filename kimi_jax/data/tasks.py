@@ -1,41 +1,73 @@
-"""RL tasks: the prompt sets, the reference responses for the SFT warm-up, and the reward name
-(looked up in `kimi_jax.rewards.registry.REGISTRY` per prompt domain).
+"""RL tasks as data plus a reward: prompt sets, how a prompt becomes token ids, the reward name
+of each domain (looked up in `kimi_jax.rewards.registry.REGISTRY`) and, for synthetic tasks,
+the reference responses of the SFT warm-up.
+
+`build_task(task_config, data_config, seed)` picks a builder by `task.name`:
+- "prompts": prompt files, one per domain: `data.train` / `data.eval` (.jsonl or .parquet read
+  with a `Schema`: gsm8k `#### N`, math `\\boxed{}`, answer, code `tests: [{input, output}]`),
+  `data.template` (the question goes where "{question}" stands), `data.reward` and
+  `data.domain`; `data.mix` adds more domains with the same fields plus a sampling `weight`
+  (the k1.5 RL set mixes math, code and vision prompts).
+- "arith": the synthetic multi-step arithmetic task of the CPU demo, with its own char
+  tokenizer (`charset`) and reference responses.
+
+Prompt ids: the templated question becomes one user message rendered with the tokenizer's chat
+template (a checkpoint's `chat_template`, `data.chat_template_kwargs` passed through, e.g.
+enable_thinking); a tokenizer without one gets bos (if it has one) + the text. Every stage
+(SFT, rollouts, eval, curation) encodes prompts this one way.
 
 The arithmetic warm-up mixes two kinds of reference response, like real SFT data that mixes
 long-CoT and short answers: a fraction `direct_answer_fraction` of prompts (fixed per prompt)
 is answered with the final answer alone ("#12"), the rest with the worked chain of thought.
 The warmed-up policy therefore chooses between reasoning and guessing on every prompt, and RL
-must discover from the verifier alone when the chain of thought pays.
-
-A fraction `verify_fraction` of the worked responses then checks itself: the steps are undone
-back to the first operand before the answer (`synthetic.verification`). That reflection makes
-the chain of thought long without making it more accurate: the redundancy long2short removes.
+must discover from the verifier alone when the chain of thought pays. A fraction
+`verify_fraction` of the worked responses then checks itself: the steps are undone back to the
+first operand before the answer (`synthetic.verification`). That reflection makes the chain of
+thought long without making it more accurate: the redundancy long2short removes.
 """
 import dataclasses
 import zlib
-from typing import Callable
+from typing import Callable, Mapping
 
-from kimi_jax.data import synthetic
-from kimi_jax.data.sft import ChatTemplate
-from kimi_jax.data.sft import encode_prompt as template_encode_prompt
+from kimi_jax.data import sources, synthetic
 from kimi_jax.data.sources import Prompt
 
-TASKS = ("arith",)
-TEMPLATE = ChatTemplate(add_bos=True)  # <bos> question | response <eos>
+QUESTION = "{question}"
+SCHEMAS = {"gsm8k": sources.GSM8K, "math": sources.MATH, "answer": sources.Schema(),
+           "code": sources.CODE}
 
 
-def encode_prompt(tokenizer, question: str) -> list[int]:
-  """Prompt ids exactly as the SFT warm-up saw them (every stage uses this template)."""
-  return template_encode_prompt(tokenizer, TEMPLATE, question)
+def encode_text(tokenizer, text: str, chat_template_kwargs: Mapping | None = None) -> list[int]:
+  """Ids of a prompt text: one user turn of the tokenizer's chat template, or bos + text."""
+  if tokenizer.chat_template is not None:
+    rendered = tokenizer.chat_template.render([{"role": "user", "content": text}],
+                                              add_generation_prompt=True,
+                                              **(chat_template_kwargs or {}))
+    ids = tokenizer.encode(rendered)
+  else:
+    ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(text)
+  if not ids:
+    raise ValueError("empty prompt: nothing to condition the response on")
+  return ids
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  charset: str
   train: list[Prompt]
   heldout: list[Prompt]
-  reference_response: Callable[[Prompt], str]  # SFT warm-up target
   reward_by_domain: dict[str, str]  # prompt domain -> registered reward name
+  template_by_domain: dict[str, str]  # prompt domain -> text with "{question}"
+  weight_by_domain: dict[str, float]  # prompt domain -> share of the sampled prompts
+  chat_template_kwargs: Mapping = dataclasses.field(default_factory=dict)
+  charset: str | None = None  # synthetic tasks: the char tokenizer they train from scratch with
+  reference_response: Callable[[Prompt], str] | None = None  # synthetic tasks: SFT targets
+
+  def prompt_text(self, prompt: Prompt) -> str:
+    return self.template_by_domain[prompt.domain].replace(QUESTION, prompt.question)
+
+  def encode_prompt(self, tokenizer, prompt: Prompt) -> list[int]:
+    """Prompt ids exactly as every stage sees them (module docstring)."""
+    return encode_text(tokenizer, self.prompt_text(prompt), self.chat_template_kwargs)
 
 
 def _prompt_fraction(prompt: Prompt, salt: str) -> float:
@@ -51,16 +83,58 @@ def arith_reference(prompt: Prompt, direct_answer_fraction: float, verify_fracti
   return synthetic.target_response(problem, verify)
 
 
-def build_task(task_config, seed: int) -> Task:
-  if task_config.name != "arith":
-    raise ValueError(f"task.name={task_config.name!r}: expected one of {TASKS}")
+def _build_arith(task_config, data_config, seed: int) -> Task:
   for field in ("direct_answer_fraction", "verify_fraction"):
     if not 0.0 <= task_config[field] <= 1.0:
-      raise ValueError(f"task.{field}={task_config[field]}: must be in [0, 1]")
+      raise ValueError(f"config.task.{field}={task_config[field]}: must be in [0, 1]")
   train, heldout = synthetic.train_heldout_split(task_config.num_train, task_config.num_heldout,
                                                  tuple(task_config.levels), seed,
                                                  task_config.max_operand)
-  return Task(charset=synthetic.CHARSET, train=train, heldout=heldout,
+  domain = synthetic.DOMAIN
+  return Task(train=train, heldout=heldout, reward_by_domain={domain: task_config.reward},
+              template_by_domain={domain: QUESTION}, weight_by_domain={domain: 1.0},
+              charset=synthetic.CHARSET,
               reference_response=lambda p: arith_reference(p, task_config.direct_answer_fraction,
-                                                            task_config.verify_fraction),
-              reward_by_domain={synthetic.DOMAIN: task_config.reward})
+                                                            task_config.verify_fraction))
+
+
+def _load_domain(source, key: str, domain: str) -> tuple[list[Prompt], list[Prompt]]:
+  """(train, eval) prompts of one source section, every prompt tagged with `domain`."""
+  if source.schema not in SCHEMAS:
+    raise ValueError(f"config.{key}.schema={source.schema!r}: one of {sorted(SCHEMAS)}")
+  if QUESTION not in source.template:
+    raise ValueError(f"config.{key}.template={source.template!r}: must contain {QUESTION}")
+  loaded = []
+  for split in ("train", "eval"):
+    if not source[split]:
+      raise ValueError(f"config.{key}.{split} is empty: set it to a .jsonl or .parquet file")
+    prompts = sources.load_prompts(source[split], SCHEMAS[source.schema])
+    loaded.append([dataclasses.replace(p, id=f"{domain}/{p.id}", domain=domain) for p in prompts])
+  return loaded[0], loaded[1]
+
+
+def _build_prompts(task_config, data_config, seed: int) -> Task:
+  sections = {data_config.domain: (data_config, "data")}
+  sections.update({name: (source, f"data.mix.{name}") for name, source in data_config.mix.items()})
+  train, heldout, rewards, templates, weights = [], [], {}, {}, {}
+  for domain, (source, key) in sections.items():
+    domain_train, domain_eval = _load_domain(source, key, domain)
+    train += domain_train
+    heldout += domain_eval
+    rewards[domain], templates[domain] = source.reward, source.template
+    weights[domain] = float(source.weight)
+    if weights[domain] <= 0:
+      raise ValueError(f"config.{key}.weight={source.weight}: must be > 0")
+  return Task(train=train, heldout=heldout, reward_by_domain=rewards,
+              template_by_domain=templates, weight_by_domain=weights,
+              chat_template_kwargs=dict(data_config.chat_template_kwargs))
+
+
+TASK_BUILDERS = {"arith": _build_arith, "prompts": _build_prompts}
+
+
+def build_task(task_config, data_config=None, seed: int = 0) -> Task:
+  """The task named by `task_config.name` (module docstring); `data_config` feeds "prompts"."""
+  if task_config.name not in TASK_BUILDERS:
+    raise ValueError(f"config.task.name={task_config.name!r}: one of {sorted(TASK_BUILDERS)}")
+  return TASK_BUILDERS[task_config.name](task_config, data_config, seed)

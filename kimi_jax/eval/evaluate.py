@@ -11,7 +11,6 @@ import numpy as np
 from kimi_jax.eval.metrics import EvalResult, summarize
 from kimi_jax.rewards.registry import REGISTRY
 from kimi_jax.rollout.types import SamplingParams
-from kimi_jax.data.tasks import encode_prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +27,8 @@ def sample_and_grade(backend, tokenizer, task, prompts, samples: int, temperatur
   """`samples` responses per prompt (request r seeded with seed + r), graded by the task."""
   rows = [p for p in prompts for _ in range(samples)]
   sampling = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r,
-                             stop_token_ids=(tokenizer.eos_id,)) for r in range(len(rows))]
-  completions = backend.generate([encode_prompt(tokenizer, p.question) for p in rows], sampling)
+                             stop_token_ids=tuple(tokenizer.eos_ids)) for r in range(len(rows))]
+  completions = backend.generate([task.encode_prompt(tokenizer, p) for p in rows], sampling)
   responses = [tokenizer.decode(c.output_ids) for c in completions]
   rewards = REGISTRY.task_rewards(task.reward_by_domain, [p.domain for p in rows], responses,
                                   [p.answer for p in rows])

@@ -12,6 +12,7 @@ on its own, which only saves decode steps).
 import dataclasses
 from typing import Callable, Sequence
 
+from kimi_jax.data.sources import Prompt
 from kimi_jax.rollout.backends import RolloutBackend
 from kimi_jax.rollout.repetition import first_loop_end
 from kimi_jax.rollout.types import REPETITION_MATCH, STOP, SamplingParams, stop_reason
@@ -102,9 +103,9 @@ class RolloutLimits:
   repetition_count: int = 0  # <= ngram stops there; ngram = 0 disables
 
 
-def new_groups(prompts, encode: Callable[[str], list[int]], k: int, first_group_id: int,
+def new_groups(prompts, encode: Callable[[Prompt], list[int]], k: int, first_group_id: int,
                version: int) -> list[Group]:
-  return [Group(first_group_id + i, p.id, p.answer, [Trajectory(encode(p.question)) for _ in range(k)],
+  return [Group(first_group_id + i, p.id, p.answer, [Trajectory(encode(p)) for _ in range(k)],
                 created_version=version, domain=p.domain or "")
           for i, p in enumerate(prompts)]
 

@@ -6,16 +6,18 @@ for n > 1 would let a server return n copies of one draw), stops at the tokenize
 decodes the outputs without special tokens.
 """
 import itertools
+from typing import Callable
 
 from kimi_jax.data.curation import Generate
-from kimi_jax.data.sft import ChatTemplate, encode_prompt
 from kimi_jax.rollout.backends import RolloutBackend
 from kimi_jax.rollout.types import SamplingParams
 
 
-def curation_generate(backend: RolloutBackend, tokenizer, template: ChatTemplate, seed: int = 0) -> Generate:
+def curation_generate(backend: RolloutBackend, tokenizer, encode: Callable[[str], list[int]],
+                      seed: int = 0) -> Generate:
   """`generate(prompts, n, temperature, max_new_tokens)` for `curate`, sampled on `backend`.
 
+  `encode` turns a prompt text into ids the way the policy was trained (`tasks.encode_text`).
   Request seeds count up from `seed` over every sample of every call, so no two samples of one
   adapter share a seed.
   """
@@ -23,10 +25,10 @@ def curation_generate(backend: RolloutBackend, tokenizer, template: ChatTemplate
 
   def generate(prompts: list[str], n: int, temperature: float,
                max_new_tokens: int) -> list[list[str]]:
-    encoded = [encode_prompt(tokenizer, template, text) for text in prompts]
+    encoded = [encode(text) for text in prompts]
     inputs = [ids for ids in encoded for _ in range(n)]
     sampling = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
-                               seed=next(seeds), stop_token_ids=(tokenizer.eos_id,))
+                               seed=next(seeds), stop_token_ids=tuple(tokenizer.eos_ids))
                 for _ in inputs]
     completions = backend.generate(inputs, sampling)
     if len(completions) != len(inputs):

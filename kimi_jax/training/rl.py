@@ -16,12 +16,10 @@ from tqdm import tqdm
 
 from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.checkpointing.manager import RunCheckpointer
-from kimi_jax.data.samplers import PromptSampler, make_strategy
-from kimi_jax.data.tasks import encode_prompt
+from kimi_jax.data.samplers import PromptSampler, make_strategy, mix_domains
 from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.metrics.plots import plot_metrics
 from kimi_jax.metrics.writers import read_jsonl
-from kimi_jax.rewards.registry import score_rollout
 from kimi_jax.rollout.backends import build_backend
 from kimi_jax.rollout.partial import (Group, PartialRolloutBuffer, RolloutLimits, collect_groups,
                                       new_groups)
@@ -29,6 +27,7 @@ from kimi_jax.rollout.types import SamplingParams
 from kimi_jax.training import rl_data
 from kimi_jax.training.optim import build_optimizer, build_post_update
 from kimi_jax.training.rl_losses import make_policy_loss
+from kimi_jax.training.scoring import rollout_metrics, sample_rows, score_groups, write_samples
 from kimi_jax.training.setup import (build_basics, build_writer, every_or_final,
                                      load_initial_checkpoint)
 from kimi_jax.training.sft import sft_warmup
@@ -46,7 +45,8 @@ def run(config, workdir: str) -> dict:
   abstract, shardings = train_state_shardings(model_config, tx, mesh)
   checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
                                  config.checkpoint.async_save)
-  sampler = iter(PromptSampler(task.train, make_strategy(config.sampler), rl.prompts_per_iteration,
+  strategy = mix_domains(make_strategy(config.sampler), task.train, task.weight_by_domain)
+  sampler = iter(PromptSampler(task.train, strategy, rl.prompts_per_iteration,
                                config.seed, ema_rate=config.sampler.ema_rate))
   latest = checkpointer.latest_step()
   writer = build_writer(config, workdir, truncate_after=latest)
@@ -68,12 +68,12 @@ def run(config, workdir: str) -> dict:
     checkpointer.save(0, _saved_tree(state), _extra_state(0, sampler, buffer))
 
   trainer = PolicyTrainer(mesh, shardings, model_config, rl, build_post_update(config.optimizer))
-  sampling = SamplingParams(temperature=rl.temperature, stop_token_ids=(tokenizer.eos_id,))
+  sampling = SamplingParams(temperature=rl.temperature, stop_token_ids=tuple(tokenizer.eos_ids))
   first = step
   with tqdm(desc="rl", initial=step, total=rl.iterations) as bar:
     while step < rl.iterations:
       state, metrics = rl_iteration(state, step, trainer, backend, sampling, sampler, buffer,
-                                    task, tokenizer, config)
+                                    task, tokenizer, config, workdir)
       step += 1  # the policy now has version `step`
       t0 = time.perf_counter()
       backend.sync(state.params, str(step))
@@ -94,12 +94,12 @@ def run(config, workdir: str) -> dict:
 
 
 def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, task, tokenizer,
-                 config):
+                 config, workdir: str):
   """One k1.5 iteration from prompts to updated params, sampled by policy version `step`.
   Returns (state, metrics)."""
   rl = config.rl
   t0 = time.perf_counter()
-  groups = new_groups(next(sampler), lambda q: encode_prompt(tokenizer, q), rl.k,
+  groups = new_groups(next(sampler), lambda p: task.encode_prompt(tokenizer, p), rl.k,
                       step * rl.prompts_per_iteration, step)
   limits = RolloutLimits(rl.max_response_tokens, rl.segment_tokens, rl.repetition_ngram,
                          rl.repetition_count)
@@ -110,17 +110,18 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
              "tokens_per_s": new_tokens / max(t1 - t0, 1e-9), "time/rollout": t1 - t0}
   if not complete:
     return state, metrics
-  rewards_B, correct_B, lengths_B = score_groups(complete, tokenizer.decode, task.reward_by_domain,
-                                                 rl, step)
+  scores = score_groups(complete, tokenizer.decode, task.reward_by_domain, rl, step)
+  write_samples(workdir, step, sample_rows(
+      complete, scores, lambda ids: tokenizer.decode(ids, skip_special_tokens=False)))
   t2 = time.perf_counter()
   padded = rl_data.pad_groups(complete, rl.groups_per_minibatch, rl.k)
   pad_rows = (len(padded) - len(complete)) * rl.k
-  batch = rl_data.build_rl_batch(padded, np.concatenate([rewards_B, np.zeros(pad_rows)]),
+  batch = rl_data.build_rl_batch(padded, np.concatenate([scores.rewards, np.zeros(pad_rows)]),
                                  config.rollout.max_seq_len, tokenizer.pad_id,
                                  rl.train_old_segments)
   state, train_metrics = trainer.train(state, batch)
-  sampler.update([g.prompt_id for g in complete for _ in g.trajectories], correct_B)
-  metrics.update(rollout_metrics(complete, rewards_B, correct_B, lengths_B))
+  sampler.update([g.prompt_id for g in complete for _ in g.trajectories], scores.correct)
+  metrics.update(rollout_metrics(complete, scores))
   metrics.update(train_metrics)
   metrics.update({"time/reward": t2 - t1, "time/train": time.perf_counter() - t2})
   return state, metrics
@@ -168,38 +169,8 @@ def initial_params(config, task, tokenizer, model_config, mesh, workdir: str):
   return params
 
 
-def score_groups(groups: list[Group], decode, reward_by_domain, rl_config, step: int):
-  """Rewards per trajectory (group order): registered task reward + per-group length penalty,
-  plus the repetition penalty. Returns (rewards_B, correct_B, lengths_B)."""
-  rows = [(g, t) for g in groups for t in g.trajectories]
-  lengths_B = np.array([len(t.response_ids) for _, t in rows])
-  rewards_B, correct_B = score_rollout(
-      reward_by_domain, [g.domain for g, _ in rows],
-      [decode(t.response_ids) for _, t in rows], [g.answer for g, _ in rows], lengths_B,
-      np.array([g.group_id for g, _ in rows]), rl_config.length_penalty.weight,
-      rl_config.length_penalty.warmup_iterations, step)
-  repeated_B = np.array([t.repetition for _, t in rows])
-  return rewards_B + rl_config.repetition_penalty * repeated_B, correct_B, lengths_B
-
-
 def request_seed_base(seed: int, step: int) -> int:
   return int(np.random.SeedSequence([seed, step]).generate_state(1)[0]) % (1 << 30)
-
-
-def rollout_metrics(groups: list[Group], rewards_B, correct_B, lengths_B) -> dict:
-  trajectories = [t for g in groups for t in g.trajectories]
-  logprobs = np.concatenate([np.asarray(t.logprobs) for t in trajectories]) if trajectories else np.zeros(1)
-  return {
-      "reward": float(np.mean(rewards_B)), "accuracy": float(np.mean(correct_B)),
-      "length_mean": float(np.mean(lengths_B)), "length_p50": float(np.median(lengths_B)),
-      "length_p90": float(np.percentile(lengths_B, 90)), "length_max": int(np.max(lengths_B)),
-      "lengths": np.asarray(lengths_B),
-      "repetition_frac": float(np.mean([t.repetition for t in trajectories])),
-      "truncated_frac": float(np.mean([t.finish_reason["type"] == "length" for t in trajectories])),
-      "multi_segment_frac": float(np.mean([t.num_segments > 1 for t in trajectories])),
-      # Sampled-token negative log-prob: an entropy estimate (exact in expectation at T=1).
-      "entropy": float(-np.mean(logprobs)),
-  }
 
 
 def _saved_tree(state) -> dict:

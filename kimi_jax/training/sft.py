@@ -5,8 +5,7 @@ import jax
 import optax
 from tqdm import tqdm
 
-from kimi_jax.data.sft import PackedBatches, encode_example
-from kimi_jax.data.tasks import TEMPLATE
+from kimi_jax.data.sft import PackedBatches, example_from_ids
 from kimi_jax.metrics.writers import JsonlWriter
 from kimi_jax.training.setup import every_or_final
 from kimi_jax.training.state import init_train_state, train_state_from_params
@@ -62,8 +61,11 @@ def fine_tune(sft_config, seed: int, batches, model_config, mesh, metrics_path: 
 def sft_warmup(config, task, tokenizer, model_config, mesh, workdir: str, params=None):
   """Long-CoT SFT warm-up on the task's reference responses, from `params` or a fresh init;
   returns trained params. Its metrics go to sft_metrics.jsonl (their own step axis)."""
-  examples = [encode_example(tokenizer, TEMPLATE, p.question, task.reference_response(p))
-              for p in task.train]
+  if task.reference_response is None:
+    raise ValueError(f"config.task.name={config.task.name!r} has no reference responses for the "
+                     "SFT warm-up: set config.init.checkpoint to the model RL starts from")
+  examples = [example_from_ids(tokenizer, task.encode_prompt(tokenizer, p),
+                               task.reference_response(p)) for p in task.train]
   batches = iter(PackedBatches(examples, config.sft.batch_size, config.sft.seq_len,
                                tokenizer.pad_id, config.seed))
   return fine_tune(config.sft, config.seed, batches, model_config, mesh,

@@ -50,7 +50,7 @@ class PlantedBackend(FakeBackend):
 
 @pytest.fixture(scope="module")
 def task():
-  return build_task(get_config("smoke").task, seed=0)
+  return build_task(get_config("smoke").task, None, seed=0)
 
 
 def test_planted_answers_give_known_metrics(task):
@@ -117,7 +117,7 @@ def test_comparison_equals_direct_evaluation(engine_comparison, checkpoints, tas
   written = json.loads((workdir / "eval.json").read_text())
   for name, (_, seed) in checkpoints.items():
     backend = EngineBackend(model_config, init_params(model_config, jax.random.key(seed)),
-                            config.rollout, config.rl, TOKENIZER.eos_id, name)
+                            config.rollout, config.rl, TOKENIZER.eos_ids, name)
     direct = evaluate_with_config(backend, TOKENIZER, task, task.heldout, config.eval)
     assert results[name] == direct
     assert written[name]["eval/mean_tokens"] == direct.mean_tokens

@@ -28,7 +28,7 @@ from kimi_jax.data import synthetic
 from kimi_jax.data.curation import (GUESSABLE, MULTIPLE_CHOICE, PROOF, TOO_EASY, TRUE_FALSE,
                                     CurationConfig, curate)
 from kimi_jax.data.sources import Prompt
-from kimi_jax.data.tasks import TEMPLATE, Task, encode_prompt
+from kimi_jax.data.tasks import Task, encode_text
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.model import init_params
 from kimi_jax.rollout.backends import EngineBackend
@@ -97,12 +97,14 @@ def run_config():
 @pytest.fixture(scope="module")
 def trained_backend(tokenizer, run_config, tmp_path_factory):
   """The in-process engine serving the warmed-up model (~15-25 s of training on 2 cores)."""
+  domain = synthetic.DOMAIN
   task = Task(charset=synthetic.CHARSET, train=[arith(q) for q in LEVEL1], heldout=[],
-              reference_response=warmup_response, reward_by_domain={synthetic.DOMAIN: "arith"})
+              reference_response=warmup_response, reward_by_domain={domain: "arith"},
+              template_by_domain={domain: "{question}"}, weight_by_domain={domain: 1.0})
   model_config = build_model_config(run_config.model, tokenizer)
   params = sft_warmup(run_config, task, tokenizer, model_config, make_mesh(**run_config.mesh),
                       str(tmp_path_factory.mktemp("sft")))
-  return EngineBackend(model_config, params, run_config.rollout, run_config.rl, tokenizer.eos_id,
+  return EngineBackend(model_config, params, run_config.rollout, run_config.rl, tokenizer.eos_ids,
                        version="sft")
 
 
@@ -110,7 +112,7 @@ def test_known_easy_prompts_removed_and_reported(trained_backend, tokenizer, tmp
   prompts = [TEXT_FILTERED["mc"], *map(arith, ADDITIONS), TEXT_FILTERED["tf"],
              *map(arith, SUBTRACTIONS), TEXT_FILTERED["proof"], *map(arith, HARD)]
   recorder = RecordingBackend(trained_backend)
-  kept, report = curate(prompts, curation_generate(recorder, tokenizer, TEMPLATE), reward,
+  kept, report = curate(prompts, curation_generate(recorder, tokenizer, lambda t: encode_text(tokenizer, t)), reward,
                         CONFIG)
 
   assert {r.id: r.reason for r in report.removed} == {
@@ -124,9 +126,9 @@ def test_known_easy_prompts_removed_and_reported(trained_backend, tokenizer, tmp
   # Only arithmetic reached the model, encoded as in SFT: all of it for 8 short guesses, then
   # what the guess stage let through for 10 full samples; every request had its own seed.
   (guess_ids, guess_sampling), (pass_ids, pass_sampling) = recorder.calls
-  assert guess_ids == [encode_prompt(tokenizer, q)
+  assert guess_ids == [encode_text(tokenizer, q)
                        for q in ADDITIONS + SUBTRACTIONS + HARD for _ in range(8)]
-  assert pass_ids == [encode_prompt(tokenizer, q)
+  assert pass_ids == [encode_text(tokenizer, q)
                       for q in SUBTRACTIONS + HARD for _ in range(10)]
   settings = lambda sampling: {(s.temperature, s.max_new_tokens, s.stop_token_ids)
                                for s in sampling}
@@ -152,7 +154,7 @@ def test_known_easy_prompts_removed_and_reported(trained_backend, tokenizer, tmp
 
 
 def test_greedy_completions_stop_at_eos(trained_backend, tokenizer):
-  generate = curation_generate(trained_backend, tokenizer, TEMPLATE)
+  generate = curation_generate(trained_backend, tokenizer, lambda t: encode_text(tokenizer, t))
   assert generate(["9-4=", "7+5="], 2, 0.0, 40) == [["9-4=5#5"] * 2, ["#12"] * 2]
 
 
@@ -162,15 +164,15 @@ def test_samples_are_distinct_draws_and_greedy_repeats(tokenizer, run_config):
   samples would give n copies; ">= 3 distinct of 4" fails for < 1% of seeds (three empties)."""
   model_config = build_model_config(run_config.model, tokenizer)
   backend = EngineBackend(model_config, init_params(model_config, jax.random.key(0)),
-                          run_config.rollout, run_config.rl, tokenizer.eos_id, version="init")
-  generate = curation_generate(backend, tokenizer, TEMPLATE, seed=0)
+                          run_config.rollout, run_config.rl, tokenizer.eos_ids, version="init")
+  generate = curation_generate(backend, tokenizer, lambda t: encode_text(tokenizer, t), seed=0)
   questions = ["1+2=", "3-1="]
 
   sampled = generate(questions, 4, 1.0, 12)
   assert all(len(set(samples)) >= 3 for samples in sampled), sampled
 
   greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
-  direct = backend.generate([encode_prompt(tokenizer, q) for q in questions], [greedy] * 2)
+  direct = backend.generate([encode_text(tokenizer, q) for q in questions], [greedy] * 2)
   assert generate(questions, 3, 0.0, 12) == [[tokenizer.decode(c.output_ids)] * 3 for c in direct]
 
 
@@ -179,6 +181,6 @@ def test_backend_answer_count_is_checked(tokenizer):
     def generate(self, inputs, sampling):
       return [Completion(inputs[0], [tokenizer.eos_id], [0.0], stop_reason(tokenizer.eos_id))]
 
-  generate = curation_generate(OneAnswer(), tokenizer, TEMPLATE)
+  generate = curation_generate(OneAnswer(), tokenizer, lambda t: encode_text(tokenizer, t))
   with pytest.raises(RuntimeError, match="backend returned 1 completions for 6 requests"):
     generate(["1+2=", "3-1="], 3, 1.0, 4)
