@@ -75,7 +75,7 @@ def test_math_rl_from_an_hf_checkpoint_through_the_launcher(checkpoint, gsm8k_fi
   result = subprocess.run(
       [sys.executable, "-m", "launch.train_rl", f"--config={REPO}/experiments/math_rl.py:smoke",
        f"--config.init.checkpoint={checkpoint}", f"--config.data.train={train}",
-       f"--config.data.eval={heldout}", f"--workdir={workdir}"],
+       f"--config.data.eval={heldout}", f"--workdir={workdir}", "--config.rl.segment_tokens=16"],
       cwd=REPO, capture_output=True, text=True, timeout=1200)
   assert result.returncode == 0, result.stderr[-3000:]
   config = math_rl.get_config("smoke")
