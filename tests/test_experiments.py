@@ -20,7 +20,7 @@ VARIANTS = ([(rl_arith, v) for v in ("tiny", "tiny_nolp", "long_cot", "smoke", "
 def test_variant_is_valid_and_fits_its_data(module, variant):
   config = module.get_config(variant)
   validate_config(config)
-  task = build_task(config.task, None, config.seed)
+  task = build_task(config.task, seed=config.seed)
   tokenizer = char_tokenizer(task.charset)
   build_model_config(config.model, tokenizer)
   longest = max(len(example_from_ids(tokenizer, task.encode_prompt(tokenizer, p),

@@ -14,14 +14,18 @@ Baselines (static): "mean" = the group's mean reward r_bar (the paper's choice),
 = tau log(mean_j exp(r_j / tau)) over the group (the exact tau log Z estimator).
 
 Length normalisation (static): S_j and S_ref_j are both divided by the sample's number of
-counted tokens n_j = max(sum_t mask_jt, 1); rewards and baselines are not rescaled. The caller's
-`ref_logp_sum_B` is always the plain masked sum; this function normalises it.
+counted tokens n_j = max(sum_t mask_jt, 1); rewards and baselines are not rescaled.
+
+S_j - S_ref_j is summed token by token from the per-token log-probs under pi_theta_i: where
+they equal the current ones bit for bit (the first step, when both come from the same
+program), the difference is exactly 0 and so is the tau term's gradient. Subtracting two
+separately rounded sums would leave ~1e-7 of noise that moves the policy.
 """
 import jax
 import jax.numpy as jnp
 
 from kimi_jax.losses import groups
-from kimi_jax.losses.masking import loss_token_counts, mean_over_real_rows, sequence_logprob
+from kimi_jax.losses.masking import mean_over_real_rows, sequence_logprob
 
 BASELINES = ("mean", "log_mean_exp")
 
@@ -35,13 +39,14 @@ def group_baseline(rewards_B: jax.Array, group_ids_B: jax.Array, tau, baseline: 
   raise ValueError(f"baseline={baseline!r}: expected one of {BASELINES}")
 
 
-def mirror_descent_loss(logp_BxT, ref_logp_sum_B, rewards_B, mask_BxT, group_ids_B, tau,
+def mirror_descent_loss(logp_BxT, ref_logp_BxT, rewards_B, mask_BxT, group_ids_B, tau,
                         baseline: str = "mean", length_normalize: bool = False):
   """The k1.5 loss and its metrics.
 
   Args:
     logp_BxT: per-token log-probs of the targets under the current params (differentiated).
-    ref_logp_sum_B: S_ref, masked log-prob sums under pi_theta_i (treated as a constant).
+    ref_logp_BxT: per-token log-probs of the targets under pi_theta_i (a constant); summed
+      under the mask they are S_ref.
     rewards_B: scalar reward per sample.
     mask_BxT: per-token loss mask, 1 on response tokens that count.
     group_ids_B: prompt group of each sample, integers in [0, B) (see `groups`).
@@ -55,12 +60,10 @@ def mirror_descent_loss(logp_BxT, ref_logp_sum_B, rewards_B, mask_BxT, group_ids
     negated, `baseline`, `advantage_abs`, `pg_loss`, `tau_loss`, `seq_logp`.
   """
   seq_logp_B = sequence_logprob(logp_BxT, mask_BxT, length_normalize)
-  ref_B = jax.lax.stop_gradient(ref_logp_sum_B)
-  if length_normalize:
-    ref_B = ref_B / loss_token_counts(mask_BxT)
+  ref_logp_BxT = jax.lax.stop_gradient(ref_logp_BxT)
+  log_ratio_B = sequence_logprob(logp_BxT - ref_logp_BxT, mask_BxT, length_normalize)
   baseline_B = jax.lax.stop_gradient(group_baseline(rewards_B, group_ids_B, tau, baseline))
   advantage_B = rewards_B - baseline_B
-  log_ratio_B = seq_logp_B - ref_B
   pg_loss = -(advantage_B * seq_logp_B).mean()
   tau_loss = 0.5 * tau * (log_ratio_B**2).mean()
   loss = pg_loss + tau_loss

@@ -69,7 +69,6 @@ def run(config, workdir: str) -> dict:
 
   trainer = PolicyTrainer(mesh, shardings, model_config, rl, build_post_update(config.optimizer))
   sampling = SamplingParams(temperature=rl.temperature, stop_token_ids=tuple(tokenizer.eos_ids))
-  first = step
   with tqdm(desc="rl", initial=step, total=rl.iterations) as bar:
     while step < rl.iterations:
       state, metrics = rl_iteration(state, step, trainer, backend, sampling, sampler, buffer,
@@ -82,7 +81,7 @@ def run(config, workdir: str) -> dict:
         metrics.update(evaluate_with_config(backend, tokenizer, task, task.heldout,
                                             config.eval).as_dict("eval"))
       writer.write(step, metrics)
-      print_row(step, metrics, header=step == first + 1)
+      print_row(step, metrics, header=bar.n == bar.initial)
       if every_or_final(step, config.checkpoint.every, rl.iterations):
         checkpointer.save(step, _saved_tree(state), _extra_state(step, sampler, buffer))
       bar.update()

@@ -24,7 +24,7 @@ def _mean_over_real_rows(loss_fn):
 
 
 def _mirror_descent(logp_BxT, batch, tau, baseline, length_normalize):
-  return mirror_descent_loss(logp_BxT, batch["ref_logp_sum"], batch["rewards"], batch["loss_mask"],
+  return mirror_descent_loss(logp_BxT, batch["ref_logp"], batch["rewards"], batch["loss_mask"],
                              batch["group_ids"], tau, baseline=baseline,
                              length_normalize=length_normalize)
 

@@ -57,7 +57,7 @@ def run_tokenizer(config, task: Task) -> Tokenizer:
 def build_basics(config, workdir: str) -> Basics:
   """(task, tokenizer, model config, mesh) of a run; the tokenizer is saved in `workdir`."""
   os.makedirs(workdir, exist_ok=True)
-  task = build_task(config.task, config.get("data"), config.seed)
+  task = build_task(config.task, config.get("data"), seed=config.seed)
   tokenizer = run_tokenizer(config, task)
   tokenizer.save(os.path.join(workdir, "tokenizer"))
   if config.init.checkpoint:

@@ -9,7 +9,7 @@ from kimi_jax.data.tasks import build_task
 def references(direct: float, verify: float):
   config = get_config("tiny").task.copy_and_resolve_references()
   config.direct_answer_fraction, config.verify_fraction = direct, verify
-  task = build_task(config, None, seed=0)
+  task = build_task(config, seed=0)
   return [(p, task.reference_response(p)) for p in task.train]
 
 

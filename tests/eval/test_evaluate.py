@@ -50,7 +50,7 @@ class PlantedBackend(FakeBackend):
 
 @pytest.fixture(scope="module")
 def task():
-  return build_task(get_config("smoke").task, None, seed=0)
+  return build_task(get_config("smoke").task, seed=0)
 
 
 def test_planted_answers_give_known_metrics(task):

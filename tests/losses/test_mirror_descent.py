@@ -49,19 +49,19 @@ def policy():
   theta = rng.normal(size=(T, V))
   theta_ref = theta + 0.5 * rng.normal(size=(T, V))  # theta != theta_i: the tau term is live
   tokens = rng.integers(0, V, size=(B, T))
-  ref_logp = np_log_softmax(theta_ref)[np.arange(T), tokens]
-  return theta, tokens, (ref_logp * MASK).sum(-1)
+  return theta, tokens, np_log_softmax(theta_ref)[np.arange(T), tokens]
 
 
-def loss_of_theta(theta, tokens, ref_sum, tau, baseline, length_normalize=False):
-  loss, _ = mirror_descent_loss(token_logp(theta, tokens), ref_sum, REWARDS, MASK, GROUP_IDS,
+def loss_of_theta(theta, tokens, ref_logp, tau, baseline, length_normalize=False):
+  loss, _ = mirror_descent_loss(token_logp(theta, tokens), ref_logp, REWARDS, MASK, GROUP_IDS,
                                 tau, baseline=baseline, length_normalize=length_normalize)
   return loss
 
 
 @pytest.mark.parametrize("baseline", ["mean", "log_mean_exp"])
 def test_gradient_is_eq3_by_hand(policy, baseline):
-  theta, tokens, ref_sum = policy
+  theta, tokens, ref_logp = policy
+  ref_sum = (ref_logp * MASK).sum(-1)
   logp_TxV = np_log_softmax(theta)
   pi_TxV = np.exp(logp_TxV)
   seq_logp = (logp_TxV[np.arange(T), tokens] * MASK).sum(-1)
@@ -72,40 +72,41 @@ def test_gradient_is_eq3_by_hand(policy, baseline):
   # over the equal-size groups it is a mean over all B samples. It is an ascent direction.
   ascent = np.mean([grad_s[j] * (REWARDS[j] - b[j]) - TAU * (seq_logp[j] - ref_sum[j]) * grad_s[j]
                     for j in range(B)], axis=0)
-  grad = jax.grad(loss_of_theta)(theta, tokens, ref_sum, TAU, baseline)
+  grad = jax.grad(loss_of_theta)(theta, tokens, ref_logp, TAU, baseline)
   np.testing.assert_allclose(grad, -ascent, atol=F64_TOL)
 
 
 @pytest.mark.parametrize("baseline", ["mean", "log_mean_exp"])
 def test_gradient_is_squared_surrogate_over_2tau(policy, baseline):
-  theta, tokens, ref_sum = policy
+  theta, tokens, ref_logp = policy
+  ref_sum = (ref_logp * MASK).sum(-1)
 
   def surrogate(theta):
     s = (token_logp(theta, tokens) * MASK).sum(-1)
     b = jnp.asarray(np_group_baseline(REWARDS, GROUP_IDS, TAU, baseline))
     return jnp.mean((REWARDS - b - TAU * (s - ref_sum))**2)
 
-  np.testing.assert_allclose(jax.grad(loss_of_theta)(theta, tokens, ref_sum, TAU, baseline),
+  np.testing.assert_allclose(jax.grad(loss_of_theta)(theta, tokens, ref_logp, TAU, baseline),
                              jax.grad(surrogate)(theta) / (2 * TAU), atol=F64_TOL)
 
 
 def test_tau_term_has_zero_gradient_at_theta_i(policy):
-  theta, tokens, stale_ref_sum = policy
+  theta, tokens, stale_ref_logp = policy
   grad_fn = jax.grad(loss_of_theta)
-  at_theta_i = (token_logp(theta, tokens) * MASK).sum(-1)  # S_ref computed at theta itself
+  at_theta_i = token_logp(theta, tokens)  # reference log-probs computed at theta itself
   np.testing.assert_allclose(grad_fn(theta, tokens, at_theta_i, 5.0, "mean"),
                              grad_fn(theta, tokens, at_theta_i, 0.0, "mean"), atol=F64_TOL)
   # Control: away from theta_i the tau term does move the gradient.
-  gap = grad_fn(theta, tokens, stale_ref_sum, 5.0, "mean") - grad_fn(theta, tokens, stale_ref_sum,
-                                                                      0.0, "mean")
+  gap = grad_fn(theta, tokens, stale_ref_logp, 5.0, "mean") - grad_fn(
+      theta, tokens, stale_ref_logp, 0.0, "mean")
   assert np.abs(gap).max() > 1e-2
 
 
 def test_masked_tokens_get_zero_gradient(policy):
-  _, tokens, ref_sum = policy
+  _, tokens, ref_logp = policy
   logp = np.random.default_rng(1).normal(size=(B, T)) - 2.0
   for length_normalize in (False, True):
-    grad = jax.grad(lambda lp: mirror_descent_loss(lp, ref_sum, REWARDS, MASK, GROUP_IDS, TAU,
+    grad = jax.grad(lambda lp: mirror_descent_loss(lp, ref_logp, REWARDS, MASK, GROUP_IDS, TAU,
                                                    length_normalize=length_normalize)[0])(logp)
     assert np.all(grad[MASK == 0] == 0.0)
     assert np.all(grad[MASK == 1] != 0.0)
@@ -113,7 +114,8 @@ def test_masked_tokens_get_zero_gradient(policy):
 
 @pytest.mark.parametrize("baseline", ["mean", "log_mean_exp"])
 def test_length_normalized_loss_and_gradient_by_hand(policy, baseline):
-  _, _, ref_sum = policy
+  _, _, ref_logp = policy
+  ref_sum = (ref_logp * MASK).sum(-1)
   logp = np.random.default_rng(2).normal(size=(B, T)) - 2.0
   n = MASK.sum(-1)
   s_norm = (logp * MASK).sum(-1) / n
@@ -124,7 +126,7 @@ def test_length_normalized_loss_and_gradient_by_hand(policy, baseline):
   want_grad = (MASK / n[:, None]) * (-(REWARDS - b) + TAU * (s_norm - ref_norm))[:, None] / B
   loss_fn = functools.partial(mirror_descent_loss, baseline=baseline, length_normalize=True)
   (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(
-      logp, ref_sum, REWARDS, MASK, GROUP_IDS, TAU)
+      logp, ref_logp, REWARDS, MASK, GROUP_IDS, TAU)
   np.testing.assert_allclose(loss, want_loss, atol=F64_TOL)
   np.testing.assert_allclose(grad, want_grad, atol=F64_TOL)
   np.testing.assert_allclose(metrics["log_ratio"], np.mean(s_norm - ref_norm), atol=F64_TOL)
@@ -132,22 +134,35 @@ def test_length_normalized_loss_and_gradient_by_hand(policy, baseline):
 
 
 def test_padding_rows_add_nothing_and_metrics_skip_them(policy):
-  _, _, ref_sum = policy
+  _, _, ref_logp = policy
   logp = np.random.default_rng(3).normal(size=(B, T)) - 2.0
   pad = lambda x, value: np.concatenate([x, np.full((3,) + x.shape[1:], value, x.dtype)])
   # A whole padding group (id 2) of 3 rows with an all-zero mask and arbitrary rewards.
-  loss, metrics = mirror_descent_loss(logp, ref_sum, REWARDS, MASK, GROUP_IDS, TAU)
+  loss, metrics = mirror_descent_loss(logp, ref_logp, REWARDS, MASK, GROUP_IDS, TAU)
   padded_loss, padded_metrics = mirror_descent_loss(
-      pad(logp, -1.0), pad(ref_sum, 0.0), pad(REWARDS, 1.0), pad(MASK, 0.0), pad(GROUP_IDS, 2), TAU)
+      pad(logp, -1.0), pad(ref_logp, 0.0), pad(REWARDS, 1.0), pad(MASK, 0.0), pad(GROUP_IDS, 2), TAU)
   np.testing.assert_allclose(padded_loss * (B + 3) / B, loss, atol=F64_TOL)
   for name in ("log_ratio", "baseline", "advantage_abs", "seq_logp"):
     np.testing.assert_allclose(padded_metrics[name], metrics[name], atol=F64_TOL)
 
 
 def test_unknown_baseline_is_rejected(policy):
-  theta, tokens, ref_sum = policy
+  theta, tokens, ref_logp = policy
   with pytest.raises(ValueError, match="baseline='median'"):
-    loss_of_theta(theta, tokens, ref_sum, TAU, "median")
+    loss_of_theta(theta, tokens, ref_logp, TAU, "median")
+
+
+@pytest.mark.parametrize("length_normalize", [False, True])
+def test_reference_equal_to_the_policy_gives_exactly_zero_gradient_in_float32(length_normalize):
+  """Zero advantages and log-probs equal to the reference bit for bit: no gradient at all, not
+  round-off noise (sums of float32 rows in different orders would leave ~1e-7)."""
+  with jax.enable_x64(False):
+    logp = jnp.asarray(np.random.default_rng(4).normal(size=(B, T)) - 3.0, jnp.float32)
+    rewards = jnp.full((B,), 0.5, jnp.float32)  # equal rewards in every group: zero advantage
+    grad = jax.grad(lambda lp: mirror_descent_loss(
+        lp, logp, rewards, jnp.asarray(MASK, jnp.float32), GROUP_IDS, 50.0,
+        length_normalize=length_normalize)[0])(logp)
+    assert grad.dtype == jnp.float32 and np.all(np.asarray(grad) == 0.0)
 
 
 # --- Multi-armed bandit with a tabular softmax policy: S_j = log pi_theta(a_j). ---
@@ -156,12 +171,12 @@ def test_unknown_baseline_is_rejected(policy):
 def _fit_one_iteration(theta_i, arms_B, rewards_B, group_ids_B, tau, baseline, steps=3000,
                        learning_rate=1.0):
   """Gradient descent on one iteration's data from theta_i, with S_ref fixed at theta_i."""
-  ref_sum_B = jax.nn.log_softmax(theta_i)[arms_B]
+  ref_logp_Bx1 = jax.nn.log_softmax(theta_i)[arms_B][:, None]
   mask_Bx1 = jnp.ones((arms_B.shape[0], 1))
 
   def loss(theta):
     logp_Bx1 = jax.nn.log_softmax(theta)[arms_B][:, None]
-    return mirror_descent_loss(logp_Bx1, ref_sum_B, rewards_B, mask_Bx1, group_ids_B, tau,
+    return mirror_descent_loss(logp_Bx1, ref_logp_Bx1, rewards_B, mask_Bx1, group_ids_B, tau,
                                baseline=baseline)[0]
 
   return jax.lax.fori_loop(0, steps, lambda _, th: th - learning_rate * jax.grad(loss)(th),

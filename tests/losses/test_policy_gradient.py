@@ -102,7 +102,6 @@ def test_reinforce_gradient_is_mean_baselined_score(logps, length_normalize):
 
 def test_reinforce_is_mirror_descent_without_tau(logps):
   logp, old, _ = logps
-  ref_sum = (old * MASK).sum(-1)
   reinforce, _ = reinforce_loss(logp, REWARDS, MASK, GROUP_IDS)
-  mirror, _ = mirror_descent_loss(logp, ref_sum, REWARDS, MASK, GROUP_IDS, tau=0.0)
+  mirror, _ = mirror_descent_loss(logp, old, REWARDS, MASK, GROUP_IDS, tau=0.0)
   np.testing.assert_allclose(reinforce, mirror, atol=F64_TOL)
