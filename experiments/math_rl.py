@@ -35,6 +35,15 @@ def prompt_rl_config(domain: str, schema: str, reward: str,
   c.rollout.update(max_batch=256, max_seq_len=5120)
   c.eval.update(every=10, max_new_tokens=4096)
   c.checkpoint.every = 10
+  # launch.curate: pass rate over num_samples at temperature (difficulty = failed samples), the
+  # no-CoT guess filter, and CYaRon test generation for code rows without tests.
+  c.curation = ml_collections.ConfigDict(dict(
+      num_samples=10, temperature=1.0, max_new_tokens=4096, guess_tries=8,
+      guess_max_new_tokens=32,
+      guess_template="{question}\nGive only the final answer, without reasoning.",
+      min_pass_rate=0.0, max_pass_rate=1.0,
+      testgen=dict(num_cases=50, min_agreeing=7, min_passing=9, timeout_s=2.0, memory_mb=256,
+                   max_workers=8)))
   return c
 
 
@@ -49,6 +58,8 @@ def apply_size(c: ml_collections.ConfigDict, size: str) -> None:
     c.eval.update(every=1, max_new_tokens=8)
     c.checkpoint.every = 1
     c.metrics.tensorboard = False
+    c.curation.update(num_samples=4, max_new_tokens=8, guess_tries=2, guess_max_new_tokens=4)
+    c.curation.testgen.update(num_cases=4, min_agreeing=2, min_passing=2, max_workers=2)
   elif size == "qwen2_5_1_5b":
     pass
   elif size == "pod":
