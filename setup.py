@@ -29,6 +29,7 @@ EXTRAS = {
     "test": [
         "pytest==9.2.0",
         "chex==0.1.92",
+        "openai==3.57.0",
         "pytest-xdist==3.8.0",
         "torch==2.13.0",
         "transformers==5.24.0",

@@ -29,7 +29,7 @@ def per_second(fn, repeats: int = REPEATS) -> float:
 
 
 def report_state(it, label: str) -> None:
-  raw_bytes = it.table.success_N.nbytes + it.table.visits_N.nbytes
+  raw_bytes = it.table.success_P.nbytes + it.table.visits_P.nbytes
   encoded = json.dumps(it.get_state())
   restore = per_second(lambda: it.set_state(json.loads(encoded)), repeats=5)
   print(f"state ({label}): {len(encoded):,} bytes of JSON = {len(encoded) / raw_bytes:.2f}x "

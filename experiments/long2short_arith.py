@@ -43,13 +43,13 @@ def get_config(arg: str = "rl") -> ml_collections.ConfigDict:
       short_checkpoint="runs/l2s_shortest/hf",  # merge: a short-CoT partner of the same model
       merge_weight=0.5))
   # long2short RL: the penalty on from iteration 0 and 60% of the long model's max length.
-  c.rl.update(iterations=10, max_response_tokens=48, segment_tokens=48)
+  c.rl.update(iterations=10, max_response_tokens=48, segment_tokens=32)
   c.rl.length_penalty.update(weight=0.3, warmup_iterations=0)
   c.sampler.strategy = "uniform"
   if size == "smoke":
     c.long2short.update(num_prompts=16, num_samples=4)
     c.long2short.sft.update(steps=10, batch_size=8, seq_len=72, warmup_steps=2)
     c.long2short.dpo.update(steps=10, batch_size=4, seq_len=72, warmup_steps=2)
-    c.rl.update(iterations=2, max_response_tokens=24, segment_tokens=24)
+    c.rl.update(iterations=2, max_response_tokens=24, segment_tokens=16)
   c.lock()
   return c

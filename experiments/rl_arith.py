@@ -59,13 +59,13 @@ def base_config() -> ml_collections.ConfigDict:
       groups_per_minibatch=8,
       epochs=1,  # passes over the iteration's data; steps/iteration = epochs * minibatches
       max_response_tokens=56,
-      segment_tokens=56,  # < max_response_tokens turns partial rollouts on
+      segment_tokens=32,  # per iteration; < max_response_tokens: partial rollouts on (k1.5)
       train_old_segments=False,  # k1.5: earlier segments of older policies get no gradient
       repetition_ngram=4, repetition_count=4, repetition_penalty=-0.5,
       length_penalty=ml_collections.ConfigDict(dict(weight=0.2, warmup_iterations=10)),
       clip_eps=0.2))  # grpo only
 
-  # strategy: uniform | prioritized | switch_curriculum | gradual_curriculum (DESIGN.md 4).
+  # strategy: uniform | prioritized | switch_curriculum | gradual_curriculum.
   c.sampler = ml_collections.ConfigDict(dict(
       strategy="prioritized", epsilon=0.05, ema_rate=0.0, base="prioritized",
       switch_step=24, hard_level=4, start_level=1, steps_per_level=8))
@@ -91,7 +91,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.task.update(direct_answer_fraction=0.3, verify_fraction=0.7)
     c.rl.length_penalty.weight = 0.0
     c.sft.seq_len = 96
-    c.rl.update(max_response_tokens=80, segment_tokens=80)
+    c.rl.update(max_response_tokens=80, segment_tokens=48)
     c.rollout.max_seq_len = 96
     c.eval.max_new_tokens = 80
   elif arg == "smoke":
@@ -99,6 +99,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.sft.steps, c.sft.batch_size, c.sft.warmup_steps = 20, 16, 5
     c.rl.iterations, c.rl.prompts_per_iteration, c.rl.k = 3, 4, 4
     c.rl.groups_per_minibatch = 2
+    c.rl.segment_tokens = 24
     c.rl.length_penalty.warmup_iterations = 1
     c.eval.every = 2
     c.checkpoint.every = 1
@@ -108,7 +109,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
                    num_kv_heads=4, head_dim=64, dtype="bfloat16")
     c.task.levels, c.task.max_operand = (1, 2, 3, 4, 5, 6), 99
     c.rl.update(iterations=200, prompts_per_iteration=128, k=16, max_response_tokens=160,
-                segment_tokens=160)
+                segment_tokens=96)
     c.rollout.update(max_batch=512, max_seq_len=192)
     c.sft.seq_len = 192
     c.eval.max_new_tokens = 160

@@ -3,8 +3,11 @@
   python -m launch.serve --model_path=DIR --port=30000
 
 DIR holds config.json + *.safetensors (as written by `save_hf` or transformers) and, optionally,
-the HF tokenizer files (tokenizer.json enables `text` prompts and answers; the eos ids come from
-tokenizer_config.json, generation_config.json or config.json, and generation stops at any). Prints "serving <url>" once bound
+the HF tokenizer files (tokenizer.json enables `text` prompts, `text` in answers and stop strings;
+the eos ids come from tokenizer_config.json, generation_config.json or config.json, and generation
+stops at any); --tokenizer_path names another directory, as SGLang's --tokenizer-path does.
+Without a tokenizer the server answers like SGLang's --skip-tokenizer-init: token ids only.
+Prints "serving <url>" once bound
 (--port=0 picks a free port).
 """
 import asyncio
@@ -18,6 +21,8 @@ from kimi_jax.rollout.engine import RolloutEngine
 from kimi_jax.rollout.server import RolloutServer
 
 MODEL_PATH = flags.DEFINE_string("model_path", None, "HF directory: config.json + safetensors")
+TOKENIZER_PATH = flags.DEFINE_string("tokenizer_path", None,
+                                     "directory with tokenizer.json (default: --model_path)")
 HOST = flags.DEFINE_string("host", "127.0.0.1", "interface to bind")
 PORT = flags.DEFINE_integer("port", 30000, "port to bind (0 = any free port)")
 MAX_BATCH = flags.DEFINE_integer("max_batch", 64, "rows decoded together")
@@ -28,15 +33,20 @@ REPETITION_NGRAM = flags.DEFINE_integer("repetition_ngram", 0, "loop period boun
 REPETITION_COUNT = flags.DEFINE_integer("repetition_count", 0, "repeats that stop a sample")
 
 
-def build_server(model_path: str) -> RolloutServer:
+def build_server(model_path: str, tokenizer_path: str | None = None) -> RolloutServer:
   config, params = load_hf(model_path)
-  tokenizer = (load_tokenizer(model_path)
-               if os.path.exists(os.path.join(model_path, TOKENIZER_FILE)) else None)
+  if tokenizer_path is not None:
+    tokenizer = load_tokenizer(tokenizer_path)
+  elif os.path.exists(os.path.join(model_path, TOKENIZER_FILE)):
+    tokenizer = load_tokenizer(model_path)
+  else:
+    tokenizer = None
   eos = {config.eos_token_id, *([] if tokenizer is None else tokenizer.eos_ids)} - {None}
   engine = RolloutEngine(config, params, max_batch=MAX_BATCH.value, max_seq_len=MAX_SEQ_LEN.value,
                          eos_token_ids=sorted(eos), weight_version=WEIGHT_VERSION.value,
                          repetition_ngram=REPETITION_NGRAM.value,
-                         repetition_count=REPETITION_COUNT.value, chunk_steps=CHUNK_STEPS.value)
+                         repetition_count=REPETITION_COUNT.value, chunk_steps=CHUNK_STEPS.value,
+                         detokenize=None if tokenizer is None else tokenizer.decode)
   return RolloutServer(engine, tokenizer=tokenizer, model_path=model_path)
 
 
@@ -54,7 +64,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not MODEL_PATH.value:
     raise app.UsageError("--model_path is required")
-  asyncio.run(serve(build_server(MODEL_PATH.value)))
+  asyncio.run(serve(build_server(MODEL_PATH.value, TOKENIZER_PATH.value)))
 
 
 if __name__ == "__main__":

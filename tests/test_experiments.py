@@ -2,7 +2,7 @@
 import pytest
 
 from experiments import long2short_arith, long_context_arith, rl_arith
-from kimi_jax.data.sft import example_from_ids
+from kimi_jax.data.packing import example_from_ids
 from kimi_jax.data.tasks import build_task
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.training.rl import validate_config
@@ -43,3 +43,19 @@ def test_paper_dpo_has_no_chosen_nll_term_and_rpo_is_its_named_variant():
     assert dpo.long2short.method == rpo.long2short.method == "dpo"
     assert dpo.long2short.dpo.chosen_nll_weight == 0.0  # k1.5 2.4: plain DPO
     assert rpo.long2short.dpo.chosen_nll_weight == 1.0
+
+
+@pytest.mark.parametrize("module,variant", VARIANTS,
+                         ids=[f"{m.__name__.split('.')[-1]}:{v}" for m, v in VARIANTS])
+def test_every_rl_variant_runs_partial_rollouts(module, variant):
+  rl = module.get_config(variant).rl
+  assert rl.segment_tokens < rl.max_response_tokens  # k1.5 2.6.2: on wherever RL runs
+  assert not rl.train_old_segments  # the paper's choice: older segments get no gradient
+
+
+def test_sgd_learning_rate_times_tau_is_bounded_and_named():
+  config = rl_arith.get_config("tiny")
+  with config.unlocked():
+    config.rl.tau = 10.0  # lr 5e-3 x 10: the tau term overshoots
+  with pytest.raises(ValueError, match=r"config.rl.tau=10.0: with SGD, optimizer.learning_rate"):
+    validate_config(config)

@@ -63,8 +63,8 @@ def test_packages_form_no_cycle():
     ("from kimi_jax.training import rl", ["kimi_jax.training.rl"]),
     ("import kimi_jax.rollout.engine", ["kimi_jax.rollout.engine"]),
     ("from ..rollout import types", ["kimi_jax.rollout.types"]),
-    ("from . import metrics", ["kimi_jax.eval.metrics"]),
-    ("from .metrics import summarize", ["kimi_jax.eval.metrics.summarize"]),
+    ("from . import summary", ["kimi_jax.eval.summary"]),
+    ("from .summary import summarize", ["kimi_jax.eval.summary.summarize"]),
     ("import numpy", []),
 ])
 def test_imported_modules_resolves_absolute_and_relative_imports(source, expected):

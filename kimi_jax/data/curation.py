@@ -1,4 +1,4 @@
-"""Prompt curation (k1.5 section 2.1, DESIGN.md section 4): easy-to-hack filters and difficulty.
+"""Prompt curation (k1.5 section 2.1): easy-to-hack filters and difficulty.
 
 Order: text filters (multiple-choice, true/false, proof; free), then the guess filter (the model
 answers without chain of thought, `guess_tries` samples; a prompt is dropped if any is correct),

@@ -11,7 +11,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from kimi_jax.data import images
-from kimi_jax.data.sft import ChatTemplate, encode_prompt
+from kimi_jax.data.packing import ChatTemplate, encode_prompt
 from kimi_jax.data.sources import Prompt
 
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"

@@ -198,25 +198,25 @@ def smart_resize(height: int, width: int, processing: ImageProcessing) -> tuple[
 def normalized_pixels(image: PIL.Image.Image, processing: ImageProcessing) -> np.ndarray:
   """float32 [C, H, W]: the RGB image resized (bicubic), rescaled to [0, 1] and normalized."""
   height, width = smart_resize(image.height, image.width, processing)
-  resized_HxWxC = np.asarray(image.resize((width, height), PIL.Image.Resampling.BICUBIC))
-  unit_HxWxC = resized_HxWxC.astype(np.float64) / 255.0
-  normalized = (unit_HxWxC - np.array(processing.image_mean)) / np.array(processing.image_std)
+  resized_YxXxC = np.asarray(image.resize((width, height), PIL.Image.Resampling.BICUBIC))
+  unit_YxXxC = resized_YxXxC.astype(np.float64) / 255.0
+  normalized = (unit_YxXxC - np.array(processing.image_mean)) / np.array(processing.image_std)
   return normalized.transpose(2, 0, 1).astype(np.float32)
 
 
-def patchify(frames_FxCxHxW: np.ndarray, processing: ImageProcessing) -> tuple[np.ndarray, tuple]:
+def patchify(frames_ZxCxYxX: np.ndarray, processing: ImageProcessing) -> tuple[np.ndarray, tuple]:
   """Flattened patches [t * h * w, C * T * P * P] in merge-window order, and (t, h, w).
 
   F frames (a multiple of T = temporal_patch_size) of H x W pixels (multiples of
   patch_size * merge_size).
   """
-  num_frames, channels, height, width = frames_FxCxHxW.shape
+  num_frames, channels, height, width = frames_ZxCxYxX.shape
   p, m, t = processing.patch_size, processing.merge_size, processing.temporal_patch_size
   if num_frames % t or height % (p * m) or width % (p * m):
-    raise ValueError(f"frames {frames_FxCxHxW.shape}: need frames % {t} == 0 and sides "
+    raise ValueError(f"frames {frames_ZxCxYxX.shape}: need frames % {t} == 0 and sides "
                      f"multiples of {p * m}")
   grid = (num_frames // t, height // p, width // p)
-  blocks = frames_FxCxHxW.reshape(grid[0], t, channels, grid[1] // m, m, p, grid[2] // m, m, p)
+  blocks = frames_ZxCxYxX.reshape(grid[0], t, channels, grid[1] // m, m, p, grid[2] // m, m, p)
   # (grid t, window row, window col, row in window, col in window, C, frame, pixel row, pixel col)
   blocks = blocks.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
   return blocks.reshape(math.prod(grid), channels * t * p * p), grid
@@ -224,8 +224,8 @@ def patchify(frames_FxCxHxW: np.ndarray, processing: ImageProcessing) -> tuple[n
 
 def preprocess_image(source: ImageSource, processing: ImageProcessing = ImageProcessing()):
   """(patches float32 [t*h*w, C*T*P*P], (t, h, w)) of one still image."""
-  pixels_CxHxW = normalized_pixels(decode_image(source), processing)
-  frames = np.broadcast_to(pixels_CxHxW, (processing.temporal_patch_size, *pixels_CxHxW.shape))
+  pixels_CxYxX = normalized_pixels(decode_image(source), processing)
+  frames = np.broadcast_to(pixels_CxYxX, (processing.temporal_patch_size, *pixels_CxYxX.shape))
   return patchify(frames, processing)
 
 

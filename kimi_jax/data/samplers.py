@@ -1,4 +1,4 @@
-"""Feedback-driven prompt sampling as a parentless Grain IterDataset (DESIGN.md section 4).
+"""Feedback-driven prompt sampling as a parentless Grain IterDataset.
 
 `PromptSampler` yields, per step, this process's slice of a global batch of prompts. The global
 batch is drawn i.i.d. with replacement from weights given by a `Strategy`, with an rng seeded
@@ -30,13 +30,13 @@ import numpy as np
 
 from kimi_jax.data.sources import Prompt
 
-NO_DIFFICULTY = -1  # difficulty_N entry of a prompt without one
+NO_DIFFICULTY = -1  # difficulty_P entry of a prompt without one
 
 
 class Strategy(Protocol):
   needs_difficulty: bool
 
-  def weights(self, success_N: np.ndarray, difficulty_N: np.ndarray, step: int) -> np.ndarray:
+  def weights(self, success_P: np.ndarray, difficulty_P: np.ndarray, step: int) -> np.ndarray:
     """Non-negative, unnormalised sampling weight of every prompt at `step`."""
 
 
@@ -44,8 +44,8 @@ class Strategy(Protocol):
 class Uniform:
   needs_difficulty = False
 
-  def weights(self, success_N, difficulty_N, step):
-    return np.ones_like(success_N)
+  def weights(self, success_P, difficulty_P, step):
+    return np.ones_like(success_P)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +53,8 @@ class Prioritized:
   epsilon: float = 0.05  # floor so solved prompts are still drawn now and then
   needs_difficulty = False
 
-  def weights(self, success_N, difficulty_N, step):
-    return (1.0 - success_N) + self.epsilon
+  def weights(self, success_P, difficulty_P, step):
+    return (1.0 - success_P) + self.epsilon
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +63,10 @@ class SwitchSchedule:
   switch_step: int
   hard_level: int
 
-  def allowed(self, step: int, difficulty_N: np.ndarray) -> np.ndarray:
+  def allowed(self, step: int, difficulty_P: np.ndarray) -> np.ndarray:
     if step < self.switch_step:
-      return np.ones(difficulty_N.shape, bool)
-    return difficulty_N >= self.hard_level
+      return np.ones(difficulty_P.shape, bool)
+    return difficulty_P >= self.hard_level
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +75,8 @@ class GradualSchedule:
   start_level: int
   steps_per_level: int
 
-  def allowed(self, step: int, difficulty_N: np.ndarray) -> np.ndarray:
-    return difficulty_N <= self.start_level + step // self.steps_per_level
+  def allowed(self, step: int, difficulty_P: np.ndarray) -> np.ndarray:
+    return difficulty_P <= self.start_level + step // self.steps_per_level
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +86,9 @@ class Curriculum:
   base: Uniform | Prioritized = Uniform()
   needs_difficulty = True
 
-  def weights(self, success_N, difficulty_N, step):
-    allowed_N = self.schedule.allowed(step, difficulty_N)
-    return self.base.weights(success_N, difficulty_N, step) * allowed_N
+  def weights(self, success_P, difficulty_P, step):
+    allowed_P = self.schedule.allowed(step, difficulty_P)
+    return self.base.weights(success_P, difficulty_P, step) * allowed_P
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -161,34 +161,34 @@ def _table_column(values: list, dtype, length: int, name: str) -> np.ndarray:
 
 
 class SuccessTable:
-  """Per-prompt success rate s_N and visit count (see the module docstring for the rule)."""
+  """Per-prompt success rate s_P and visit count (see the module docstring for the rule)."""
 
   def __init__(self, num_prompts: int, ema_rate: float):
     if not 0.0 <= ema_rate <= 1.0:
       raise ValueError(f"ema_rate must be in [0, 1], got {ema_rate}")
     self.ema_rate = ema_rate
-    self.success_N = np.zeros(num_prompts, np.float64)
-    self.visits_N = np.zeros(num_prompts, np.int64)
+    self.success_P = np.zeros(num_prompts, np.float64)
+    self.visits_P = np.zeros(num_prompts, np.int64)
 
-  def update(self, index_M: np.ndarray, rewards_M: np.ndarray) -> None:
+  def update(self, index_B: np.ndarray, rewards_B: np.ndarray) -> None:
     """One visit for each distinct index; its reward is the mean over its entries."""
-    outside_M = ~((rewards_M >= 0.0) & (rewards_M <= 1.0))
-    if outside_M.any():
-      raise ValueError(f"rewards must lie in [0, 1], got {rewards_M[outside_M][:5]}")
-    unique_U, inverse_M = np.unique(index_M, return_inverse=True)
-    mean_U = np.bincount(inverse_M, rewards_M) / np.bincount(inverse_M)
-    self.visits_N[unique_U] += 1
-    rate_U = np.maximum(1.0 / self.visits_N[unique_U], self.ema_rate)
-    self.success_N[unique_U] += rate_U * (mean_U - self.success_N[unique_U])
+    outside_B = ~((rewards_B >= 0.0) & (rewards_B <= 1.0))
+    if outside_B.any():
+      raise ValueError(f"rewards must lie in [0, 1], got {rewards_B[outside_B][:5]}")
+    unique_U, inverse_B = np.unique(index_B, return_inverse=True)
+    mean_U = np.bincount(inverse_B, rewards_B) / np.bincount(inverse_B)
+    self.visits_P[unique_U] += 1
+    rate_U = np.maximum(1.0 / self.visits_P[unique_U], self.ema_rate)
+    self.success_P[unique_U] += rate_U * (mean_U - self.success_P[unique_U])
 
   def state(self) -> dict[str, list]:
     """Plain lists: JSON writes floats with repr, which reads back bit-exactly."""
-    return {"success": self.success_N.tolist(), "visits": self.visits_N.tolist()}
+    return {"success": self.success_P.tolist(), "visits": self.visits_P.tolist()}
 
   def restore(self, state: Mapping[str, list]) -> None:
-    n = len(self.success_N)
-    self.success_N = _table_column(state["success"], np.float64, n, "success")
-    self.visits_N = _table_column(state["visits"], np.int64, n, "visits")
+    n = len(self.success_P)
+    self.success_P = _table_column(state["success"], np.float64, n, "success")
+    self.visits_P = _table_column(state["visits"], np.int64, n, "visits")
 
 
 class PromptSampler(grain.IterDataset):
@@ -212,7 +212,7 @@ class PromptSampler(grain.IterDataset):
     if len(self.index_of) != len(self.prompts):
       repeated = sorted(i for i, n in collections.Counter(p.id for p in self.prompts).items() if n > 1)
       raise ValueError(f"prompt ids are not unique: {repeated[:5]}")
-    self.difficulty_N = np.array([NO_DIFFICULTY if p.difficulty is None else p.difficulty
+    self.difficulty_P = np.array([NO_DIFFICULTY if p.difficulty is None else p.difficulty
                                   for p in self.prompts], np.int64)
     missing = [p.id for p in self.prompts if p.difficulty is None]
     if strategy.needs_difficulty and missing:
@@ -240,13 +240,13 @@ class SamplerIterator(grain.DatasetIterator):
   def _draw(self, step: int) -> np.ndarray:
     """Prompt indices of the global batch at `step` under the current table."""
     s = self._sampler
-    weights_N = s.strategy.weights(self.table.success_N, s.difficulty_N, step)
-    total = weights_N.sum()
-    if not (np.all(weights_N >= 0) and np.isfinite(total) and total > 0):
+    weights_P = s.strategy.weights(self.table.success_P, s.difficulty_P, step)
+    total = weights_P.sum()
+    if not (np.all(weights_P >= 0) and np.isfinite(total) and total > 0):
       raise ValueError(f"step {step}: {type(s.strategy).__name__} gives no drawable prompt "
                        f"(weight total {total})")
     rng = np.random.default_rng([s.seed, step])
-    return rng.choice(len(weights_N), size=s.global_batch_size, p=weights_N / total)
+    return rng.choice(len(weights_P), size=s.global_batch_size, p=weights_P / total)
 
   def __next__(self) -> list[Prompt]:
     self._assert_not_closed()
@@ -261,14 +261,14 @@ class SamplerIterator(grain.DatasetIterator):
 
     Every process must make the same calls, or their tables (and batches) diverge.
     """
-    rewards_M = np.asarray(rewards, np.float64).reshape(-1)
-    if len(prompt_ids) != len(rewards_M):
-      raise ValueError(f"{len(prompt_ids)} prompt ids but {len(rewards_M)} rewards")
+    rewards_B = np.asarray(rewards, np.float64).reshape(-1)
+    if len(prompt_ids) != len(rewards_B):
+      raise ValueError(f"{len(prompt_ids)} prompt ids but {len(rewards_B)} rewards")
     unknown = [i for i in prompt_ids if i not in self._sampler.index_of]
     if unknown:
       raise KeyError(f"unknown prompt ids: {unknown[:5]}")
-    index_M = np.array([self._sampler.index_of[i] for i in prompt_ids], np.int64)
-    self.table.update(index_M, rewards_M)
+    index_B = np.array([self._sampler.index_of[i] for i in prompt_ids], np.int64)
+    self.table.update(index_B, rewards_B)
 
   def get_state(self) -> dict[str, Any]:
     return {"step": self.step, "fingerprint": self._sampler.fingerprint, **self.table.state()}

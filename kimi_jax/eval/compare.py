@@ -15,7 +15,7 @@ from kimi_jax.data.corpus import corpus_documents
 from kimi_jax.data.tokenizer import load_tokenizer
 from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.eval.lm_loss import corpus_loss_by_position
-from kimi_jax.eval.metrics import EvalResult
+from kimi_jax.eval.summary import EvalResult
 from kimi_jax.metrics.plots import plot_checkpoint_comparison, plot_series
 from kimi_jax.model.config import with_execution
 from kimi_jax.rollout.backends import build_backend

@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from kimi_jax.eval.metrics import EvalResult, summarize
+from kimi_jax.eval.summary import EvalResult, summarize
 from kimi_jax.rewards.registry import REGISTRY
 from kimi_jax.rollout.types import SamplingParams
 

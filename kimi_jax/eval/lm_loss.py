@@ -7,7 +7,7 @@ position bucket [edges[i], edges[i + 1]).
 import jax
 import numpy as np
 
-from kimi_jax.data.sft import Example, pack
+from kimi_jax.data.packing import Example, pack
 from kimi_jax.model.logprobs import token_logprobs
 
 

@@ -1,4 +1,4 @@
-"""The k1.5 online mirror-descent policy loss (DESIGN.md section 2, paper eq. 3).
+"""The k1.5 online mirror-descent policy loss (paper eq. 3).
 
 With S_j the response log-prob of sample j under the current params, S_ref_j the same under
 the params pi_theta_i of this iteration's rollouts (computed once, before any update) and b_j

@@ -2,7 +2,8 @@
 
 Masks are built from positions (a key is visible when its position <= the query's and, for
 packed rows, it is in the same segment), so the same kernels serve the full forward, packed
-batches and the KV-cache decode path (cache slot index == position).
+batches, the KV-cache decode path (cache slot index == position) and, with all positions equal,
+bidirectional attention within segments (the vision tower).
 """
 import functools
 
@@ -25,23 +26,23 @@ def causal_mask(q_pos_BxT, k_pos_BxS, q_seg_BxT=None, k_seg_BxS=None) -> jax.Arr
   return mask[:, None]
 
 
-def _grouped_scores(q_BxTxHxD, k_BxSxKxD, mask_Bx1xTxS):
+def _grouped_scores(q_BxTxHxA, k_BxSxKxA, mask_Bx1xTxS):
   """Scaled logits [B, K, G, T, S] in float32, masked entries at -inf-like."""
-  b, t, h, d = q_BxTxHxD.shape
-  kv = k_BxSxKxD.shape[2]
-  q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
+  b, t, h, d = q_BxTxHxA.shape
+  kv = k_BxSxKxA.shape[2]
+  q_BxTxKxQxA = q_BxTxHxA.reshape(b, t, kv, h // kv, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxQxA, k_BxSxKxA,
                       preferred_element_type=jnp.float32) * (d ** -0.5)
   return jnp.where(mask_Bx1xTxS[:, :, None], scores, _NEG_INF)
 
 
-def _per_head_max(scores_BxKxGxTxS) -> jax.Array:
-  return scores_BxKxGxTxS.max(axis=(0, 3, 4)).reshape(-1)  # [H], head = k * G + g
+def _per_head_max(scores_BxKxQxTxS) -> jax.Array:
+  return scores_BxKxQxTxS.max(axis=(0, 3, 4)).reshape(-1)  # [H], head = k * G + g
 
 
-def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1xTxS):
+def dot_product_attention(q_BxTxHxA, k_BxSxKxA, v_BxSxKxA, mask_Bx1xTxS):
   """Attention through `jax.nn.dot_product_attention` (fused where the backend allows)."""
-  return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask_Bx1xTxS)
+  return jax.nn.dot_product_attention(q_BxTxHxA, k_BxSxKxA, v_BxSxKxA, mask=mask_Bx1xTxS)
 
 
 def _pad_to_blocks(x, block, axis):
@@ -51,62 +52,79 @@ def _pad_to_blocks(x, block, axis):
   return jnp.pad(x, widths)
 
 
-def _query_blocks(q_BxTxHxD, q_pos_BxT, q_seg_BxT, block):
+def _query_blocks(q_BxTxHxA, q_pos_BxT, q_seg_BxT, block):
   """Split queries (and their positions/segments) into [num_blocks, B, block, ...] slices.
 
   Padded query rows get position -1, so they see no key and are dropped afterwards.
   """
-  b, t, h, d = q_BxTxHxD.shape
+  b, t, h, d = q_BxTxHxA.shape
   split = lambda x: x.reshape(b, -1, block, *x.shape[2:]).swapaxes(0, 1)
-  q_blocks = split(_pad_to_blocks(q_BxTxHxD, block, 1))
+  q_blocks = split(_pad_to_blocks(q_BxTxHxA, block, 1))
   pos_blocks = split(jnp.pad(q_pos_BxT, ((0, 0), (0, (-t) % block)), constant_values=-1))
   seg_blocks = None if q_seg_BxT is None else split(_pad_to_blocks(q_seg_BxT, block, 1))
   return q_blocks, pos_blocks, seg_blocks
 
 
-def blockwise_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, k_pos_BxS, q_seg_BxT,
+def blockwise_attention(q_BxTxHxA, k_BxSxKxA, v_BxSxKxA, q_pos_BxT, k_pos_BxS, q_seg_BxT,
                         k_seg_BxS, block_size: int):
   """Attention computed one query block at a time under remat.
 
   Each block materialises only its [block, S] scores and mask (built from positions), and the
   backward pass recomputes them, so memory grows linearly with sequence length.
   """
-  b, t, h, d = q_BxTxHxD.shape
+  b, t, h, d = q_BxTxHxA.shape
   block = min(block_size, t)
 
   @jax.checkpoint
   def one_block(args):
     q_blk, pos_blk, seg_blk = args
     mask = causal_mask(pos_blk, k_pos_BxS, seg_blk, k_seg_BxS)
-    probs = jax.nn.softmax(_grouped_scores(q_blk, k_BxSxKxD, mask), axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_BxSxKxD.dtype), v_BxSxKxD)
+    probs = jax.nn.softmax(_grouped_scores(q_blk, k_BxSxKxA, mask), axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_BxSxKxA.dtype), v_BxSxKxA)
     return out.reshape(b, block, h, d)
 
-  out = jax.lax.map(one_block, _query_blocks(q_BxTxHxD, q_pos_BxT, q_seg_BxT, block))
+  out = jax.lax.map(one_block, _query_blocks(q_BxTxHxA, q_pos_BxT, q_seg_BxT, block))
   return out.swapaxes(0, 1).reshape(b, -1, h, d)[:, :t]
 
 
-def max_attention_logits(q_BxTxHxD, k_BxSxKxD, q_pos_BxT, k_pos_BxS, q_seg_BxT, k_seg_BxS,
+def max_attention_logits(q_BxTxHxA, k_BxSxKxA, q_pos_BxT, k_pos_BxS, q_seg_BxT, k_seg_BxS,
                          block_size: int) -> jax.Array:
   """Per-head max of the scaled q.k logit over valid pairs, [H], blockwise in memory."""
-  block = min(block_size, q_BxTxHxD.shape[1])
+  block = min(block_size, q_BxTxHxA.shape[1])
 
   def one_block(args):
     q_blk, pos_blk, seg_blk = args
     mask = causal_mask(pos_blk, k_pos_BxS, seg_blk, k_seg_BxS)
-    return _per_head_max(_grouped_scores(q_blk, k_BxSxKxD, mask))
+    return _per_head_max(_grouped_scores(q_blk, k_BxSxKxA, mask))
 
-  per_block = jax.lax.map(one_block, _query_blocks(q_BxTxHxD, q_pos_BxT, q_seg_BxT, block))
+  per_block = jax.lax.map(one_block, _query_blocks(q_BxTxHxA, q_pos_BxT, q_seg_BxT, block))
   return jax.lax.stop_gradient(per_block.max(axis=0))
 
 
+def segment_attention(q_BxTxHxA, k_BxTxKxA, v_BxTxKxA, segment_ids_BxT, impl: str,
+                      block_size: int):
+  """Bidirectional attention within segments (a token sees every token of its segment and
+  none outside), through the causal kernels with every position 0."""
+  zeros_BxT = jnp.zeros(segment_ids_BxT.shape, jnp.int32)
+  if impl == "blockwise":
+    return blockwise_attention(q_BxTxHxA, k_BxTxKxA, v_BxTxKxA, zeros_BxT, zeros_BxT,
+                               segment_ids_BxT, segment_ids_BxT, block_size)
+  mask = causal_mask(zeros_BxT, zeros_BxT, segment_ids_BxT, segment_ids_BxT)
+  return dot_product_attention(q_BxTxHxA, k_BxTxKxA, v_BxTxKxA, mask)
+
+
 class Attention(nn.Module):
-  """GQA self-attention with RoPE, optional QKV bias and q/k-norm, optional KV cache."""
+  """GQA self-attention with RoPE, optional QKV bias and q/k-norm, optional KV cache.
+
+  `positions_BxT` order the sequence (causal mask, cache slots); `rope_positions` rotate q/k:
+  None means `positions_BxT`, else [B, T] or M-RoPE's [3, B, T].
+  """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, kv_cache, return_max_logits):
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, kv_cache, return_max_logits,
+               rope_positions=None):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     b, t, _ = x_BxTxD.shape
@@ -118,8 +136,10 @@ class Attention(nn.Module):
     if cfg.qk_norm:
       q = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="q_norm")(q)
       k = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="k_norm")(k)
-    q = constrain(rotary_embedding(q, positions_BxT, cfg.rope_theta), ("batch", "length", "act_heads", None))
-    k = rotary_embedding(k, positions_BxT, cfg.rope_theta)
+    rope_positions = positions_BxT if rope_positions is None else rope_positions
+    q = rotary_embedding(q, rope_positions, cfg.rope_theta, cfg.mrope_section)
+    q = constrain(q, ("batch", "length", "act_heads", None))
+    k = rotary_embedding(k, rope_positions, cfg.rope_theta, cfg.mrope_section)
 
     if kv_cache is None:
       keys, values, k_pos, k_seg, q_seg = k, v, positions_BxT, segment_ids_BxT, segment_ids_BxT

@@ -1,6 +1,7 @@
-"""Building blocks shared by the decoder: RMSNorm, rotary embeddings, SwiGLU MLP."""
+"""Building blocks shared by the decoder and the vision tower: norms, rotary embeddings, MLPs."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from kimi_jax.sharding.rules import constrain
@@ -26,6 +27,26 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
+class LayerNorm(nn.Module):
+  """torch-style LayerNorm (biased variance, two-pass): normalise in float32, then scale + bias."""
+
+  eps: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    features = (x.shape[-1],)
+    scale = self.param("scale", _partitioned(nn.initializers.ones, ("norm",)), features,
+                       self.param_dtype)
+    bias = self.param("bias", _partitioned(nn.initializers.zeros, ("norm",)), features,
+                      self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps)
+    return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
 class Dense(nn.Module):
   """x @ kernel (+ bias) with a logically-partitioned (in, out) kernel."""
 
@@ -47,17 +68,39 @@ class Dense(nn.Module):
     return y
 
 
-def rotary_embedding(x_BxTxNxD: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
-  """Rotate-half RoPE as in HF Llama/Qwen (first and second halves pair up)."""
-  head_dim = x_BxTxNxD.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles_BxTxHalf = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+def inverse_frequencies(rotary_dim: int, theta: float) -> jax.Array:
+  """theta^(-2i / rotary_dim) for i < rotary_dim / 2, float32."""
+  return 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+
+
+def rotary_angles(positions, head_dim: int, theta: float, mrope_section=None) -> jax.Array:
+  """Rotation angles [B, T, head_dim // 2]: 1D RoPE for positions [B, T]; M-RoPE for 3-row
+  positions [3, B, T] (temporal, height, width), where angle block i of `mrope_section` takes
+  row i, so equal rows give 1D RoPE."""
+  angles = positions.astype(jnp.float32)[..., None] * inverse_frequencies(head_dim, theta)
+  if positions.ndim == 2:
+    return angles
+  if mrope_section is None:
+    raise ValueError(f"3-row positions {positions.shape} need an mrope_section")
+  blocks = jnp.split(angles, np.cumsum(mrope_section)[:-1], axis=-1)
+  return jnp.concatenate([block[row] for row, block in enumerate(blocks)], axis=-1)
+
+
+def apply_rotary(x_BxTxHxA: jax.Array, angles_BxTxHalf: jax.Array) -> jax.Array:
+  """Rotate-half RoPE as in HF Llama/Qwen (first and second halves pair up), in float32."""
   cos = jnp.cos(angles_BxTxHalf)[:, :, None, :]
   sin = jnp.sin(angles_BxTxHalf)[:, :, None, :]
-  x32 = x_BxTxNxD.astype(jnp.float32)
+  x32 = x_BxTxHxA.astype(jnp.float32)
   first, second = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-  return rotated.astype(x_BxTxNxD.dtype)
+  return rotated.astype(x_BxTxHxA.dtype)
+
+
+def rotary_embedding(x_BxTxHxA: jax.Array, positions_BxT: jax.Array, theta: float,
+                     mrope_section=None) -> jax.Array:
+  """RoPE at positions [B, T], or M-RoPE at 3-row positions [3, B, T] with `mrope_section`."""
+  angles = rotary_angles(positions_BxT, x_BxTxHxA.shape[-1], theta, mrope_section)
+  return apply_rotary(x_BxTxHxA, angles)
 
 
 class SwiGLU(nn.Module):

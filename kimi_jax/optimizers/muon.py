@@ -1,6 +1,6 @@
 """Muon (momentum orthogonalised by Newton-Schulz) as optax GradientTransformations.
 
-For a Muon matrix W with A input and B output features (DESIGN.md section 7):
+For a Muon matrix W with A input and B output features:
 
   M_t = beta M_{t-1} + g_t,   N_t = beta M_t + g_t (Nesterov) or M_t,   O_t = NS(N_t)
   W  <- W - lr (s O_t + wd W),   s = rms sqrt(max(A, B)) (Moonlight) or sqrt(max(1, B / A))

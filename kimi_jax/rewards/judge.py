@@ -1,4 +1,4 @@
-"""Chain-of-thought reward model (DESIGN.md section 8) and the example type every reward model
+"""Chain-of-thought reward model and the example type every reward model
 grades.
 
 `JUDGE_PROMPT_TEMPLATE` asks a judge LM, through any `generate(prompts, max_new_tokens) ->

@@ -1,4 +1,4 @@
-"""The k1.5 length reward (DESIGN.md section 3), host side in numpy.
+"""The k1.5 length reward, host side in numpy.
 
 Within one prompt group of k responses with lengths in tokens: if all lengths are equal every
 response gets 0; otherwise lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len), a correct
@@ -26,14 +26,14 @@ def _as_vectors(lengths, correct, group_ids=None):
   return lengths.astype(np.float64), correct
 
 
-def length_reward(lengths_K, correct_K) -> np.ndarray:
+def length_reward(lengths_N, correct_N) -> np.ndarray:
   """Length reward of the k responses of one prompt, float64 [K]."""
-  lengths_K, correct_K = _as_vectors(lengths_K, correct_K)
-  shortest, longest = lengths_K.min(), lengths_K.max()
+  lengths_N, correct_N = _as_vectors(lengths_N, correct_N)
+  shortest, longest = lengths_N.min(), lengths_N.max()
   if longest == shortest:
-    return np.zeros_like(lengths_K)
-  lambda_K = 0.5 - (lengths_K - shortest) / (longest - shortest)
-  return np.where(correct_K, lambda_K, np.minimum(0.0, lambda_K))
+    return np.zeros_like(lengths_N)
+  lambda_N = 0.5 - (lengths_N - shortest) / (longest - shortest)
+  return np.where(correct_N, lambda_N, np.minimum(0.0, lambda_N))
 
 
 def grouped_length_reward(lengths_B, correct_B, group_ids_B) -> np.ndarray:

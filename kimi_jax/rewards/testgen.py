@@ -3,7 +3,7 @@
 A generator program (model-written, so untrusted) reads one integer seed on stdin and prints one
 test input, typically with CYaRon (`import cyaron`). It runs for seeds 0..num_cases-1; failed
 runs are dropped and duplicate inputs kept once. Every ground-truth solution then runs on every
-input. k1.5 rule (DESIGN.md section 8), with its defaults of 50 cases and 10 solutions:
+input. k1.5 rule, with its defaults of 50 cases and 10 solutions:
 - keep a case if at least `min_agreeing` (7) solutions print the same output (same
   whitespace-separated tokens); that majority output becomes the expected output;
 - keep the problem if at least `min_passing` (9) solutions pass every kept case (judged like the

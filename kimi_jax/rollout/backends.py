@@ -33,7 +33,7 @@ class RolloutBackend(Protocol):
     """Free accelerator memory (weights, KV cache) while the trainer runs on the same chips."""
 
   def resume(self) -> None:
-    """Take the memory back after `release`; `sync` then restores the weights."""
+    """Take the memory back after `release`, the weights served before it included."""
 
   def close(self) -> None:
     """Stop for good (connections, event loops)."""
@@ -56,10 +56,10 @@ class EngineBackend:
     self.engine.update_weights(params, version)
 
   def release(self) -> None:
-    self.engine.release_memory()
+    self.engine.release_memory(keep_weights=False)  # `sync` brings the trainer's weights
 
   def resume(self) -> None:
-    self.engine.resume_memory()
+    self.engine.resume_memory(["kv_cache"])
 
   def close(self) -> None:
     pass

@@ -15,10 +15,11 @@ from flax import struct
 
 from kimi_jax.model import ModelConfig, decode_lm, init_kv_cache
 from kimi_jax.rollout.repetition import repeated_loop
-from kimi_jax.rollout.sampling import request_key_data, row_keys, sample_tokens
+from kimi_jax.rollout.sampling import (penalized_logits, request_key_data, row_keys,
+                                       sample_tokens)
 
 # Per-row finish codes, set on device when a row's request stops.
-RUNNING, STOPPED, LENGTH, REPEATED = 0, 1, 2, 3
+ROW_RUNNING, ROW_STOPPED, ROW_FULL, ROW_REPEATED = 0, 1, 2, 3
 
 
 @struct.dataclass
@@ -35,7 +36,12 @@ class BatchState:
   top_k_B: jax.Array
   min_p_B: jax.Array
   key_data_Bx2: jax.Array
-  stop_ids_BxK: jax.Array  # padded with -1
+  stop_ids_BxJ: jax.Array  # padded with -1
+  min_new_B: jax.Array  # stop ids are suppressed until this many tokens are out
+  repetition_B: jax.Array
+  frequency_B: jax.Array
+  presence_B: jax.Array
+  counts_BxV: jax.Array  # output tokens of the row's request, by id (for the penalties)
 
 
 class Admission(NamedTuple):
@@ -52,15 +58,19 @@ class Admission(NamedTuple):
   seed_lo_R: jax.Array  # uint32 halves of the 64-bit seed
   seed_hi_R: jax.Array
   sample_index_R: jax.Array
-  stop_ids_RxK: jax.Array
+  stop_ids_RxJ: jax.Array
+  min_new_R: jax.Array
+  repetition_R: jax.Array
+  frequency_R: jax.Array
+  presence_R: jax.Array
 
 
 class Emitted(NamedTuple):
   """What a decode chunk produced, step-major: tokens, log-probs and emission mask [C, B]."""
 
-  tokens_CxB: jax.Array
-  logprobs_CxB: jax.Array
-  emitted_CxB: jax.Array
+  tokens_IxB: jax.Array
+  logprobs_IxB: jax.Array
+  emitted_IxB: jax.Array
   finish_B: jax.Array
 
 
@@ -76,7 +86,20 @@ def init_batch_state(config: ModelConfig, max_batch: int, max_seq_len: int,
       temperature_B=zeros(jnp.float32), top_p_B=jnp.ones((b,), jnp.float32),
       top_k_B=zeros(jnp.int32), min_p_B=zeros(jnp.float32),
       key_data_Bx2=jnp.zeros((b, 2), jnp.uint32),
-      stop_ids_BxK=jnp.full((b, max_stop_ids), -1, jnp.int32))
+      stop_ids_BxJ=jnp.full((b, max_stop_ids), -1, jnp.int32), min_new_B=zeros(jnp.int32),
+      repetition_B=jnp.ones((b,), jnp.float32), frequency_B=zeros(jnp.float32),
+      presence_B=zeros(jnp.float32), counts_BxV=jnp.zeros((b, config.vocab_size), jnp.int32))
+
+
+def _penalize(state: BatchState, logits_BxV):
+  """Penalties and min_new_tokens; a batch whose active rows use neither skips the work."""
+  holding_B = state.num_generated_B < state.min_new_B
+  needed = jnp.any(state.active_B & (holding_B | (state.repetition_B != 1)
+                                     | (state.frequency_B != 0) | (state.presence_B != 0)))
+  suppress_BxJ = jnp.where(holding_B[:, None], state.stop_ids_BxJ, -1)
+  return jax.lax.cond(
+      needed, penalized_logits, lambda logits, *_: logits, logits_BxV, state.counts_BxV,
+      state.repetition_B, state.frequency_B, state.presence_B, suppress_BxJ)
 
 
 def _record(state: BatchState, logits_BxV, budget, ngram: int, count: int):
@@ -85,20 +108,21 @@ def _record(state: BatchState, logits_BxV, budget, ngram: int, count: int):
   emit_B = state.active_B & (jnp.cumsum(state.active_B) <= budget)
   next_position_B = state.position_B + 1
   tokens_B, logprobs_B = sample_tokens(
-      logits_BxV, state.temperature_B, state.top_p_B, state.top_k_B, state.min_p_B,
+      _penalize(state, logits_BxV), state.temperature_B, state.top_p_B, state.top_k_B, state.min_p_B,
       row_keys(state.key_data_Bx2, next_position_B))
   write_at_B = jnp.where(emit_B, next_position_B, s)  # out of range -> dropped
   history_BxS = state.history_BxS.at[jnp.arange(b), write_at_B].set(tokens_B, mode="drop")
   position_B = jnp.where(emit_B, next_position_B, state.position_B)
   num_generated_B = state.num_generated_B + emit_B
-  stopped_B = jnp.any(tokens_B[:, None] == state.stop_ids_BxK, axis=1)
+  stopped_B = jnp.any(tokens_B[:, None] == state.stop_ids_BxJ, axis=1)
   repeated_B = repeated_loop(history_BxS, position_B, num_generated_B, ngram, count)
   full_B = (num_generated_B >= state.max_new_B) | (position_B >= s - 1)
-  code_B = jnp.select([stopped_B, repeated_B, full_B], [STOPPED, REPEATED, LENGTH], RUNNING)
-  finished_B = emit_B & (code_B != RUNNING)
+  code_B = jnp.select([stopped_B, repeated_B, full_B], [ROW_STOPPED, ROW_REPEATED, ROW_FULL], ROW_RUNNING)
+  finished_B = emit_B & (code_B != ROW_RUNNING)
+  counts_BxV = state.counts_BxV.at[jnp.arange(b), tokens_B].add(emit_B.astype(jnp.int32))
   state = state.replace(
       history_BxS=history_BxS, position_B=position_B, num_generated_B=num_generated_B,
-      active_B=state.active_B & ~finished_B,
+      counts_BxV=counts_BxV, active_B=state.active_B & ~finished_B,
       finish_B=jnp.where(finished_B, code_B, state.finish_B))
   return state, (tokens_B, logprobs_B, emit_B), budget - jnp.sum(emit_B)
 
@@ -122,13 +146,17 @@ def prefill(config: ModelConfig, params, state: BatchState, admission: Admission
   return state.replace(
       kv_cache=kv_cache, history_BxS=put(state.history_BxS, prompts_RxS),
       position_B=put(state.position_B, a.lengths_R - 1), active_B=put(state.active_B, True),
-      finish_B=put(state.finish_B, RUNNING), num_generated_B=put(state.num_generated_B, 0),
+      finish_B=put(state.finish_B, ROW_RUNNING), num_generated_B=put(state.num_generated_B, 0),
       max_new_B=put(state.max_new_B, a.max_new_R),
       temperature_B=put(state.temperature_B, a.temperature_R), top_p_B=put(state.top_p_B, a.top_p_R),
       top_k_B=put(state.top_k_B, a.top_k_R), min_p_B=put(state.min_p_B, a.min_p_R),
       key_data_Bx2=put(state.key_data_Bx2,
                        request_key_data(a.seed_lo_R, a.seed_hi_R, a.sample_index_R)),
-      stop_ids_BxK=put(state.stop_ids_BxK, a.stop_ids_RxK))
+      stop_ids_BxJ=put(state.stop_ids_BxJ, a.stop_ids_RxJ), min_new_B=put(state.min_new_B, a.min_new_R),
+      repetition_B=put(state.repetition_B, a.repetition_R),
+      frequency_B=put(state.frequency_B, a.frequency_R),
+      presence_B=put(state.presence_B, a.presence_R),
+      counts_BxV=put(state.counts_BxV, jnp.zeros((r, state.counts_BxV.shape[1]), jnp.int32)))
 
 
 def decode_chunk(config: ModelConfig, params, state: BatchState, release_B, budget, exit_when_free,

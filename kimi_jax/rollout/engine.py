@@ -20,14 +20,17 @@ import jax
 import numpy as np
 
 from kimi_jax.model import ModelConfig
-from kimi_jax.rollout import batch_state
-from kimi_jax.rollout.batch_state import LENGTH, REPEATED, RUNNING, STOPPED, Admission
+from kimi_jax.rollout import batch_state, scoring
+from kimi_jax.rollout.batch_state import (ROW_FULL, ROW_REPEATED, ROW_RUNNING, ROW_STOPPED,
+                                         Admission)
 from kimi_jax.rollout.types import (REPETITION_MATCH, Completion, SamplingParams, abort_reason,
                                     length_reason, stop_reason)
 
 __all__ = ["Completion", "RolloutEngine", "SamplingParams", "Update"]
 
 _NO_BUDGET = 2 ** 30
+# What `release_memory` can drop from the device (SGLang's memory-occupation tags).
+MEMORY_TAGS = ("kv_cache", "weights")
 _MIN_PROMPT_BUCKET = 8
 
 
@@ -50,6 +53,24 @@ class _Request:
   stop_ids: tuple[int, ...]
   output_ids: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[float] = dataclasses.field(default_factory=list)
+
+
+def _specs(params) -> dict:
+  return {jax.tree_util.keystr(p): (np.shape(x), np.result_type(x))
+          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _delete(tree) -> None:
+  for x in jax.tree_util.tree_leaves(tree):
+    x.delete()
+
+
+def _memory_tags(tags) -> tuple[str, ...]:
+  tags = MEMORY_TAGS if tags is None else tuple(tags)
+  unknown = sorted(set(tags) - set(MEMORY_TAGS))
+  if unknown:
+    raise ValueError(f"'tags': unknown memory tags {unknown}; expected some of {MEMORY_TAGS}")
+  return tags
 
 
 def _bucket(n: int, minimum: int, cap: int) -> int:
@@ -82,6 +103,9 @@ class RolloutEngine:
       (default max_batch // 8, at least 1).
     max_stop_ids: stop ids per request (stop_token_ids + eos), a fixed device shape.
     seed: draws the seeds of requests that give none.
+    detokenize: token ids -> text; needed by requests with `stop` strings, which are matched
+      on the host in the decoded output after each chunk (the sample ends at the token that
+      completes the match, finish reason {"type": "stop", "matched": <string>}).
     device: where params and the batch live (default: the first device).
   """
 
@@ -89,7 +113,8 @@ class RolloutEngine:
                eos_token_ids: Sequence[int] = (), weight_version: str = "0",
                repetition_ngram: int = 0, repetition_count: int = 0, chunk_steps: int = 16,
                prefill_tokens: int = 2048, refill_rows: int | None = None, max_stop_ids: int = 8,
-               seed: int = 0, device=None):
+               seed: int = 0, detokenize: Callable[[list[int]], str] | None = None,
+               device=None):
     if max_batch < 1:
       raise ValueError(f"max_batch={max_batch}: must be >= 1")
     if max_seq_len < 2:
@@ -109,21 +134,31 @@ class RolloutEngine:
     self.weight_version = str(weight_version)
     self.refill_rows = refill_rows or max(1, max_batch // 8)
     self.max_stop_ids = max_stop_ids
+    self.detokenize = detokenize
+    self.seed = seed
     self._device = device or jax.devices()[0]
     self._params = self._own_copy(params)
-    self._state = self._init_state()
+    self._param_specs = _specs(self._params)
+    self._host_params = None  # the weights while released with a host copy
+    self._state = self._fresh_state()
     self._traces = collections.Counter()
     self._decode_steps = 0
     stopping = dict(ngram=repetition_ngram, count=repetition_count)
     self._prefill = self._jit("prefill", functools.partial(batch_state.prefill, config))
     self._decode = self._jit("decode", functools.partial(
         batch_state.decode_chunk, config, num_steps=chunk_steps, **stopping))
+    self._score = jax.jit(functools.partial(scoring.token_scores, config),
+                          static_argnames=("top_k",))
     self._seed_rng = np.random.default_rng(seed)
     self._queue: collections.deque[_Request] = collections.deque()
     self._rows: list[_Request | None] = [None] * max_batch
     self._release_B = np.zeros(max_batch, bool)
     self._finished_at_submit: list[Update] = []
     self._next_uid = 0
+
+  def _fresh_state(self) -> batch_state.BatchState:
+    return jax.device_put(batch_state.init_batch_state(
+        self.config, self.max_batch, self.max_seq_len, self.max_stop_ids), self._device)
 
   def _jit(self, name: str, fn: Callable):
     def counted(*args):
@@ -184,41 +219,84 @@ class RolloutEngine:
   def update_weights(self, params, weight_version: str) -> None:
     """Swap in new parameters (same tree, shapes and dtypes); nothing recompiles."""
     new = _plain_tree(params)
-    old_paths = jax.tree_util.tree_flatten_with_path(self._params)[0]
-    new_paths = jax.tree_util.tree_flatten_with_path(new)[0]
-    old_specs = {jax.tree_util.keystr(p): (x.shape, x.dtype) for p, x in old_paths}
-    new_specs = {jax.tree_util.keystr(p): (np.shape(x), np.result_type(x)) for p, x in new_paths}
+    old_specs, new_specs = self._param_specs, _specs(new)
     if old_specs != new_specs:
       diff = sorted(k for k in old_specs.keys() | new_specs.keys()
                     if old_specs.get(k) != new_specs.get(k))
       raise ValueError(f"update_weights: params differ from the engine's in {diff[:5]} "
                        f"(ours {[old_specs.get(k) for k in diff[:5]]}, "
                        f"given {[new_specs.get(k) for k in diff[:5]]})")
+    if self._params is not None:
+      _delete(self._params)
     self._params = self._own_copy(new)
+    self._host_params = None
     self.weight_version = str(weight_version)
 
-  @property
-  def released(self) -> bool:
-    return self._state is None
-
-  def release_memory(self) -> None:
-    """Free the device weights and KV cache (e.g. while a colocated trainer runs); shapes and
-    compiled programs are kept. `resume_memory` re-allocates the cache; the next
-    `update_weights` brings weights back."""
-    if self.has_work:
-      raise RuntimeError("release_memory() needs an idle engine; requests are still running")
-    self._params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._params)
-    self._state = None
-
-  def resume_memory(self) -> None:
-    """Re-allocate the KV cache freed by `release_memory`."""
+  def score(self, token_ids: Sequence[int], temperature: float = 1.0, top_n: int = 0,
+            ids: Sequence[int] = ()) -> tuple[np.ndarray, ...]:
+    """Position t's next-token log-probs under the served weights, for t < len(token_ids):
+    (logp of token_ids[t + 1] [T] (last entry meaningless), top-`top_n` log-probs and ids
+    [T, top_n], log-probs of `ids` [T, len(ids)]). Padded shapes are powers of two, so few
+    programs compile."""
     if self.released:
-      self._state = self._init_state()
+      raise ValueError(f"engine memory {list(self.released)} is released: resume it first")
+    t = len(token_ids)
+    bad = [i for i in list(token_ids) + list(ids) if not 0 <= i < self.config.vocab_size]
+    if bad or not 0 < t <= self.max_seq_len:
+      raise ValueError(f"score: {t} tokens (max_seq_len {self.max_seq_len}), ids outside "
+                       f"[0, {self.config.vocab_size}): {bad[:5]}")
+    tokens = np.zeros(self._prompt_bucket(t), np.int32)
+    tokens[:t] = token_ids
+    padded_ids = np.zeros(_bucket(len(ids), 1, 1 << 30), np.int32)
+    padded_ids[:len(ids)] = ids
+    top_k = min(self.config.vocab_size, _bucket(top_n, 1, 1 << 30))
+    next_logp, top_logp, top_ids, ids_logp = jax.device_get(self._score(
+        self._params, tokens, np.float32(temperature if temperature > 0 else 1.0), padded_ids,
+        top_k=top_k))
+    return next_logp[:t], top_logp[:t, :top_n], top_ids[:t, :top_n], ids_logp[:t, :len(ids)]
 
-  def _init_state(self):
-    return jax.device_put(batch_state.init_batch_state(self.config, self.max_batch,
-                                                       self.max_seq_len, self.max_stop_ids),
-                          self._device)
+  # ---- hybrid deployment: give the device to a trainer between rollouts ----
+
+  @property
+  def released(self) -> tuple[str, ...]:
+    """Memory tags currently off the device."""
+    return tuple(t for t, held in zip(MEMORY_TAGS, (self._state, self._params)) if held is None)
+
+  @property
+  def device_bytes(self) -> int:
+    """Bytes of device memory the engine holds (weights + KV cache and batch state)."""
+    held = [t for t in (self._params, self._state) if t is not None]
+    return sum(x.nbytes for x in jax.tree_util.tree_leaves(held))
+
+  def release_memory(self, tags: Sequence[str] = MEMORY_TAGS, *, keep_weights: bool = True):
+    """Free the device buffers of `tags` (an idle engine only); compiled programs are kept.
+
+    keep_weights: copy the weights to host memory first so `resume_memory` restores them;
+      without it the weights come back through `update_weights` (which also resumes them).
+    """
+    tags = _memory_tags(tags)
+    if self.has_work:
+      raise ValueError("release_memory_occupation needs an idle engine: "
+                       f"{self.num_running} running, {self.num_queued} queued")
+    if "kv_cache" in tags and self._state is not None:
+      _delete(self._state)
+      self._state = None
+    if "weights" in tags and self._params is not None:
+      self._host_params = jax.device_get(self._params) if keep_weights else None
+      _delete(self._params)
+      self._params = None
+
+  def resume_memory(self, tags: Sequence[str] = MEMORY_TAGS) -> None:
+    """Put the buffers of released `tags` back on the device (the KV cache starts empty)."""
+    tags = _memory_tags(tags)
+    if "weights" in tags and self._params is None:
+      if self._host_params is None:
+        raise ValueError("resume_memory_occupation: the weights were released without a host "
+                         "copy; load new ones with update_weights")
+      self._params = jax.device_put(self._host_params, self._device)
+      self._host_params = None
+    if "kv_cache" in tags and self._state is None:
+      self._state = self._fresh_state()
 
   def _own_copy(self, params):
     """A private copy on our device: the trainer may donate (delete) the buffers it passed."""
@@ -229,14 +307,17 @@ class RolloutEngine:
   def submit(self, prompts: Sequence[Sequence[int]],
              sampling: SamplingParams | Sequence[SamplingParams]) -> list[int]:
     """Queue `n` samples per prompt; returns their ids grouped [p0 x n, p1 x n, ...]."""
-    if self.released or isinstance(jax.tree.leaves(self._params)[0], jax.ShapeDtypeStruct):
-      raise RuntimeError("the engine's memory is released: resume_memory() and update_weights() "
-                         "before submitting")
     per_prompt = ([sampling] * len(prompts) if isinstance(sampling, SamplingParams)
                   else list(sampling))
     if len(per_prompt) != len(prompts):
       raise ValueError(f"sampling: {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+    if self.released:
+      raise ValueError(f"engine memory {list(self.released)} is released: resume it first")
     checked = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
+    for i, sp in enumerate(per_prompt):
+      if sp.stop and self.detokenize is None:
+        raise ValueError(f"sampling[{i}].stop: stop strings need a tokenizer; this engine has "
+                         "none (use stop_token_ids)")
     stops = [self._stop_ids(i, sp) for i, sp in enumerate(per_prompt)]
     uids = []
     for prompt_ids, sp, stop_ids in zip(checked, per_prompt, stops):
@@ -343,43 +424,74 @@ class RolloutEngine:
         seed_lo_R=column([q.seed & 0xFFFFFFFF for q in requests], np.uint32),
         seed_hi_R=column([(q.seed >> 32) & 0xFFFFFFFF for q in requests], np.uint32),
         sample_index_R=column([q.sample_index for q in requests], np.uint32),
-        stop_ids_RxK=stop_ids)
+        stop_ids_RxJ=stop_ids, min_new_R=column([s.min_new_tokens for s in sp], np.int32),
+        repetition_R=np.array([s.repetition_penalty for s in sp] + [1.0] * (r - len(sp)),
+                              np.float32),
+        frequency_R=column([s.frequency_penalty for s in sp], np.float32),
+        presence_R=column([s.presence_penalty for s in sp], np.float32))
 
   def _absorb(self, emitted: batch_state.Emitted) -> list[Update]:
     """Append a decode chunk's tokens to their requests; complete the requests that finished."""
-    tokens_CxB, logprobs_CxB, emitted_CxB, finish_B = jax.device_get(emitted)
-    self._decode_steps += int(emitted_CxB.any(axis=1).sum())  # every step emits for some row
+    tokens_IxB, logprobs_IxB, emitted_IxB, finish_B = jax.device_get(emitted)
+    self._decode_steps += int(emitted_IxB.any(axis=1).sum())  # every step emits for some row
     updates = []
     for row, request in enumerate(self._rows):
       if request is None:
         continue
-      mask_C = emitted_CxB[:, row]
-      new_ids = tokens_CxB[mask_C, row].tolist()
-      new_logprobs = logprobs_CxB[mask_C, row].tolist()
+      mask_I = emitted_IxB[:, row]
+      new_ids = tokens_IxB[mask_I, row].tolist()
+      new_logprobs = logprobs_IxB[mask_I, row].tolist()
+      code = int(finish_B[row])
+      stop_at = self._stop_string_end(request, new_ids)
+      if stop_at is not None:  # the device row ran on past the match: release it
+        new_ids, new_logprobs = new_ids[:stop_at[0]], new_logprobs[:stop_at[0]]
+        self._release_B[row] = code == ROW_RUNNING
       request.output_ids += new_ids
       request.logprobs += new_logprobs
-      code = int(finish_B[row])
       completion = None
-      if code != RUNNING:
-        completion = self._complete(request, self._finish_reason(code, request))
+      if stop_at is not None:
+        completion = self._complete(request, stop_reason(stop_at[1]))
+        self._rows[row] = None
+      elif code != ROW_RUNNING:
+        completion = self._complete(request, self._finish_reason(code, request),
+                                    repetition=code == ROW_REPEATED)
         self._rows[row] = None
       if new_ids or completion:
         updates.append(Update(request.uid, new_ids, new_logprobs, completion))
     return updates
 
+  def _stop_string_end(self, request: _Request, new_ids: list[int]) -> tuple[int, str] | None:
+    """(tokens of `new_ids` kept, matched string) if a stop string completes in `new_ids`.
+
+    The earliest completing token wins; no match counts before min_new_tokens outputs.
+    """
+    stops = request.sampling.stop
+    if not stops or not new_ids:
+      return None
+    ids = request.output_ids + new_ids
+    if not any(s in self.detokenize(ids) for s in stops):
+      return None
+    first = max(len(request.output_ids), request.sampling.min_new_tokens - 1)
+    for end in range(first + 1, len(ids) + 1):
+      text = self.detokenize(ids[:end])
+      for s in stops:
+        if s in text:
+          return end - len(request.output_ids), s
+    return None
+
   @staticmethod
   def _finish_reason(code: int, request: _Request) -> dict:
-    if code == STOPPED:
+    if code == ROW_STOPPED:
       return stop_reason(request.output_ids[-1])
-    if code == REPEATED:
+    if code == ROW_REPEATED:
       return stop_reason(REPETITION_MATCH)
-    assert code == LENGTH, code
+    assert code == ROW_FULL, code
     return length_reason(len(request.output_ids))
 
-  def _complete(self, request: _Request, finish_reason: dict) -> Completion:
+  def _complete(self, request: _Request, finish_reason: dict,
+                repetition: bool = False) -> Completion:
     return Completion(request.prompt_ids, request.output_ids, request.logprobs, finish_reason,
-                      repetition=finish_reason.get("matched") == REPETITION_MATCH,
-                      weight_version=self.weight_version)
+                      repetition=repetition, weight_version=self.weight_version)
 
   # ---- batch API ----
 

@@ -111,7 +111,7 @@ def new_groups(prompts, encode: Callable[[Prompt], list[int]], k: int, first_gro
 
 
 def _is_finished(trajectory: Trajectory, finish_reason: dict, limits: RolloutLimits) -> bool:
-  if finish_reason["type"] == "stop":
+  if finish_reason["type"] == STOP:
     return True
   return len(trajectory.response_ids) >= limits.max_response_tokens  # truncated for good
 

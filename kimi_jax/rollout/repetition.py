@@ -41,14 +41,14 @@ def first_loop_end(response_ids: Sequence[int], ngram: int, count: int, start: i
   stop = len(response_ids) if stop is None else stop
   if ngram == 0 or stop < window:
     return None
-  tokens_N = np.asarray(response_ids[:stop])
-  ends_E = np.arange(max(start + 1, window), stop + 1)  # candidate prefix lengths
-  periodic_E = np.zeros(len(ends_E), bool)
+  tokens_T = np.asarray(response_ids[:stop])
+  ends_T = np.arange(max(start + 1, window), stop + 1)  # candidate prefix lengths
+  periodic_T = np.zeros(len(ends_T), bool)
   for period in range(1, ngram + 1):
-    # mismatch_C[i]: how many i' < i have tokens[i'] != tokens[i' + period].
-    mismatch_C = np.concatenate([[0], np.cumsum(tokens_N[period:] != tokens_N[:-period])])
+    # mismatch_T[i]: how many i' < i have tokens[i'] != tokens[i' + period].
+    mismatch_T = np.concatenate([[0], np.cumsum(tokens_T[period:] != tokens_T[:-period])])
     # A window [e - window, e) has period p iff tokens[i] == tokens[i + p] for i in
     # [e - window, e - p).
-    periodic_E |= mismatch_C[ends_E - period] == mismatch_C[ends_E - window]
-  hits = np.flatnonzero(periodic_E)
-  return int(ends_E[hits[0]]) if len(hits) else None
+    periodic_T |= mismatch_T[ends_T - period] == mismatch_T[ends_T - window]
+  hits = np.flatnonzero(periodic_T)
+  return int(ends_T[hits[0]]) if len(hits) else None

@@ -22,6 +22,25 @@ def request_key_data(seed_lo_B, seed_hi_B, sample_index_B) -> jax.Array:
   return jax.vmap(one)(seed_lo_B, seed_hi_B, sample_index_B)
 
 
+def penalized_logits(logits_BxV, counts_BxV, repetition_B, frequency_B, presence_B,
+                     suppress_BxK) -> jax.Array:
+  """SGLang's penalties on raw logits, from each row's output-token counts.
+
+  Repetition (multiplicative, tokens seen in the output): logit / p where logit > 0, else
+  logit * p. Frequency and presence (additive): logit - f * count - p * (count > 0).
+  `suppress_BxK` lists token ids that get -inf (min_new_tokens holds back the stop ids);
+  entries outside [0, V) are ignored.
+  """
+  b, vocab = logits_BxV.shape
+  seen_BxV = counts_BxV > 0
+  scale_BxV = jnp.where(seen_BxV, repetition_B[:, None], 1.0)
+  logits_BxV = jnp.where(logits_BxV > 0, logits_BxV / scale_BxV, logits_BxV * scale_BxV)
+  logits_BxV = (logits_BxV - frequency_B[:, None] * counts_BxV
+                - presence_B[:, None] * seen_BxV.astype(logits_BxV.dtype))
+  suppress_BxK = jnp.where((suppress_BxK >= 0) & (suppress_BxK < vocab), suppress_BxK, vocab)
+  return logits_BxV.at[jnp.arange(b)[:, None], suppress_BxK].set(-jnp.inf, mode="drop")
+
+
 def log_probs(logits_BxV: jax.Array, temperature_B: jax.Array) -> jax.Array:
   """log_softmax(logits / T) per row; greedy rows (T = 0) use T = 1."""
   scale_B = jnp.where(temperature_B > 0, temperature_B, 1.0)

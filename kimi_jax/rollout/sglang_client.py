@@ -211,8 +211,9 @@ class SGLangClient:
   async def load(self, url: str) -> int:
     """Requests running or waiting on `url` (/v1/loads, else /get_load)."""
     path, body = await self._get_json_with_fallback(url, ("/v1/loads", "/get_load"))
-    if path == "/v1/loads":
-      return int(body["aggregate"]["total_reqs"])
+    if path == "/v1/loads":  # per-rank counts (sglang 0.5.23 sends no "aggregate")
+      return sum(int(rank["num_running_reqs"]) + int(rank["num_waiting_reqs"])
+                 for rank in body["loads"])
     if isinstance(body, dict):  # older SGLang: {"load": N}
       return int(body["load"])
     return sum(int(rank["num_reqs"]) for rank in body)
@@ -228,12 +229,16 @@ class SGLangClient:
         raise RuntimeError(f"{url}{path}: {_error_message(status, text)}")
     await asyncio.gather(*(post(u) for u in self.urls))
 
-  async def release_memory_occupation(self) -> None:
-    """Every server frees its weights and KV cache (SGLang's colocated-training hook)."""
-    await self._post_everywhere("/release_memory_occupation", {})
+  async def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+    """Every server drops `tags` ("kv_cache", "weights"; None: all) from device memory
+    (hybrid deployment: the trainer gets the accelerator while rollouts are idle)."""
+    await self._post_everywhere("/release_memory_occupation",
+                                {} if tags is None else {"tags": list(tags)})
 
-  async def resume_memory_occupation(self) -> None:
-    await self._post_everywhere("/resume_memory_occupation", {})
+  async def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+    """Undo `release_memory_occupation` for `tags` (None: all)."""
+    await self._post_everywhere("/resume_memory_occupation",
+                                {} if tags is None else {"tags": list(tags)})
 
   async def wait_until_idle(self, poll_s: float = 0.05, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s

@@ -1,6 +1,6 @@
 """Request and result types shared by the engine, the server and the SGLang client.
 
-Field names and meanings follow SGLang's native API (DESIGN.md section 6).
+Field names and meanings follow SGLang's native API.
 """
 import dataclasses
 import operator
@@ -24,6 +24,13 @@ class SamplingParams:
   n: int = 1
   seed: int | None = None
   ignore_eos: bool = False
+  stop: tuple[str, ...] = ()  # stop strings, matched in the decoded output
+  min_new_tokens: int = 0  # stop ids (and stop strings) are suppressed before this many tokens
+  repetition_penalty: float = 1.0  # output tokens seen: logit / p if > 0 else logit * p
+  frequency_penalty: float = 0.0  # logit -= f * count in output
+  presence_penalty: float = 0.0  # logit -= p * (count in output > 0)
+  no_stop_trim: bool = False  # keep the matched stop string in the returned text
+  skip_special_tokens: bool = True  # for the returned text
 
   def __post_init__(self):
     def require(ok, field, why):
@@ -36,6 +43,14 @@ class SamplingParams:
     require(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
     require(self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0")
     require(self.n >= 1, "n", "must be >= 1")
+    require(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
+            "must be in [0, max_new_tokens]")
+    require(0 < self.repetition_penalty <= 2, "repetition_penalty", "must be in (0, 2]")
+    require(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
+    require(-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
+    stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+    require(all(isinstance(s, str) and s for s in stop), "stop", "must be non-empty strings")
+    object.__setattr__(self, "stop", stop)
     try:
       stop_ids = tuple(operator.index(t) for t in self.stop_token_ids)
     except TypeError:
@@ -50,7 +65,7 @@ class Completion:
 
   `logprobs[i]` is log_softmax(logits / T)[output_ids[i]] before top-k/top-p/min-p filtering
   (SGLang's definition; T = 1 for greedy). `output_ids` keeps the stop token, if any.
-  `finish_reason` is {"type": "stop", "matched": id | "repetition"}, {"type": "length",
+  `finish_reason` is {"type": "stop", "matched": id | stop string | "repetition"}, {"type": "length",
   "length": N} or {"type": "abort", "message": str}.
   """
 

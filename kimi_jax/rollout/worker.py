@@ -49,8 +49,7 @@ class EngineWorker:
     self._urgent: list[Callable[[], None]] = []
     self._ordered: collections.deque[tuple[Callable[[], None], bool]] = collections.deque()
     self._sinks: dict[int, Sink] = {}
-    self._rid_uids: dict[str, set[int]] = {}
-    self._uid_rid: dict[int, str] = {}
+    self._uid_names: dict[int, tuple[str, str]] = {}  # uid -> (request rid, sample id)
     self._stopping = False
     self._thread = threading.Thread(target=self._run, name="rollout-engine", daemon=True)
 
@@ -85,23 +84,26 @@ class EngineWorker:
       self._wake.notify()
     return future
 
-  def submit(self, prompts, sampling, rids: list[str], sink: Sink) -> asyncio.Future:
-    """Queue prompts (rid per prompt); resolves to their uids, grouped like `engine.submit`."""
+  def submit(self, prompts, sampling, rids: list[str], sample_ids: list[list[str]],
+             sink: Sink) -> asyncio.Future:
+    """Queue prompts (a rid per prompt, an id per sample); resolves to their uids, grouped
+    like `engine.submit`."""
     def run():
       uids = self.engine.submit(prompts, sampling)
-      samples = iter(uids)
-      for rid, sp in zip(rids, sampling):
-        for uid in [next(samples) for _ in range(sp.n)]:
-          self._rid_uids.setdefault(rid, set()).add(uid)
-          self._uid_rid[uid] = rid
-          self._sinks[uid] = sink
+      names = [(rid, sample_id) for rid, ids in zip(rids, sample_ids) for sample_id in ids]
+      for uid, name in zip(uids, names):
+        self._uid_names[uid] = name
+        self._sinks[uid] = sink
       return uids
     return self._call(run)
 
   def abort(self, rids: list[str] | None, message: str) -> asyncio.Future:
-    """Abort the requests of `rids` (None: all); they finish with their tokens so far."""
+    """Abort the samples whose rid or id starts with one of `rids` (SGLang matches prefixes,
+    so "r" reaches a batch's "r_0", "r_1"...; None: all); they finish with their tokens so far."""
     def run():
-      uids = None if rids is None else [u for r in rids for u in self._rid_uids.get(r, ())]
+      uids = None if rids is None else [
+          uid for uid, names in self._uid_names.items()
+          if any(name.startswith(r) for name in names for r in rids)]
       if uids != []:
         self._dispatch(self.engine.abort(uids, message))
     return self._call(run, urgent=True)
@@ -115,6 +117,17 @@ class EngineWorker:
 
   def swap_weights(self, params, weight_version: str) -> asyncio.Future:
     return self._call(lambda: self.engine.update_weights(params, weight_version), barrier=True)
+
+  def score(self, token_ids, temperature: float, top_n: int, ids) -> asyncio.Future:
+    """`engine.score` on the engine thread (between decode chunks)."""
+    return self._call(lambda: self.engine.score(token_ids, temperature, top_n, ids))
+
+  def release_memory(self, tags) -> asyncio.Future:
+    """Once the engine is idle (or paused), free the device memory of `tags`."""
+    return self._call(lambda: self.engine.release_memory(tags), barrier=True)
+
+  def resume_memory(self, tags) -> asyncio.Future:
+    return self._call(lambda: self.engine.resume_memory(tags), barrier=True)
 
   # ---- the worker thread ----
 
@@ -161,10 +174,6 @@ class EngineWorker:
       sink = self._sinks.get(update.uid)
       if update.completion is not None:
         self._sinks.pop(update.uid, None)
-        rid = self._uid_rid.pop(update.uid, None)
-        if rid is not None:
-          self._rid_uids[rid].discard(update.uid)
-          if not self._rid_uids[rid]:
-            del self._rid_uids[rid]
+        self._uid_names.pop(update.uid, None)
       if sink is not None:
         self._loop.call_soon_threadsafe(sink, update)

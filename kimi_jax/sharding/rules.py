@@ -23,6 +23,7 @@ LOGICAL_RULES = (
     ("mlp", "tensor"),
     ("norm", None),
     ("head_dim", None),
+    ("patch", None),  # flattened image patch (C * T * P * P) entering the vision tower
     # activations
     ("batch", ("data", "fsdp")),
     ("length", None),

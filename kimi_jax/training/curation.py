@@ -1,4 +1,4 @@
-"""The curation stage's `generate` over a rollout backend (DESIGN.md section 4).
+"""The curation stage's `generate` over a rollout backend.
 
 `curate` asks for text: n completions per prompt string; a `RolloutBackend` speaks token ids.
 This adapter encodes prompts with the chat template the policy was trained with, sends each

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from kimi_jax.losses.dpo import dpo_loss
+from kimi_jax.losses.preference import dpo_loss
 from kimi_jax.losses.masking import sequence_logprob
 from kimi_jax.model import ModelConfig
 from kimi_jax.model.logprobs import token_logprobs

@@ -1,4 +1,4 @@
-"""Long2short (DESIGN.md section 9): model merging, shortest rejection sampling, DPO pairs.
+"""Long2short: model merging, shortest rejection sampling, DPO pairs.
 
 Merging averages the weights of a long-CoT and a short-CoT model. The data methods start from
 n samples per prompt (the paper's n = 8) of the long-CoT model, each marked correct or not with

@@ -1,4 +1,4 @@
-"""The long2short stage (k1.5 section 2.4, DESIGN.md section 9): shorten a long-CoT model.
+"""The long2short stage (k1.5 section 2.4): shorten a long-CoT model.
 
 `config.init.checkpoint` is the long model (an HF directory, e.g. an RL run's `hf/`);
 `config.long2short.method` picks how to shorten it:
@@ -19,7 +19,7 @@ import random
 from typing import Callable
 
 from kimi_jax.checkpointing.hf import save_hf
-from kimi_jax.data.sft import PackedBatches, example_from_ids
+from kimi_jax.data.packing import PackedBatches, example_from_ids
 from kimi_jax.data.tasks import encode_text
 from kimi_jax.eval import compare
 from kimi_jax.eval.evaluate import sample_and_grade

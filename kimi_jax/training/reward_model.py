@@ -1,4 +1,4 @@
-"""Value-head reward model (DESIGN.md section 8) on our LM, and its training step.
+"""Value-head reward model on our LM, and its training step.
 
 Parameters are {"lm": <the LM's own tree, unchanged>, "value_head": {"kernel" [D], "bias" []}},
 so an SFT checkpoint drops in under "lm" and the LM part can be exported again. Input: [BOS]

@@ -1,9 +1,11 @@
-"""The k1.5 synchronous RL loop (DESIGN.md section 1), read top-down.
+"""The k1.5 synchronous RL loop, read top-down.
 
 `run` sets a run up and loops over steps; each step is one `rl_iteration`: prompts -> k samples
 per prompt on the rollout backend -> rewards (+ length penalty) -> `PolicyTrainer.train`
-(S_ref, optimizer reset, M minibatch `steps.rl_step`s on the policy loss of `losses/`) -> weight
-sync -> sampler feedback; then metrics, eval and checkpoints every N steps and at the end.
+(S_ref, optimizer reset, M minibatch steps of `steps.rl_grads` + `apply_grads` on the policy
+loss of `losses/`) -> weight sync -> sampler feedback; then metrics, eval and checkpoints every N
+steps and at the end. An iteration whose groups all wait in the partial-rollout buffer trains
+nothing and still writes a full metrics row (NaN where there is nothing to measure).
 Everything configurable arrives in `config` (experiments/rl_*.py).
 """
 import json
@@ -21,19 +23,19 @@ from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.metrics.plots import plot_metrics
 from kimi_jax.metrics.writers import read_jsonl
 from kimi_jax.rollout.backends import build_backend
-from kimi_jax.rollout.partial import (Group, PartialRolloutBuffer, RolloutLimits, collect_groups,
-                                      new_groups)
+from kimi_jax.rollout.partial import PartialRolloutBuffer, RolloutLimits, collect_groups, new_groups
 from kimi_jax.rollout.types import SamplingParams
 from kimi_jax.training import rl_data
 from kimi_jax.training.optim import build_optimizer, build_post_update
 from kimi_jax.training.rl_losses import make_policy_loss
-from kimi_jax.training.scoring import rollout_metrics, sample_rows, score_groups, write_samples
+from kimi_jax.training.scoring import (GroupScores, rollout_metrics, sample_rows, score_groups,
+                                       write_samples)
 from kimi_jax.training.setup import (build_basics, build_writer, every_or_final,
                                      load_initial_checkpoint)
 from kimi_jax.training.sft import sft_warmup
 from kimi_jax.training.state import (TrainState, reset_opt_state, train_state_from_params,
                                      train_state_shardings)
-from kimi_jax.training.steps import jit_eval, jit_step, masked_token_logprobs, rl_step
+from kimi_jax.training.steps import jit_eval, jit_rl_programs, masked_token_logprobs
 
 
 def run(config, workdir: str) -> dict:
@@ -108,6 +110,9 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   metrics = {"complete_groups": len(complete), "buffer_groups": len(buffer),
              "tokens_per_s": new_tokens / max(t1 - t0, 1e-9), "time/rollout": t1 - t0}
   if not complete:
+    metrics.update(rollout_metrics([], GroupScores.empty()))
+    metrics.update(trainer.nan_metrics(state, rl.groups_per_minibatch * rl.k))
+    metrics.update({"time/reward": 0.0, "time/train": 0.0})
     return state, metrics
   scores = score_groups(complete, tokenizer.decode, task.reward_by_domain, rl, step)
   write_samples(workdir, step, sample_rows(
@@ -127,34 +132,54 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
 
 
 class PolicyTrainer:
-  """The jitted functions of one run: S_ref, rl_step, and the optimizer reset."""
+  """The jitted programs of one run: the policy-loss gradient (which also gives S_ref), the
+  optimizer step, and the log-probs forward for the KL metric."""
 
   def __init__(self, mesh, shardings, model_config, rl_config, post_update):
     self.token_logprobs = jit_eval(masked_token_logprobs, mesh, shardings, config=model_config)
-    self.rl_step = jit_step(rl_step, mesh, shardings, config=model_config,
-                            policy_loss=make_policy_loss(rl_config), post_update=post_update)
+    self.grads, self.apply = jit_rl_programs(mesh, shardings, model_config,
+                                             make_policy_loss(rl_config), post_update)
     self.rl = rl_config
 
   def train(self, state, batch: dict[str, np.ndarray]):
-    """S_ref once before any update, reset, then M minibatch steps. Returns (state, metrics)."""
-    batch["ref_logp"] = np.asarray(self.token_logprobs(state, batch))
-    batch["ref_logp_sum"] = batch["ref_logp"].sum(axis=-1)
-    state = reset_opt_state(state)
+    """S_ref once before any update, reset, then M minibatch steps. Returns (state, metrics).
+
+    The reference log-probs come from the gradient program itself, run on every minibatch at
+    pi_theta_i (a gradient pass per minibatch, the price of the first update's loss seeing
+    exactly S - S_ref = 0)."""
+    old_logp = np.asarray(self.token_logprobs(state, batch))
     num_minibatches = batch["tokens"].shape[0] // (self.rl.groups_per_minibatch * self.rl.k)
-    minibatches = rl_data.split_minibatches(batch, self.rl.k, num_minibatches)
+    minibatches = rl_data.split_minibatches({**batch, "ref_logp": np.zeros_like(old_logp)},
+                                            self.rl.k, num_minibatches)
+    for mb in minibatches:
+      mb["ref_logp"] = np.asarray(self.grads(state, mb)[1]["logp_BxT"])
+    state = reset_opt_state(state)
     step_metrics = []
     for _ in range(self.rl.epochs):
       for mb in minibatches:
-        state, metrics = self.rl_step(state, mb)
+        state, metrics = self.apply(state, *self.grads(state, mb))
         step_metrics.append(metrics)
-    new_sums = np.asarray(self.token_logprobs(state, batch)).sum(axis=-1)
+    new_logp = np.asarray(self.token_logprobs(state, batch))
     step_metrics = jax.device_get(step_metrics)  # one transfer for every minibatch's metrics
     metrics = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-    real = batch["loss_mask"].sum(-1) > 0
-    # Monte-Carlo KL(pi_i || pi_new) on pi_i's own samples: E[S_ref - S_new].
-    metrics["kl_prev"] = float(np.mean(batch["ref_logp_sum"][real] - new_sums[real]))
+    metrics["kl_prev"] = k3_kl(old_logp, new_logp, batch["loss_mask"])
     metrics["updates"] = len(step_metrics)
     return state, metrics
+
+  def nan_metrics(self, state, rows: int) -> dict:
+    """`train`'s metric names with NaN values: the row of an iteration with nothing to train."""
+    dummy = {"tokens": np.zeros((rows, 2), np.int32), "targets": np.zeros((rows, 2), np.int32),
+             "loss_mask": np.zeros((rows, 2), np.float32), "ref_logp": np.zeros((rows, 2), np.float32),
+             "rewards": np.zeros(rows, np.float32), "group_ids": np.zeros(rows, np.int32)}
+    _, step_metrics = jax.eval_shape(self.apply, state, *jax.eval_shape(self.grads, state, dummy))
+    return {k: float("nan") for k in [*step_metrics, "kl_prev", "updates"]}
+
+
+def k3_kl(old_logp_BxT, new_logp_BxT, mask_BxT) -> float:
+  """KL(pi_old || pi_new) per token on pi_old's own samples, with the non-negative estimator
+  k3 = (r - 1) - log r, r = pi_new / pi_old (Schulman 2020), averaged over counted tokens."""
+  log_r = (new_logp_BxT - old_logp_BxT)[mask_BxT > 0].astype(np.float64)
+  return float(np.mean(np.expm1(log_r) - log_r)) if log_r.size else float("nan")
 
 
 def initial_params(config, task, tokenizer, model_config, mesh, workdir: str):
@@ -213,11 +238,23 @@ def write_summary(workdir: str) -> dict:
   return summary
 
 
+# The tau term (tau/2)(S - S_ref)^2 has curvature tau |grad S|^2 along the step, so plain SGD
+# overshoots once learning_rate * tau is large: the per-iteration KL then grows with tau.
+# Measured on the arithmetic task (one iteration's batch, 4 epochs, clip 1.0): monotone up to
+# lr * tau = 3.5e-3 on one SFT model and 1.5e-3 on another, non-monotone from 5e-3 on both.
+SGD_MAX_LR_TAU = 2e-3
+
+
 def validate_config(config) -> None:
   """Fail at start with the offending key rather than deep inside the loop."""
   rl = config.rl
   checks = [
       ("rl.tau", rl.tau > 0, "must be > 0"),
+      ("rl.tau", not (rl.loss == "mirror_descent" and config.optimizer.name == "sgd")
+       or rl.tau * config.optimizer.learning_rate <= SGD_MAX_LR_TAU,
+       f"with SGD, optimizer.learning_rate * rl.tau = "
+       f"{config.optimizer.learning_rate * rl.tau:.3g} must be <= {SGD_MAX_LR_TAU}: above it "
+       "the tau term overshoots S_ref and larger tau moves the policy more, not less"),
       ("rl.k", rl.k >= 2, "needs >= 2 samples per prompt for a group baseline"),
       ("rl.iterations", rl.iterations >= 0, "must be >= 0 (0: SFT warm-up only)"),
       ("rl.segment_tokens", 0 < rl.segment_tokens <= rl.max_response_tokens,

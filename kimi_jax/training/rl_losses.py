@@ -15,7 +15,8 @@ from kimi_jax.losses.policy_gradient import grpo_loss, reinforce_loss
 LOSSES = ("mirror_descent", "grpo", "reinforce")
 
 
-def _mean_over_real_rows(loss_fn):
+def _rescaled_to_real_rows(loss_fn):
+  """`loss_fn` with its mean over all rows turned into a mean over rows with loss tokens."""
   def wrapped(logp_BxT, batch):
     loss, metrics = loss_fn(logp_BxT, batch)
     real_rows = (batch["loss_mask"].sum(axis=-1) > 0).sum()
@@ -51,4 +52,4 @@ def make_policy_loss(rl_config):
   }
   if rl_config.loss not in builders:
     raise ValueError(f"rl.loss={rl_config.loss!r}: expected one of {LOSSES}")
-  return _mean_over_real_rows(builders[rl_config.loss]())
+  return _rescaled_to_real_rows(builders[rl_config.loss]())

@@ -15,6 +15,7 @@ import numpy as np
 
 from kimi_jax.rewards.registry import score_rollout
 from kimi_jax.rollout.partial import Group
+from kimi_jax.rollout.types import LENGTH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,12 @@ class GroupScores:
   def rewards(self) -> np.ndarray:
     return self.task + self.length + self.repetition
 
+  @classmethod
+  def empty(cls) -> "GroupScores":
+    """The scores of an iteration whose groups all wait in the partial-rollout buffer."""
+    nothing = np.zeros(0)
+    return cls([], nothing, nothing, nothing, nothing.astype(bool), nothing)
+
 
 def score_groups(groups: list[Group], decode, reward_by_domain, rl_config, step: int) -> GroupScores:
   rows = [(g, t) for g in groups for t in g.trajectories]
@@ -45,20 +52,30 @@ def score_groups(groups: list[Group], decode, reward_by_domain, rl_config, step:
                      rl_config.repetition_penalty * repeated_B, scores.correct, lengths_B)
 
 
+def _mean(values) -> float:
+  return float(np.mean(values)) if len(values) else float("nan")
+
+
+def _percentile(values, q: float) -> float:
+  return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
 def rollout_metrics(groups: list[Group], scores: GroupScores) -> dict:
+  """Reward, accuracy, length and segment statistics of the complete groups (NaN if none),
+  overall and per domain."""
   trajectories = [t for g in groups for t in g.trajectories]
-  logprobs = np.concatenate([np.asarray(t.logprobs) for t in trajectories])
-  lengths_B = scores.num_tokens
+  logprobs = [lp for t in trajectories for lp in t.logprobs]
+  lengths_B = np.asarray(scores.num_tokens, np.float64)
   metrics = {
-      "reward": float(np.mean(scores.rewards)), "accuracy": float(np.mean(scores.correct)),
-      "length_mean": float(np.mean(lengths_B)), "length_p50": float(np.median(lengths_B)),
-      "length_p90": float(np.percentile(lengths_B, 90)), "length_max": int(np.max(lengths_B)),
-      "lengths": np.asarray(lengths_B),
-      "repetition_frac": float(np.mean([t.repetition for t in trajectories])),
-      "truncated_frac": float(np.mean([t.finish_reason["type"] == "length" for t in trajectories])),
-      "multi_segment_frac": float(np.mean([t.num_segments > 1 for t in trajectories])),
+      "reward": _mean(scores.rewards), "accuracy": _mean(scores.correct),
+      "length_mean": _mean(lengths_B), "length_p50": _percentile(lengths_B, 50),
+      "length_p90": _percentile(lengths_B, 90), "length_max": _percentile(lengths_B, 100),
+      "lengths": lengths_B,
+      "repetition_frac": _mean([t.repetition for t in trajectories]),
+      "truncated_frac": _mean([t.finish_reason["type"] == LENGTH for t in trajectories]),
+      "multi_segment_frac": _mean([t.num_segments > 1 for t in trajectories]),
       # Sampled-token negative log-prob: an entropy estimate (exact in expectation at T=1).
-      "entropy": float(-np.mean(logprobs)) if logprobs.size else 0.0,
+      "entropy": -_mean(logprobs),
   }
   domains_B = np.array([g.domain for g in groups for _ in g.trajectories])
   for domain in dict.fromkeys(domains_B):

@@ -5,7 +5,7 @@ import jax
 import optax
 from tqdm import tqdm
 
-from kimi_jax.data.sft import PackedBatches, example_from_ids
+from kimi_jax.data.packing import PackedBatches, example_from_ids
 from kimi_jax.metrics.writers import JsonlWriter
 from kimi_jax.training.setup import every_or_final
 from kimi_jax.training.state import init_train_state, train_state_from_params

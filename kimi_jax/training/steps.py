@@ -81,13 +81,44 @@ def masked_token_logprobs(state, batch, config: ModelConfig) -> jax.Array:
 
 
 def rl_loss(params, batch, config: ModelConfig, policy_loss):
-  """`policy_loss(logp_BxT, batch) -> (loss, metrics)`, e.g. the bound mirror-descent loss."""
+  """`policy_loss(logp_BxT, batch) -> (loss, metrics)`, e.g. the bound mirror-descent loss.
+  The metrics also carry the masked per-token log-probs the loss saw, `logp_BxT`."""
   logp_BxT, max_logits_LxH = token_logprobs(config, params, batch, return_max_logits=True)
   loss, metrics = policy_loss(logp_BxT, batch)
-  return loss, {**metrics, "max_logits": max_logits_LxH}
+  return loss, {**metrics, "logp_BxT": logp_BxT * batch["loss_mask"],
+                "max_logits": max_logits_LxH}
 
 
-def rl_step(state, batch, config: ModelConfig, policy_loss, post_update=keep_params):
-  """One optimizer step on the policy loss of one minibatch of whole prompt groups."""
-  grads, metrics = jax.grad(rl_loss, has_aux=True)(state.params, batch, config, policy_loss)
+def rl_grads(state, batch, config: ModelConfig, policy_loss):
+  """(grads, metrics) of the policy loss on one minibatch of whole prompt groups.
+
+  Run at pi_theta_i before any update, its `logp_BxT` are the reference log-probs: the same
+  program then computes the loss's own log-probs, so at the first update they are equal bit
+  for bit and the tau term of the k1.5 loss is exactly inert there.
+  """
+  return jax.grad(rl_loss, has_aux=True)(state.params, batch, config, policy_loss)
+
+
+def apply_grads(state, grads, metrics, post_update=keep_params):
+  """The optimizer step for `rl_grads`' output; drops the per-token `logp_BxT`."""
+  metrics = {k: v for k, v in metrics.items() if k != "logp_BxT"}
   return _update(state, grads, metrics, post_update)
+
+
+def jit_rl_programs(mesh: Mesh, state_shardings, config: ModelConfig, policy_loss,
+                    post_update=keep_params):
+  """(grads, apply): `rl_grads` jitted read-only, and `apply_grads` jitted with the state
+  donated. An RL step is `apply(state, *grads(state, minibatch))`; keeping the
+  gradient program separate lets S_ref come from that very program."""
+  grads = jax.jit(_with_activation_mesh(rl_grads, mesh, dict(config=config,
+                                                              policy_loss=policy_loss)),
+                  in_shardings=(state_shardings, batch_sharding(mesh)),
+                  out_shardings=(state_shardings.params, None))
+
+  def apply(state, grads, metrics):
+    with activation_mesh(mesh):
+      return apply_grads(state, grads, metrics, post_update)
+
+  apply = jax.jit(apply, in_shardings=(state_shardings, state_shardings.params, None),
+                  out_shardings=(state_shardings, None), donate_argnums=0)
+  return grads, apply

@@ -7,7 +7,7 @@ from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_qwe
 
 from kimi_jax.data import image_prompts, images, rendered
 from kimi_jax.data.image_prompts import IMAGE_PLACEHOLDER, encode_prompt_with_images
-from kimi_jax.data.sft import ChatTemplate
+from kimi_jax.data.packing import ChatTemplate
 from kimi_jax.data.sources import Prompt
 from kimi_jax.data.tokenizer import char_tokenizer
 

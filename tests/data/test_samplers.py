@@ -88,9 +88,9 @@ def test_success_table_update_rule():
     for it in (ema, mean):
       it.update(["p0"] * len(rewards), rewards)
   # a_v = max(1/v, 0.25): s = 1 -> 0.5 -> 0.5 -> 0.625 -> 0.46875
-  assert ema.table.success_N[0] == pytest.approx(0.46875, abs=1e-15)
-  assert mean.table.success_N[0] == pytest.approx(np.mean([1.0, 0.0, 0.5, 1.0, 0.0]), abs=1e-15)
-  assert list(mean.table.visits_N) == [5, 0] and mean.table.success_N[1] == 0.0
+  assert ema.table.success_P[0] == pytest.approx(0.46875, abs=1e-15)
+  assert mean.table.success_P[0] == pytest.approx(np.mean([1.0, 0.0, 0.5, 1.0, 0.0]), abs=1e-15)
+  assert list(mean.table.visits_P) == [5, 0] and mean.table.success_P[1] == 0.0
 
 
 def test_update_rejects_bad_feedback():

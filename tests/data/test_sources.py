@@ -104,7 +104,7 @@ def test_gsm8k_answer(text, expected):
 
 def test_gsm8k_shared_test_split():
   prompts = load_gsm8k()
-  assert len(prompts) == 1319  # DESIGN.md section 10
+  assert len(prompts) == 1319  # GSM8K's test split
   assert prompts[0].answer == "18" and prompts[0].question.startswith("Janet")
   assert prompts[2].answer == "70000"
   assert all(p.answer.lstrip("-").isdigit() for p in prompts)  # commas stripped everywhere

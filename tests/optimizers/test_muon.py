@@ -73,7 +73,7 @@ def _ns_reference(g, steps=5, coeffs=(3.4445, -4.7750, 2.0315), eps=1e-7):
 
 
 def _reference_steps(params, grads_list, lr, wd, scaling, beta=0.95, b1=0.9, b2=0.95, eps=1e-8):
-  """DESIGN.md section 7 written out in numpy: Nesterov Muon + AdamW, shared lr and wd."""
+  """Muon (Moonlight scaling) written out in numpy: Nesterov Muon + AdamW, shared lr and wd."""
   params = {path: np.asarray(p, np.float64) for path, p in trees.flat(params).items()}
   moments = {path: [np.zeros_like(p), np.zeros_like(p)] for path, p in params.items()}
   for t, grads in enumerate(grads_list, start=1):

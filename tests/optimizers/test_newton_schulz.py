@@ -7,7 +7,7 @@ from optax.contrib import MuonDimensionNumbers
 
 from kimi_jax.optimizers.muon import newton_schulz, orthogonalize
 
-# The known answers are quoted to 6 decimals (DESIGN.md section 7).
+# The known answers are quoted to 6 decimals.
 QUOTED_ATOL = 5e-7
 # float64 round-off over a few matmuls.
 F64_ATOL = 1e-12

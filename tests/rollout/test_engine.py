@@ -309,25 +309,3 @@ def test_zero_new_tokens_finishes_with_length_zero(engine):
   got = engine.generate([[3, 4]], SamplingParams(max_new_tokens=0, n=2))
   assert [(c.output_ids, c.finish_reason) for c in got] == [([], {"type": "length", "length": 0})] * 2
 
-
-def test_release_frees_device_memory_until_resume_and_update_weights(engine, params):
-  prompts = random_prompts(2, seed=9)
-  greedy = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
-  before = engine.generate(prompts, greedy)
-  live_bytes = lambda: sum(x.nbytes for x in jax.live_arrays())
-  held, compiled = live_bytes(), engine.num_compilations
-  engine.release_memory()
-  try:
-    # The engine's own weight copy and its KV cache are gone, not just the weights.
-    assert held - live_bytes() > sum(x.nbytes for x in jax.tree.leaves(params))
-    with pytest.raises(RuntimeError, match="released"):
-      engine.generate(prompts, greedy)
-    engine.resume_memory()
-    with pytest.raises(RuntimeError, match="released"):  # weights return with update_weights
-      engine.generate(prompts, greedy)
-  finally:
-    engine.resume_memory()
-    engine.update_weights(params, "0")
-  after = engine.generate(prompts, greedy)
-  assert [c.output_ids for c in after] == [c.output_ids for c in before]
-  assert engine.num_compilations == compiled

@@ -50,7 +50,7 @@ def served(tmp_path_factory):
   save_hf(path, CFG, params)
   tokenizer.save(path)
   engine = RolloutEngine(CFG, params, max_batch=8, max_seq_len=MAX_SEQ_LEN, eos_token_ids=(EOS,),
-                         chunk_steps=4, weight_version="v1")
+                         chunk_steps=4, weight_version="v1", detokenize=tokenizer.decode)
   background = BackgroundServer(RolloutServer(engine, tokenizer=tokenizer, model_path=path))
   yield Served(background.url, params, path, tokenizer)
   background.stop()
@@ -277,14 +277,29 @@ def test_text_prompts_are_tokenized_and_answers_decoded(served):
     ("/generate", {"input_ids": [3], "sampling_params": {"top_k": 0}}, "SamplingParams.top_k"),
     ("/generate", {"input_ids": [3], "sampling_params": {"max_new_tokens": "9"}}, "integer"),
     ("/generate", {"input_ids": [3], "sampling_params": {"bogus": 1}}, "unsupported fields"),
-    ("/generate", {"input_ids": [3], "sampling_params": {"stop": ["x"]}}, "stop strings"),
-    ("/generate", {"input_ids": [3], "sampling_params": {"repetition_penalty": 1.3}},
-     "repetition_penalty"),
+    ("/generate", {"input_ids": [3], "sampling_params": {"stop": [3]}},
+     "'sampling_params.stop' must be a string or a list of strings"),
+    ("/generate", {"input_ids": [3], "sampling_params": {"repetition_penalty": 3}},
+     "SamplingParams.repetition_penalty=3: must be in (0, 2]"),
+    ("/generate", {"input_ids": [3], "sampling_params": {"min_new_tokens": 9, "max_new_tokens": 4}},
+     "SamplingParams.min_new_tokens"),
+    ("/generate", {"input_ids": [3], "sampling_params": {"regex": "[a-z]+"}},
+     "'sampling_params.regex'='[a-z]+': constrained decoding"),
+    ("/generate", {"input_ids": [3], "sampling_params": {"json_schema": "{}"}},
+     "'sampling_params.json_schema'"),
+    ("/generate", {"input_ids": [3], "sampling_params": {"logit_bias": {"5": 2.0}}},
+     "'sampling_params.logit_bias'"),
+    ("/generate", {"input_ids": [[3], [4]], "sampling_params": [{}, {"stop_regex": ["a+"]}]},
+     "'sampling_params[1].stop_regex'"),
     ("/generate", {"input_ids": [3] * MAX_SEQ_LEN}, "max_seq_len"),
     ("/generate", {"input_ids": [[3], [CFG.vocab_size]]}, "prompts[1]: token ids"),
     ("/generate", {"input_ids": [[3], [4]], "rid": ["a", "a"]}, "unique"),
-    ("/generate", {"input_ids": [3], "return_logprob": True, "logprob_start_len": 0},
-     "logprob_start_len"),
+    ("/generate", {"input_ids": [3], "return_logprob": True, "logprob_start_len": 1},
+     "'logprob_start_len'=1: must be < the prompt's 1 tokens"),
+    ("/generate", {"input_ids": [3], "return_logprob": True, "top_logprobs_num": -2},
+     "'top_logprobs_num' must be an integer >= 0"),
+    ("/generate", {"input_ids": [3], "return_logprob": True, "token_ids_logprob": [CFG.vocab_size]},
+     "'token_ids_logprob' of prompt 0: ids [64]"),
     ("/abort_request", {}, "'rid'"),
     ("/pause_generation", {"mode": "sideways"}, "'mode'"),
     ("/update_weights_from_disk", {}, "'model_path'"),
@@ -325,7 +340,8 @@ def test_admin_endpoints(served):
   assert r["/server_info"][1]["max_running_requests"] == 8
   assert r["/get_load"][1] == [{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}]
   assert r["/v1/loads"][1]["aggregate"]["total_reqs"] == 0
-  assert r["busy_flush"][0] == 400 and r["busy_load"][1][0]["num_reqs"] == 1
+  assert r["busy_flush"][0] == 200, "sglang 0.5 flushes while paused, requests held"
+  assert r["busy_load"][1][0]["num_reqs"] == 1
   assert r["continue"] == (200, {"message": "Generation continued successfully.", "status": "ok"})
   assert len(r["done"][0].output_ids) > 0 and r["idle_flush"][0] == 200
 
@@ -408,3 +424,165 @@ def test_server_killed_mid_batch_work_moves_to_the_other_server(served):
   ref_out, _, _ = greedy(served.params, prompts, 8)
   assert [c.prompt_ids for c in got] == prompts, "each prompt answered exactly once, in order"
   assert [c.output_ids for c in got] == ref_out
+
+
+REQUESTS = os.path.join(os.path.dirname(__file__), "fixtures", "requests")
+
+
+def request_fixture(name: str) -> dict:
+  with open(os.path.join(REQUESTS, name)) as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize("name", ["sglang_frontend.json", "slime.json", "verl.json", "areal.json"])
+def test_request_bodies_of_real_frameworks_are_served(served, name):
+  body = request_fixture(name)["body"]
+  status, answer = asyncio.run(http("POST", served.url, "/generate", body))
+  assert status == 200, answer
+  sp = body["sampling_params"]
+  prompt = body.get("input_ids") or served.tokenizer.encode(body["text"])
+  meta = answer["meta_info"]
+  assert meta["prompt_tokens"] == len(prompt) and answer["output_ids"]
+  assert answer["text"] == served.tokenizer.decode(answer["output_ids"])
+  if sp["temperature"] == 0:
+    ref_out, _, ref_reason = greedy(served.params, [prompt], sp["max_new_tokens"])
+    assert answer["output_ids"] == ref_out[0] and meta["finish_reason"] == ref_reason[0]
+  else:  # sampled: the reported log-probs are the trainer's log_softmax(logits / T)
+    logits = teacher_forced_logits(served.params, [prompt + answer["output_ids"]], MAX_SEQ_LEN)[0]
+    n = len(answer["output_ids"])
+    logp = log_softmax(logits[len(prompt) - 1:len(prompt) - 1 + n] / sp["temperature"])
+    np.testing.assert_allclose([t[0] for t in meta["output_token_logprobs"]],
+                               logp[np.arange(n), answer["output_ids"]], atol=LOGPROB_ATOL)
+
+
+def test_stop_strings_report_the_match_and_trim_the_text(served):
+  prompt = [5, 9, 14]
+  plain = {"input_ids": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": 16,
+                                                     "ignore_eos": True}}
+  _, whole = asyncio.run(http("POST", served.url, "/generate", plain))
+  stop = whole["text"][4:6]
+  end = next(k for k in range(1, 17)
+             if stop in served.tokenizer.decode(whole["output_ids"][:k]))
+
+  async def ask(no_stop_trim):
+    body = {"input_ids": prompt, "sampling_params": dict(
+        plain["sampling_params"], stop=stop, no_stop_trim=no_stop_trim)}
+    return (await http("POST", served.url, "/generate", body))[1]
+
+  trimmed, kept = asyncio.run(ask(False)), asyncio.run(ask(True))
+  for answer in (trimmed, kept):
+    assert answer["output_ids"] == whole["output_ids"][:end]
+    assert answer["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+  full_text = served.tokenizer.decode(whole["output_ids"][:end])
+  assert kept["text"] == full_text and trimmed["text"] == full_text[:full_text.find(stop)]
+
+
+def test_batch_rid_is_expanded_and_parallel_samples_get_their_own_ids(served):
+  long = {"temperature": 1.0, "max_new_tokens": 200, "ignore_eos": True}
+
+  async def scenario():
+    url = served.url
+    batch = asyncio.create_task(http("POST", url, "/generate", {
+        "input_ids": [[3, 4], [5, 6]], "rid": "job", "sampling_params": long}))
+    while (await http("GET", url, "/get_load"))[1][0]["num_reqs"] < 2:
+      await asyncio.sleep(0.005)
+    await http("POST", url, "/abort_request", {"rid": "job"})  # a prefix of job_0 and job_1
+    parallel = await http("POST", url, "/generate", {
+        "input_ids": [7, 8], "rid": "par", "sampling_params": {"max_new_tokens": 2, "n": 3}})
+    return (await batch)[1], parallel[1]
+
+  batch, parallel = asyncio.run(scenario())
+  assert [a["meta_info"]["id"] for a in batch] == ["job_0", "job_1"]
+  assert all(a["meta_info"]["finish_reason"]["type"] == "abort" for a in batch)
+  ids = [a["meta_info"]["id"] for a in parallel]
+  assert len(parallel) == 3 and len(set(ids)) == 3
+
+
+def test_a_non_streaming_client_that_hangs_up_frees_its_rows(served):
+  async def scenario():
+    url = served.url
+    await http("POST", url, "/pause_generation", {"mode": "in_place"})
+    try:  # paused, the request can only leave the engine by being aborted
+      request = asyncio.create_task(http("POST", url, "/generate", {
+          "input_ids": [3, 4], "sampling_params": {"max_new_tokens": 50}}))
+      while (await http("GET", url, "/get_load"))[1][0]["num_reqs"] == 0:
+        await asyncio.sleep(0.005)
+      flushed = await http("POST", url, "/flush_cache")  # allowed while paused
+      request.cancel()
+      for _ in range(400):
+        if (await http("GET", url, "/v1/loads"))[1]["loads"][0]["num_running_reqs"] == 0:
+          break
+        await asyncio.sleep(0.005)
+      return flushed, (await http("GET", url, "/v1/loads"))[1]["loads"][0]
+    finally:
+      await http("POST", url, "/continue_generation")
+
+  flushed, load = asyncio.run(scenario())
+  assert flushed[0] == 200
+  assert load["num_running_reqs"] == 0 and load["num_waiting_reqs"] == 0
+
+
+def test_health_generate_weight_version_and_slime_external_engine_check(served):
+  async def scenario():
+    url = served.url
+    return (await http("GET", url, "/health_generate"), await http("GET", url, "/get_weight_version"),
+            await http("GET", url, "/get_server_info"))
+
+  health, version, info = asyncio.run(scenario())
+  assert health[0] == 200 and version == (200, {"weight_version": "v1"})
+  host, port = served.url.removeprefix("http://").split(":")
+  expected = dict(request_fixture("slime_external_engine_check.json")["expected"],
+                  host=host, port=int(port))
+  assert {k: info[1].get(k) for k in expected} == expected
+
+
+def test_custom_params_and_null_structured_fields_are_accepted(served):
+  body = {"input_ids": [3, 4], "sampling_params": {
+      "temperature": 0, "max_new_tokens": 3, "custom_params": {"any": ["thing", 1]},
+      "regex": None, "json_schema": None, "ebnf": None, "stop_regex": [], "logit_bias": {}}}
+  status, answer = asyncio.run(http("POST", served.url, "/generate", body))
+  ref_out, _, _ = greedy(served.params, [[3, 4]], 3)
+  assert status == 200 and answer["output_ids"] == ref_out[0]
+
+
+def test_input_top_and_chosen_id_logprobs_equal_the_full_forward(served):
+  prompt, wanted = [4, 11, 7, 30, 2, 19], [5, 9, 40]
+  body = {"input_ids": prompt, "return_logprob": True, "logprob_start_len": 0,
+          "top_logprobs_num": 3, "token_ids_logprob": wanted, "return_text_in_logprobs": True,
+          "sampling_params": {"temperature": 0.7, "max_new_tokens": 5, "sampling_seed": 3,
+                              "ignore_eos": True}}
+  status, answer = asyncio.run(http("POST", served.url, "/generate", body))
+  assert status == 200, answer
+  meta, out = answer["meta_info"], answer["output_ids"]
+  logits = teacher_forced_logits(served.params, [prompt + out], MAX_SEQ_LEN)[0]
+  logp = log_softmax(logits / 0.7)  # row q: the distribution of the token after position q
+  text = lambda t: served.tokenizer.decode([t], skip_special_tokens=False)
+
+  def check(triplets, q, ids):
+    assert [t for _, t, _ in triplets] == ids and [x for _, _, x in triplets] == list(map(text, ids))
+    np.testing.assert_allclose([v for v, _, _ in triplets], logp[q, ids], atol=LOGPROB_ATOL)
+
+  assert meta["input_token_logprobs"][0] == [None, prompt[0], text(prompt[0])]
+  assert meta["input_top_logprobs"][0] is None and meta["input_token_ids_logprobs"][0] is None
+  for p in range(1, len(prompt)):
+    check([meta["input_token_logprobs"][p]], p - 1, [prompt[p]])
+    check(meta["input_top_logprobs"][p], p - 1, np.argsort(-logp[p - 1])[:3].tolist())
+    check(meta["input_token_ids_logprobs"][p], p - 1, wanted)
+  for j, token in enumerate(out):
+    q = len(prompt) - 1 + j
+    check([meta["output_token_logprobs"][j]], q, [token])
+    check(meta["output_top_logprobs"][j], q, np.argsort(-logp[q])[:3].tolist())
+    check(meta["output_token_ids_logprobs"][j], q, wanted)
+
+
+def test_areal_prefill_logprob_request(served):
+  body = request_fixture("areal_prefill_logprobs.json")["body"]
+  status, answer = asyncio.run(http("POST", served.url, "/generate", body))
+  prompt, start = body["input_ids"], body["logprob_start_len"]
+  logp = log_softmax(teacher_forced_logits(served.params, [prompt], MAX_SEQ_LEN)[0])
+  meta = answer["meta_info"]
+  assert status == 200 and answer["output_ids"] == [] and meta["finish_reason"]["type"] == "length"
+  assert [t for _, t, _ in meta["input_token_logprobs"]] == prompt[start:]
+  np.testing.assert_allclose([v for v, _, _ in meta["input_token_logprobs"]],
+                             [logp[p - 1, prompt[p]] for p in range(start, len(prompt))],
+                             atol=LOGPROB_ATOL)

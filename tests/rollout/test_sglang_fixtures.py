@@ -45,9 +45,11 @@ def test_answer_without_meta_info_is_a_clear_error():
 class ReplayServer:
   """Serves the fixtures under SGLang's older endpoint names only."""
 
-  def __init__(self):
+  def __init__(self, new_names: bool = False):
     self.generate_calls = 0
     self.weight_version = "7"
+    self.new_names = new_names
+    self.memory_calls = []
 
   def app(self) -> web.Application:
     app = web.Application()
@@ -55,7 +57,17 @@ class ReplayServer:
     app.router.add_get("/get_model_info", self.model_info)
     app.router.add_get("/get_load", lambda r: web.json_response(fixture("get_load.json")))
     app.router.add_post("/update_weights_from_disk", self.update_weights)
+    if self.new_names:  # sglang 0.5.23
+      app.router.add_get("/v1/loads", lambda r: web.json_response(
+          fixture("v1_loads_0_5_23.json")["answer"]))
+      for path in ("/release_memory_occupation", "/resume_memory_occupation"):
+        app.router.add_post(path, self.memory_occupation)
     return app
+
+  async def memory_occupation(self, request):
+    self.memory_calls.append((request.path, await request.json()))
+    return web.Response(text=fixture("memory_occupation.json")["answer_body"],
+                        content_type="application/json")
 
   async def generate(self, request):
     self.generate_calls += 1
@@ -83,9 +95,9 @@ class ReplayServer:
     return web.json_response(fixture("update_weights_from_disk.json"))
 
 
-def run_against_replay(scenario):
+def run_against_replay(scenario, new_names: bool = False):
   async def main():
-    replay = ReplayServer()
+    replay = ReplayServer(new_names)
     runner = web.AppRunner(replay.app())
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -155,3 +167,20 @@ def test_5xx_is_retried_and_4xx_is_reported():
   assert list(failure.errors) == [0] and "longer than the model's context length" in failure.errors[0]
   assert failure.completions[1][0].finish_reason["type"] == "stop"
   assert replay.generate_calls == 4, "one 503, one retry, then the 400 (not retried) and one more"
+
+
+def test_client_against_sglang_0_5_23_loads_and_memory_occupation():
+  async def scenario(client, url):
+    load = await client.load(url)
+    await client.release_memory_occupation(["kv_cache", "weights"])
+    await client.resume_memory_occupation(["weights"])
+    await client.resume_memory_occupation()
+    return load
+
+  replay, _, load = run_against_replay(scenario, new_names=True)
+  assert load == 7, "running + waiting over both ranks of /v1/loads (no aggregate in 0.5.23)"
+  requests = fixture("memory_occupation.json")
+  assert replay.memory_calls == [
+      ("/release_memory_occupation", requests["release_request"]),
+      ("/resume_memory_occupation", requests["resume_request"]),
+      ("/resume_memory_occupation", {})]

@@ -87,3 +87,34 @@ def kept_set(logits_V, temperature, top_p, top_k, min_p) -> set[int]:
   if top_k > 0:
     keep &= rank < top_k
   return set(order[keep].tolist())
+
+
+def penalized(logits_V, output_ids, repetition, frequency, presence, suppress=()):
+  """SGLang's penalties in float64: repetition on tokens seen in the output (divide positive
+  logits, multiply negative ones), then frequency * count and presence * seen subtracted;
+  `suppress` ids get -inf."""
+  counts = np.bincount(np.asarray(output_ids, np.int64), minlength=len(logits_V))
+  seen = counts > 0
+  logits = np.where(seen & (logits_V > 0), logits_V / repetition, logits_V)
+  logits = np.where(seen & (logits_V <= 0), logits_V * repetition, logits)
+  logits = logits - frequency * counts - presence * seen
+  logits[list(suppress)] = -np.inf
+  return logits
+
+
+def greedy_penalized_reference(params, prompt, max_new, stop_ids, repetition=1.0, frequency=0.0,
+                               presence=0.0, min_new=0, max_seq_len=256):
+  """One prompt decoded greedily with penalties and min_new_tokens: (outputs, logprobs, reason)."""
+  seq, outputs, logprobs = list(prompt), [], []
+  while True:
+    logits = teacher_forced_logits(params, [seq], max_seq_len)[0][-1]
+    suppress = stop_ids if len(outputs) < min_new else ()
+    logp = log_softmax(penalized(logits, outputs, repetition, frequency, presence, suppress))
+    token = int(np.argmax(logp))
+    seq.append(token)
+    outputs.append(token)
+    logprobs.append(logp[token])
+    if token in stop_ids:
+      return outputs, logprobs, {"type": "stop", "matched": token}
+    if len(outputs) == max_new:
+      return outputs, logprobs, {"type": "length", "length": max_new}

@@ -184,3 +184,61 @@ def test_backend_answer_count_is_checked(tokenizer):
   generate = curation_generate(OneAnswer(), tokenizer, lambda t: encode_text(tokenizer, t))
   with pytest.raises(RuntimeError, match="backend returned 1 completions for 6 requests"):
     generate(["1+2=", "3-1="], 3, 1.0, 4)
+
+
+def test_curation_stage_writes_difficulty_and_generates_code_tests(monkeypatch, tmp_path):
+  """launch.curate's stage on a tiny BPE checkpoint with planted answers: a guessable prompt and
+  a multiple-choice one are removed; the rest get difficulty = failed samples out of 4; a code
+  row with a generator and two agreeing solutions gets generated tests."""
+  from experiments import code_rl, math_rl
+  from kimi_jax.training import curation
+  from tests.hf_checkpoints import save_tiny_qwen2_checkpoint
+  from tests.planted_backend import PlantedBackend
+
+  checkpoint = str(tmp_path / "ckpt")
+  save_tiny_qwen2_checkpoint(checkpoint)
+  rows = [{"question": "Tom has 3 apples and buys 4.", "answer": "#### 7"},     # guessable
+          {"question": "Sam has 2 pens and buys 2.", "answer": "#### 4"},       # 2 of 4 right
+          {"question": "Ann has 9 cats; 3 leave.", "answer": "#### 6"},         # never right
+          {"question": "Which of the following is 5? (A) 4 (B) 5", "answer": "#### 5"}]
+  source = tmp_path / "raw.jsonl"
+  source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+  def responses(prompt: str):
+    if "Tom" in prompt:
+      return ["\\boxed{7}"]
+    if "Give only the final answer" in prompt:
+      return ["\\boxed{0}"]
+    return ["\\boxed{4}", "\\boxed{1}"] if "Sam" in prompt else ["\\boxed{5}"]
+
+  monkeypatch.setattr(curation, "build_backend", lambda config, model_config, tokenizer, *_:
+                      PlantedBackend(tokenizer, responses))
+  config = math_rl.get_config("smoke").copy_and_resolve_references()
+  config.init.checkpoint = checkpoint
+  config.curation.update(max_new_tokens=16, guess_max_new_tokens=16)  # planted answers fit
+  output = str(tmp_path / "curated.jsonl")
+  report = curation.curate_file(config, str(source), output)
+  curated = [json.loads(line) for line in open(output)]
+  assert [(r["question"][:3], r["difficulty"]) for r in curated] == [("Sam", 2), ("Ann", 4)]
+  assert curated[0]["answer"] == "#### 4"  # every original field kept
+  assert report.counts() == {GUESSABLE: 1, MULTIPLE_CHOICE: 1}
+  assert json.load(open(output + ".report.json"))["num_kept"] == 2
+
+  code_rows = [{"question": "Print a+b.", "generator": "s = int(input())\nprint(s, 2 * s)",
+                "solutions": ["print(sum(map(int, input().split())))",
+                              "a, b = map(int, input().split())\nprint(a + b)"]}]
+  code_source = tmp_path / "code.jsonl"
+  code_source.write_text(json.dumps(code_rows[0]) + "\n")
+  program = "```python\nprint(sum(map(int, input().split())))\n```"
+  monkeypatch.setattr(curation, "build_backend", lambda config, model_config, tokenizer, *_:
+                      PlantedBackend(tokenizer, lambda prompt: [
+                          "no idea" if "Give only" in prompt else program, "wrong"]))
+  code_config = code_rl.get_config("smoke").copy_and_resolve_references()
+  code_config.init.checkpoint = checkpoint
+  code_config.curation.update(max_new_tokens=64, guess_max_new_tokens=16)
+  code_output = str(tmp_path / "code_curated.jsonl")
+  curation.curate_file(code_config, str(code_source), code_output)
+  (curated_code,) = [json.loads(line) for line in open(code_output)]
+  assert curated_code["tests"] == [{"input": f"{s} {2 * s}\n", "output": f"{3 * s}\n"}
+                                   for s in range(4)]
+  assert curated_code["difficulty"] == 2  # the planted program passes on 2 of 4 samples

@@ -22,9 +22,9 @@ from kimi_jax.data.sources import shared_data_path
 from kimi_jax.metrics.writers import read_jsonl
 from kimi_jax.rewards.code import code_rewards
 from kimi_jax.rewards.math import math_reward
-from kimi_jax.rollout.types import Completion
 from kimi_jax.training import rl
 from tests.hf_checkpoints import save_tiny_qwen2_checkpoint
+from tests.planted_backend import PlantedBackend
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -75,7 +75,7 @@ def test_math_rl_from_an_hf_checkpoint_through_the_launcher(checkpoint, gsm8k_fi
   result = subprocess.run(
       [sys.executable, "-m", "launch.train_rl", f"--config={REPO}/experiments/math_rl.py:smoke",
        f"--config.init.checkpoint={checkpoint}", f"--config.data.train={train}",
-       f"--config.data.eval={heldout}", f"--workdir={workdir}", "--config.rl.segment_tokens=16"],
+       f"--config.data.eval={heldout}", f"--workdir={workdir}"],
       cwd=REPO, capture_output=True, text=True, timeout=1200)
   assert result.returncode == 0, result.stderr[-3000:]
   config = math_rl.get_config("smoke")
@@ -99,38 +99,6 @@ def test_math_rl_from_an_hf_checkpoint_through_the_launcher(checkpoint, gsm8k_fi
           == transformers.AutoTokenizer.from_pretrained(checkpoint).chat_template)
   model = transformers.AutoModelForCausalLM.from_pretrained(exported)
   assert model.config.vocab_size == transformers.AutoConfig.from_pretrained(checkpoint).vocab_size
-
-
-class PlantedBackend:
-  """Answers request i of every call with `responses(prompt_text)[seed % n]`, respecting the
-  token budget (a longer response is cut there with finish "length")."""
-
-  def __init__(self, tokenizer, responses):
-    self.tokenizer, self.responses = tokenizer, responses
-
-  def generate(self, requests, sampling):
-    out = []
-    for ids, params in zip(requests, sampling):
-      options = self.responses(self.tokenizer.decode(ids, skip_special_tokens=False))
-      planted = self.tokenizer.encode(options[params.seed % len(options)])
-      planted = (planted + [self.tokenizer.eos_id])[:params.max_new_tokens]
-      done = planted[-1] == self.tokenizer.eos_id
-      out.append(Completion(list(ids), planted, [-1.0] * len(planted),
-                            {"type": "stop", "matched": planted[-1]} if done
-                            else {"type": "length", "length": len(planted)}))
-    return out
-
-  def sync(self, params, version):
-    pass
-
-  def release(self):
-    pass
-
-  def resume(self):
-    pass
-
-  def close(self):
-    pass
 
 
 def planted_run(monkeypatch, config, workdir: str, responses) -> list[dict]:

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from kimi_jax.data.sft import (PLAIN, ChatTemplate, Example, PackedBatches,
+from kimi_jax.data.packing import (PLAIN, ChatTemplate, Example, PackedBatches,
                                encode_example, encode_prompt, pack_examples, plan_rows)
 from kimi_jax.data.synthetic import CHARSET, make_dataset, solve, target_response
 from kimi_jax.data.tokenizer import char_tokenizer

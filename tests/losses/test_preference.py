@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from kimi_jax.losses.dpo import dpo_loss
+from kimi_jax.losses.preference import dpo_loss
 
 F64_TOL = 1e-12  # float64 round-off on means of a few terms
 B = 6

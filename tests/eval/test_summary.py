@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from kimi_jax.eval.metrics import pass_at_k, summarize
+from kimi_jax.eval.summary import pass_at_k, summarize
 
 
 @pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 2, 1), (5, 2, 3), (6, 1, 6), (8, 3, 4)])
