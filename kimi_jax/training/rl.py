@@ -109,14 +109,15 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   t1 = time.perf_counter()
   metrics = {"complete_groups": len(complete), "buffer_groups": len(buffer),
              "tokens_per_s": new_tokens / max(t1 - t0, 1e-9), "time/rollout": t1 - t0}
+  scores = (score_groups(complete, tokenizer.decode, task.reward_by_domain, rl, step)
+            if complete else GroupScores.empty())
+  write_samples(workdir, step, sample_rows(  # empty while every group waits in the buffer
+      complete, scores, lambda ids: tokenizer.decode(ids, skip_special_tokens=False)))
+  metrics.update(rollout_metrics(complete, scores))
   if not complete:
-    metrics.update(rollout_metrics([], GroupScores.empty()))
     metrics.update(trainer.nan_metrics(state, rl.groups_per_minibatch * rl.k))
     metrics.update({"time/reward": 0.0, "time/train": 0.0})
     return state, metrics
-  scores = score_groups(complete, tokenizer.decode, task.reward_by_domain, rl, step)
-  write_samples(workdir, step, sample_rows(
-      complete, scores, lambda ids: tokenizer.decode(ids, skip_special_tokens=False)))
   t2 = time.perf_counter()
   padded = rl_data.pad_groups(complete, rl.groups_per_minibatch, rl.k)
   pad_rows = (len(padded) - len(complete)) * rl.k
@@ -125,7 +126,6 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
                                  rl.train_old_segments)
   state, train_metrics = trainer.train(state, batch)
   sampler.update([g.prompt_id for g in complete for _ in g.trajectories], scores.correct)
-  metrics.update(rollout_metrics(complete, scores))
   metrics.update(train_metrics)
   metrics.update({"time/reward": t2 - t1, "time/train": time.perf_counter() - t2})
   return state, metrics
