@@ -21,7 +21,7 @@ class ScriptedPolicy(FakeBackend):
     self.responses = responses
     self.calls = []
 
-  def generate(self, requests, sampling):
+  def generate(self, requests, sampling, images=None):
     self.calls.append([s.max_new_tokens for s in sampling])
     out = []
     for ids, params in zip(requests, sampling):
@@ -43,8 +43,8 @@ class P:
   domain: str = "arith"
 
 
-def encode(text):
-  return [int(text)]
+def encode(prompt):
+  return [int(prompt.question)]
 
 
 def test_long_responses_finish_over_several_iterations_with_versions():
@@ -97,7 +97,7 @@ def test_requests_continue_prompt_and_response_with_the_segment_budget_and_seed(
   buffer, limits = PartialRolloutBuffer(), RolloutLimits(32, 4)
   collect_groups(policy, SAMPLING, groups, buffer, limits, 0, seed_base=40)
   captured = []
-  policy.generate = lambda requests, sampling: captured.append((requests, sampling)) or []
+  policy.generate = lambda requests, sampling, images: captured.append((requests, sampling)) or []
   with pytest.raises(RuntimeError, match="answered 0 of 2 requests"):
     collect_groups(policy, SAMPLING, [], buffer, limits, 1, seed_base=50)
   requests, sampling = captured[0]
@@ -114,7 +114,7 @@ class LoopingServer(FakeBackend):
     super().__init__()
     self.responses = responses
 
-  def generate(self, requests, sampling):
+  def generate(self, requests, sampling, images=None):
     out = []
     for ids, params in zip(requests, sampling):
       chunk = self.responses[ids[0]][len(ids) - 1:][:params.max_new_tokens]
@@ -169,7 +169,7 @@ def test_engine_and_a_non_detecting_backend_give_the_same_trajectories():
     backend.generate = engine.generate
     buffer, done = PartialRolloutBuffer(), []
     prompts = [P(str(i), str(i), "") for i in range(3, 11)]
-    groups = new_groups(prompts, lambda q: [int(q), 1], k=2, first_group_id=0, version=0)
+    groups = new_groups(prompts, lambda p: [int(p.question), 1], k=2, first_group_id=0, version=0)
     for version in range(3):
       done += collect_groups(backend, SamplingParams(temperature=0.3),
                              groups if version == 0 else [], buffer, limits, version,
