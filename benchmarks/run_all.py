@@ -7,6 +7,7 @@ Run: .venv/bin/python benchmarks/run_all.py [--only=decode,muon] [--readme]
 """
 import argparse
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -22,11 +23,16 @@ import attention_memory  # noqa: E402
 import decode  # noqa: E402
 import muon  # noqa: E402
 import partial_rollout  # noqa: E402
+import prefix_sharing  # noqa: E402
 import train_step  # noqa: E402
 
-BENCHMARKS = {"train_step": train_step.measure, "decode": decode.measure, "muon": muon.measure,
-              "partial_rollout": partial_rollout.measure,
-              "attention_memory": attention_memory.measure}
+# Repetitions sized so that the whole run takes ~10 minutes on 2 quiet cores.
+BENCHMARKS = {"train_step": functools.partial(train_step.measure, reps=5),
+              "decode": functools.partial(decode.measure, repeats=3),
+              "muon": functools.partial(muon.measure, reps=3),
+              "partial_rollout": functools.partial(partial_rollout.measure, iterations=10),
+              "attention_memory": attention_memory.measure,
+              "prefix_sharing": functools.partial(prefix_sharing.measure, reps=3)}
 # key: (comparison, goal or None (reported only), what the ratio is measured against)
 GOALS = {
     "train_step_vs_matmul": (">=", 0.6, "train-step FLOP/s (6ND + attention) of a ~19M LM, batch "
@@ -43,6 +49,9 @@ GOALS = {
                                      "without, heavy-tailed lengths"),
     "attention_memory_16k_vs_2k": ("<=", 9.0, "blockwise fwd+bwd XLA temp bytes at 16k / at 2k "
                                    "tokens"),
+    "prefill_tokens_shared_fraction": (None, None, "prompt tokens of one RL iteration (32 prompts "
+                                       "x k=8) whose KV cache is copied, not recomputed; FLOPs "
+                                       "saved in results.json"),
 }
 OUT = pathlib.Path("runs/bench")
 README_START, README_END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
