@@ -41,6 +41,7 @@ class P:
   question: str
   answer: str
   domain: str = "arith"
+  images: tuple = ()
 
 
 def encode(prompt):
