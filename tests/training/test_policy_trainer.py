@@ -123,7 +123,8 @@ class ScriptedArithBackend:
   def __init__(self, tokenizer):
     self.tokenizer = tokenizer
 
-  def generate(self, requests, sampling):
+  def generate(self, requests, sampling, images=None):
+    del images  # text prompts only
     out = []
     for ids, params in zip(requests, sampling):
       question = self.tokenizer.decode(ids)
