@@ -28,7 +28,7 @@ RESPONSE_TOKENS = 32
 
 class _Prompt:
   def __init__(self, i, rng):
-    self.id, self.answer, self.domain = f"p{i}", "", ""
+    self.id, self.answer, self.domain, self.images = f"p{i}", "", "", ()
     self.question = rng.integers(3, CONFIG.vocab_size, rng.integers(16, 49)).tolist()
 
 

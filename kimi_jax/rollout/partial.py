@@ -106,9 +106,11 @@ class RolloutLimits:
 
 def new_groups(prompts, encode: Callable[[Prompt], list[int]], k: int, first_group_id: int,
                version: int) -> list[Group]:
-  """k empty trajectories per prompt, starting from `encode(prompt)` (its token ids)."""
+  """k empty trajectories per prompt (a `data.sources.Prompt`: id, answer, domain, images),
+  starting from `encode(prompt)` (its token ids)."""
   return [Group(first_group_id + i, p.id, p.answer, [Trajectory(encode(p)) for _ in range(k)],
-                created_version=version, domain=p.domain or "", images=list(p.images))
+                created_version=version, domain=p.domain or "",
+                images=list(p.images))
           for i, p in enumerate(prompts)]
 
 

@@ -124,6 +124,7 @@ class ScriptedArithBackend:
     self.tokenizer = tokenizer
 
   def generate(self, requests, sampling, images=None):
+    del images  # text prompts only
     out = []
     for ids, params in zip(requests, sampling):
       question = self.tokenizer.decode(ids)
