@@ -52,7 +52,8 @@ class PlantedLengths(EngineBackend):
     self.remaining_of: dict[tuple, int] = {}  # tokens so far -> tokens still to generate
     self.iteration = 0
 
-  def generate(self, requests, sampling):
+  def generate(self, requests, sampling, images=None):
+    del images  # text-only prompts
     rng = np.random.default_rng(self.iteration)
     remaining = [self.remaining_of.pop(tuple(request), None) for request in requests]
     remaining = [int(np.clip(rng.lognormal(np.log(24), 1.0), 4, self.max_response))

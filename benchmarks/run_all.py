@@ -97,18 +97,35 @@ def rewrite_readme(readme: pathlib.Path, table: str) -> None:
   readme.write_text(f"{head}{README_START}\n{table}{README_END}{tail}")
 
 
+def write(results: dict) -> str:
+  """results.json and results.md as they stand (after every benchmark: a failed or killed run
+  keeps what finished)."""
+  results["load_average_end"] = os.getloadavg()
+  OUT.mkdir(parents=True, exist_ok=True)
+  (OUT / "results.json").write_text(json.dumps(results, indent=2))
+  table = markdown_table(results)
+  (OUT / "results.md").write_text(table)
+  return table
+
+
 def run(names: list[str]) -> dict:
-  results = {"machine": machine(), "ratios": {}, "details": {}, "seconds": {}}
+  results = {"machine": machine(), "ratios": {}, "details": {}, "seconds": {}, "errors": {}}
   for name in names:
     start = time.perf_counter()
     print(f"== {name}", flush=True)
-    for key, value in BENCHMARKS[name]().items():
+    try:
+      measured = BENCHMARKS[name]()
+    except Exception as error:  # noqa: BLE001 - one broken benchmark must not lose the others
+      results["errors"][name] = f"{type(error).__name__}: {error}"
+      print(f"   FAILED: {results['errors'][name]}", flush=True)
+      measured = {}
+    for key, value in measured.items():
       target = results["ratios"] if key in GOALS else results["details"]
       target[key] = value
       if key in GOALS:
         print(f"   {key} = {value:.3f}", flush=True)
     results["seconds"][name] = time.perf_counter() - start
-  results["load_average_end"] = os.getloadavg()
+    write(results)
   return results
 
 
@@ -126,13 +143,11 @@ def main():
   if unknown:
     raise ValueError(f"--only: unknown benchmarks {sorted(unknown)}; known {list(BENCHMARKS)}")
   results = run(args.only.split(","))
-  OUT.mkdir(parents=True, exist_ok=True)
-  (OUT / "results.json").write_text(json.dumps(results, indent=2))
-  table = markdown_table(results)
-  (OUT / "results.md").write_text(table)
   with open(OUT / "history.jsonl", "a") as f:
     f.write(json.dumps(results) + "\n")
-  print(table)
+  print(write(results))
+  if results["errors"]:
+    raise SystemExit(f"benchmarks failed: {sorted(results['errors'])}")
 
 
 if __name__ == "__main__":

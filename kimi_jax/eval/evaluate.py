@@ -11,8 +11,6 @@ import numpy as np
 from kimi_jax.eval.summary import EvalResult, summarize
 from kimi_jax.rewards.registry import REGISTRY
 from kimi_jax.rollout.types import SamplingParams
-from kimi_jax.data.image_prompts import placeholder_question
-from kimi_jax.data.tasks import encode_task_prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +27,9 @@ def sample_and_grade(backend, tokenizer, task, prompts, samples: int, temperatur
   """`samples` responses per prompt (request r seeded with seed + r), graded by the task."""
   rows = [p for p in prompts for _ in range(samples)]
   sampling = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r,
-                             stop_token_ids=(tokenizer.eos_id,)) for r in range(len(rows))]
-  completions = backend.generate(
-      [encode_task_prompt(tokenizer, placeholder_question(p)) for p in rows], sampling,
-      images=[p.images for p in rows])
+                             stop_token_ids=tuple(tokenizer.eos_ids)) for r in range(len(rows))]
+  completions = backend.generate([task.encode_prompt(tokenizer, p) for p in rows], sampling,
+                                 images=[p.images for p in rows])
   responses = [tokenizer.decode(c.output_ids) for c in completions]
   rewards = REGISTRY.task_rewards(task.reward_by_domain, [p.domain for p in rows], responses,
                                   [p.answer for p in rows])

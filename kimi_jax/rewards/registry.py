@@ -7,15 +7,16 @@ demo's synthetic arithmetic task: `REGISTRY.register("arith", per_response(fn))`
 
 A config maps task names (a prompt's `domain`) to reward names, e.g. {"gsm8k": "math",
 "arith": "arith"}; `score_rollout` calls each reward once on the rows of its tasks, then adds the
-k1.5 length penalty per prompt group (`length_penalty.apply_length_penalty`).
+k1.5 length penalty per prompt group (`length_penalty.grouped_length_reward`), keeping the parts.
 """
+import dataclasses
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from kimi_jax.data import synthetic
 from kimi_jax.rewards.code import code_rewards
-from kimi_jax.rewards.length_penalty import apply_length_penalty
+from kimi_jax.rewards import length_penalty
 from kimi_jax.rewards.math import math_rewards
 
 BatchReward = Callable[[Sequence[str], Sequence[str]], np.ndarray]
@@ -75,17 +76,30 @@ REGISTRY.register("code", code_rewards)
 REGISTRY.register("arith", per_response(lambda r, a: float(synthetic.is_correct(r, a))))
 
 
+@dataclasses.dataclass(frozen=True)
+class RolloutScores:
+  """Per-row reward parts, float64 [B]: rewards = task + length (the weighted length reward)."""
+  task: np.ndarray
+  length: np.ndarray
+  correct: np.ndarray  # bool: task reward 1
+
+  @property
+  def rewards(self) -> np.ndarray:
+    return self.task + self.length
+
+
 def score_rollout(reward_by_task: Mapping[str, str], tasks_B: Sequence[str],
                   responses_B: Sequence[str], answers_B: Sequence[str], lengths_B, group_ids_B,
                   length_penalty_weight: float, length_penalty_warmup: int, iteration: int,
-                  registry: RewardRegistry = REGISTRY) -> tuple[np.ndarray, np.ndarray]:
-  """(rewards_B, correct_B): task reward + w * per-group length reward; correct = reward 1.
+                  registry: RewardRegistry = REGISTRY) -> RolloutScores:
+  """Task reward and w * per-group length reward of every row; correct = task reward 1.
 
   `lengths_B` are response lengths in tokens, `group_ids_B` the prompt group of each row; w is
   `length_penalty_weight` from iteration `length_penalty_warmup` on, 0 before.
   """
   task_B = registry.task_rewards(reward_by_task, tasks_B, responses_B, answers_B)
   correct_B = task_B == 1.0
-  rewards_B = apply_length_penalty(task_B, lengths_B, correct_B, group_ids_B,
-                                   length_penalty_weight, iteration, length_penalty_warmup)
-  return rewards_B, correct_B
+  w = length_penalty.length_penalty_weight(length_penalty_weight, iteration,
+                                           length_penalty_warmup)
+  return RolloutScores(task_B, w * length_penalty.grouped_length_reward(lengths_B, correct_B,
+                                                                          group_ids_B), correct_B)

@@ -12,6 +12,7 @@ on its own, which only saves decode steps).
 import dataclasses
 from typing import Callable, Sequence
 
+from kimi_jax.data.sources import Prompt
 from kimi_jax.rollout.backends import RolloutBackend
 from kimi_jax.rollout.repetition import first_loop_end
 from kimi_jax.rollout.types import REPETITION_MATCH, STOP, SamplingParams, stop_reason
@@ -103,7 +104,7 @@ class RolloutLimits:
   repetition_count: int = 0  # <= ngram stops there; ngram = 0 disables
 
 
-def new_groups(prompts, encode: Callable[[object], list[int]], k: int, first_group_id: int,
+def new_groups(prompts, encode: Callable[[Prompt], list[int]], k: int, first_group_id: int,
                version: int) -> list[Group]:
   """k empty trajectories per prompt (a `data.sources.Prompt`: id, answer, domain, images),
   starting from `encode(prompt)` (its token ids)."""

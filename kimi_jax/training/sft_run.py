@@ -62,8 +62,8 @@ def run(config, workdir: str) -> dict:
   multihost.save_hf_from_main(os.path.join(workdir, "hf"), model_config, params,
                               tokenizer=tokenizer)
   params = multihost.addressable(params)  # evaluation runs on each process's own devices
-  backend = EngineBackend(model_config, params, config.rollout, config.rl, tokenizer.eos_id, "sft",
-                          run_image_processing(config))
+  backend = EngineBackend(model_config, params, config.rollout, config.rl, tokenizer.eos_ids,
+                          "sft", run_image_processing(config))
   summary = evaluate_with_config(backend, tokenizer, task, task.heldout,
                                  config.eval).as_dict("sft")
   if config.corpus.source:

@@ -26,20 +26,22 @@ def test_dispatch_by_task_and_length_penalty(registry):
   answers = ["12", "12", "2", "0", "0"]
   lengths = [10, 20, 30, 5, 5]
   groups = [0, 0, 0, 1, 1]
-  rewards, correct = score_rollout({"arith": "arith", "even_odd": "parity"}, tasks, responses,
-                                   answers, lengths, groups, length_penalty_weight=0.2,
-                                   length_penalty_warmup=3, iteration=3, registry=registry)
-  np.testing.assert_array_equal(correct, [True, False, True, True, False])
+  scores = score_rollout({"arith": "arith", "even_odd": "parity"}, tasks, responses,
+                         answers, lengths, groups, length_penalty_weight=0.2,
+                         length_penalty_warmup=3, iteration=3, registry=registry)
+  np.testing.assert_array_equal(scores.correct, [True, False, True, True, False])
+  np.testing.assert_array_equal(scores.task, [1.0, 0.0, 1.0, 1.0, 0.0])
   # Group 0: lambda = 0.5 - (len - 10) / 20 = (0.5, 0, -0.5); the wrong one keeps min(0, 0).
   # Group 1: equal lengths -> no length reward.
-  np.testing.assert_allclose(rewards, [1 + 0.2 * 0.5, 0.0, 1 - 0.2 * 0.5, 1.0, 0.0], atol=EXACT)
+  np.testing.assert_allclose(scores.rewards, [1 + 0.2 * 0.5, 0.0, 1 - 0.2 * 0.5, 1.0, 0.0],
+                             atol=EXACT)
 
 
 def test_length_penalty_is_off_during_warmup(registry):
-  rewards, _ = score_rollout({"arith": "arith"}, ["arith"] * 2, ["1+1=2#2", "1+1=3#3"],
-                             ["2", "2"], [4, 40], [0, 0], length_penalty_weight=0.2,
-                             length_penalty_warmup=3, iteration=2, registry=registry)
-  np.testing.assert_array_equal(rewards, [1.0, 0.0])
+  scores = score_rollout({"arith": "arith"}, ["arith"] * 2, ["1+1=2#2", "1+1=3#3"],
+                         ["2", "2"], [4, 40], [0, 0], length_penalty_weight=0.2,
+                         length_penalty_warmup=3, iteration=2, registry=registry)
+  np.testing.assert_array_equal(scores.rewards, [1.0, 0.0])
 
 
 def test_builtin_math_and_code_rewards():
