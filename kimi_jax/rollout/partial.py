@@ -57,6 +57,7 @@ class Group:
   trajectories: list[Trajectory]
   created_version: int = 0
   domain: str = ""  # selects the registered reward
+  question: str = ""  # the problem text, for rewards that grade against it (a judge model)
 
   @property
   def complete(self) -> bool:
@@ -106,7 +107,7 @@ class RolloutLimits:
 def new_groups(prompts, encode: Callable[[Prompt], list[int]], k: int, first_group_id: int,
                version: int) -> list[Group]:
   return [Group(first_group_id + i, p.id, p.answer, [Trajectory(encode(p)) for _ in range(k)],
-                created_version=version, domain=p.domain or "")
+                created_version=version, domain=p.domain or "", question=p.question)
           for i, p in enumerate(prompts)]
 
 

@@ -22,12 +22,14 @@ from kimi_jax.data.samplers import PromptSampler, make_strategy, mix_domains
 from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.metrics.plots import plot_metrics
 from kimi_jax.metrics.writers import read_jsonl
+from kimi_jax.rewards.registry import REGISTRY, RewardRegistry
 from kimi_jax.rollout.backends import build_backend
 from kimi_jax.rollout.partial import PartialRolloutBuffer, RolloutLimits, collect_groups, new_groups
 from kimi_jax.rollout.types import SamplingParams
 from kimi_jax.training import rl_data
 from kimi_jax.training.optim import build_optimizer, build_post_update
 from kimi_jax.training.rl_losses import make_policy_loss
+from kimi_jax.training.run_rewards import build_run_rewards
 from kimi_jax.training.scoring import (GroupScores, rollout_metrics, sample_rows, score_groups,
                                        write_samples)
 from kimi_jax.training.setup import (build_basics, build_writer, every_or_final,
@@ -43,6 +45,7 @@ def run(config, workdir: str) -> dict:
   validate_config(config)
   rl = config.rl
   task, tokenizer, model_config, mesh = build_basics(config, workdir)
+  rewards = build_run_rewards(config, task.reward_by_domain.values(), workdir)
   tx = build_optimizer(config.optimizer)
   abstract, shardings = train_state_shardings(model_config, tx, mesh)
   checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
@@ -65,8 +68,8 @@ def run(config, workdir: str) -> dict:
     tqdm.write(f"resumed from checkpoint {latest} (step {step})")
   backend = build_backend(config, model_config, tokenizer, state.params, str(step), workdir)
   if latest is None:  # the starting policy (SFT or init checkpoint), compared in summary.json
-    writer.write(0, evaluate_with_config(backend, tokenizer, task, task.heldout,
-                                         config.eval).as_dict("start"))
+    writer.write(0, evaluate_with_config(backend, tokenizer, task, task.heldout, config.eval,
+                                         rewards.registry).as_dict("start"))
     checkpointer.save(0, _saved_tree(state), _extra_state(0, sampler, buffer))
 
   trainer = PolicyTrainer(mesh, shardings, model_config, rl, build_post_update(config.optimizer))
@@ -74,14 +77,14 @@ def run(config, workdir: str) -> dict:
   with tqdm(desc="rl", initial=step, total=rl.iterations) as bar:
     while step < rl.iterations:
       state, metrics = rl_iteration(state, step, trainer, backend, sampling, sampler, buffer,
-                                    task, tokenizer, config, workdir)
+                                    task, tokenizer, config, workdir, rewards.registry)
       step += 1  # the policy now has version `step`
       t0 = time.perf_counter()
       backend.sync(state.params, str(step))
       metrics["time/sync"] = time.perf_counter() - t0
       if every_or_final(step, config.eval.every, rl.iterations):
-        metrics.update(evaluate_with_config(backend, tokenizer, task, task.heldout,
-                                            config.eval).as_dict("eval"))
+        metrics.update(evaluate_with_config(backend, tokenizer, task, task.heldout, config.eval,
+                                            rewards.registry).as_dict("eval"))
       writer.write(step, metrics)
       print_row(step, metrics, header=bar.n == bar.initial)
       if every_or_final(step, config.checkpoint.every, rl.iterations):
@@ -90,14 +93,15 @@ def run(config, workdir: str) -> dict:
   checkpointer.close()
   writer.close()
   backend.close()
+  rewards.close()
   save_hf(os.path.join(workdir, "hf"), model_config, state.params, tokenizer=tokenizer)
   return write_summary(workdir)
 
 
 def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, task, tokenizer,
-                 config, workdir: str):
-  """One k1.5 iteration from prompts to updated params, sampled by policy version `step`.
-  Returns (state, metrics)."""
+                 config, workdir: str, registry: RewardRegistry = REGISTRY):
+  """One k1.5 iteration from prompts to updated params, sampled by policy version `step` and
+  scored by the task rewards in `registry`. Returns (state, metrics)."""
   rl = config.rl
   t0 = time.perf_counter()
   groups = new_groups(next(sampler), lambda p: task.encode_prompt(tokenizer, p), rl.k,
@@ -109,7 +113,7 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   t1 = time.perf_counter()
   metrics = {"complete_groups": len(complete), "buffer_groups": len(buffer),
              "tokens_per_s": new_tokens / max(t1 - t0, 1e-9), "time/rollout": t1 - t0}
-  scores = (score_groups(complete, tokenizer.decode, task.reward_by_domain, rl, step)
+  scores = (score_groups(complete, tokenizer.decode, task.reward_by_domain, rl, step, registry)
             if complete else GroupScores.empty())
   write_samples(workdir, step, sample_rows(  # empty while every group waits in the buffer
       complete, scores, lambda ids: tokenizer.decode(ids, skip_special_tokens=False)))
