@@ -1,17 +1,26 @@
-"""Decode throughput of RolloutEngine vs transformers `generate`, and continuous vs static batching.
+"""Decode throughput of RolloutEngine vs transformers `generate` and vs the machine's roofline,
+and continuous vs static batching.
 
-Both samplers run the same tiny random Qwen2 weights (ours exported with save_hf, read back by
+Both samplers run the same random Qwen2 weights (ours exported with save_hf, read back by
 transformers), the same prompts, batch and lengths, in one process, so the ratio is robust to
-machine noise. Run: .venv/bin/python benchmarks/decode.py
+machine noise. Two sizes: an 86k-parameter model (dispatch-bound: per-token overhead decides)
+and a ~19M-parameter one (compute-bound), whose tokens/s is also compared with the roofline
+`matmul FLOP/s / (2 x matmul parameters)` of an in-run `jnp.dot`.
+Run: .venv/bin/python benchmarks/decode.py
 """
+import dataclasses
 import os
 import tempfile
 
 from absl import app, flags
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# torch's OpenMP workers otherwise spin while waiting: on a loaded 2-core machine that made
+# `generate` up to 200x slower (measured), which would flatter the engine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -19,21 +28,35 @@ import transformers  # noqa: E402
 from kimi_jax.checkpointing.hf import save_hf  # noqa: E402
 from kimi_jax.model import ModelConfig, init_params  # noqa: E402
 from kimi_jax.rollout.engine import RolloutEngine, SamplingParams  # noqa: E402
-from train_step import median_seconds  # noqa: E402
+from train_step import (CONFIG_20M, interleaved_medians, matmul, matmul_params,  # noqa: E402
+                        median_seconds)
 
-BATCH = flags.DEFINE_integer("batch", 32, "sequences decoded together")
-PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "prompt tokens")
-NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "tokens generated per sequence")
 REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per sampler (median reported)")
 MIX_REQUESTS = flags.DEFINE_integer("mix_requests", 128, "requests in the heavy-tailed mix")
 MIX_BATCH = flags.DEFINE_integer("mix_batch", 16, "rows for the heavy-tailed mix")
 
-CONFIG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
-                     num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, eos_token_id=2)
+TINY = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, eos_token_id=2)
+QWEN2_20M = dataclasses.replace(CONFIG_20M, qkv_bias=True, eos_token_id=2)
+# (config, batch, prompt tokens, new tokens) of each comparison.
+SIZES = {"tiny": (TINY, 32, 16, 64), "20m": (QWEN2_20M, 64, 128, 128)}
 
 
-def throughput(engine, hf_model, prompts_BxT, new_tokens: int, repeats: int, sample: bool):
-  """Tokens/s of both samplers, exactly `new_tokens` per row (eos ignored).
+def random_model(config: ModelConfig):
+  """Our params and the same weights in transformers (lm_head x10: non-flat distributions)."""
+  params = init_params(config, jax.random.key(0))
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 10.0
+  with tempfile.TemporaryDirectory() as path:
+    save_hf(path, config, params)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path).float().eval()
+  hf_model.generation_config.eos_token_id = None  # like ignore_eos (min_new_tokens would mask eos)
+  return params, hf_model
+
+
+def throughput(engine, hf_model, prompts_BxT, new_tokens: int, repeats: int, sample: bool,
+               dot=None):
+  """Tokens/s of both samplers, exactly `new_tokens` per row (eos ignored), and the median
+  seconds of the zero-argument `dot` timed in turns with them (None if not given).
 
   Greedy (sample=False) also reports how many rows agree token for token; sampling uses
   temperature 1 with top-p 0.9 on both sides.
@@ -53,9 +76,50 @@ def throughput(engine, hf_model, prompts_BxT, new_tokens: int, repeats: int, sam
   reference = hf_generate()[:, prompts_BxT.shape[1]:].numpy()
   agree = None if sample else np.mean([c.output_ids == r.tolist() for c, r in zip(ours, reference)])
   tokens = prompts_BxT.shape[0] * new_tokens
-  ours_s = median_seconds(lambda: engine.generate(prompts_BxT.tolist(), sampling), repeats)
-  hf_s = median_seconds(hf_generate, repeats)
-  return tokens / ours_s, tokens / hf_s, agree
+  runners = {"ours": lambda: engine.generate(prompts_BxT.tolist(), sampling), "hf": hf_generate}
+  medians = interleaved_medians(runners | ({"dot": dot} if dot else {}), repeats)
+  return tokens / medians["ours"], tokens / medians["hf"], agree, medians.get("dot")
+
+
+def compare(size: str, repeats: int, samplings=(False, True), dot=None) -> dict:
+  """Engine vs transformers tokens/s at one size, greedy and/or sampling (and the seconds
+  of `dot` timed in turns with the greedy runs, under "dot_s")."""
+  config, batch, prompt_len, new_tokens = SIZES[size]
+  params, hf_model = random_model(config)
+  engine = RolloutEngine(config, params, max_batch=batch, max_seq_len=prompt_len + new_tokens,
+                         eos_token_ids=(2,))
+  prompts_BxT = np.random.default_rng(0).integers(3, config.vocab_size, (batch, prompt_len))
+  result = dict(params=config.num_params, batch=batch, prompt_tokens=prompt_len,
+                new_tokens=new_tokens, torch_threads=torch.get_num_threads())
+  for sample in samplings:
+    ours, hf, agree, dot_s = throughput(engine, hf_model, prompts_BxT, new_tokens, repeats,
+                                        sample, None if sample else dot)
+    mode = "sampling" if sample else "greedy"
+    result[mode] = dict(engine_tokens_per_s=ours, hf_tokens_per_s=hf, ratio=ours / hf)
+    if dot_s is not None:
+      result["dot_s"] = dot_s
+    if agree is not None:
+      result[mode]["identical_rows"] = agree
+  return result
+
+
+def measure(repeats: int = 3) -> dict:
+  """decode_vs_hf_tiny, decode_vs_hf_20m and decode_vs_roofline (greedy, 20M model)."""
+  tiny = compare("tiny", repeats)
+  dot, dot_flops = matmul(2048, jnp.float32)
+  big = compare("20m", max(1, repeats - 1), samplings=(False,), dot=dot)
+  peak = dot_flops / big.pop("dot_s")
+  flops_per_token = 2 * matmul_params(QWEN2_20M)
+  roofline = peak / flops_per_token
+  return {
+      "decode_vs_hf_tiny": tiny["greedy"]["ratio"],
+      "decode_vs_hf_20m": big["greedy"]["ratio"],
+      "decode_vs_roofline": big["greedy"]["engine_tokens_per_s"] / roofline,
+      "decode": dict(tiny=tiny, qwen2_20m=big, matmul_gflops_per_s=peak / 1e9,
+                     roofline_tokens_per_s=roofline, flops_per_token=flops_per_token,
+                     reference="transformers generate on the same weights and prompts (hf); "
+                               "2 x matmul parameters per token at the FLOP/s of a 2048x2048 "
+                               "float32 jnp.dot timed in turns with the 20M runs (roofline)")}
 
 
 def heavy_tailed_lengths(count: int, rng) -> list[int]:
@@ -77,31 +141,27 @@ def batching_walltimes(engine, prompts, lengths, batch: int):
 
 def main(argv):
   del argv
-  rng = np.random.default_rng(0)
-  params = init_params(CONFIG, jax.random.key(0))
-  params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 10.0  # non-flat distributions
-  with tempfile.TemporaryDirectory() as path:
-    save_hf(path, CONFIG, params)
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path).float().eval()
-  hf_model.generation_config.eos_token_id = None  # like ignore_eos (min_new_tokens would mask eos)
-  max_seq_len = PROMPT_LEN.value + NEW_TOKENS.value
-  engine = RolloutEngine(CONFIG, params, max_batch=BATCH.value, max_seq_len=max_seq_len,
-                         eos_token_ids=(2,))
-  prompts_BxT = rng.integers(3, CONFIG.vocab_size, (BATCH.value, PROMPT_LEN.value))
-  print(f"model: {CONFIG.num_params:,} params; batch {BATCH.value}, prompt {PROMPT_LEN.value}, "
-        f"{NEW_TOKENS.value} new tokens; torch threads {torch.get_num_threads()}")
-  for sample in (False, True):
-    ours_tps, hf_tps, agree = throughput(engine, hf_model, prompts_BxT, NEW_TOKENS.value,
-                                         REPEATS.value, sample)
-    print(f"{'sampling T=1 top-p 0.9' if sample else 'greedy'}:")
-    print(f"  RolloutEngine          {ours_tps:12,.0f} tokens/s")
-    print(f"  transformers generate  {hf_tps:12,.0f} tokens/s")
-    print(f"  ratio                  {ours_tps / hf_tps:12.1f}x" +
-          ("" if agree is None else f"   (outputs identical for {agree:.0%} of rows)"))
+  result = measure(REPEATS.value)
+  for size, r in (("tiny", result["decode"]["tiny"]), ("20m", result["decode"]["qwen2_20m"])):
+    print(f"model: {r['params']:,} params; batch {r['batch']}, prompt {r['prompt_tokens']}, "
+          f"{r['new_tokens']} new tokens; torch threads {r['torch_threads']}")
+    for mode in ("greedy", "sampling"):
+      if mode in r:
+        m = r[mode]
+        print(f"  {mode:9s} RolloutEngine {m['engine_tokens_per_s']:10,.0f} tokens/s, "
+              f"transformers {m['hf_tokens_per_s']:10,.0f} tokens/s, ratio {m['ratio']:5.1f}x"
+              + (f" (outputs identical for {m['identical_rows']:.0%} of rows)"
+                 if "identical_rows" in m else ""))
+  d = result["decode"]
+  print(f"roofline at {d['matmul_gflops_per_s']:.0f} GFLOP/s (jnp.dot): "
+        f"{d['roofline_tokens_per_s']:,.0f} tokens/s; engine / roofline "
+        f"{result['decode_vs_roofline']:.2f}")
 
+  rng = np.random.default_rng(0)
+  params = init_params(TINY, jax.random.key(0))
   lengths = heavy_tailed_lengths(MIX_REQUESTS.value, rng)
-  prompts = [rng.integers(3, CONFIG.vocab_size, rng.integers(4, 17)).tolist() for _ in lengths]
-  mix_engine = RolloutEngine(CONFIG, params, max_batch=MIX_BATCH.value,
+  prompts = [rng.integers(3, TINY.vocab_size, rng.integers(4, 17)).tolist() for _ in lengths]
+  mix_engine = RolloutEngine(TINY, params, max_batch=MIX_BATCH.value,
                              max_seq_len=16 + max(lengths), eos_token_ids=(2,))
   continuous_s, static_s = batching_walltimes(mix_engine, prompts, lengths, MIX_BATCH.value)
   print(f"heavy-tailed mix: {len(lengths)} requests, {sum(lengths):,} tokens, lengths "

@@ -18,7 +18,7 @@ import numpy as np
 from kimi_jax.model import ModelConfig, init_params
 from kimi_jax.rollout.engine import RolloutEngine
 from kimi_jax.rollout.types import SamplingParams
-from train_step import median_seconds, step_flops, train_step_seconds
+from train_step import matmul_flops_per_s, median_seconds, step_flops, train_step_seconds
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (no sparsity).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
@@ -46,12 +46,6 @@ def device_peak(kind: str) -> float | None:
   return None
 
 
-def matmul_flops_per_s(n: int) -> float:
-  a = jnp.ones((n, n), jnp.bfloat16)
-  dot = jax.jit(lambda x: jnp.dot(x, x))
-  return 2 * n**3 / median_seconds(lambda: dot(a).block_until_ready(), reps=5)
-
-
 def time_decode(config: ModelConfig, batch: int, prompt_len: int, new_tokens: int) -> float:
   engine = RolloutEngine(config, init_params(config, jax.random.key(1)), max_batch=batch,
                          max_seq_len=prompt_len + new_tokens)
@@ -74,7 +68,7 @@ def main():
   step_s = train_step_seconds(config, size["batch"], size["length"], args.reps)
   flops = step_flops(config, size["batch"], size["length"])
   achieved = flops / step_s
-  dot = matmul_flops_per_s(8192 if args.size == "1b" else 512)
+  dot = matmul_flops_per_s(8192 if args.size == "1b" else 512, jnp.bfloat16)
   report = {"device_kind": kind, "devices": jax.device_count(), "params": config.num_params,
             "train_step_s": step_s,
             "train_tokens_per_s": size["batch"] * size["length"] / step_s,

@@ -43,10 +43,10 @@ class Prompt:
     self.id, self.question, self.answer, self.domain = f"p{i}", str(i), "", ""
 
 
-def heavy_tailed_lengths(n, seed):
+def heavy_tailed_lengths(n, seed, cap):
   """Lognormal response lengths: median ~24 tokens, a tail up to the cap."""
   rng = np.random.default_rng(seed)
-  return np.clip(rng.lognormal(np.log(24), 1.0, n).astype(int), 4, MAX_RESPONSE.value)
+  return np.clip(rng.lognormal(np.log(24), 1.0, n).astype(int), 4, cap)
 
 
 class PlantedLengths(EngineBackend):
@@ -66,15 +66,16 @@ class PlantedLengths(EngineBackend):
     return completions
 
 
-def run_mode(engine, segment: int) -> dict[str, float]:
+def run_mode(engine, segment: int, iterations: int, num_prompts: int, k: int,
+             max_response: int) -> dict[str, float]:
   """Mean per-iteration wall time, decode steps, tokens and compilations (first iteration out)."""
-  buffer, limits = PartialRolloutBuffer(), RolloutLimits(MAX_RESPONSE.value, segment)
+  buffer, limits = PartialRolloutBuffer(), RolloutLimits(max_response, segment)
   target_of, per_iteration = {}, []
   compiled = sum(engine.num_compilations.values())
-  for it in range(ITERATIONS.value):
-    prompts = [Prompt(it * PROMPTS.value + i) for i in range(PROMPTS.value)]
-    groups = new_groups(prompts, lambda q: [], K.value, it * PROMPTS.value, it)
-    lengths = heavy_tailed_lengths(len(groups) * K.value, seed=it)
+  for it in range(iterations):
+    prompts = [Prompt(it * num_prompts + i) for i in range(num_prompts)]
+    groups = new_groups(prompts, lambda p: [], k, it * num_prompts, it)
+    lengths = heavy_tailed_lengths(len(groups) * k, seed=it, cap=max_response)
     for j, trajectory in enumerate(t for g in groups for t in g.trajectories):
       trajectory.prompt_ids = [3 + it, 3 + j // 90, 3 + j % 90]  # unique 3-token prompt
       target_of[tuple(trajectory.prompt_ids)] = int(lengths[j])
@@ -83,26 +84,39 @@ def run_mode(engine, segment: int) -> dict[str, float]:
                                limits, it, seed_base=it)
     per_iteration.append((time.perf_counter() - start, engine.num_decode_steps - steps_before,
                           tokens))
-  seconds, steps, tokens = np.mean(per_iteration[1:], axis=0)
+  seconds, steps, tokens = np.mean(per_iteration[1:], axis=0).tolist()
   return {"seconds": seconds, "steps": steps, "tokens": tokens,
           "compiled": sum(engine.num_compilations.values()) - compiled}
 
 
+def measure(iterations: int = 16, num_prompts: int = 16, k: int = 4, max_response: int = 384,
+            segment: int = 48) -> dict:
+  """partial_vs_full_rl_iteration: mean iteration time with partial rollouts / without."""
+  params = init_params(CONFIG, jax.random.key(0))
+  engine = RolloutEngine(CONFIG, params, max_batch=64, max_seq_len=max_response + 8)
+  engine.warm_up()
+  run = lambda seg: run_mode(engine, seg, iterations, num_prompts, k, max_response)
+  modes = {"full": run(max_response), "partial": run(segment)}
+  return {"partial_vs_full_rl_iteration": modes["partial"]["seconds"] / modes["full"]["seconds"],
+          "partial_rollout": dict(
+              modes=modes, iterations=iterations, prompts=num_prompts, k=k,
+              max_response=max_response, segment=segment,
+              scope="rollout phase of the iteration (collect_groups through the engine)",
+              reference="the same prompt stream without partial rollouts, same engine")}
+
+
 def main(argv):
   del argv
-  params = init_params(CONFIG, jax.random.key(0))
-  engine = RolloutEngine(CONFIG, params, max_batch=64, max_seq_len=MAX_RESPONSE.value + 8)
-  engine.warm_up()
-  results = {"full rollouts": run_mode(engine, MAX_RESPONSE.value),
-             f"partial rollouts (segment {SEGMENT.value})": run_mode(engine, SEGMENT.value)}
-  print(f"{ITERATIONS.value} iterations of {PROMPTS.value} prompts x {K.value}, response cap "
-        f"{MAX_RESPONSE.value}; means over iterations 2-{ITERATIONS.value}:")
-  for name, r in results.items():
-    print(f"  {name:32s} {r['seconds']:6.3f} s/iter  {r['steps']:6.1f} decode steps  "
-          f"{r['tokens']:7.1f} tokens  {r['tokens'] / r['steps']:5.1f} tokens/step  "
-          f"{r['compiled']} programs compiled while timed")
-  full, partial = (r["seconds"] for r in results.values())
-  print(f"ratio partial / full: {partial / full:.2f} (goal <= 0.6)")
+  result = measure(ITERATIONS.value, PROMPTS.value, K.value, MAX_RESPONSE.value, SEGMENT.value)
+  r = result["partial_rollout"]
+  print(f"{r['iterations']} iterations of {r['prompts']} prompts x {r['k']}, response cap "
+        f"{r['max_response']}; means over iterations 2-{r['iterations']}:")
+  for name, m in r["modes"].items():
+    label = f"{name} rollouts" + (f" (segment {r['segment']})" if name == "partial" else "")
+    print(f"  {label:32s} {m['seconds']:6.3f} s/iter  {m['steps']:6.1f} decode steps  "
+          f"{m['tokens']:7.1f} tokens  {m['tokens'] / m['steps']:5.1f} tokens/step  "
+          f"{m['compiled']} programs compiled while timed")
+  print(f"ratio partial / full: {result['partial_vs_full_rl_iteration']:.2f} (goal <= 0.6)")
 
 
 if __name__ == "__main__":

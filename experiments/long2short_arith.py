@@ -35,11 +35,14 @@ def get_config(arg: str = "rl") -> ml_collections.ConfigDict:
       # training prompts, at temperature, up to eval.max_new_tokens (the long model's length).
       num_prompts=2000, num_samples=8, temperature=1.0,
       length_ratio=1.5,  # dpo: a correct response this much longer than the shortest is rejected
-      sft=dict(steps=150, batch_size=64, seq_len=96, learning_rate=1e-3, warmup_steps=15,
-               weight_decay=0.0),
+      sft=dict(steps=150, batch_size=64, seq_len=96,
+               optimizer=rl_arith.optimizer("adamw", 1e-3, b2=0.999, warmup_steps=15,
+                                            decay_to=0.1)),
       # chosen_nll_weight: + weight x NLL of the chosen responses (RPO); 0 is plain DPO (paper).
-      dpo=dict(steps=150, batch_size=32, seq_len=96, learning_rate=3e-4, warmup_steps=15,
-               weight_decay=0.0, beta=0.1, chosen_nll_weight=1.0 if variant == "rpo" else 0.0),
+      dpo=dict(steps=150, batch_size=32, seq_len=96, beta=0.1,
+               chosen_nll_weight=1.0 if variant == "rpo" else 0.0,
+               optimizer=rl_arith.optimizer("adamw", 3e-4, b2=0.999, warmup_steps=15,
+                                            decay_to=0.1)),
       short_checkpoint="runs/l2s_shortest/hf",  # merge: a short-CoT partner of the same model
       merge_weight=0.5))
   # long2short RL: the penalty on from iteration 0 and 60% of the long model's max length.
@@ -48,8 +51,9 @@ def get_config(arg: str = "rl") -> ml_collections.ConfigDict:
   c.sampler.strategy = "uniform"
   if size == "smoke":
     c.long2short.update(num_prompts=16, num_samples=4)
-    c.long2short.sft.update(steps=10, batch_size=8, seq_len=72, warmup_steps=2)
-    c.long2short.dpo.update(steps=10, batch_size=4, seq_len=72, warmup_steps=2)
+    c.long2short.sft.update(steps=10, batch_size=8, seq_len=72)
+    c.long2short.dpo.update(steps=10, batch_size=4, seq_len=72)
+    c.long2short.sft.optimizer.warmup_steps = c.long2short.dpo.optimizer.warmup_steps = 2
     c.rl.update(iterations=2, max_response_tokens=24, segment_tokens=16)
   c.lock()
   return c

@@ -31,15 +31,16 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
   c.unlock()
   c.corpus.update(source="worksheets", min_problems=2, max_problems=18)
   c.model.update(rope_theta=theta, attention="blockwise", attention_block_size=64)
-  c.sft.update(steps=steps, batch_size=batch_size, seq_len=seq_len, learning_rate=3e-3,
-               warmup_steps=steps // 10)
+  c.sft.update(steps=steps, batch_size=batch_size, seq_len=seq_len)
+  c.sft.optimizer.update(learning_rate=3e-3, warmup_steps=steps // 10)
   if previous:
     c.init.checkpoint = f"runs/lc{previous[-1]}/hf"
     c.init.changed_fields = ("rope_theta",)
-    c.sft.learning_rate = 1e-3
+    c.sft.optimizer.learning_rate = 1e-3
   if size == "smoke":
     c.corpus.update(num_documents=64, heldout_documents=8, max_problems=6)
-    c.sft.update(steps=4, batch_size=2, warmup_steps=1)
+    c.sft.update(steps=4, batch_size=2)
+    c.sft.optimizer.warmup_steps = 1
     c.task.update(num_train=64, num_heldout=8)
   c.lock()
   return c

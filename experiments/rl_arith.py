@@ -10,6 +10,16 @@ Override any field: --config.rl.tau=0.05 --config.rl.length_penalty.weight=0.0
 import ml_collections
 
 
+def optimizer(name: str, learning_rate: float, weight_decay: float = 0.0, b2: float = 0.99,
+              grad_clip: float = 0.0, qk_clip_tau: float = 0.0, warmup_steps: int = 0,
+              decay_to: float = 1.0) -> ml_collections.ConfigDict:
+  """An `optimizer` block (the fields `kimi_jax.training.optim` reads, for every stage)."""
+  return ml_collections.ConfigDict(dict(
+      name=name, learning_rate=learning_rate, weight_decay=weight_decay, b1=0.9, b2=b2,
+      momentum=0.0, grad_clip=grad_clip, qk_clip_tau=qk_clip_tau, warmup_steps=warmup_steps,
+      decay_to=decay_to))
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -35,17 +45,19 @@ def base_config() -> ml_collections.ConfigDict:
       source="", num_documents=2000, heldout_documents=64, min_problems=2, max_problems=16,
       position_edges=(0, 64, 256, 1024)))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+  # sequence > 1 splits every sequence over that many devices (ring attention; context
+  # parallelism for long CoT); the sequence length must divide by it.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, sequence=1))
 
+  # The warm-up: AdamW, linear warm-up then cosine decay to a tenth.
   c.sft = ml_collections.ConfigDict(dict(
-      steps=400, batch_size=64, seq_len=64, learning_rate=3e-3, warmup_steps=50,
-      weight_decay=0.01))
+      steps=400, batch_size=64, seq_len=64,
+      optimizer=optimizer("adamw", 3e-3, weight_decay=0.01, b2=0.999, warmup_steps=50,
+                          decay_to=0.1)))
 
   # RL resets the optimizer every iteration (k1.5); on this tiny model Adam's first, sign-like
   # step after each reset is a large random move, so the demo uses plain SGD on clipped grads.
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="sgd", learning_rate=5e-3, weight_decay=0.0, b1=0.9, b2=0.99, momentum=0.0,
-      grad_clip=1.0, qk_clip_tau=100.0))  # K2's tau; 0 turns QK-clip off
+  c.optimizer = optimizer("sgd", 5e-3, grad_clip=1.0, qk_clip_tau=100.0)  # K2's tau; 0: off
 
   c.rl = ml_collections.ConfigDict(dict(
       iterations=20,
@@ -70,8 +82,11 @@ def base_config() -> ml_collections.ConfigDict:
       strategy="prioritized", epsilon=0.05, ema_rate=0.0, base="prioritized",
       switch_step=24, hard_level=4, start_level=1, steps_per_level=8))
 
+  # colocate: hybrid deployment (k1.5's colocated train + rollout): the rollout backend frees its
+  # device memory (KV cache, weights) while the trainer runs and takes it back for the next
+  # iteration's weights. urls: SGLang servers or a router (backend "sglang").
   c.rollout = ml_collections.ConfigDict(dict(
-      backend="engine", urls=(), max_batch=128, max_seq_len=72))
+      backend="engine", urls=(), max_batch=128, max_seq_len=72, colocate=False))
 
   # Held-out eval: `samples` responses per prompt at `temperature` (1 at 0.0 = greedy), pass@k.
   c.eval = ml_collections.ConfigDict(dict(every=5, max_new_tokens=56, samples=1, temperature=0.0,
@@ -96,7 +111,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 80
   elif arg == "smoke":
     c.task.num_train, c.task.num_heldout = 200, 32
-    c.sft.steps, c.sft.batch_size, c.sft.warmup_steps = 20, 16, 5
+    c.sft.steps, c.sft.batch_size, c.sft.optimizer.warmup_steps = 20, 16, 5
     c.rl.iterations, c.rl.prompts_per_iteration, c.rl.k = 3, 4, 4
     c.rl.groups_per_minibatch = 2
     c.rl.segment_tokens = 24

@@ -7,6 +7,8 @@ the HF tokenizer files (tokenizer.json enables `text` prompts, `text` in answers
 the eos ids come from tokenizer_config.json, generation_config.json or config.json, and generation
 stops at any); --tokenizer_path names another directory, as SGLang's --tokenizer-path does.
 Without a tokenizer the server answers like SGLang's --skip-tokenizer-init: token ids only.
+A vision-language checkpoint (Qwen2-VL / Qwen2.5-VL) also takes `image_data` in /generate,
+preprocessed per its preprocessor_config.json (Qwen2-VL's defaults without one).
 Prints "serving <url>" once bound
 (--port=0 picks a free port).
 """
@@ -16,6 +18,7 @@ import os
 from absl import app, flags
 
 from kimi_jax.checkpointing.hf import load_hf
+from kimi_jax.data.images import load_image_processing
 from kimi_jax.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from kimi_jax.rollout.engine import RolloutEngine
 from kimi_jax.rollout.server import RolloutServer
@@ -47,7 +50,8 @@ def build_server(model_path: str, tokenizer_path: str | None = None) -> RolloutS
                          repetition_ngram=REPETITION_NGRAM.value,
                          repetition_count=REPETITION_COUNT.value, chunk_steps=CHUNK_STEPS.value,
                          detokenize=None if tokenizer is None else tokenizer.decode)
-  return RolloutServer(engine, tokenizer=tokenizer, model_path=model_path)
+  return RolloutServer(engine, tokenizer=tokenizer, model_path=model_path,
+                       image_processing=load_image_processing(model_path))
 
 
 async def serve(server: RolloutServer) -> None:

@@ -2,12 +2,10 @@
   python -m launch.train_sft --config=experiments/rl_arith.py:tiny --workdir=runs/sft \
       --config.sft.steps=800
 """
-from absl import app
-
 from launch import common
 
 main = common.stage_main("kimi_jax.training.sft_run")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

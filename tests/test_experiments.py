@@ -1,12 +1,13 @@
 """Every experiment variant builds, passes the run's validation, and fits its own data."""
 import pytest
 
-from experiments import long2short_arith, long_context_arith, rl_arith
+from experiments import long2short_arith, long_context_arith, rl_arith, vision_arith
 from kimi_jax.data.packing import example_from_ids
 from kimi_jax.data.tasks import build_task
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.training.rl import validate_config
-from kimi_jax.training.setup import build_model_config
+from kimi_jax.data.images import run_image_processing
+from kimi_jax.training.setup import build_model_config, build_tokenizer
 
 VARIANTS = ([(rl_arith, v) for v in ("tiny", "tiny_nolp", "long_cot", "smoke", "small")]
             + [(long2short_arith, f"{m}{s}") for m in long2short_arith.VARIANTS
@@ -31,8 +32,25 @@ def test_variant_is_valid_and_fits_its_data(module, variant):
   assert config.eval.max_new_tokens <= config.rollout.max_seq_len
 
 
+@pytest.mark.parametrize("variant", ["tiny", "mixed", "smoke", "pod"])
+def test_vision_variant_is_valid_and_fits_its_data(variant):
+  config = vision_arith.get_config(variant)
+  validate_config(config)
+  config.task.num_train = min(config.task.num_train, 200)  # rendering every image is slow
+  task = build_task(config.task, seed=config.seed)
+  tokenizer = build_tokenizer(config, task)
+  model_config = build_model_config(config.model, tokenizer)
+  assert model_config.vision.image_token_id == tokenizer.hf.token_to_id("<|image_pad|>")
+  processing = run_image_processing(config)
+  lengths = [len(task.prompt_inputs(tokenizer, p, processing).ids)
+             + len(tokenizer.encode(task.reference_response(p))) + 1 for p in task.train]
+  assert max(lengths) <= config.sft.seq_len + 1, "SFT references must fit a row"
+  assert max(lengths) <= config.rollout.max_seq_len, "prompt + reference must fit the engine"
+  assert config.eval.max_new_tokens <= config.rollout.max_seq_len
+
+
 def test_unknown_variants_are_refused():
-  for module in (rl_arith, long2short_arith, long_context_arith):
+  for module in (rl_arith, long2short_arith, long_context_arith, vision_arith):
     with pytest.raises(ValueError, match="unknown config variant"):
       module.get_config("nope")
 

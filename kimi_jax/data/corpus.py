@@ -17,32 +17,38 @@ import numpy as np
 
 from kimi_jax.data import synthetic
 from kimi_jax.data.epochs import EpochIterator, epoch_order
-from kimi_jax.data.sources import DataValidationError, RowError, as_nonempty_text
+from kimi_jax.data.sources import (DataValidationError, NotUtf8, RowError, as_nonempty_text,
+                                   text_lines)
 
 TEXT_FIELD = "text"
 
 
 def _jsonl_documents(path: str) -> list[str]:
   documents, errors = [], []
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-        if not isinstance(row, dict) or TEXT_FIELD not in row:
-          raise ValueError(f"expected an object with a {TEXT_FIELD!r} key")
-        documents.append(as_nonempty_text(row[TEXT_FIELD]))
-      except ValueError as e:  # json.JSONDecodeError is a ValueError
-        errors.append(RowError(file=path, line=line_number, field=TEXT_FIELD, message=str(e)))
+  for line_number, line in text_lines(path):
+    if isinstance(line, NotUtf8):
+      errors.append(RowError(file=path, line=line_number, field="<text>", message=str(line)))
+      continue
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      if not isinstance(row, dict) or TEXT_FIELD not in row:
+        raise ValueError(f"expected an object with a {TEXT_FIELD!r} key")
+      documents.append(as_nonempty_text(row[TEXT_FIELD]))
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+      errors.append(RowError(file=path, line=line_number, field=TEXT_FIELD, message=str(e)))
   if errors:
     raise DataValidationError(errors)
   return documents
 
 
 def _text_documents(path: str) -> list[str]:
-  with open(path, encoding="utf-8") as f:
-    return [block.strip() for block in f.read().split("\n\n") if block.strip()]
+  lines = [line for _, line in text_lines(path)]
+  bad = [line for line in lines if isinstance(line, NotUtf8)]
+  if bad:
+    raise bad[0]
+  return [block.strip() for block in "".join(lines).split("\n\n") if block.strip()]
 
 
 def read_documents(path: str) -> list[str]:

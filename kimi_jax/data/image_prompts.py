@@ -40,19 +40,38 @@ def vision_token_ids(tokenizer) -> VisionTokenIds:
 
 
 def expand_image_pads(ids: Sequence[int], image_pad_id: int, counts: Sequence[int]) -> list[int]:
-  """`ids` with its k-th image pad token repeated counts[k] times (one pad per image)."""
-  pads = [i for i, token in enumerate(ids) if token == image_pad_id]
-  if len(pads) != len(counts):
-    raise ValueError(f"{len(pads)} image placeholders in the prompt for {len(counts)} images")
+  """`ids` with the k-th run of image pad tokens made counts[k] long: a single pad (as a chat
+  template writes it) is repeated, a run already of that length is kept."""
+  ids = list(ids)
+  runs, i = [], 0
+  while i < len(ids):
+    if ids[i] == image_pad_id:
+      end = i
+      while end < len(ids) and ids[end] == image_pad_id:
+        end += 1
+      runs.append((i, end))
+      i = end
+    else:
+      i += 1
+  if len(runs) != len(counts):
+    raise ValueError(f"{len(runs)} image placeholders in the prompt for {len(counts)} images")
   expanded, start = [], 0
-  for position, count in zip(pads, counts):
-    expanded += list(ids[start:position]) + [image_pad_id] * int(count)
-    start = position + 1
-  return expanded + list(ids[start:])
+  for k, ((begin, end), count) in enumerate(zip(runs, counts)):
+    if end - begin not in (1, count):
+      raise ValueError(f"image {k}: a run of {end - begin} image pad tokens; the image takes "
+                       f"{count} (or give one pad)")
+    expanded += ids[start:begin] + [image_pad_id] * int(count)
+    start = end
+  return expanded + ids[start:]
 
 
 def image_token_counts(processed: images.ProcessedImages, merge_size: int) -> list[int]:
   return [images.num_image_tokens(grid, merge_size) for grid in processed.image_grid_thw]
+
+
+def placeholder_question(prompt: Prompt) -> str:
+  """The prompt's text with one placeholder per image before the question."""
+  return IMAGE_PLACEHOLDER * len(prompt.images) + prompt.question
 
 
 class PromptInputs(NamedTuple):
@@ -61,14 +80,22 @@ class PromptInputs(NamedTuple):
   images: images.ProcessedImages
 
 
+def with_image_pads(tokenizer, ids: list[int], prompt: Prompt,
+                    processing: images.ImageProcessing) -> PromptInputs:
+  """The prompt's ids (one placeholder per image) with the pads expanded, and its images (a
+  prompt without images needs no vision tokens in the tokenizer)."""
+  processed = images.preprocess(prompt.images, processing)
+  if prompt.images:
+    counts = image_token_counts(processed, processing.merge_size)
+    ids = expand_image_pads(ids, vision_token_ids(tokenizer).image_pad, counts)
+  return PromptInputs(ids, processed)
+
+
 def encode_prompt_with_images(tokenizer, template: ChatTemplate, prompt: Prompt,
                               processing: images.ImageProcessing) -> PromptInputs:
   """[bos] + prefix + one placeholder per image + question + suffix, pads expanded."""
-  pad_id = vision_token_ids(tokenizer).image_pad
-  processed = images.preprocess(prompt.images, processing)
-  ids = encode_prompt(tokenizer, template, IMAGE_PLACEHOLDER * len(prompt.images) + prompt.question)
-  counts = image_token_counts(processed, processing.merge_size)
-  return PromptInputs(expand_image_pads(ids, pad_id, counts), processed)
+  ids = encode_prompt(tokenizer, template, placeholder_question(prompt))
+  return with_image_pads(tokenizer, ids, prompt, processing)
 
 
 def concat_images(batch: Sequence[images.ProcessedImages]) -> images.ProcessedImages:

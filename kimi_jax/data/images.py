@@ -20,6 +20,7 @@ import base64
 import binascii
 import dataclasses
 import io
+import json
 import math
 import os
 from typing import NamedTuple, Sequence, Union
@@ -31,6 +32,7 @@ import PIL.ImageOps
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
+PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
 
 ImageSource = Union[str, bytes, PIL.Image.Image, np.ndarray]
 
@@ -84,6 +86,32 @@ class ImageProcessing:
             "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,
             "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
             "merge_size": self.merge_size}
+
+
+def run_image_processing(config) -> ImageProcessing:
+  """A run config's image preprocessing: its `images` section (Qwen2-VL's defaults without)."""
+  section = config.get("images")
+  return ImageProcessing() if section is None else ImageProcessing(**section.to_dict())
+
+
+def load_image_processing(directory: str) -> ImageProcessing:
+  """The settings of an HF checkpoint directory's preprocessor_config.json (Qwen2-VL's
+  defaults without one)."""
+  path = os.path.join(directory, PREPROCESSOR_CONFIG_FILE)
+  if not os.path.exists(path):
+    return ImageProcessing()
+  with open(path) as f:
+    try:
+      return ImageProcessing.from_hf(json.load(f))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+
+
+def save_image_processing(directory: str, processing: ImageProcessing) -> None:
+  """Writes `processing` as the directory's preprocessor_config.json (transformers reads it)."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, PREPROCESSOR_CONFIG_FILE), "w") as f:
+    json.dump(processing.to_hf(), f, indent=2)
 
 
 class ProcessedImages(NamedTuple):
@@ -207,7 +235,7 @@ def normalized_pixels(image: PIL.Image.Image, processing: ImageProcessing) -> np
 def patchify(frames_ZxCxYxX: np.ndarray, processing: ImageProcessing) -> tuple[np.ndarray, tuple]:
   """Flattened patches [t * h * w, C * T * P * P] in merge-window order, and (t, h, w).
 
-  F frames (a multiple of T = temporal_patch_size) of H x W pixels (multiples of
+  Z frames (a multiple of T = temporal_patch_size) of Y x X pixels (multiples of
   patch_size * merge_size).
   """
   num_frames, channels, height, width = frames_ZxCxYxX.shape

@@ -231,14 +231,31 @@ def _row_to_prompt(row: Any, schema: Schema, default_id: str,
   return Prompt(**values), []
 
 
+class NotUtf8(ValueError):
+  """One line of a text file that is not UTF-8; the other lines are still read."""
+
+
+def text_lines(path: str):
+  """(line number, text) of every line of a UTF-8 file; a line that does not decode comes as a
+  NotUtf8 error naming the file, line and column instead of its text."""
+  with open(path, "rb") as f:
+    for line_number, raw in enumerate(f, start=1):
+      try:
+        yield line_number, raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield line_number, NotUtf8(f"{path}:{line_number}: not UTF-8 ({e.reason} at column "
+                                   f"{e.start + 1})")
+
+
 def _jsonl_rows(path: str):
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
-      if line.strip():
-        try:
-          yield line_number, json.loads(line)
-        except json.JSONDecodeError as e:
-          yield line_number, e
+  for line_number, line in text_lines(path):
+    if isinstance(line, NotUtf8):
+      yield line_number, line
+    elif line.strip():
+      try:
+        yield line_number, json.loads(line)
+      except json.JSONDecodeError as e:
+        yield line_number, e
 
 
 def _parquet_rows(path: str):
@@ -266,6 +283,9 @@ def prompts_from_rows(numbered_rows, path: str,
   for line, row in numbered_rows:
     if isinstance(row, json.JSONDecodeError):
       errors.append(RowError(path, line, "<json>", f"invalid JSON: {row.msg}"))
+      continue
+    if isinstance(row, NotUtf8):
+      errors.append(RowError(path, line, "<text>", str(row)))
       continue
     prompt, problems = _row_to_prompt(row, schema, f"{stem}-{line}", base_dir)
     errors.extend(RowError(path, line, field, message) for field, message in problems)

@@ -36,26 +36,25 @@ from typing import Callable, Mapping
 import numpy as np
 
 from kimi_jax.data import rendered, sources, synthetic
+from kimi_jax.data.image_prompts import IMAGE_PLACEHOLDER, PromptInputs, with_image_pads
+from kimi_jax.data.images import ImageProcessing
+from kimi_jax.data.packing import PLAIN, ChatTemplate, encode_prompt
 from kimi_jax.data.sources import Prompt
 
 QUESTION = "{question}"
 SCHEMAS = {"gsm8k": sources.GSM8K, "math": sources.MATH, "answer": sources.Schema(),
            "code": sources.CODE}
 VISION_DOMAINS = (synthetic.DOMAIN, rendered.ARITH_IMAGE_DOMAIN, rendered.CHART_DOMAIN)
+TEMPLATE = ChatTemplate(add_bos=True)  # tokenizers without a chat template: <bos> + text
 
 
 def encode_text(tokenizer, text: str, chat_template_kwargs: Mapping | None = None) -> list[int]:
   """Ids of a prompt text: one user turn of the tokenizer's chat template, or bos + text."""
-  if tokenizer.chat_template is not None:
-    rendered = tokenizer.chat_template.render([{"role": "user", "content": text}],
-                                              add_generation_prompt=True,
-                                              **(chat_template_kwargs or {}))
-    ids = tokenizer.encode(rendered)
-  else:
-    ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(text)
-  if not ids:
-    raise ValueError("empty prompt: nothing to condition the response on")
-  return ids
+  if tokenizer.chat_template is None:
+    return encode_prompt(tokenizer, PLAIN if tokenizer.bos_id is None else TEMPLATE, text)
+  chat = tokenizer.chat_template.render([{"role": "user", "content": text}],
+                                        add_generation_prompt=True, **(chat_template_kwargs or {}))
+  return encode_prompt(tokenizer, PLAIN, chat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +69,17 @@ class Task:
   reference_response: Callable[[Prompt], str] | None = None  # synthetic tasks: SFT targets
 
   def prompt_text(self, prompt: Prompt) -> str:
-    return self.template_by_domain[prompt.domain].replace(QUESTION, prompt.question)
+    """The domain's template around the question, one image placeholder per image first."""
+    return (IMAGE_PLACEHOLDER * len(prompt.images)
+            + self.template_by_domain[prompt.domain].replace(QUESTION, prompt.question))
 
   def encode_prompt(self, tokenizer, prompt: Prompt) -> list[int]:
-    """Prompt ids exactly as every stage sees them (module docstring)."""
+    """Prompt ids exactly as every stage sees them (module docstring); an image is one pad."""
     return encode_text(tokenizer, self.prompt_text(prompt), self.chat_template_kwargs)
+
+  def prompt_inputs(self, tokenizer, prompt: Prompt, processing: ImageProcessing) -> PromptInputs:
+    """`encode_prompt` with each image's pads expanded to its LM tokens, and the images."""
+    return with_image_pads(tokenizer, self.encode_prompt(tokenizer, prompt), prompt, processing)
 
   @property
   def has_images(self) -> bool:

@@ -30,7 +30,8 @@ def sample_and_grade(backend, tokenizer, task, prompts, samples: int, temperatur
   rows = [p for p in prompts for _ in range(samples)]
   sampling = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r,
                              stop_token_ids=tuple(tokenizer.eos_ids)) for r in range(len(rows))]
-  completions = backend.generate([task.encode_prompt(tokenizer, p) for p in rows], sampling)
+  completions = backend.generate([task.encode_prompt(tokenizer, p) for p in rows], sampling,
+                                 images=[p.images for p in rows])
   responses = [tokenizer.decode(c.output_ids) for c in completions]
   rewards = registry.task_rewards(task.reward_by_domain, [p.domain for p in rows], responses,
                                   [p.answer for p in rows], [p.question for p in rows])
@@ -50,7 +51,8 @@ def evaluate(backend, tokenizer, task, prompts, max_new_tokens: int, samples: in
                             max_new_tokens, seed, registry)
   shape = (len(prompts), samples)
   return summarize(graded.correct_R.reshape(shape), graded.num_tokens_R.reshape(shape), k,
-                   difficulty_P=np.array([p.difficulty for p in prompts]))
+                   difficulty_P=np.array([p.difficulty for p in prompts]),
+                   domain_P=[p.domain for p in prompts])
 
 
 def evaluate_with_config(backend, tokenizer, task, prompts, eval_config,

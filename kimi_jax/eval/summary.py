@@ -24,6 +24,7 @@ class EvalResult:
   accuracy_per_1k_tokens: float  # token efficiency
   by_difficulty: dict  # level -> pass@1
   tokens_by_difficulty: dict  # level -> mean response tokens
+  by_domain: dict = dataclasses.field(default_factory=dict)  # domain -> pass@1 (if several)
 
   def as_dict(self, prefix: str = "eval") -> dict:
     out = {f"{prefix}/pass@1": self.pass_at_1, f"{prefix}/pass@{self.k}": self.pass_at_k,
@@ -32,12 +33,14 @@ class EvalResult:
     out.update({f"{prefix}/pass@1_level{lvl}": acc for lvl, acc in self.by_difficulty.items()})
     out.update({f"{prefix}/mean_tokens_level{lvl}": tokens
                 for lvl, tokens in self.tokens_by_difficulty.items()})
+    out.update({f"{prefix}/pass@1_{domain}": acc for domain, acc in self.by_domain.items()})
     return out
 
 
 def summarize(correct_PxN: np.ndarray, lengths_PxN: np.ndarray, k: int,
-              difficulty_P: np.ndarray | None = None) -> EvalResult:
-  """Metrics from per-prompt, per-sample correctness and response lengths (tokens)."""
+              difficulty_P: np.ndarray | None = None, domain_P=None) -> EvalResult:
+  """Metrics from per-prompt, per-sample correctness and response lengths (tokens); pass@1 per
+  domain when `domain_P` names more than one."""
   correct_PxN = np.asarray(correct_PxN, bool)
   n = correct_PxN.shape[1]
   pass1 = float(correct_PxN.mean())
@@ -50,7 +53,13 @@ def summarize(correct_PxN: np.ndarray, lengths_PxN: np.ndarray, k: int,
     for level in sorted(set(difficulty_P.tolist()) - {None}):  # unlabelled: overall only
       by_level[int(level)] = float(correct_PxN[difficulty_P == level].mean())
       tokens_by_level[int(level)] = float(lengths_PxN[difficulty_P == level].mean())
+  by_domain = {}
+  if domain_P is not None and len(set(domain_P)) > 1:
+    domain_P = np.asarray(domain_P)
+    by_domain = {str(d): float(correct_PxN[domain_P == d].mean())
+                 for d in sorted(set(domain_P), key=str)}
   return EvalResult(pass1, passk, k, mean_tokens,
                     tokens_per_correct=float(lengths_PxN.sum() / max(correct_PxN.sum(), 1)),
                     accuracy_per_1k_tokens=1000.0 * pass1 / max(mean_tokens, 1e-9),
-                    by_difficulty=by_level, tokens_by_difficulty=tokens_by_level)
+                    by_difficulty=by_level, tokens_by_difficulty=tokens_by_level,
+                    by_domain=by_domain)

@@ -3,17 +3,19 @@
 Masks are built from positions (a key is visible when its position <= the query's and, for
 packed rows, it is in the same segment), so the same kernels serve the full forward, packed
 batches, the KV-cache decode path (cache slot index == position) and, with all positions equal,
-bidirectional attention within segments (the vision tower).
+bidirectional attention within segments (the vision tower). When the active mesh has a
+`sequence` axis larger than one, full forwards run as ring attention over that axis.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import Mesh
 
 from kimi_jax.model.config import ModelConfig
 from kimi_jax.model.layers import Dense, RMSNorm, rotary_embedding
-from kimi_jax.sharding.rules import constrain
+from kimi_jax.sharding.rules import active_mesh, constrain, logical_to_spec
 
 _NEG_INF = -1e30
 
@@ -65,12 +67,14 @@ def _query_blocks(q_BxTxHxA, q_pos_BxT, q_seg_BxT, block):
   return q_blocks, pos_blocks, seg_blocks
 
 
-def blockwise_attention(q_BxTxHxA, k_BxSxKxA, v_BxSxKxA, q_pos_BxT, k_pos_BxS, q_seg_BxT,
-                        k_seg_BxS, block_size: int):
-  """Attention computed one query block at a time under remat.
+def blockwise_attention_lse(q_BxTxHxA, k_BxSxKxA, v_BxSxKxA, q_pos_BxT, k_pos_BxS, q_seg_BxT,
+                            k_seg_BxS, block_size: int):
+  """Attention computed one query block at a time under remat, with its log-sum-exp.
 
   Each block materialises only its [block, S] scores and mask (built from positions), and the
-  backward pass recomputes them, so memory grows linearly with sequence length.
+  backward pass recomputes them, so memory grows linearly with sequence length. Returns
+  (out_BxTxHxA, lse_BxTxH float32): lse is the log of each query's softmax denominator, which
+  lets attention over several key chunks be merged exactly (`merge_attention`).
   """
   b, t, h, d = q_BxTxHxA.shape
   block = min(block_size, t)
@@ -79,12 +83,29 @@ def blockwise_attention(q_BxTxHxA, k_BxSxKxA, v_BxSxKxA, q_pos_BxT, k_pos_BxS, q
   def one_block(args):
     q_blk, pos_blk, seg_blk = args
     mask = causal_mask(pos_blk, k_pos_BxS, seg_blk, k_seg_BxS)
-    probs = jax.nn.softmax(_grouped_scores(q_blk, k_BxSxKxA, mask), axis=-1)
+    scores_BxKxQxTxS = _grouped_scores(q_blk, k_BxSxKxA, mask)
+    lse_BxKxQxT = jax.nn.logsumexp(scores_BxKxQxTxS, axis=-1)
+    probs = jnp.exp(scores_BxKxQxTxS - lse_BxKxQxT[..., None])
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_BxSxKxA.dtype), v_BxSxKxA)
-    return out.reshape(b, block, h, d)
+    return out.reshape(b, block, h, d), lse_BxKxQxT.transpose(0, 3, 1, 2).reshape(b, block, h)
 
-  out = jax.lax.map(one_block, _query_blocks(q_BxTxHxA, q_pos_BxT, q_seg_BxT, block))
-  return out.swapaxes(0, 1).reshape(b, -1, h, d)[:, :t]
+  out, lse = jax.lax.map(one_block, _query_blocks(q_BxTxHxA, q_pos_BxT, q_seg_BxT, block))
+  return (out.swapaxes(0, 1).reshape(b, -1, h, d)[:, :t],
+          lse.swapaxes(0, 1).reshape(b, -1, h)[:, :t])
+
+
+def blockwise_attention(q_BxTxHxA, k_BxSxKxA, v_BxSxKxA, q_pos_BxT, k_pos_BxS, q_seg_BxT,
+                        k_seg_BxS, block_size: int):
+  """`blockwise_attention_lse` without the log-sum-exp."""
+  return blockwise_attention_lse(q_BxTxHxA, k_BxSxKxA, v_BxSxKxA, q_pos_BxT, k_pos_BxS,
+                                 q_seg_BxT, k_seg_BxS, block_size)[0]
+
+
+def merge_attention(out_a_BxTxHxA, lse_a_BxTxH, out_b_BxTxHxA, lse_b_BxTxH):
+  """Attention over the union of two disjoint key sets from each set's (out, lse), float32."""
+  lse_BxTxH = jnp.logaddexp(lse_a_BxTxH, lse_b_BxTxH)
+  weight = lambda lse: jnp.exp(lse - lse_BxTxH)[..., None]
+  return (out_a_BxTxHxA * weight(lse_a_BxTxH) + out_b_BxTxHxA * weight(lse_b_BxTxH), lse_BxTxH)
 
 
 def max_attention_logits(q_BxTxHxA, k_BxSxKxA, q_pos_BxT, k_pos_BxS, q_seg_BxT, k_seg_BxS,
@@ -99,6 +120,135 @@ def max_attention_logits(q_BxTxHxA, k_BxSxKxA, q_pos_BxT, k_pos_BxS, q_seg_BxT, 
 
   per_block = jax.lax.map(one_block, _query_blocks(q_BxTxHxA, q_pos_BxT, q_seg_BxT, block))
   return jax.lax.stop_gradient(per_block.max(axis=0))
+
+
+def _around_ring(body, carry, travelling, axis_name: str):
+  """`carry = body(carry, travelling)` once per device of the ring `axis_name`; after each call
+  `travelling` moves one device along the ring, so it meets every device and ends at home."""
+  n = jax.lax.axis_size(axis_name)
+  shift = lambda tree: jax.lax.ppermute(tree, axis_name, [(i, (i + 1) % n) for i in range(n)])
+
+  def step(state, _):
+    carry, travelling = state
+    carry, travelling = body(carry, travelling)
+    return (carry, shift(travelling)), None
+
+  (carry, travelling), _ = jax.lax.scan(step, (carry, travelling), None, length=n)
+  return carry, travelling
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _ring_attention(q_BxTxHxA, k_BxTxKxA, v_BxTxKxA, pos_BxT, seg_BxT, block_size, axis_name):
+  return _ring_attention_fwd(q_BxTxHxA, k_BxTxKxA, v_BxTxKxA, pos_BxT, seg_BxT, block_size,
+                             axis_name)[0]
+
+
+def _ring_attention_fwd(q_BxTxHxA, k_BxTxKxA, v_BxTxKxA, pos_BxT, seg_BxT, block_size, axis_name):
+  def visit(acc, chunk):
+    k, v, k_pos, k_seg = chunk
+    part = blockwise_attention_lse(q_BxTxHxA, k, v, pos_BxT, k_pos, seg_BxT, k_seg, block_size)
+    return merge_attention(*acc, part[0].astype(jnp.float32), part[1]), chunk
+
+  b, t, h, d = q_BxTxHxA.shape
+  empty = (jnp.zeros((b, t, h, d), jnp.float32), jnp.full((b, t, h), -jnp.inf, jnp.float32))
+  (out, lse), _ = _around_ring(visit, empty, (k_BxTxKxA, v_BxTxKxA, pos_BxT, seg_BxT), axis_name)
+  out = out.astype(q_BxTxHxA.dtype)
+  return out, (q_BxTxHxA, k_BxTxKxA, v_BxTxKxA, pos_BxT, seg_BxT, out, lse)
+
+
+def _ring_attention_bwd(block_size, axis_name, residuals, d_out_BxTxHxA):
+  """A second trip around the ring: each key chunk's part is recomputed and differentiated;
+  the chunk's dk/dv travel with it and arrive home with every device's contribution."""
+  q, k, v, pos, seg, out, lse_BxTxH = residuals
+  d_out = d_out_BxTxHxA.astype(jnp.float32)
+  d_out_dot_out_BxTxH = (d_out * out.astype(jnp.float32)).sum(-1)
+
+  def visit(d_q, chunk):
+    k_c, v_c, k_pos, k_seg, d_k, d_v = chunk
+    part = lambda q_, k_, v_: blockwise_attention_lse(q_, k_, v_, pos, k_pos, seg, k_seg,
+                                                      block_size)
+    (part_out, part_lse), vjp = jax.vjp(part, q, k_c, v_c)
+    # out = sum_c w_c out_c with w_c = exp(lse_c - lse), so d out_c = w_c d_out and
+    # d lse_c = w_c <d_out, out_c - out>.
+    weight_BxTxH = jnp.exp(part_lse - lse_BxTxH)
+    d_part_out = (weight_BxTxH[..., None] * d_out).astype(part_out.dtype)
+    d_part_lse = weight_BxTxH * ((d_out * part_out.astype(jnp.float32)).sum(-1)
+                                 - d_out_dot_out_BxTxH)
+    dq_c, dk_c, dv_c = vjp((d_part_out, d_part_lse))
+    return d_q + dq_c, (k_c, v_c, k_pos, k_seg, d_k + dk_c, d_v + dv_c)
+
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  d_q, (*_, d_k, d_v) = _around_ring(visit, zeros(q), (k, v, pos, seg, zeros(k), zeros(v)),
+                                     axis_name)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None
+
+
+_ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
+
+
+def _ring_max_logits(q_BxTxHxA, k_BxTxKxA, pos_BxT, seg_BxT, block_size, axis_name):
+  """Per-head max logit of the local queries over every key chunk of the ring, [H]."""
+  def visit(max_H, chunk):
+    k, k_pos, k_seg = chunk
+    chunk_max_H = max_attention_logits(q_BxTxHxA, k, pos_BxT, k_pos, seg_BxT, k_seg, block_size)
+    return jnp.maximum(max_H, chunk_max_H), chunk
+
+  start = jnp.full((q_BxTxHxA.shape[2],), -jnp.inf, jnp.float32)
+  return _around_ring(visit, start, (k_BxTxKxA, pos_BxT, seg_BxT), axis_name)[0]
+
+
+def ring_attention(mesh: Mesh, q_BxTxHxA, k_BxTxKxA, v_BxTxKxA, pos_BxT, seg_BxT, block_size: int,
+                   return_max_logits: bool):
+  """Causal attention with the sequence split over the mesh's `sequence` axis (context
+  parallelism): each device keeps its queries and passes its key/value chunk around the ring,
+  merging the blockwise parts by log-sum-exp, so no device ever holds the whole sequence.
+
+  Returns (out_BxTxHxA, max_logits_H or None), laid out by the logical rules table.
+  """
+  seg_BxT = jnp.zeros_like(pos_BxT) if seg_BxT is None else seg_BxT
+  heads = logical_to_spec(("batch", "length", "act_heads", None))
+  tokens = logical_to_spec(("batch", "length"))
+  spread = tuple(axis for entry in tokens if entry is not None
+                 for axis in ((entry,) if isinstance(entry, str) else entry))
+
+  def local(q, k, v, pos, seg):
+    out = _ring_attention(q, k, v, pos, seg, block_size, "sequence")
+    if not return_max_logits:
+      return out, None
+    return out, jax.lax.pmax(_ring_max_logits(q, k, pos, seg, block_size, "sequence"), spread)
+
+  return jax.shard_map(
+      local, mesh=mesh, in_specs=(heads, heads, heads, tokens, tokens),
+      out_specs=(heads, logical_to_spec(("act_heads",)) if return_max_logits else None),
+      check_vma=False)(q_BxTxHxA, k_BxTxKxA, v_BxTxKxA, pos_BxT, seg_BxT)
+
+
+def local_attention(cfg: ModelConfig, q, k, v, positions_BxT, segment_ids_BxT, kv_cache,
+                  return_max_logits: bool):
+  """Attention with the whole sequence on each device, and the KV-cache decode path.
+
+  Returns (out_BxTxHxA, new kv cache or None, max_logits_H or None).
+  """
+  b = q.shape[0]
+  if kv_cache is None:
+    keys, values, k_pos, k_seg, q_seg = k, v, positions_BxT, segment_ids_BxT, segment_ids_BxT
+    new_cache = None
+  else:
+    rows = jnp.arange(b)[:, None]
+    keys = kv_cache[0].at[rows, positions_BxT].set(k.astype(kv_cache[0].dtype))
+    values = kv_cache[1].at[rows, positions_BxT].set(v.astype(kv_cache[1].dtype))
+    new_cache = (keys, values)
+    k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
+    k_seg = q_seg = None
+  if cfg.attention == "blockwise":
+    out = blockwise_attention(q, keys, values, positions_BxT, k_pos, q_seg, k_seg,
+                              cfg.attention_block_size)
+  else:
+    out = dot_product_attention(q, keys, values, causal_mask(positions_BxT, k_pos, q_seg, k_seg))
+  max_logits_H = (max_attention_logits(q, keys, positions_BxT, k_pos, q_seg, k_seg,
+                                       cfg.attention_block_size)
+                  if return_max_logits else None)
+  return out, new_cache, max_logits_H
 
 
 def segment_attention(q_BxTxHxA, k_BxTxKxA, v_BxTxKxA, segment_ids_BxT, impl: str,
@@ -141,24 +291,15 @@ class Attention(nn.Module):
     q = constrain(q, ("batch", "length", "act_heads", None))
     k = rotary_embedding(k, rope_positions, cfg.rope_theta, cfg.mrope_section)
 
-    if kv_cache is None:
-      keys, values, k_pos, k_seg, q_seg = k, v, positions_BxT, segment_ids_BxT, segment_ids_BxT
+    mesh = active_mesh()
+    if kv_cache is None and mesh is not None and mesh.shape.get("sequence", 1) > 1:
+      out, max_logits_H = ring_attention(mesh, q, k, v, positions_BxT, segment_ids_BxT,
+                                         cfg.attention_block_size, return_max_logits)
       new_cache = None
     else:
-      rows = jnp.arange(b)[:, None]
-      keys = kv_cache[0].at[rows, positions_BxT].set(k.astype(kv_cache[0].dtype))
-      values = kv_cache[1].at[rows, positions_BxT].set(v.astype(kv_cache[1].dtype))
-      new_cache = (keys, values)
-      k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
-      k_seg = q_seg = None
-    if cfg.attention == "blockwise":
-      out = blockwise_attention(q, keys, values, positions_BxT, k_pos, q_seg, k_seg,
-                                cfg.attention_block_size)
-    else:
-      out = dot_product_attention(q, keys, values, causal_mask(positions_BxT, k_pos, q_seg, k_seg))
+      out, new_cache, max_logits_H = local_attention(cfg, q, k, v, positions_BxT,
+                                                      segment_ids_BxT, kv_cache,
+                                                      return_max_logits)
     out = constrain(out, ("batch", "length", "act_heads", None)).reshape(b, t, h * d)
     y = proj(x_BxTxD.shape[-1], ("heads", "embed"), False, name="o_proj")(out)
-    max_logits_H = (max_attention_logits(q, keys, positions_BxT, k_pos, q_seg, k_seg,
-                                         cfg.attention_block_size)
-                    if return_max_logits else None)
     return y, new_cache, max_logits_H

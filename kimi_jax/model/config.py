@@ -130,7 +130,7 @@ class ModelConfig:
   dtype: str = "float32"  # activations and matmuls
   param_dtype: str = "float32"
   attention: str = "dot_product"
-  attention_block_size: int = 512  # query block of the blockwise path
+  attention_block_size: int = 512  # query block of the blockwise and ring attention paths
   remat: bool = False
   # Multimodal RoPE: the rotary half-dim split into (temporal, height, width) sections, each
   # rotated by its own row of 3-row positions. None: ordinary 1D RoPE.

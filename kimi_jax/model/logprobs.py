@@ -1,15 +1,43 @@
-"""Per-token log-probabilities of a batch's targets under the LM."""
+"""Per-token log-probabilities of a batch's targets under the LM (or the VLM, for batches that
+carry image fields: see `kimi_jax.data.image_batches`)."""
 import jax
 import jax.numpy as jnp
 
 from kimi_jax.model.config import ModelConfig
-from kimi_jax.model.transformer import apply_lm
+from kimi_jax.model.transformer import Transformer, apply_lm, default_positions
+from kimi_jax.model.vision import VisionLayout
+from kimi_jax.model.vlm import encode_images
+
+
+def _vlm_logits(config: ModelConfig, params, batch, return_max_logits: bool):
+  """Logits of rows whose images are batch-major: row b's k-th `image_mask` token takes row b's
+  k-th merged patch embedding; the B * O patches are encoded as one packed sequence."""
+  tokens_BxT, image_BxT = batch["tokens"], batch["image_mask"]
+  b, p, f = batch["pixel_values"].shape
+  layout = VisionLayout(batch["hw_positions"].reshape(b * p, 2), batch["frame_ids"].reshape(-1),
+                        batch["window_ids"].reshape(-1))
+  dtype = jnp.dtype(config.dtype)
+  merged_BxMxD = encode_images(config, params, batch["pixel_values"].reshape(b * p, f),
+                               layout).reshape(b, p // config.vision.merge_unit, -1).astype(dtype)
+  index_BxT = jnp.clip(jnp.cumsum(image_BxT, axis=1) - 1, 0, merged_BxMxD.shape[1] - 1)
+  image_BxTxD = jnp.take_along_axis(merged_BxMxD, index_BxT[..., None], axis=1)
+  text_BxTxD = jnp.take(params["embed_tokens"]["embedding"].astype(dtype), tokens_BxT, axis=0)
+  embeds_BxTxD = jnp.where(image_BxT[..., None], image_BxTxD, text_BxTxD)
+  positions = batch.get("positions")
+  logits, _, max_logits = Transformer(config, return_max_logits).apply(
+      {"params": params}, tokens_BxT,
+      default_positions(tokens_BxT) if positions is None else positions, batch.get("segment_ids"),
+      None, embeds_BxTxD, jnp.moveaxis(batch["rope_positions"], 1, 0))
+  return (logits, max_logits) if return_max_logits else logits
 
 
 def token_logprobs(config: ModelConfig, params, batch, return_max_logits: bool = False):
   """log p(targets_BxT | prefix) under `params`, float32 [B, T] (and max_logits_LxH)."""
-  out = apply_lm(config, params, batch["tokens"], batch.get("positions"),
-                 batch.get("segment_ids"), return_max_logits=return_max_logits)
+  if "pixel_values" in batch:
+    out = _vlm_logits(config, params, batch, return_max_logits)
+  else:
+    out = apply_lm(config, params, batch["tokens"], batch.get("positions"),
+                   batch.get("segment_ids"), return_max_logits=return_max_logits)
   logits_BxTxV, max_logits_LxH = out if return_max_logits else (out, None)
   logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
   logp_BxT = jnp.take_along_axis(logp_BxTxV, batch["targets"][..., None], axis=-1)[..., 0]

@@ -11,7 +11,7 @@ from kimi_jax.model.attention import Attention
 from kimi_jax.model.config import ModelConfig
 from kimi_jax.model.layers import Dense, RMSNorm, SwiGLU
 from kimi_jax.model.vision import VisionTower, vision_layout
-from kimi_jax.sharding.rules import constrain
+from kimi_jax.sharding.rules import check_sequence_split, constrain
 
 KVCache = tuple  # per layer: (keys_BxSxKxA, values_BxSxKxA); slot index == position
 
@@ -49,6 +49,7 @@ class Transformer(nn.Module):
                embeds_BxTxD=None, rope_positions=None):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    check_sequence_split(tokens_BxT.shape[1])
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                  ("vocab", "embed")),

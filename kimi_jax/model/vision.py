@@ -5,6 +5,10 @@ and frame, patches in merge-block-major order (each 2x2 merge block's patches ar
 The host describes that sequence once (`vision_layout`: each patch's (h, w) grid position, its
 frame and its attention window); the tower then attends within frames (or windows) through
 segment masks, so no image sees another and nothing is padded to a square.
+
+Qwen2.5-VL's window attention needs no reordering here: HF permutes patches window by window
+(and back after the merger) so its variable-length kernels see contiguous windows; a mask on
+window ids gives the same attention with the patches left in the processor's order.
 """
 import functools
 from typing import NamedTuple
@@ -27,7 +31,7 @@ _ACTIVATIONS = {
 
 
 class VisionLayout(NamedTuple):
-  """Per-patch facts of a packed patch sequence of N patches (host numpy arrays).
+  """Per-patch facts of a packed patch sequence of O patches (host numpy arrays).
 
   Padding patches (past the real images) have frame and window id -1: they only see each other.
   """
@@ -157,7 +161,7 @@ class PatchMerger(nn.Module):
 
 
 def vision_rotary_angles(vision: VisionConfig, hw_positions_Ox2) -> jax.Array:
-  """2D RoPE angles [N, head_dim // 2]: row angles then column angles, each over head_dim // 4
+  """2D RoPE angles [O, head_dim // 2]: row angles then column angles, each over head_dim // 4
   frequencies of a head_dim // 2 rotary base."""
   inv_freq = inverse_frequencies(vision.head_dim // 2, vision.rope_theta)
   angles_Ox2xQuarter = hw_positions_Ox2.astype(jnp.float32)[..., None] * inv_freq
@@ -165,7 +169,7 @@ def vision_rotary_angles(vision: VisionConfig, hw_positions_Ox2) -> jax.Array:
 
 
 class VisionTower(nn.Module):
-  """Flattened patches [N, C*T*P*P] -> merged image embeddings [N / merge_unit, LM hidden].
+  """Flattened patches [O, C*T*P*P] -> merged image embeddings [O / merge_unit, LM hidden].
 
   The patch embedding is HF's Conv3d with stride == kernel, i.e. one dense layer on the
   flattened (C, T, P, P) patch.

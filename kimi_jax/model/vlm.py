@@ -19,7 +19,7 @@ from kimi_jax.model.vision import VisionLayout, VisionTower, check_grid, vision_
 class VLMInputs(NamedTuple):
   """Everything image-shaped a batch of prompts with images needs (a pytree of arrays)."""
 
-  pixel_values_OxE: np.ndarray  # all images' patches in order, zero rows padding to N
+  pixel_values_OxE: np.ndarray  # all images' patches in order, then zero rows of padding
   layout: VisionLayout
   rope_positions_3xBxT: np.ndarray
   rope_delta_B: np.ndarray  # rope position - sequence index for tokens after the prompt
@@ -60,7 +60,7 @@ def prepare_vlm_inputs(config: ModelConfig, tokens_BxT, pixel_values, image_grid
 
 
 def encode_images(config: ModelConfig, params, pixel_values_OxE, layout: VisionLayout) -> jax.Array:
-  """Merged image embeddings [N / merge_unit, hidden], images in layout order."""
+  """Merged image embeddings [O / merge_unit, hidden], images in layout order."""
   if pixel_values_OxE.shape[0] == 0:  # a batch without images
     return jnp.zeros((0, config.hidden_size), jnp.dtype(config.dtype))
   return VisionTower(config).apply({"params": params["visual"]}, pixel_values_OxE, layout)

@@ -90,6 +90,19 @@ def orthogonalize(update, dims, steps=5, coeffs=DEFAULT_NS_COEFFS, eps=1e-7, dty
   return jnp.transpose(result.reshape(moved.shape), inverse).astype(update.dtype)
 
 
+def orthogonalize_tree(updates, routing: dict, steps=5, coeffs=DEFAULT_NS_COEFFS, eps=1e-7,
+                       dtype="float32"):
+  """`orthogonalize` every leaf of `updates` along `routing[key path]` (see `leaf_routing`)."""
+  def one(path, u):
+    dims = routing[path]
+    if dims is None:
+      raise ValueError(f"parameter {routing_lib.path_name(path)!r} is routed to AdamW but "
+                       "reached scale_by_muon")
+    return orthogonalize(u, dims, steps, coeffs, eps, dtype)
+
+  return jax.tree_util.tree_map_with_path(one, updates)
+
+
 class ScaleByMuonState(NamedTuple):
   momentum: optax.Updates
 
@@ -112,15 +125,8 @@ def scale_by_muon(beta=0.95, nesterov: bool = True, ns_steps=5, ns_coeffs=DEFAUL
     momentum = jax.tree.map(lambda m, g: (beta * m + g).astype(m.dtype), state.momentum, updates)
     direction = (jax.tree.map(lambda m, g: beta * m + g, momentum, updates) if nesterov
                  else momentum)
-
-    def orthogonalize_leaf(path, d, g):
-      dims = routing[path]
-      if dims is None:
-        raise ValueError(f"parameter {routing_lib.path_name(path)!r} is routed to AdamW but "
-                         "reached scale_by_muon")
-      return orthogonalize(d, dims, ns_steps, ns_coeffs, eps, ns_dtype).astype(g.dtype)
-
-    orthogonal = jax.tree_util.tree_map_with_path(orthogonalize_leaf, direction, updates)
+    orthogonal = orthogonalize_tree(direction, routing, ns_steps, ns_coeffs, eps, ns_dtype)
+    orthogonal = jax.tree.map(lambda o, g: o.astype(g.dtype), orthogonal, updates)
     return orthogonal, ScaleByMuonState(momentum=momentum)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -11,6 +11,7 @@ import shutil
 from typing import Protocol, Sequence, runtime_checkable
 
 from kimi_jax.checkpointing.hf import save_hf
+from kimi_jax.data import image_prompts, images as image_inputs
 from kimi_jax.rollout.engine import RolloutEngine
 from kimi_jax.rollout.sglang_client import SGLangClient
 from kimi_jax.rollout.types import Completion, SamplingParams
@@ -22,9 +23,11 @@ BACKENDS = ("engine", "sglang")
 class RolloutBackend(Protocol):
   """Samples completions from a policy whose weights the trainer pushes."""
 
-  def generate(self, requests: Sequence[Sequence[int]],
-               sampling: Sequence[SamplingParams]) -> list[Completion]:
-    """One completion per request (prompt token ids), in request order."""
+  def generate(self, requests: Sequence[Sequence[int]], sampling: Sequence[SamplingParams],
+               images: Sequence[Sequence[str]] | None = None) -> list[Completion]:
+    """One completion per request (prompt token ids), in request order. `images`: per request
+    its image sources (base64, data URL or path), one image pad run each in its ids (a single
+    pad, expanded by the backend, or already of the image's length)."""
 
   def sync(self, params, version: str) -> None:
     """Serve `params` from now on, reported as `version` in every completion."""
@@ -42,15 +45,31 @@ class RolloutBackend(Protocol):
 class EngineBackend:
   """`RolloutEngine` in this process."""
 
-  def __init__(self, model_config, params, rollout_config, rl_config, eos_ids, version: str):
+  def __init__(self, model_config, params, rollout_config, rl_config, eos_ids, version: str,
+               image_processing: image_inputs.ImageProcessing = image_inputs.ImageProcessing()):
+    self.image_processing = image_processing
     self.engine = RolloutEngine(model_config, params, max_batch=rollout_config.max_batch,
                                 max_seq_len=rollout_config.max_seq_len,
                                 eos_token_ids=tuple(eos_ids),
                                 weight_version=version, repetition_ngram=rl_config.repetition_ngram,
                                 repetition_count=rl_config.repetition_count)
 
-  def generate(self, requests, sampling):
-    return self.engine.generate(requests, sampling)
+  def generate(self, requests, sampling, images=None):
+    if not images or not any(images):
+      return self.engine.generate(requests, sampling)
+    processed, expanded, prompt_images = {}, [], []
+    for ids, sources in zip(requests, images):
+      sources = tuple(sources or ())
+      if sources and sources not in processed:  # the samples of a prompt share one object
+        processed[sources] = image_inputs.preprocess(sources, self.image_processing)
+      if sources:
+        counts = image_prompts.image_token_counts(processed[sources],
+                                                  self.image_processing.merge_size)
+        ids = image_prompts.expand_image_pads(ids, self.engine.config.vision.image_token_id,
+                                              counts)
+      expanded.append(ids)
+      prompt_images.append(processed.get(sources))
+    return self.engine.generate(expanded, sampling, images=prompt_images)
 
   def sync(self, params, version: str) -> None:
     self.engine.update_weights(params, version)
@@ -75,8 +94,8 @@ class SGLangBackend:
     self._loop = asyncio.new_event_loop()
     self.client = SGLangClient(list(urls))
 
-  def generate(self, requests, sampling):
-    return self._loop.run_until_complete(self.client.generate(requests, sampling))
+  def generate(self, requests, sampling, images=None):
+    return self._loop.run_until_complete(self.client.generate(requests, sampling, images=images))
 
   def sync(self, params, version: str) -> None:
     """Write HF safetensors (+ tokenizer) for `version`, point every server at them, then drop
@@ -104,7 +123,8 @@ def build_backend(config, model_config, tokenizer, params, version: str,
   """The backend `config.rollout.backend` names, serving `params` as `version`."""
   rollout = config.rollout
   if rollout.backend == "engine":
-    return EngineBackend(model_config, params, rollout, config.rl, tokenizer.eos_ids, version)
+    return EngineBackend(model_config, params, rollout, config.rl, tokenizer.eos_ids, version,
+                         image_inputs.run_image_processing(config))
   if rollout.backend == "sglang":
     backend = SGLangBackend(model_config, tokenizer, rollout.urls,
                             os.path.join(workdir, "rollout_weights"))

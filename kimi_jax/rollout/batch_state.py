@@ -6,6 +6,10 @@ engine. Every row holds one request: its tokens (slot index == position), its KV
 sampling settings and its stop rules.
 Sampling, emission and stopping live on device in `decode_chunk` only, so a chunk of decode
 steps needs no host round-trip and the prefill programs stay small.
+
+Prompts with images (a vision-language model) are prefilled by `prefill_images`, which runs the
+vision tower once per distinct image of the program and places M-RoPE positions; each row keeps
+its rope delta, so decoded tokens rotate by position + delta (0 for text-only rows).
 """
 from typing import NamedTuple
 
@@ -14,6 +18,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from kimi_jax.model import ModelConfig, decode_lm, init_kv_cache
+from kimi_jax.model.transformer import Transformer
+from kimi_jax.model.vision import VisionLayout
+from kimi_jax.model.vlm import embed_with_images, encode_images
 from kimi_jax.rollout.repetition import repeated_loop
 from kimi_jax.rollout.sampling import (penalized_logits, request_key_data, row_keys,
                                        sample_tokens)
@@ -42,14 +49,21 @@ class BatchState:
   frequency_B: jax.Array
   presence_B: jax.Array
   counts_BxV: jax.Array  # output tokens of the row's request, by id (for the penalties)
+  rope_delta_B: jax.Array  # rotary position - slot for decoded tokens (M-RoPE after images)
 
 
 class Admission(NamedTuple):
-  """New requests for R rows (padding rows have row index B and are dropped)."""
+  """New requests for up to R rows, their prompts computed once per distinct prompt (U rows).
+
+  Requests that share a prompt share its prefill: each of the first `num_rows` rows copies the
+  KV cache of prompt row `source_R` (padding rows have row index B and are dropped).
+  """
 
   rows_R: jax.Array
-  prompts_RxT: jax.Array  # right-padded
-  lengths_R: jax.Array
+  source_R: jax.Array  # index into the U prompt rows
+  num_rows: jax.Array  # real (non-padding) rows, a scalar
+  prompts_UxT: jax.Array  # right-padded
+  lengths_U: jax.Array
   max_new_R: jax.Array
   temperature_R: jax.Array
   top_p_R: jax.Array
@@ -63,6 +77,21 @@ class Admission(NamedTuple):
   repetition_R: jax.Array
   frequency_R: jax.Array
   presence_R: jax.Array
+
+
+class ImageAdmission(NamedTuple):
+  """The distinct images of one prefill program's U prompts (patches padded to N) and where
+  each of their image tokens takes its embedding from."""
+
+  pixel_values_OxE: jax.Array
+  hw_positions_Ox2: jax.Array
+  frame_ids_O: jax.Array
+  window_ids_O: jax.Array
+  # Per image token of the U x T prompts (row-major), its row of the merged embeddings of the
+  # distinct images (flat, U * T long).
+  embed_index: jax.Array
+  rope_positions_3xUxT: jax.Array
+  rope_delta_U: jax.Array
 
 
 class Emitted(NamedTuple):
@@ -88,7 +117,8 @@ def init_batch_state(config: ModelConfig, max_batch: int, max_seq_len: int,
       key_data_Bx2=jnp.zeros((b, 2), jnp.uint32),
       stop_ids_BxJ=jnp.full((b, max_stop_ids), -1, jnp.int32), min_new_B=zeros(jnp.int32),
       repetition_B=jnp.ones((b,), jnp.float32), frequency_B=zeros(jnp.float32),
-      presence_B=zeros(jnp.float32), counts_BxV=jnp.zeros((b, config.vocab_size), jnp.int32))
+      presence_B=zeros(jnp.float32), counts_BxV=jnp.zeros((b, config.vocab_size), jnp.int32),
+      rope_delta_B=zeros(jnp.int32))
 
 
 def _penalize(state: BatchState, logits_BxV):
@@ -100,6 +130,23 @@ def _penalize(state: BatchState, logits_BxV):
   return jax.lax.cond(
       needed, penalized_logits, lambda logits, *_: logits, logits_BxV, state.counts_BxV,
       state.repetition_B, state.frequency_B, state.presence_B, suppress_BxJ)
+
+
+def reset_rows(config: ModelConfig, max_stop_ids: int, state: BatchState,
+               reset_B: jax.Array) -> BatchState:
+  """`state` with the rows in `reset_B` as `init_batch_state` makes them (KV cache included).
+
+  Prefill rewrites only a prompt's own KV slots; the slots past it keep what the row's previous
+  requests left, masked out of attention but still multiplied by a zero weight, so a NaN left by
+  poisoned weights would spread to every later request of the row.
+  """
+  b, s = state.history_BxS.shape
+  fresh = init_batch_state(config, b, s, max_stop_ids)
+
+  def pick(old, new):
+    return jnp.where(reset_B.reshape((b,) + (1,) * (old.ndim - 1)), new, old)
+
+  return jax.tree_util.tree_map(pick, state, fresh)
 
 
 def _record(state: BatchState, logits_BxV, budget, ngram: int, count: int):
@@ -127,25 +174,59 @@ def _record(state: BatchState, logits_BxV, budget, ngram: int, count: int):
   return state, (tokens_B, logprobs_B, emit_B), budget - jnp.sum(emit_B)
 
 
-def prefill(config: ModelConfig, params, state: BatchState, admission: Admission) -> BatchState:
-  """Write R new requests into their rows: KV cache of the prompt, settings and stop rules.
+def _copy_prompt_cache(kv_cache, prompt_cache, rows_R, source_R, num_rows):
+  """Write prompt row `source_R[i]`'s keys and values into cache row `rows_R[i]`, i < num_rows
+  (in place, one row at a time: the copying grows with the rows admitted, not with R)."""
+  def copy_row(i, cache):
+    at = (rows_R[i], 0, 0, 0)
+    return tuple((jax.lax.dynamic_update_slice(k, pk[source_R[i]][None], at),
+                  jax.lax.dynamic_update_slice(v, pv[source_R[i]][None], at))
+                 for (k, v), (pk, pv) in zip(cache, prompt_cache))
+  return jax.lax.fori_loop(0, num_rows, copy_row, kv_cache)
 
-  The row's newest token is the last prompt token, so the next decode step samples the first
-  output token like any other (its K/V entry is rewritten with the same values).
+
+def prefill(config: ModelConfig, params, state: BatchState, admission: Admission) -> BatchState:
+  """Write new requests into their rows: KV cache of the prompt, settings and stop rules.
+
+  Each distinct prompt runs through the model once; its rows copy the result. The row's
+  newest token is the last prompt token, so the next decode step samples the first output
+  token like any other (its K/V entry is rewritten with the same values).
   """
+  u, t = admission.prompts_UxT.shape
+  positions_UxT = jnp.broadcast_to(jnp.arange(t), (u, t))
+  _, prompt_cache = decode_lm(config, params, admission.prompts_UxT, positions_UxT,
+                              init_kv_cache(config, u, t))
+  return _seat(state, admission, prompt_cache, jnp.zeros((u,), jnp.int32))
+
+
+def prefill_images(config: ModelConfig, params, state: BatchState, admission: Admission,
+                   images: ImageAdmission) -> BatchState:
+  """`prefill` for prompts whose image pad tokens take the images' merged patch embeddings."""
+  u, t = admission.prompts_UxT.shape
+  layout = VisionLayout(images.hw_positions_Ox2, images.frame_ids_O, images.window_ids_O)
+  merged_MxD = encode_images(config, params, images.pixel_values_OxE, layout)
+  embeds_UxTxD = embed_with_images(config, params, admission.prompts_UxT,
+                                   merged_MxD[images.embed_index])
+  _, prompt_cache, _ = Transformer(config).apply(
+      {"params": params}, admission.prompts_UxT, jnp.broadcast_to(jnp.arange(t), (u, t)), None,
+      init_kv_cache(config, u, t), embeds_UxTxD, images.rope_positions_3xUxT)
+  return _seat(state, admission, prompt_cache, images.rope_delta_U)
+
+
+def _seat(state: BatchState, admission: Admission, prompt_cache, rope_delta_U) -> BatchState:
+  """The admitted rows' prompt KV cache (copied from their prompt row), tokens, settings and
+  stop rules written into `state`."""
   a = admission
-  r, t = a.prompts_RxT.shape
+  t = a.prompts_UxT.shape[1]
+  r = a.rows_R.shape[0]
   s = state.history_BxS.shape[1]
-  positions_RxT = jnp.broadcast_to(jnp.arange(t), (r, t))
-  _, prompt_cache = decode_lm(config, params, a.prompts_RxT, positions_RxT,
-                              init_kv_cache(config, r, t))
+  kv_cache = _copy_prompt_cache(state.kv_cache, prompt_cache, a.rows_R, a.source_R, a.num_rows)
   put = lambda target, value: target.at[a.rows_R].set(value, mode="drop")
-  kv_cache = tuple((k.at[a.rows_R, :t].set(pk, mode="drop"), v.at[a.rows_R, :t].set(pv, mode="drop"))
-                   for (k, v), (pk, pv) in zip(state.kv_cache, prompt_cache))
-  prompts_RxS = jnp.zeros((r, s), jnp.int32).at[:, :t].set(a.prompts_RxT)
+  prompts_RxS = jnp.zeros((r, s), jnp.int32).at[:, :t].set(a.prompts_UxT[a.source_R])
   return state.replace(
       kv_cache=kv_cache, history_BxS=put(state.history_BxS, prompts_RxS),
-      position_B=put(state.position_B, a.lengths_R - 1), active_B=put(state.active_B, True),
+      position_B=put(state.position_B, a.lengths_U[a.source_R] - 1),
+      active_B=put(state.active_B, True),
       finish_B=put(state.finish_B, ROW_RUNNING), num_generated_B=put(state.num_generated_B, 0),
       max_new_B=put(state.max_new_B, a.max_new_R),
       temperature_B=put(state.temperature_B, a.temperature_R), top_p_B=put(state.top_p_B, a.top_p_R),
@@ -156,7 +237,8 @@ def prefill(config: ModelConfig, params, state: BatchState, admission: Admission
       repetition_B=put(state.repetition_B, a.repetition_R),
       frequency_B=put(state.frequency_B, a.frequency_R),
       presence_B=put(state.presence_B, a.presence_R),
-      counts_BxV=put(state.counts_BxV, jnp.zeros((r, state.counts_BxV.shape[1]), jnp.int32)))
+      counts_BxV=put(state.counts_BxV, jnp.zeros((r, state.counts_BxV.shape[1]), jnp.int32)),
+      rope_delta_B=put(state.rope_delta_B, rope_delta_U[a.source_R]))
 
 
 def decode_chunk(config: ModelConfig, params, state: BatchState, release_B, budget, exit_when_free,
@@ -180,7 +262,8 @@ def decode_chunk(config: ModelConfig, params, state: BatchState, release_B, budg
     step, state, budget, emitted = carry
     tokens_Bx1 = jnp.take_along_axis(state.history_BxS, state.position_B[:, None], axis=1)
     logits_Bx1xV, kv_cache = decode_lm(config, params, tokens_Bx1, state.position_B[:, None],
-                                       state.kv_cache)
+                                       state.kv_cache,
+                                       (state.position_B + state.rope_delta_B)[:, None])
     state, new, budget = _record(state.replace(kv_cache=kv_cache), logits_Bx1xV[:, 0], budget,
                                  ngram, count)
     emitted = tuple(buf.at[step].set(value) for buf, value in zip(emitted, new))

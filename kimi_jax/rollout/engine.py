@@ -7,8 +7,16 @@ never idles the batch. Admitted prompts are prefilled longest first by programs 
 per length bucket (a power of two, capped at max_seq_len; rows = a token budget / bucket), the
 rows a program's longest prompts leave free taken by the next-longest: a new prompt length, such
 as a partial rollout resumed from prompt + earlier segments, never compiles a new program, and
-short prompts are not padded to the longest one admitted with them. Weights are a jit argument:
-swapping them keeps every compiled program.
+short prompts are not padded to the longest one admitted with them. Requests admitted together
+with the same prompt (the n samples of a prompt, the k trajectories of an RL group) share its
+prefill: the prompt runs through the model once and its rows copy the KV cache. Weights are a
+jit argument: swapping them keeps every compiled program.
+
+Prompts may carry images (`submit(..., images=...)`, a vision-language model only): their ids
+hold one image pad token per LM token of each image, and a program holding any such prompt
+runs the vision tower once per distinct image (requests share a prefill only when they share
+their images object; patches padded to a power of two: one program per prompt bucket and patch
+bucket).
 """
 import collections
 import dataclasses
@@ -19,7 +27,11 @@ import flax
 import jax
 import numpy as np
 
+from kimi_jax.data.images import ProcessedImages
 from kimi_jax.model import ModelConfig
+from kimi_jax.model.mrope import image_token_counts, mrope_positions
+from kimi_jax.model.vision import vision_layout
+from kimi_jax.model.vlm import check_images
 from kimi_jax.rollout import batch_state, scoring
 from kimi_jax.rollout.batch_state import (ROW_FULL, ROW_REPEATED, ROW_RUNNING, ROW_STOPPED,
                                          Admission)
@@ -32,6 +44,7 @@ _NO_BUDGET = 2 ** 30
 # What `release_memory` can drop from the device (SGLang's memory-occupation tags).
 MEMORY_TAGS = ("kv_cache", "weights")
 _MIN_PROMPT_BUCKET = 8
+_MIN_PATCH_BUCKET = 64
 
 
 class Update(NamedTuple):
@@ -51,6 +64,7 @@ class _Request:
   sample_index: int
   seed: int
   stop_ids: tuple[int, ...]
+  images: ProcessedImages | None = None
   output_ids: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[float] = dataclasses.field(default_factory=list)
 
@@ -97,8 +111,10 @@ class RolloutEngine:
       `Completion.repetition`). 0 disables.
     chunk_steps: decode steps per device program (host round-trip).
     prefill_tokens: padded prompt tokens per prefill program: a program of length bucket T
-      prefills max(1, min(max_batch, prefill_tokens // T)) rows, so there is one prefill
-      program per bucket (`warm_up` compiles them all).
+      prefills max(1, min(max_batch, prefill_tokens // T)) distinct prompts, so there is one
+      prefill program per bucket (`warm_up` compiles them all).
+    share_prefixes: prefill a prompt once for all requests admitted with it (False: once per
+      request; the samples are the same either way).
     refill_rows: a chunk ends early once this many rows are free and requests wait
       (default max_batch // 8, at least 1).
     max_stop_ids: stop ids per request (stop_token_ids + eos), a fixed device shape.
@@ -113,8 +129,8 @@ class RolloutEngine:
                eos_token_ids: Sequence[int] = (), weight_version: str = "0",
                repetition_ngram: int = 0, repetition_count: int = 0, chunk_steps: int = 16,
                prefill_tokens: int = 2048, refill_rows: int | None = None, max_stop_ids: int = 8,
-               seed: int = 0, detokenize: Callable[[list[int]], str] | None = None,
-               device=None):
+               share_prefixes: bool = True, seed: int = 0,
+               detokenize: Callable[[list[int]], str] | None = None, device=None):
     if max_batch < 1:
       raise ValueError(f"max_batch={max_batch}: must be >= 1")
     if max_seq_len < 2:
@@ -134,6 +150,7 @@ class RolloutEngine:
     self.weight_version = str(weight_version)
     self.refill_rows = refill_rows or max(1, max_batch // 8)
     self.max_stop_ids = max_stop_ids
+    self.share_prefixes = share_prefixes
     self.detokenize = detokenize
     self.seed = seed
     self._device = device or jax.devices()[0]
@@ -143,10 +160,15 @@ class RolloutEngine:
     self._state = self._fresh_state()
     self._traces = collections.Counter()
     self._decode_steps = 0
+    self._prefill_counts = collections.Counter(programs=0, prompt_tokens=0, shared_tokens=0)
     stopping = dict(ngram=repetition_ngram, count=repetition_count)
     self._prefill = self._jit("prefill", functools.partial(batch_state.prefill, config))
+    self._prefill_images = self._jit("prefill_images",
+                                     functools.partial(batch_state.prefill_images, config))
     self._decode = self._jit("decode", functools.partial(
         batch_state.decode_chunk, config, num_steps=chunk_steps, **stopping))
+    self._reset_rows = jax.jit(functools.partial(batch_state.reset_rows, config, max_stop_ids),
+                               donate_argnums=(0,))
     self._score = jax.jit(functools.partial(scoring.token_scores, config),
                           static_argnames=("top_k",))
     self._seed_rng = np.random.default_rng(seed)
@@ -175,6 +197,12 @@ class RolloutEngine:
   def num_decode_steps(self) -> int:
     """Decode steps run so far; each samples one token for every active row."""
     return self._decode_steps
+
+  @property
+  def prefill_counts(self) -> dict[str, int]:
+    """Prefill programs run, prompt tokens run through the model, and prompt tokens whose KV
+    cache was copied from an identical prompt admitted with them (prefix sharing)."""
+    return dict(self._prefill_counts)
 
   @property
   def prompt_buckets(self) -> list[int]:
@@ -217,7 +245,11 @@ class RolloutEngine:
     return bool(self._queue or self.num_running or self._finished_at_submit)
 
   def update_weights(self, params, weight_version: str) -> None:
-    """Swap in new parameters (same tree, shapes and dtypes); nothing recompiles."""
+    """Swap in new parameters (same tree, shapes and dtypes); nothing recompiles.
+
+    Every row without a running request is reset (KV cache included): nothing computed with
+    the old weights reaches a later request. Requests paused in place keep their rows.
+    """
     new = _plain_tree(params)
     old_specs, new_specs = self._param_specs, _specs(new)
     if old_specs != new_specs:
@@ -231,6 +263,20 @@ class RolloutEngine:
     self._params = self._own_copy(new)
     self._host_params = None
     self.weight_version = str(weight_version)
+    if self._state is not None:  # None: released, and resumed empty
+      self._state = self._reset_rows(self._state, np.array([r is None for r in self._rows]))
+
+  def reset(self, message: str) -> list[Update]:
+    """Abort every request (reason `message`) and rebuild the batch state from scratch.
+
+    For recovery after a failed step: the device state may be half-updated or, if the failed
+    program had been handed the state, deleted.
+    """
+    updates = self._finished_at_submit + self.abort(None, message)
+    self._finished_at_submit = []
+    self._release_B = np.zeros(self.max_batch, bool)
+    self._state = self._fresh_state()
+    return updates
 
   def score(self, token_ids: Sequence[int], temperature: float = 1.0, top_n: int = 0,
             ids: Sequence[int] = ()) -> tuple[np.ndarray, ...]:
@@ -305,8 +351,13 @@ class RolloutEngine:
   # ---- serving API: submit / step / abort ----
 
   def submit(self, prompts: Sequence[Sequence[int]],
-             sampling: SamplingParams | Sequence[SamplingParams]) -> list[int]:
-    """Queue `n` samples per prompt; returns their ids grouped [p0 x n, p1 x n, ...]."""
+             sampling: SamplingParams | Sequence[SamplingParams],
+             images: Sequence[ProcessedImages | None] | None = None) -> list[int]:
+    """Queue `n` samples per prompt; returns their ids grouped [p0 x n, p1 x n, ...].
+
+    images: per prompt, its preprocessed images (None or empty: none) in the order of its
+      image pad runs.
+    """
     per_prompt = ([sampling] * len(prompts) if isinstance(sampling, SamplingParams)
                   else list(sampling))
     if len(per_prompt) != len(prompts):
@@ -314,16 +365,20 @@ class RolloutEngine:
     if self.released:
       raise ValueError(f"engine memory {list(self.released)} is released: resume it first")
     checked = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
+    images = [None] * len(prompts) if images is None else list(images)
+    if len(images) != len(prompts):
+      raise ValueError(f"images: {len(images)} entries for {len(prompts)} prompts")
+    images = [self._check_images(i, ids, im) for i, (ids, im) in enumerate(zip(checked, images))]
     for i, sp in enumerate(per_prompt):
       if sp.stop and self.detokenize is None:
         raise ValueError(f"sampling[{i}].stop: stop strings need a tokenizer; this engine has "
                          "none (use stop_token_ids)")
     stops = [self._stop_ids(i, sp) for i, sp in enumerate(per_prompt)]
     uids = []
-    for prompt_ids, sp, stop_ids in zip(checked, per_prompt, stops):
+    for prompt_ids, prompt_images, sp, stop_ids in zip(checked, images, per_prompt, stops):
       seed = int(self._seed_rng.integers(2 ** 63)) if sp.seed is None else int(sp.seed)
       for j in range(sp.n):
-        request = _Request(self._next_uid, prompt_ids, sp, j, seed, stop_ids)
+        request = _Request(self._next_uid, prompt_ids, sp, j, seed, stop_ids, prompt_images)
         self._next_uid += 1
         uids.append(request.uid)
         if sp.max_new_tokens == 0:
@@ -345,8 +400,33 @@ class RolloutEngine:
                        f"max_seq_len={self.max_seq_len}")
     return ids
 
+  def _check_images(self, index: int, ids: list[int],
+                    images: ProcessedImages | None) -> ProcessedImages | None:
+    """The prompt's images if it has any; a ValueError unless they match its image pads."""
+    vision = self.config.vision
+    has_images = images is not None and len(images.image_grid_thw) > 0
+    if vision is None:
+      if has_images:
+        raise ValueError(f"prompts[{index}]: images given, but the model has no vision tower")
+      return None
+    if not has_images:
+      images = ProcessedImages(np.zeros((0, vision.patch_features), np.float32),
+                               np.zeros((0, 3), np.int64))
+    try:
+      check_images(self.config, np.asarray([ids]), images.pixel_values, images.image_grid_thw)
+    except ValueError as e:
+      raise ValueError(f"prompts[{index}]: {e}") from e
+    if ids[-1] == vision.image_token_id:
+      raise ValueError(f"prompts[{index}]: ends with an image token; end it with text (e.g. "
+                       "<|vision_end|>)")
+    return images if has_images else None
+
   def _stop_ids(self, index: int, sp: SamplingParams) -> tuple[int, ...]:
     ids = tuple(dict.fromkeys(sp.stop_token_ids + (() if sp.ignore_eos else self.eos_token_ids)))
+    outside = [t for t in sp.stop_token_ids if t >= self.config.vocab_size]
+    if outside:
+      raise ValueError(f"sampling[{index}].stop_token_ids: {outside[:5]} outside the vocabulary "
+                       f"[0, {self.config.vocab_size})")
     if len(ids) > self.max_stop_ids:
       raise ValueError(f"sampling[{index}].stop_token_ids: {len(ids)} stop ids (with eos) exceed "
                        f"max_stop_ids={self.max_stop_ids}")
@@ -384,7 +464,7 @@ class RolloutEngine:
     return updates
 
   def _prefill_requests(self, rows: list[int], requests: list[_Request]) -> None:
-    """Seat `requests` in `rows` and prefill them longest first.
+    """Seat `requests` in `rows` and prefill their distinct prompts longest first.
 
     Each program is shaped by the bucket of its longest prompt and filled with the next-longest
     ones, so no program runs padding rows while shorter prompts wait for one of their own.
@@ -392,30 +472,49 @@ class RolloutEngine:
     for row, request in zip(rows, requests):
       self._rows[row] = request
       self._release_B[row] = False
-    seated = sorted(zip(rows, requests), key=lambda seat: -len(seat[1].prompt_ids))
-    while seated:
-      bucket = self._prompt_bucket(len(seated[0][1].prompt_ids))
+    by_prompt: dict = {}
+    for seat in sorted(zip(rows, requests), key=lambda seat: -len(seat[1].prompt_ids)):
+      key = ((tuple(seat[1].prompt_ids), id(seat[1].images)) if self.share_prefixes
+             else seat[1].uid)
+      by_prompt.setdefault(key, []).append(seat)
+    groups = list(by_prompt.values())
+    while groups:
+      bucket = self._prompt_bucket(len(groups[0][0][1].prompt_ids))
       count = self._prefill_rows(bucket)
-      admission = self._admission(bucket, seated[:count])
-      self._state = self._prefill(self._params, self._state, admission)
-      seated = seated[count:]
+      admission = self._admission(bucket, groups[:count])
+      prompt_images = [group[0][1].images for group in groups[:count]]
+      if any(im is not None for im in prompt_images):
+        self._state = self._prefill_images(self._params, self._state, admission,
+                                           self._image_admission(admission, prompt_images))
+      else:
+        self._state = self._prefill(self._params, self._state, admission)
+      for group in groups[:count]:
+        self._prefill_counts["prompt_tokens"] += len(group[0][1].prompt_ids)
+        self._prefill_counts["shared_tokens"] += (len(group) - 1) * len(group[0][1].prompt_ids)
+      self._prefill_counts["programs"] += 1
+      groups = groups[count:]
 
-  def _admission(self, bucket: int, seated: list[tuple[int, _Request]]) -> Admission:
-    """Device arrays of one prefill program; rows past `seated` are padding (dropped)."""
-    r = self._prefill_rows(bucket)
+  def _admission(self, bucket: int, groups: list[list[tuple[int, _Request]]]) -> Admission:
+    """Device arrays of one prefill program: one prompt row per group of (row, request) seats
+    with that prompt; request rows past the seats are padding (dropped)."""
+    u, r = self._prefill_rows(bucket), self.max_batch
+    seated = [seat for group in groups for seat in group]
     rows, requests = [row for row, _ in seated], [q for _, q in seated]
-    prompts = np.zeros((r, bucket), np.int32)
+    prompts = np.zeros((u, bucket), np.int32)
+    lengths = np.ones(u, np.int32)
+    for i, group in enumerate(groups):
+      prompt_ids = group[0][1].prompt_ids
+      prompts[i, :len(prompt_ids)] = prompt_ids
+      lengths[i] = len(prompt_ids)
     stop_ids = np.full((r, self.max_stop_ids), -1, np.int32)
-    lengths = np.ones(r, np.int32)
     for i, q in enumerate(requests):
-      prompts[i, :len(q.prompt_ids)] = q.prompt_ids
       stop_ids[i, :len(q.stop_ids)] = q.stop_ids
-      lengths[i] = len(q.prompt_ids)
     column = lambda values, dtype: np.array(values + [0] * (r - len(values)), dtype)
     sp = [q.sampling for q in requests]
     return Admission(
         rows_R=column(rows, np.int32) + np.where(np.arange(r) < len(rows), 0, self.max_batch),
-        prompts_RxT=prompts, lengths_R=lengths,
+        source_R=column([i for i, group in enumerate(groups) for _ in group], np.int32),
+        num_rows=np.int32(len(rows)), prompts_UxT=prompts, lengths_U=lengths,
         max_new_R=column([s.max_new_tokens for s in sp], np.int32),
         temperature_R=column([s.temperature for s in sp], np.float32),
         top_p_R=column([s.top_p for s in sp], np.float32),
@@ -429,6 +528,36 @@ class RolloutEngine:
                               np.float32),
         frequency_R=column([s.frequency_penalty for s in sp], np.float32),
         presence_R=column([s.presence_penalty for s in sp], np.float32))
+
+  def _image_admission(self, admission: Admission,
+                       images: list[ProcessedImages | None]) -> batch_state.ImageAdmission:
+    """The distinct images of the program's prompt rows (`images`: per row, in order), patches
+    padded to a power of two, with the vision layout, the embedding row of every image token
+    and the M-RoPE positions of the prompts."""
+    vision = self.config.vision
+    with_images = [im for im in images if im is not None]
+    distinct, first_row, index = [], {}, []
+    for im in with_images:
+      if id(im) not in first_row:
+        first_row[id(im)] = sum(int(image_token_counts(vision, d.image_grid_thw).sum())
+                                for d in distinct)
+        distinct.append(im)
+      tokens = int(image_token_counts(vision, im.image_grid_thw).sum())
+      index.append(first_row[id(im)] + np.arange(tokens))
+    pixel_values = np.concatenate([im.pixel_values for im in distinct])
+    num_patches = _bucket(len(pixel_values), _MIN_PATCH_BUCKET, 1 << 62)
+    padded = np.zeros((num_patches, pixel_values.shape[1]), np.float32)
+    padded[:len(pixel_values)] = pixel_values
+    layout = vision_layout(vision, np.concatenate([im.image_grid_thw for im in distinct]),
+                           num_patches)
+    embed_index = np.zeros(admission.prompts_UxT.size, np.int32)
+    index = np.concatenate(index)
+    embed_index[:len(index)] = index
+    positions, deltas = mrope_positions(vision, admission.prompts_UxT,
+                                        np.concatenate([im.image_grid_thw for im in with_images]),
+                                        admission.lengths_U)
+    return batch_state.ImageAdmission(padded, layout.hw_positions_Ox2, layout.frame_ids_O,
+                                      layout.window_ids_O, embed_index, positions, deltas)
 
   def _absorb(self, emitted: batch_state.Emitted) -> list[Update]:
     """Append a decode chunk's tokens to their requests; complete the requests that finished."""
@@ -498,18 +627,19 @@ class RolloutEngine:
   def generate(self, prompts: Sequence[Sequence[int]],
                sampling: SamplingParams | Sequence[SamplingParams], *,
                token_budget: int | None = None, should_abort: Callable[[], bool] | None = None,
-               on_token: Callable[[int, list[int], list[float]], None] | None = None
-               ) -> list[Completion]:
+               on_token: Callable[[int, list[int], list[float]], None] | None = None,
+               images: Sequence[ProcessedImages | None] | None = None) -> list[Completion]:
     """Sample completions, grouped [p0 x n, p1 x n, ...].
 
     token_budget: output tokens for the whole call; once spent, unfinished samples come back
       with finish reason "abort" and their tokens so far (resume them from prompt + output).
     should_abort: polled between decode chunks; True aborts every unfinished sample.
     on_token(index, new_ids, new_logprobs): called as tokens arrive (index into the result).
+    images: per prompt, as in `submit`.
     """
     if self.has_work:
       raise RuntimeError("generate() needs an idle engine; this one is serving submitted requests")
-    uids = self.submit(prompts, sampling)
+    uids = self.submit(prompts, sampling, images)
     index = {uid: i for i, uid in enumerate(uids)}
     results: list[Completion | None] = [None] * len(uids)
     spent = 0

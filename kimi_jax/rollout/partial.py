@@ -57,6 +57,7 @@ class Group:
   trajectories: list[Trajectory]
   created_version: int = 0
   domain: str = ""  # selects the registered reward
+  images: list[str] = dataclasses.field(default_factory=list)  # the prompt's image sources
   question: str = ""  # the problem text, for rewards that grade against it (a judge model)
 
   @property
@@ -106,8 +107,10 @@ class RolloutLimits:
 
 def new_groups(prompts, encode: Callable[[Prompt], list[int]], k: int, first_group_id: int,
                version: int) -> list[Group]:
+  """k empty trajectories per prompt, starting from `encode(prompt)` (its token ids)."""
   return [Group(first_group_id + i, p.id, p.answer, [Trajectory(encode(p)) for _ in range(k)],
-                created_version=version, domain=p.domain or "", question=p.question)
+                created_version=version, domain=p.domain or "", images=list(p.images),
+                question=p.question)
           for i, p in enumerate(prompts)]
 
 
@@ -143,12 +146,14 @@ def collect_groups(backend: RolloutBackend, sampling: SamplingParams, groups: Se
   Returns (groups now complete, tokens generated); incomplete groups go (back) into `buffer`.
   """
   pending = buffer.take_all() + list(groups)
-  todo = [t for g in pending for t in g.trajectories if not t.finished]
+  todo = [(g, t) for g in pending for t in g.trajectories if not t.finished]
+  images = [g.images for g, _ in todo] if any(g.images for g, _ in todo) else None
+  todo = [t for _, t in todo]
   requests = [t.prompt_ids + t.response_ids for t in todo]
   params = [dataclasses.replace(sampling, seed=seed_base + i, max_new_tokens=min(
       limits.segment_tokens, limits.max_response_tokens - len(t.response_ids)))
             for i, t in enumerate(todo)]
-  completions = backend.generate(requests, params) if todo else []
+  completions = backend.generate(requests, params, images=images) if todo else []
   if len(completions) != len(todo):
     raise RuntimeError(f"the backend answered {len(completions)} of {len(todo)} requests")
   for trajectory, completion in zip(todo, completions):

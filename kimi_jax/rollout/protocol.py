@@ -98,6 +98,7 @@ class GenerateRequest:
   logprobs: list["LogprobRequest"]
   stream: bool
   is_batch: bool
+  image_data: list[list[str]] = dataclasses.field(default_factory=list)  # per prompt
 
 
 def _per_prompt(value, count: int, field: str, default):
@@ -179,6 +180,29 @@ def _token_ids(value, where: str) -> list[int]:
   return value
 
 
+def _image_sources(value, where: str) -> list[str]:
+  items = [value] if isinstance(value, str) else value
+  if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+    raise RequestError(f"'{where}' must be an image (base64, data URL or file path) or a list "
+                       "of them")
+  if any(x.startswith(("http://", "https://")) for x in items):
+    raise RequestError(f"'{where}': this server does not fetch image URLs; send base64 or a data "
+                       "URL")
+  return items
+
+
+def parse_image_data(value, count: int, is_batch: bool) -> list[list[str]]:
+  """SGLang's `image_data`: per prompt one image or a list (a batch gives one entry per
+  prompt); null means none."""
+  if value is None:
+    return [[] for _ in range(count)]
+  if not is_batch:
+    return [_image_sources(value, "image_data")]
+  if not isinstance(value, list) or len(value) != count:
+    raise RequestError(f"'image_data' must be a list with one entry per prompt ({count})")
+  return [[] if v is None else _image_sources(v, f"image_data[{i}]") for i, v in enumerate(value)]
+
+
 def parse_generate_request(body, new_rid: Callable[[], str],
                            encode: Callable[[str], list[int]] | None) -> GenerateRequest:
   """Validate a /generate body; `encode` turns `text` into ids (None: text is refused)."""
@@ -219,7 +243,8 @@ def parse_generate_request(body, new_rid: Callable[[], str],
   return_logprob = _per_prompt(body.get("return_logprob"), count, "return_logprob", False)
   return GenerateRequest(prompts, sampling, rids, sample_ids, [bool(r) for r in return_logprob],
                          _logprob_requests(body, prompts, is_batch),
-                         bool(body.get("stream", False)), is_batch)
+                         bool(body.get("stream", False)), is_batch,
+                         parse_image_data(body.get("image_data"), count, is_batch))
 
 
 def generate_request_json(prompt_ids: list[int], sampling: SamplingParams, rid: str,

@@ -23,12 +23,12 @@ def request_key_data(seed_lo_B, seed_hi_B, sample_index_B) -> jax.Array:
 
 
 def penalized_logits(logits_BxV, counts_BxV, repetition_B, frequency_B, presence_B,
-                     suppress_BxK) -> jax.Array:
+                     suppress_BxJ) -> jax.Array:
   """SGLang's penalties on raw logits, from each row's output-token counts.
 
   Repetition (multiplicative, tokens seen in the output): logit / p where logit > 0, else
   logit * p. Frequency and presence (additive): logit - f * count - p * (count > 0).
-  `suppress_BxK` lists token ids that get -inf (min_new_tokens holds back the stop ids);
+  `suppress_BxJ` lists token ids that get -inf (min_new_tokens holds back the stop ids);
   entries outside [0, V) are ignored.
   """
   b, vocab = logits_BxV.shape
@@ -37,8 +37,8 @@ def penalized_logits(logits_BxV, counts_BxV, repetition_B, frequency_B, presence
   logits_BxV = jnp.where(logits_BxV > 0, logits_BxV / scale_BxV, logits_BxV * scale_BxV)
   logits_BxV = (logits_BxV - frequency_B[:, None] * counts_BxV
                 - presence_B[:, None] * seen_BxV.astype(logits_BxV.dtype))
-  suppress_BxK = jnp.where((suppress_BxK >= 0) & (suppress_BxK < vocab), suppress_BxK, vocab)
-  return logits_BxV.at[jnp.arange(b)[:, None], suppress_BxK].set(-jnp.inf, mode="drop")
+  suppress_BxJ = jnp.where((suppress_BxJ >= 0) & (suppress_BxJ < vocab), suppress_BxJ, vocab)
+  return logits_BxV.at[jnp.arange(b)[:, None], suppress_BxJ].set(-jnp.inf, mode="drop")
 
 
 def log_probs(logits_BxV: jax.Array, temperature_B: jax.Array) -> jax.Array:
@@ -73,14 +73,19 @@ def sample_tokens(logits_BxV, temperature_B, top_p_B, top_k_B, min_p_B, keys_B):
   """Returns (tokens_B int32, logprobs_B float32).
 
   Sampling is Gumbel-max over the kept tokens' log-probs, i.e. a draw from the renormalised
-  filtered distribution. The sort behind the filters runs only when some sampling row needs it.
+  filtered distribution. The sort behind the filters runs only when some sampling row needs it,
+  the noise only when some row samples.
   """
   greedy_B = temperature_B == 0
   logp_BxV = log_probs(logits_BxV, temperature_B)
   filtering = jnp.any(~greedy_B & ((top_k_B > 0) | (top_p_B < 1) | (min_p_B > 0)))
   keep_BxV = jax.lax.cond(filtering, kept_mask, lambda logp, *_: jnp.ones(logp.shape, bool),
                           logp_BxV, top_p_B, top_k_B, min_p_B)
-  gumbel_BxV = jax.vmap(lambda key: jax.random.gumbel(key, logp_BxV.shape[-1:]))(keys_B)
+  # The noise (threefry, a rolled loop on CPU) is drawn only when some row samples.
+  gumbel_BxV = jax.lax.cond(
+      jnp.any(~greedy_B),
+      lambda keys: jax.vmap(lambda key: jax.random.gumbel(key, logp_BxV.shape[-1:]))(keys),
+      lambda keys: jnp.zeros(logp_BxV.shape, logp_BxV.dtype), keys_B)
   sampled_B = jnp.argmax(jnp.where(keep_BxV, logp_BxV + gumbel_BxV, -jnp.inf), axis=-1)
   tokens_B = jnp.where(greedy_B, jnp.argmax(logits_BxV, axis=-1), sampled_B).astype(jnp.int32)
   logprobs_B = jnp.take_along_axis(logp_BxV, tokens_B[:, None], axis=-1)[:, 0]

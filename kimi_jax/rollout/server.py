@@ -5,14 +5,17 @@ streaming with cumulative chunks and `data: [DONE]`), /abort_request, /pause_gen
 /continue_generation, /flush_cache, /update_weights_from_disk, /release_memory_occupation and
 /resume_memory_occupation (tags "kv_cache", "weights"), /health, /health_generate,
 /get_weight_version, /model_info and /get_model_info, /server_info and /get_server_info,
-/get_load and /v1/loads. Malformed
-requests get 400 {"error": {"message": ...}}. The engine runs on a worker thread, so admin
-calls are answered while it decodes.
+/get_load and /v1/loads. Malformed requests get 400 {"error": {"message": ...}}
+(`request_checks`), server faults 500 with the same shape; a client that hangs up has its samples
+aborted. The engine runs on a worker thread, so admin calls are answered while it decodes; if it
+fails, its requests get 500 (an error event when streaming), /health answers 503 until the
+engine is reset, and serving goes on.
 """
 import asyncio
 import dataclasses
 import datetime
-import json
+import functools
+import logging
 import threading
 import time
 import uuid
@@ -21,12 +24,13 @@ from typing import Callable
 from aiohttp import web
 
 from kimi_jax.checkpointing import hf
+from kimi_jax.data import image_prompts, images
 from kimi_jax.rollout.engine import RolloutEngine, Update
-from kimi_jax.rollout import openai_api
+from kimi_jax.rollout import openai_api, request_checks
 from kimi_jax.rollout.protocol import (GenerateRequest, LogprobRequest, RequestError,
                                        parse_generate_request, response_json)
 from kimi_jax.rollout.types import Completion, SamplingParams
-from kimi_jax.rollout.worker import EngineWorker
+from kimi_jax.rollout.worker import EngineFailure, EngineWorker
 
 VERSION = "kimi_jax-0.1.0"
 _PAUSE_MODES = ("abort", "retract", "in_place")
@@ -37,20 +41,17 @@ _ARCHITECTURE_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermedia
                         "rms_norm_eps", "qkv_bias", "qk_norm", "tie_embeddings")
 
 
+_json_response = functools.partial(web.json_response, dumps=request_checks.dumps)
+
+
 def _error(message: str, status: int = 400) -> web.Response:
-  return web.json_response({"error": {"message": message}}, status=status)
+  return _json_response({"error": {"message": message}}, status=status)
 
 
 async def _json_body(request: web.Request) -> dict:
   if not request.can_read_body:
     return {}
-  try:
-    body = await request.json()
-  except json.JSONDecodeError as error:
-    raise RequestError(f"request body is not valid JSON: {error}") from error
-  if not isinstance(body, dict):
-    raise RequestError("request body must be a JSON object")
-  return body
+  return request_checks.parse_json_body(await request.read())
 
 
 async def _event_stream(request: web.Request) -> web.StreamResponse:
@@ -61,7 +62,7 @@ async def _event_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _send_event(response: web.StreamResponse, event: dict) -> None:
-  await response.write(f"data: {json.dumps(event)}\n\n".encode())
+  await response.write(f"data: {request_checks.dumps(event)}\n\n".encode())
 
 
 async def _end_event_stream(response: web.StreamResponse) -> web.StreamResponse:
@@ -97,12 +98,19 @@ class RolloutServer:
     tokenizer: optional; enables `text` prompts and the `text` field of answers.
     model_path: reported by /model_info.
     load_checkpoint: path -> (ModelConfig, params), used by /update_weights_from_disk.
+    max_samples_per_request: the most samples (prompts x n) one /generate may ask for.
+    image_processing: how `image_data` is preprocessed for a vision-language model.
   """
 
   def __init__(self, engine: RolloutEngine, *, tokenizer=None, model_path: str = "",
-               load_checkpoint: Callable = hf.load_hf):
+               load_checkpoint: Callable = hf.load_hf, max_samples_per_request: int = 4096,
+               image_processing: images.ImageProcessing = images.ImageProcessing()):
     self.engine = engine
+    self.max_samples_per_request = max_samples_per_request
+    # Prompt + output tokens per request: the KV slots, and no more than the model was made for.
+    self.context_length = min(engine.max_seq_len, engine.config.max_position_embeddings)
     self.tokenizer = tokenizer
+    self.image_processing = image_processing
     self.model_path = model_path
     self.load_checkpoint = load_checkpoint
     self.worker = EngineWorker(engine)
@@ -143,6 +151,13 @@ class RolloutServer:
         return await handler(request)
       except RequestError as error:
         return _error(str(error))
+      except EngineFailure as error:
+        return _error(str(error), status=500)
+      except (web.HTTPException, asyncio.CancelledError, ConnectionResetError):
+        raise
+      except Exception as error:  # noqa: BLE001 -- a JSON 500 instead of aiohttp's text page
+        logging.exception("rollout server: %s %s failed", request.method, request.path)
+        return _error(f"internal server error: {type(error).__name__}: {error}", status=500)
     return wrapped
 
   async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -168,7 +183,10 @@ class RolloutServer:
   async def generate(self, request: web.Request) -> web.StreamResponse:
     received = time.perf_counter()
     encode = None if self.tokenizer is None else self.tokenizer.encode
-    req = parse_generate_request(await _json_body(request), lambda: uuid.uuid4().hex, encode)
+    body = await _json_body(request)
+    request_checks.check_generate_flags(body)
+    req = parse_generate_request(body, lambda: uuid.uuid4().hex, encode)
+    request_checks.check_fits(body, req, self.context_length, self.max_samples_per_request)
     vocab = self.engine.config.vocab_size
     for i, want in enumerate(req.logprobs):
       bad = [t for t in want.token_ids or () if t >= vocab]
@@ -178,7 +196,7 @@ class RolloutServer:
     answer = lambda s: self._answer(s, received)
     if not req.stream:
       answers = [await answer(s) for s in await self._run(req)]
-      return web.json_response(answers if grouped else answers[0])
+      return _json_response(answers if grouped else answers[0])
     response = await _event_stream(request)
 
     async def send(samples: list[_Sample], i: int) -> None:
@@ -187,16 +205,27 @@ class RolloutServer:
         chunk["index"] = i
       await _send_event(response, chunk)
 
-    await self._run(req, send)
+    await self._streamed(response, req, send)
     return await _end_event_stream(response)
+
+  async def _streamed(self, response: web.StreamResponse, req: GenerateRequest,
+                      send) -> list[_Sample] | None:
+    """`_run` for a stream whose status line is sent: an engine failure becomes an error
+    event (then the stream ends as usual); None in that case."""
+    try:
+      return await self._run(req, send)
+    except EngineFailure as error:
+      await _send_event(response, {"error": {"message": str(error)}})
+      return None
 
   async def _run(self, req: GenerateRequest, on_update=None) -> list[_Sample]:
     """Submit `req` and wait for all its samples; `on_update(samples, i)` after each update
     of sample i. Samples still unfinished when this ends (the client went away) are aborted."""
+    prompt_images = await asyncio.get_running_loop().run_in_executor(None, self._images, req)
     arrivals: asyncio.Queue[Update] = asyncio.Queue()
     try:
       uids = await self.worker.submit(req.prompts, req.sampling, req.rids, req.sample_ids,
-                                      arrivals.put_nowait)
+                                      arrivals.put_nowait, prompt_images)
     except ValueError as error:
       raise RequestError(str(error)) from error
     samples, index = [], {}
@@ -210,6 +239,8 @@ class RolloutServer:
       waiting = len(samples)
       while waiting:
         update = await arrivals.get()
+        if isinstance(update, EngineFailure):
+          raise update
         i = index[update.uid]
         samples[i].apply(update)
         waiting -= update.completion is not None
@@ -221,6 +252,26 @@ class RolloutServer:
       self._open_samples -= len(samples)
       if unfinished:  # the client went away: free the rows
         self.worker.abort(sorted(set(unfinished)), "client disconnected")
+
+  def _images(self, req) -> list[images.ProcessedImages | None]:
+    """Each prompt's `image_data` preprocessed; its image pads (one per image, or runs already
+    of the image's length) expanded in `req.prompts` in place."""
+    if not any(req.image_data):
+      return [None] * len(req.prompts)
+    vision = self.engine.config.vision
+    if vision is None:
+      raise RequestError("'image_data' given, but this model has no vision tower")
+    processed = []
+    for i, sources in enumerate(req.image_data):
+      try:
+        prompt_images = images.preprocess(sources, self.image_processing)
+        counts = image_prompts.image_token_counts(prompt_images, vision.spatial_merge_size)
+        req.prompts[i] = image_prompts.expand_image_pads(req.prompts[i], vision.image_token_id,
+                                                         counts)
+      except (ValueError, TypeError) as error:
+        raise RequestError(f"prompt {i}: {error}") from error
+      processed.append(prompt_images)
+    return processed
 
   def _text(self, sample: _Sample) -> str | None:
     """The output decoded like SGLang's detokenizer: a matched stop string is cut off unless
@@ -281,21 +332,21 @@ class RolloutServer:
   # ---- OpenAI-compatible API ----
 
   async def v1_models(self, request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [{
+    return _json_response({"object": "list", "data": [{
         "id": self.model_path, "object": "model", "created": int(self._started),
-        "owned_by": "kimi_jax", "root": self.model_path, "max_model_len": self.engine.max_seq_len}]})
+        "owned_by": "kimi_jax", "root": self.model_path, "max_model_len": self.context_length}]})
 
   async def v1_completions(self, request: web.Request) -> web.StreamResponse:
     encode = None if self.tokenizer is None else self.tokenizer.encode
     parsed = openai_api.parse_completion_request(await _json_body(request), encode,
-                                                 self.engine.max_seq_len)
+                                                 self.context_length)
     return await self._openai(request, parsed, chat=False)
 
   async def v1_chat_completions(self, request: web.Request) -> web.StreamResponse:
     template = None if self.tokenizer is None else self.tokenizer.chat_template
     parsed = openai_api.parse_chat_request(
         await _json_body(request), None if template is None else template.render,
-        None if self.tokenizer is None else self.tokenizer.encode, self.engine.max_seq_len)
+        None if self.tokenizer is None else self.tokenizer.encode, self.context_length)
     return await self._openai(request, parsed, chat=True)
 
   async def _openai(self, request: web.Request, parsed, chat: bool) -> web.StreamResponse:
@@ -313,7 +364,7 @@ class RolloutServer:
       samples = await self._run(req)
       choices = [await self._openai_choice(i, s, chat) for i, s in enumerate(samples)]
       usage = openai_api.usage(prompt_tokens, sum(len(s.output_ids) for s in samples))
-      return web.json_response(openai_api.envelope(kind, request_id, model, choices,
+      return _json_response(openai_api.envelope(kind, request_id, model, choices,
                                                    usage=usage))
     response = await _event_stream(request)
     sent = {}  # sample index -> text already streamed
@@ -337,8 +388,8 @@ class RolloutServer:
       await _send_event(response, openai_api.envelope(kind + ("" if not chat else ".chunk"),
                                                       request_id, model, [choice]))
 
-    samples = await self._run(req, send)
-    if parsed.include_usage:
+    samples = await self._streamed(response, req, send)
+    if parsed.include_usage and samples is not None:
       await _send_event(response, openai_api.envelope(
           kind + (".chunk" if chat else ""), request_id, model, [],
           usage=openai_api.usage(prompt_tokens, sum(len(s.output_ids) for s in samples))))
@@ -365,14 +416,17 @@ class RolloutServer:
   # ---- admin ----
 
   async def health(self, request: web.Request) -> web.Response:
+    if not self.worker.healthy:
+      return web.Response(status=503, text="rollout engine failed; resetting\n")
     return web.Response(status=200)
 
   async def model_info(self, request: web.Request) -> web.Response:
     config = self.engine.config
-    return web.json_response({
+    return _json_response({
         "model_path": self.model_path, "tokenizer_path": self.model_path if self.tokenizer else None,
         "is_generation": True, "preferred_sampling_params": None,
-        "weight_version": self.engine.weight_version, "has_image_understanding": False,
+        "weight_version": self.engine.weight_version,
+        "has_image_understanding": config.vision is not None,
         "has_audio_understanding": False, "model_type": config.architecture,
         "architectures": hf.config_to_hf(config)["architectures"]})
 
@@ -381,12 +435,12 @@ class RolloutServer:
     launch), scheduler facts, `internal_states` and `version`."""
     load = self.worker.load
     host, port = self._bound
-    return web.json_response({
+    return _json_response({
         "model_path": self.model_path, "tokenizer_path": self.model_path if self.tokenizer else None,
         "tokenizer_mode": "auto", "skip_tokenizer_init": self.tokenizer is None,
         "load_format": "auto", "trust_remote_code": False, "dtype": self.engine.config.dtype,
         "served_model_name": self.model_path, "host": host, "port": port, "url": self.url,
-        "context_length": self.engine.max_seq_len, "max_running_requests": self.engine.max_batch,
+        "context_length": self.context_length, "max_running_requests": self.engine.max_batch,
         "max_total_num_tokens": self.engine.max_batch * self.engine.max_seq_len,
         "chunked_prefill_size": self.engine.prefill_tokens, "random_seed": self.engine.seed,
         "tp_size": 1, "dp_size": 1, "pp_size": 1, "ep_size": 1, "nnodes": 1, "node_rank": 0,
@@ -398,7 +452,7 @@ class RolloutServer:
                              "num_queued_reqs": load.num_queued, "paused": self.worker.paused}]})
 
   async def get_weight_version(self, request: web.Request) -> web.Response:
-    return web.json_response({"weight_version": self.engine.weight_version})
+    return _json_response({"weight_version": self.engine.weight_version})
 
   async def health_generate(self, request: web.Request) -> web.Response:
     """200 once a one-token generation completes, 503 if none does within the timeout."""
@@ -410,8 +464,12 @@ class RolloutServer:
     except ValueError as error:  # e.g. memory released
       return web.Response(status=503, text=f"{error}\n")
     try:
-      while (await asyncio.wait_for(arrivals.get(), _HEALTH_TIMEOUT_S)).completion is None:
-        pass
+      while True:
+        update = await asyncio.wait_for(arrivals.get(), _HEALTH_TIMEOUT_S)
+        if isinstance(update, EngineFailure):
+          return web.Response(status=503, text=f"{update}\n")
+        if update.completion is not None:
+          break
     except asyncio.TimeoutError:
       await self.worker.abort([rid], "health check timed out")
       return web.Response(status=503, text="no generation within the health-check timeout\n")
@@ -423,7 +481,7 @@ class RolloutServer:
 
   async def get_load(self, request: web.Request) -> web.Response:
     running, waiting = self._counts()
-    return web.json_response([{"dp_rank": 0, "num_reqs": running + waiting,
+    return _json_response([{"dp_rank": 0, "num_reqs": running + waiting,
                                "num_waiting_reqs": waiting,
                                "num_tokens": self.worker.load.num_tokens}])
 
@@ -432,7 +490,7 @@ class RolloutServer:
     running, waiting = self._counts()
     usage = load.num_tokens / (self.engine.max_batch * self.engine.max_seq_len)
     utilization = running / self.engine.max_batch
-    return web.json_response({
+    return _json_response({
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), "version": VERSION,
         "dp_rank_count": 1,
         "loads": [{"dp_rank": 0, "num_running_reqs": running, "num_waiting_reqs": waiting,
@@ -445,7 +503,7 @@ class RolloutServer:
 
   async def abort_request(self, request: web.Request) -> web.Response:
     body = await _json_body(request)
-    if body.get("abort_all"):
+    if request_checks.flag(body, "abort_all"):
       await self.worker.abort(None, "aborted by /abort_request")
     elif isinstance(body.get("rid"), str):
       await self.worker.abort([body["rid"]], "aborted by /abort_request")
@@ -458,11 +516,11 @@ class RolloutServer:
     if mode not in _PAUSE_MODES:
       raise RequestError(f"'mode'={mode!r}: must be one of {_PAUSE_MODES}")
     await self.worker.set_paused(True, "aborted by /pause_generation" if mode == "abort" else None)
-    return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
+    return _json_response({"message": "Generation paused successfully.", "status": "ok"})
 
   async def continue_generation(self, request: web.Request) -> web.Response:
     await self.worker.set_paused(False)
-    return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
+    return _json_response({"message": "Generation continued successfully.", "status": "ok"})
 
   async def flush_cache(self, request: web.Request) -> web.Response:
     # No prefix cache to flush; like SGLang 0.5, refuse while requests run unless paused.
@@ -477,24 +535,29 @@ class RolloutServer:
       raise RequestError("'model_path' (an HF safetensors directory) is required")
     version = body.get("weight_version")
     version = self.engine.weight_version if version is None else str(version)
-    failed = lambda message: web.json_response(
+    abort_all = request_checks.flag(body, "abort_all_requests")
+    failed = lambda message: _json_response(
         {"success": False, "message": message, "num_paused_requests": 0}, status=400)
     try:
       config, params = await asyncio.get_running_loop().run_in_executor(
           None, self.load_checkpoint, path)
-    except (OSError, ValueError) as error:
-      return failed(f"Failed to load {path}: {error}")
+    except Exception as error:  # noqa: BLE001 -- any unreadable checkpoint is the caller's error
+      return failed(f"Failed to load {path}: {type(error).__name__}: {error}")
+    poisoned = await asyncio.get_running_loop().run_in_executor(
+        None, request_checks.non_finite_tensor, params)
+    if poisoned is not None:
+      return failed(f"{path}: tensor {poisoned} holds NaN or infinite values; weights not loaded")
     differs = {f: (getattr(config, f), getattr(self.engine.config, f))
                for f in _ARCHITECTURE_FIELDS if getattr(config, f) != getattr(self.engine.config, f)}
     if differs:
       return failed(f"{path}: config differs from the served model in (new, served) {differs}")
-    if body.get("abort_all_requests"):
+    if abort_all:
       await self.worker.abort(None, "aborted by /update_weights_from_disk")
     try:
       await self.worker.swap_weights(params, version)
     except ValueError as error:
       return failed(str(error))
-    return web.json_response({"success": True, "message": "Succeeded to update model weights.",
+    return _json_response({"success": True, "message": "Succeeded to update model weights.",
                               "num_paused_requests": 0})
 
 
@@ -506,7 +569,7 @@ class RolloutServer:
       await change(tags)
     except ValueError as error:
       raise RequestError(str(error)) from error
-    return web.json_response(None)  # SGLang answers 200 with a JSON null
+    return _json_response(None)  # SGLang answers 200 with a JSON null
 
   async def release_memory_occupation(self, request: web.Request) -> web.Response:
     """Hybrid deployment: drop the KV cache and/or weights from device memory until resumed."""

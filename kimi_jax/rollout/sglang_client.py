@@ -106,14 +106,18 @@ class SGLangClient:
 
   async def generate(self, prompts: Sequence[Sequence[int]],
                      sampling: SamplingParams | Sequence[SamplingParams], *,
-                     return_logprob: bool = True) -> list[Completion]:
-    """Completions grouped [p0 x n, p1 x n, ...], as from RolloutEngine.generate."""
+                     return_logprob: bool = True,
+                     images: Sequence[Sequence[str]] | None = None) -> list[Completion]:
+    """Completions grouped [p0 x n, p1 x n, ...], as from RolloutEngine.generate; `images`:
+    per prompt its image sources, sent as SGLang's `image_data`."""
     per_prompt = ([sampling] * len(prompts) if isinstance(sampling, SamplingParams)
                   else list(sampling))
     if len(per_prompt) != len(prompts):
       raise ValueError(f"sampling: {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+    images = [None] * len(prompts) if images is None else images
     outcomes = await asyncio.gather(
-        *(self._generate_one(list(p), sp, return_logprob) for p, sp in zip(prompts, per_prompt)),
+        *(self._generate_one(list(p), sp, return_logprob, im)
+          for p, sp, im in zip(prompts, per_prompt, images)),
         return_exceptions=True)
     errors = {i: str(o) for i, o in enumerate(outcomes) if isinstance(o, BaseException)}
     if errors:
@@ -121,8 +125,10 @@ class SGLangClient:
     return [c for samples in outcomes for c in samples]
 
   async def _generate_one(self, prompt_ids: list[int], sampling: SamplingParams,
-                          return_logprob: bool) -> list[Completion]:
+                          return_logprob: bool, images=None) -> list[Completion]:
     body = generate_request_json(prompt_ids, sampling, uuid.uuid4().hex, return_logprob)
+    if images:
+      body["image_data"] = list(images)
     answer = await self._post_with_retries("/generate", body)
     answers = answer if isinstance(answer, list) else [answer]
     if len(answers) != sampling.n:

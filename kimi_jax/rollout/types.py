@@ -3,12 +3,15 @@
 Field names and meanings follow SGLang's native API.
 """
 import dataclasses
+import math
 import operator
 
 STOP, LENGTH, ABORT = "stop", "length", "abort"
 # A sample stopped by the repeated n-gram detector finishes with type "stop" and this "matched"
 # value (SGLang has no such reason; a stop string never collides because ours are token ids).
 REPETITION_MATCH = "repetition"
+INT32_LIMIT = 2**31
+SEED_LIMIT = 2**64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,14 @@ class SamplingParams:
       stop_ids = (-1,)
     require(all(t >= 0 for t in stop_ids), "stop_token_ids", "must be non-negative ints")
     object.__setattr__(self, "stop_token_ids", stop_ids)
+    # Every int below becomes an int32 device value; every float must be a real number.
+    for field in ("max_new_tokens", "top_k", "n"):
+      require(getattr(self, field) < INT32_LIMIT, field, "must be < 2**31")
+    require(all(t < INT32_LIMIT for t in stop_ids), "stop_token_ids", "must be < 2**31")
+    require(self.seed is None or -SEED_LIMIT < self.seed < SEED_LIMIT, "seed",
+            "must fit in 64 bits")
+    for field in ("temperature", "top_p", "min_p"):
+      require(math.isfinite(getattr(self, field)), field, "must be finite")
 
 
 @dataclasses.dataclass

@@ -6,17 +6,31 @@ urgent ones (abort, pause) run before the next decode chunk; ordered ones (submi
 swap) run in arrival order, and a weight swap waits until the engine is idle (or paused), so
 requests already admitted finish on the weights they started with, like SGLang's
 /update_weights_from_disk.
+
+If a decode step raises, every request in flight receives an `EngineFailure` instead of an
+`Update`, the engine is reset and the loop goes on; `healthy` is False from the failure until
+the reset has succeeded.
 """
 import asyncio
 import collections
 import dataclasses
+import logging
 import threading
 import time
 from typing import Callable
 
 from kimi_jax.rollout.engine import RolloutEngine, Update
 
-Sink = Callable[[Update], None]
+
+class EngineFailure(RuntimeError):
+  """Delivered to the sink of every request that was in flight when the engine failed."""
+
+  def __init__(self, uid: int, message: str):
+    super().__init__(message)
+    self.uid = uid
+
+
+Sink = Callable[[Update | EngineFailure], None]
 _THROUGHPUT_EMA = 0.9
 
 
@@ -44,6 +58,7 @@ class EngineWorker:
     self.engine = engine
     self.load = LoadSnapshot()
     self.paused = False
+    self.healthy = True
     self._loop: asyncio.AbstractEventLoop | None = None
     self._wake = threading.Condition()
     self._urgent: list[Callable[[], None]] = []
@@ -85,11 +100,11 @@ class EngineWorker:
     return future
 
   def submit(self, prompts, sampling, rids: list[str], sample_ids: list[list[str]],
-             sink: Sink) -> asyncio.Future:
-    """Queue prompts (a rid per prompt, an id per sample); resolves to their uids, grouped
-    like `engine.submit`."""
+             sink: Sink, images=None) -> asyncio.Future:
+    """Queue prompts (a rid per prompt, an id per sample, optional images per prompt);
+    resolves to their uids, grouped like `engine.submit`."""
     def run():
-      uids = self.engine.submit(prompts, sampling)
+      uids = self.engine.submit(prompts, sampling, images)
       names = [(rid, sample_id) for rid, ids in zip(rids, sample_ids) for sample_id in ids]
       for uid, name in zip(uids, names):
         self._uid_names[uid] = name
@@ -158,16 +173,36 @@ class EngineWorker:
             break
           run, _ = self._ordered.popleft()
         run()
+      throughput = self.load.tokens_per_s
       if self._can_step():
         start = time.perf_counter()
-        updates = self.engine.step()
-        self._dispatch(updates)
-        rate = sum(len(u.new_ids) for u in updates) / max(time.perf_counter() - start, 1e-9)
-        throughput = _THROUGHPUT_EMA * self.load.tokens_per_s + (1 - _THROUGHPUT_EMA) * rate
-      else:
-        throughput = self.load.tokens_per_s
+        try:
+          updates = self.engine.step()
+        except Exception as error:  # noqa: BLE001 -- any failure fails the requests in flight
+          self._recover(error)
+        else:
+          self._dispatch(updates)
+          rate = sum(len(u.new_ids) for u in updates) / max(time.perf_counter() - start, 1e-9)
+          throughput = _THROUGHPUT_EMA * throughput + (1 - _THROUGHPUT_EMA) * rate
       self.load = LoadSnapshot(self.engine.num_running, self.engine.num_queued,
                                self.engine.num_tokens, throughput)
+
+  def _recover(self, error: Exception) -> None:
+    """Fail every request in flight with `error`, then reset the engine."""
+    self.healthy = False
+    message = f"engine failure: {type(error).__name__}: {error}"
+    logging.error("rollout %s; failing %d requests and resetting the engine", message,
+                  len(self._sinks), exc_info=error)
+    sinks, self._sinks = self._sinks, {}
+    self._uid_names.clear()
+    for uid, sink in sinks.items():
+      self._loop.call_soon_threadsafe(sink, EngineFailure(uid, message))
+    try:
+      self.engine.reset(message)
+    except Exception:  # noqa: BLE001 -- stays unhealthy; reported, not raised on this thread
+      logging.exception("rollout engine reset failed; /health stays 503")
+      return
+    self.healthy = True
 
   def _dispatch(self, updates: list[Update]) -> None:
     for update in updates:

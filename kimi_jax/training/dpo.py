@@ -11,14 +11,15 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm import tqdm
 
 from kimi_jax.losses.preference import dpo_loss
 from kimi_jax.losses.masking import sequence_logprob
 from kimi_jax.model import ModelConfig
 from kimi_jax.model.logprobs import token_logprobs
-from kimi_jax.training.steps import jit_eval, jit_step, masked_token_logprobs
+from kimi_jax.training.setup import every_or_final
+from kimi_jax.training.steps import (apply_update, jit_eval, jit_step, keep_params,
+                                     masked_token_logprobs)
 
 
 def pair_batch(pairs: Sequence[tuple[list[int], list[int], list[int]]], seq_len: int,
@@ -49,7 +50,7 @@ def dpo_objective(params, batch, config: ModelConfig, beta, chosen_nll_weight=0.
   """DPO loss of `params` on one pair batch (layout above), plus `chosen_nll_weight` times the
   per-token NLL of the chosen responses (as in RPO, Pang et al. 2024: it keeps DPO from pushing
   the chosen responses' likelihood down together with the rejected ones)."""
-  logp_2BxT = token_logprobs(config, params, batch)
+  logp_2BxT, max_logits_LxH = token_logprobs(config, params, batch, return_max_logits=True)
   seq_logp_2B = sequence_logprob(logp_2BxT, batch["loss_mask"], length_normalize=False)
   policy_chosen_B, policy_rejected_B = jnp.split(seq_logp_2B, 2)
   ref_chosen_B, ref_rejected_B = jnp.split(batch["ref_logp_sum"], 2)
@@ -57,16 +58,16 @@ def dpo_objective(params, batch, config: ModelConfig, beta, chosen_nll_weight=0.
                            beta)
   chosen_tokens = jnp.split(batch["loss_mask"], 2)[0].sum()
   chosen_nll = -policy_chosen_B.sum() / jnp.maximum(chosen_tokens, 1.0)
-  metrics["chosen_nll"] = chosen_nll
+  metrics.update(chosen_nll=chosen_nll, max_logits=max_logits_LxH)
   return loss + chosen_nll_weight * chosen_nll, metrics
 
 
-def dpo_step(state, batch, config: ModelConfig, beta, chosen_nll_weight=0.0):
+def dpo_step(state, batch, config: ModelConfig, beta, chosen_nll_weight=0.0,
+             post_update=keep_params):
   """One optimizer step on the DPO objective."""
   grads, metrics = jax.grad(dpo_objective, has_aux=True)(state.params, batch, config, beta,
                                                          chosen_nll_weight)
-  metrics["grad_norm"] = optax.global_norm(grads)
-  return state.apply_gradients(grads), metrics
+  return apply_update(state, grads, metrics, post_update)
 
 
 def with_reference_logprobs(reference_state, shardings, mesh, config: ModelConfig,
@@ -79,7 +80,7 @@ def with_reference_logprobs(reference_state, shardings, mesh, config: ModelConfi
 
 def run_dpo(state, shardings, mesh, model_config: ModelConfig, batches: Sequence[dict], beta: float,
             num_steps: int, writer=None, log_every: int = 50, desc: str = "dpo",
-            chosen_nll_weight: float = 0.0):
+            chosen_nll_weight: float = 0.0, post_update=keep_params):
   """`num_steps` DPO steps cycling through `batches` (pair batches without `ref_logp_sum`).
 
   The reference is `state` as passed in (the SFT model): its log-prob sums are computed for
@@ -87,17 +88,17 @@ def run_dpo(state, shardings, mesh, model_config: ModelConfig, batches: Sequence
   Returns (state, last metrics). Progress is shown as a bar; metrics go to `writer`.
   """
   batches = with_reference_logprobs(state, shardings, mesh, model_config, batches)
-  step = jit_step(dpo_step, mesh, shardings, config=model_config, beta=beta,
-                  chosen_nll_weight=chosen_nll_weight)
+  train_step = jit_step(dpo_step, mesh, shardings, config=model_config, beta=beta,
+                        chosen_nll_weight=chosen_nll_weight, post_update=post_update)
   metrics = {}
-  with tqdm(zip(range(num_steps), itertools.cycle(batches)), total=num_steps, desc=desc,
+  with tqdm(zip(range(1, num_steps + 1), itertools.cycle(batches)), total=num_steps, desc=desc,
             dynamic_ncols=True) as bar:
-    for i, batch in bar:
-      state, metrics = step(state, batch)
-      if (i + 1) % log_every == 0 or i + 1 == num_steps:
+    for step, batch in bar:
+      state, metrics = train_step(state, batch)
+      if every_or_final(step, log_every, num_steps):
         metrics = jax.device_get(metrics)
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}",
                         acc=f"{float(metrics['accuracy']):.2f}")
         if writer is not None:
-          writer.write(i + 1, {f"{desc}/{k}": v for k, v in metrics.items()})
+          writer.write(step, {f"{desc}/{k}": v for k, v in metrics.items()})
   return state, jax.device_get(metrics)

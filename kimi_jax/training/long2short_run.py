@@ -30,7 +30,8 @@ from kimi_jax.training.dpo import pair_batch, run_dpo
 from kimi_jax.training.long2short import (Sample, build_dpo_pairs, merge_params,
                                           shortest_rejection_sampling)
 from kimi_jax.training.setup import build_basics, load_initial_checkpoint
-from kimi_jax.training.sft import fine_tune, sft_optimizer
+from kimi_jax.training.optim import build_optimizer, build_post_update
+from kimi_jax.training.sft import fine_tune
 from kimi_jax.training.state import train_state_from_params
 
 
@@ -77,7 +78,7 @@ def shortest(config, task, tokenizer, model_config, mesh, params, workdir: str):
                                config.seed))
   return fine_tune(sft, config.seed, batches, model_config, mesh,
                    os.path.join(workdir, "long2short_metrics.jsonl"), params=params,
-                   desc="shortest_sft")
+                   desc="shortest_sft", key="long2short.sft.optimizer")
 
 
 def dpo_batches(pairs, tokenizer, encode: Callable[[str], list[int]], batch_size: int,
@@ -103,10 +104,12 @@ def dpo(config, task, tokenizer, model_config, mesh, params, workdir: str):
   batches = dpo_batches(pairs, tokenizer,
                         lambda text: encode_text(tokenizer, text, task.chat_template_kwargs),
                         l2s.dpo.batch_size, l2s.dpo.seq_len, config.seed)
-  state, shardings = train_state_from_params(model_config, sft_optimizer(l2s.dpo), mesh, params)
+  tx = build_optimizer(l2s.dpo.optimizer, l2s.dpo.steps, "long2short.dpo.optimizer")
+  state, shardings = train_state_from_params(model_config, tx, mesh, params)
   writer = JsonlWriter(os.path.join(workdir, "long2short_metrics.jsonl"))
   state, _ = run_dpo(state, shardings, mesh, model_config, batches, l2s.dpo.beta, l2s.dpo.steps,
-                     writer, chosen_nll_weight=l2s.dpo.chosen_nll_weight)
+                     writer, chosen_nll_weight=l2s.dpo.chosen_nll_weight,
+                     post_update=build_post_update(l2s.dpo.optimizer))
   writer.close()
   return state.params
 

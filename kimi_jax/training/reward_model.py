@@ -24,7 +24,7 @@ from kimi_jax.model.transformer import Transformer, default_positions
 from kimi_jax.rewards.judge import RMExample
 from kimi_jax.sharding.rules import logical_shardings
 from kimi_jax.training.state import TrainState, mirror_param_shardings
-from kimi_jax.training.steps import jit_eval
+from kimi_jax.training.steps import apply_update, jit_eval, keep_params
 
 LM, VALUE_HEAD = "lm", "value_head"
 
@@ -59,37 +59,44 @@ def rm_batch(examples: Sequence[RMExample], tokenizer: Tokenizer, seq_len: int,
   return batch
 
 
-def final_hidden_states(config: ModelConfig, lm_params, tokens_BxT) -> jax.Array:
-  """The LM's final-norm output [B, T, D], from the LM's own forward pass."""
-  _, captured = Transformer(config).apply(
+def final_hidden_states(config: ModelConfig, lm_params, tokens_BxT,
+                        return_max_logits: bool = False):
+  """The LM's final-norm output [B, T, D], from the LM's own forward pass (and the per-head
+  max attention logits max_logits_LxH of that pass)."""
+  (_, _, max_logits_LxH), captured = Transformer(config, return_max_logits).apply(
       {"params": lm_params}, tokens_BxT, default_positions(tokens_BxT),
       capture_intermediates=lambda module, _: module.name == "final_norm",
       mutable=["intermediates"])
-  return captured["intermediates"]["final_norm"]["__call__"][0]
+  hidden_BxTxD = captured["intermediates"]["final_norm"]["__call__"][0]
+  return (hidden_BxTxD, max_logits_LxH) if return_max_logits else hidden_BxTxD
 
 
-def rm_logits(params, batch, config: ModelConfig) -> jax.Array:
-  """Reward logits [B] read at `last_index`, float32."""
-  hidden_BxTxD = final_hidden_states(config, params[LM], batch["tokens"])
+def rm_logits(params, batch, config: ModelConfig, return_max_logits: bool = False):
+  """Reward logits [B] read at `last_index`, float32 (and the LM's max_logits_LxH)."""
+  out = final_hidden_states(config, params[LM], batch["tokens"], return_max_logits)
+  hidden_BxTxD, max_logits_LxH = out if return_max_logits else (out, None)
   last_BxD = jnp.take_along_axis(hidden_BxTxD, batch["last_index"][:, None, None], axis=1)[:, 0]
   head = params[VALUE_HEAD]
-  return last_BxD.astype(jnp.float32) @ head["kernel"].astype(jnp.float32) + head["bias"]
+  logits_B = last_BxD.astype(jnp.float32) @ head["kernel"].astype(jnp.float32) + head["bias"]
+  return (logits_B, max_logits_LxH) if return_max_logits else logits_B
 
 
 def rm_loss(params, batch, config: ModelConfig):
   """Mean binary cross-entropy of the reward logits against `labels`."""
-  logits_B = rm_logits(params, batch, config)
+  logits_B, max_logits_LxH = rm_logits(params, batch, config, return_max_logits=True)
   labels_B = batch["labels"]
   loss = optax.sigmoid_binary_cross_entropy(logits_B, labels_B).mean()
   accuracy = ((logits_B > 0) == (labels_B > 0.5)).mean()
-  return loss, {"loss": loss, "accuracy": accuracy}
+  return loss, {"loss": loss, "accuracy": accuracy, "max_logits": max_logits_LxH}
 
 
-def rm_step(state, batch, config: ModelConfig):
-  """One optimizer step on the reward-model cross-entropy."""
+def rm_step(state, batch, config: ModelConfig, post_update=keep_params):
+  """One optimizer step on the reward-model cross-entropy; `post_update` (e.g. QK-clip) acts
+  on the LM part of the parameters."""
   grads, metrics = jax.grad(rm_loss, has_aux=True)(state.params, batch, config)
-  metrics["grad_norm"] = optax.global_norm(grads)
-  return state.apply_gradients(grads), metrics
+  lm_post_update = lambda params, max_logits_LxH: {
+      **params, LM: post_update(params[LM], max_logits_LxH)}
+  return apply_update(state, grads, metrics, lm_post_update)
 
 
 def rm_probabilities(state, batch, config: ModelConfig) -> jax.Array:

@@ -18,17 +18,19 @@ from tqdm import tqdm
 
 from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.checkpointing.manager import RunCheckpointer
+from kimi_jax.data.images import run_image_processing
 from kimi_jax.data.samplers import PromptSampler, make_strategy, mix_domains
 from kimi_jax.eval.evaluate import evaluate_with_config
+from kimi_jax.losses.mirror_descent import BASELINES
 from kimi_jax.metrics.plots import plot_metrics
 from kimi_jax.metrics.writers import read_jsonl
 from kimi_jax.rewards.registry import REGISTRY, RewardRegistry
-from kimi_jax.rollout.backends import build_backend
+from kimi_jax.rollout.backends import BACKENDS, build_backend
 from kimi_jax.rollout.partial import PartialRolloutBuffer, RolloutLimits, collect_groups, new_groups
 from kimi_jax.rollout.types import SamplingParams
 from kimi_jax.training import rl_data
 from kimi_jax.training.optim import build_optimizer, build_post_update
-from kimi_jax.training.rl_losses import make_policy_loss
+from kimi_jax.training.rl_losses import LOSSES, make_policy_loss
 from kimi_jax.training.run_rewards import build_run_rewards
 from kimi_jax.training.scoring import (GroupScores, rollout_metrics, sample_rows, score_groups,
                                        write_samples)
@@ -41,27 +43,35 @@ from kimi_jax.training.steps import jit_eval, jit_rl_programs, masked_token_logp
 
 
 def run(config, workdir: str) -> dict:
-  """Train with k1.5 RL per `config`; resumes from `workdir`'s latest checkpoint."""
+  """Train with k1.5 RL per `config`; resumes from `workdir`'s newest readable checkpoint.
+
+  The whole config is checked before any work; pending checkpoint saves are waited for on
+  every exit, errors included."""
   validate_config(config)
+  with RunCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
+                       config.checkpoint.async_save) as checkpointer:
+    return _run(config, workdir, checkpointer)
+
+
+def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
   rl = config.rl
   task, tokenizer, model_config, mesh = build_basics(config, workdir)
   rewards = build_run_rewards(config, task.reward_by_domain.values(), workdir)
   tx = build_optimizer(config.optimizer)
   abstract, shardings = train_state_shardings(model_config, tx, mesh)
-  checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
-                                 config.checkpoint.async_save)
   strategy = mix_domains(make_strategy(config.sampler), task.train, task.weight_by_domain)
   sampler = iter(PromptSampler(task.train, strategy, rl.prompts_per_iteration,
                                config.seed, ema_rate=config.sampler.ema_rate))
-  latest = checkpointer.latest_step()
+  resumed = checkpointer.restore_latest(_saved_tree(abstract), _saved_tree(shardings), tqdm.write)
+  latest = None if resumed is None else resumed[0]
   writer = build_writer(config, workdir, truncate_after=latest)
 
-  if latest is None:
+  if resumed is None:
     params = initial_params(config, task, tokenizer, model_config, mesh, workdir)
     state, _ = train_state_from_params(model_config, tx, mesh, params)
     buffer, step = PartialRolloutBuffer(), 0
   else:
-    restored, extra = checkpointer.restore(latest, _saved_tree(abstract), _saved_tree(shardings))
+    _, restored, extra = resumed
     state = TrainState(tx=tx, **restored)
     sampler.set_state(extra["sampler"])
     buffer, step = PartialRolloutBuffer.from_json(extra["buffer"]), extra["iteration"]
@@ -72,7 +82,10 @@ def run(config, workdir: str) -> dict:
                                          rewards.registry).as_dict("start"))
     checkpointer.save(0, _saved_tree(state), _extra_state(0, sampler, buffer))
 
-  trainer = PolicyTrainer(mesh, shardings, model_config, rl, build_post_update(config.optimizer))
+  row_images = (None if model_config.vision is None else rl_data.RowImages.for_prompts(
+      task.train, model_config.vision, run_image_processing(config)))
+  trainer = PolicyTrainer(mesh, shardings, model_config, rl, build_post_update(config.optimizer),
+                          row_images)
   sampling = SamplingParams(temperature=rl.temperature, stop_token_ids=tuple(tokenizer.eos_ids))
   with tqdm(desc="rl", initial=step, total=rl.iterations) as bar:
     while step < rl.iterations:
@@ -80,6 +93,8 @@ def run(config, workdir: str) -> dict:
                                     task, tokenizer, config, workdir, rewards.registry)
       step += 1  # the policy now has version `step`
       t0 = time.perf_counter()
+      if config.rollout.colocate:
+        backend.resume()
       backend.sync(state.params, str(step))
       metrics["time/sync"] = time.perf_counter() - t0
       if every_or_final(step, config.eval.every, rl.iterations):
@@ -90,7 +105,6 @@ def run(config, workdir: str) -> dict:
       if every_or_final(step, config.checkpoint.every, rl.iterations):
         checkpointer.save(step, _saved_tree(state), _extra_state(step, sampler, buffer))
       bar.update()
-  checkpointer.close()
   writer.close()
   backend.close()
   rewards.close()
@@ -104,15 +118,19 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   scored by the task rewards in `registry`. Returns (state, metrics)."""
   rl = config.rl
   t0 = time.perf_counter()
-  groups = new_groups(next(sampler), lambda p: task.encode_prompt(tokenizer, p), rl.k,
-                      step * rl.prompts_per_iteration, step)
+  processing = run_image_processing(config)
+  encode = lambda p: task.prompt_inputs(tokenizer, p, processing).ids
+  groups = new_groups(next(sampler), encode, rl.k, step * rl.prompts_per_iteration, step)
   limits = RolloutLimits(rl.max_response_tokens, rl.segment_tokens, rl.repetition_ngram,
                          rl.repetition_count)
   complete, new_tokens = collect_groups(backend, sampling, groups, buffer, limits, step,
                                         request_seed_base(config.seed, step))
+  metrics = {"memory/rollout_bytes": live_device_bytes()}
+  if config.rollout.colocate:  # hybrid deployment: the trainer gets the rollout's memory
+    backend.release()
   t1 = time.perf_counter()
-  metrics = {"complete_groups": len(complete), "buffer_groups": len(buffer),
-             "tokens_per_s": new_tokens / max(t1 - t0, 1e-9), "time/rollout": t1 - t0}
+  metrics.update({"complete_groups": len(complete), "buffer_groups": len(buffer),
+                  "tokens_per_s": new_tokens / max(t1 - t0, 1e-9), "time/rollout": t1 - t0})
   scores = (score_groups(complete, tokenizer.decode, task.reward_by_domain, rl, step, registry)
             if complete else GroupScores.empty())
   write_samples(workdir, step, sample_rows(  # empty while every group waits in the buffer
@@ -120,7 +138,8 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   metrics.update(rollout_metrics(complete, scores))
   if not complete:
     metrics.update(trainer.nan_metrics(state, rl.groups_per_minibatch * rl.k))
-    metrics.update({"time/reward": 0.0, "time/train": 0.0})
+    metrics.update({"time/reward": 0.0, "time/train": 0.0,
+                    "memory/train_bytes": live_device_bytes()})
     return state, metrics
   t2 = time.perf_counter()
   padded = rl_data.pad_groups(complete, rl.groups_per_minibatch, rl.k)
@@ -128,18 +147,28 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   batch = rl_data.build_rl_batch(padded, np.concatenate([scores.rewards, np.zeros(pad_rows)]),
                                  config.rollout.max_seq_len, tokenizer.pad_id,
                                  rl.train_old_segments)
+  if trainer.row_images is not None:
+    batch.update(trainer.row_images.fields(padded, batch["tokens"]))
   state, train_metrics = trainer.train(state, batch)
   sampler.update([g.prompt_id for g in complete for _ in g.trajectories], scores.correct)
   metrics.update(train_metrics)
-  metrics.update({"time/reward": t2 - t1, "time/train": time.perf_counter() - t2})
+  metrics.update({"time/reward": t2 - t1, "time/train": time.perf_counter() - t2,
+                  "memory/train_bytes": live_device_bytes()})
   return state, metrics
+
+
+def live_device_bytes() -> int:
+  """Bytes of all live JAX arrays (every device): what a phase holds at its end."""
+  return sum(x.nbytes for x in jax.live_arrays())
 
 
 class PolicyTrainer:
   """The jitted programs of one run: the policy-loss gradient (which also gives S_ref), the
   optimizer step, and the log-probs forward for the KL metric."""
 
-  def __init__(self, mesh, shardings, model_config, rl_config, post_update):
+  def __init__(self, mesh, shardings, model_config, rl_config, post_update,
+               row_images: rl_data.RowImages | None = None):
+    self.row_images = row_images  # a vision-language model's batch rows take their images
     self.token_logprobs = jit_eval(masked_token_logprobs, mesh, shardings, config=model_config)
     self.grads, self.apply = jit_rl_programs(mesh, shardings, model_config,
                                              make_policy_loss(rl_config), post_update)
@@ -259,6 +288,8 @@ def validate_config(config) -> None:
        f"with SGD, optimizer.learning_rate * rl.tau = "
        f"{config.optimizer.learning_rate * rl.tau:.3g} must be <= {SGD_MAX_LR_TAU}: above it "
        "the tau term overshoots S_ref and larger tau moves the policy more, not less"),
+      ("rl.loss", rl.loss in LOSSES, f"expected one of {LOSSES}"),
+      ("rl.baseline", rl.baseline in BASELINES, f"expected one of {BASELINES}"),
       ("rl.k", rl.k >= 2, "needs >= 2 samples per prompt for a group baseline"),
       ("rl.iterations", rl.iterations >= 0, "must be >= 0 (0: SFT warm-up only)"),
       ("rl.segment_tokens", 0 < rl.segment_tokens <= rl.max_response_tokens,
@@ -267,6 +298,11 @@ def validate_config(config) -> None:
       ("rl.temperature", rl.temperature > 0, "must be > 0 for on-policy sampling"),
       ("rollout.max_seq_len", config.rollout.max_seq_len >= rl.max_response_tokens + 1,
        "must exceed rl.max_response_tokens (prompt + response must fit)"),
+      ("rollout.backend", config.rollout.backend in BACKENDS, f"expected one of {BACKENDS}"),
+      ("rollout.urls", config.rollout.backend != "sglang" or bool(config.rollout.urls),
+       "the sglang backend needs server URLs"),
+      ("checkpoint.every", config.checkpoint.every >= 1, "must be >= 1"),
+      ("checkpoint.keep", config.checkpoint.keep >= 1, "must be >= 1"),
       ("eval.k", 1 <= config.eval.k <= config.eval.samples, "must be in [1, eval.samples]"),
       ("eval.temperature", config.eval.samples == 1 or config.eval.temperature > 0,
        "must be > 0 when eval.samples > 1"),

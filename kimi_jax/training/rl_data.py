@@ -1,9 +1,13 @@
 """Host-side RL training batches from complete prompt groups: padding to whole minibatches,
-per-segment loss masks, right-padded arrays, minibatch splits."""
+per-segment loss masks, right-padded arrays, minibatch splits, the rows' images."""
+import dataclasses
 from typing import Sequence
 
 import numpy as np
 
+from kimi_jax.data import images
+from kimi_jax.data.image_batches import image_fields, padded_patches
+from kimi_jax.model.config import VisionConfig
 from kimi_jax.rollout.partial import Group, Trajectory
 
 
@@ -11,7 +15,8 @@ def pad_groups(groups: list[Group], groups_per_minibatch: int, k: int) -> list[G
   """Append empty finished groups so the count divides into equal minibatches."""
   missing = (-len(groups)) % groups_per_minibatch
   prompt_ids = groups[0].trajectories[0].prompt_ids
-  empty = lambda: Group(-1, "", "", [Trajectory(prompt_ids, finished=True) for _ in range(k)])
+  empty = lambda: Group(-1, "", "", [Trajectory(prompt_ids, finished=True) for _ in range(k)],
+                        images=groups[0].images)
   return groups + [empty() for _ in range(missing)]
 
 
@@ -73,3 +78,27 @@ def split_minibatches(batch: dict[str, np.ndarray], group_size: int, num_minibat
     mb["group_ids"] = mb["group_ids"] - mb["group_ids"][0]
     out.append(mb)
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RowImages:
+  """How RL batch rows get their prompt's images: the vision tower's batch-major fields, every
+  row of a group with its prompt's images, patches padded to one count for the whole run."""
+  vision: VisionConfig
+  processing: images.ImageProcessing
+  patches_per_row: int
+
+  @classmethod
+  def for_prompts(cls, prompts, vision: VisionConfig, processing: images.ImageProcessing):
+    counts = [len(images.preprocess(p.images, processing).pixel_values)
+              for p in prompts if p.images]
+    return cls(vision, processing, padded_patches(counts, vision.merge_unit))
+
+  def fields(self, groups: Sequence[Group], tokens_BxT: np.ndarray) -> dict[str, np.ndarray]:
+    """Image fields of `build_rl_batch(groups, ...)`'s rows."""
+    processed = [images.preprocess(g.images, self.processing) if g.images else None
+                 for g in groups]
+    row_images = [p for p, g in zip(processed, groups) for _ in g.trajectories]
+    prompt_lengths = [len(t.prompt_ids) for g in groups for t in g.trajectories]
+    return image_fields(self.vision, tokens_BxT, row_images, self.patches_per_row,
+                        prompt_lengths)

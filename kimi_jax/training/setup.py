@@ -12,10 +12,11 @@ import os
 from typing import NamedTuple
 
 from kimi_jax.checkpointing.hf import CheckpointError, config_diff, load_hf, load_hf_config
+from kimi_jax.data.image_prompts import add_vision_tokens, vision_token_ids
 from kimi_jax.data.tasks import Task, build_task
 from kimi_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer, char_tokenizer, load_tokenizer
 from kimi_jax.metrics.writers import JsonlWriter, MultiWriter, TensorBoardWriter
-from kimi_jax.model import ModelConfig
+from kimi_jax.model import ModelConfig, VisionConfig
 from kimi_jax.model.config import with_execution
 from kimi_jax.sharding.rules import make_mesh
 
@@ -28,9 +29,15 @@ class Basics(NamedTuple):
 
 
 def build_model_config(model_cfg, tokenizer) -> ModelConfig:
-  """The `model` config section with the vocabulary rounded up to `vocab_multiple`."""
-  fields = {k: v for k, v in model_cfg.items() if k != "vocab_multiple"}
+  """The `model` config section with the vocabulary rounded up to `vocab_multiple`; a `vision`
+  subsection becomes the vision tower, with the tokenizer's vision token ids."""
+  fields = {k: v for k, v in model_cfg.items() if k not in ("vocab_multiple", "vision")}
   vocab = -(-tokenizer.vocab_size // model_cfg.vocab_multiple) * model_cfg.vocab_multiple
+  if model_cfg.get("vision") is not None:
+    ids = vision_token_ids(tokenizer)
+    fields["vision"] = VisionConfig(**model_cfg.vision.to_dict(), image_token_id=ids.image_pad,
+                                    vision_start_token_id=ids.vision_start,
+                                    vision_end_token_id=ids.vision_end)
   return ModelConfig(vocab_size=vocab, bos_token_id=tokenizer.bos_id,
                      eos_token_id=tokenizer.eos_id, **fields)
 
@@ -41,8 +48,9 @@ def checkpoint_model_config(path: str, model_cfg, changed_fields=()) -> ModelCon
   return dataclasses.replace(loaded, **{f: model_cfg[f] for f in changed_fields})
 
 
-def run_tokenizer(config, task: Task) -> Tokenizer:
-  """The init checkpoint's tokenizer, else the task's char tokenizer."""
+def build_tokenizer(config, task: Task) -> Tokenizer:
+  """The init checkpoint's tokenizer, else the task's char tokenizer (with the vision tokens
+  when its prompts carry images)."""
   checkpoint = config.init.checkpoint
   if checkpoint and os.path.exists(os.path.join(checkpoint, TOKENIZER_FILE)):
     return load_tokenizer(checkpoint)
@@ -51,14 +59,15 @@ def run_tokenizer(config, task: Task) -> Tokenizer:
              else "config.init.checkpoint is not set")
     raise ValueError(f"config.task.name={config.task.name!r} needs the tokenizer of the model "
                      f"it trains, but {where}")
-  return char_tokenizer(task.charset)
+  tokenizer = char_tokenizer(task.charset)
+  return add_vision_tokens(tokenizer) if task.has_images else tokenizer
 
 
 def build_basics(config, workdir: str) -> Basics:
   """(task, tokenizer, model config, mesh) of a run; the tokenizer is saved in `workdir`."""
   os.makedirs(workdir, exist_ok=True)
   task = build_task(config.task, config.get("data"), seed=config.seed)
-  tokenizer = run_tokenizer(config, task)
+  tokenizer = build_tokenizer(config, task)
   tokenizer.save(os.path.join(workdir, "tokenizer"))
   if config.init.checkpoint:
     model_config = checkpoint_model_config(config.init.checkpoint, config.model,

@@ -15,6 +15,7 @@ import os
 
 from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.data.corpus import CorpusBatches, TokenStream, corpus_documents
+from kimi_jax.data.images import run_image_processing
 from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.eval.lm_loss import corpus_loss_by_position
 from kimi_jax.rollout.backends import EngineBackend
@@ -38,7 +39,8 @@ def run(config, workdir: str) -> dict:
     params = sft_warmup(config, task, tokenizer, model_config, mesh, workdir, params)
   export = os.path.join(workdir, "hf")
   save_hf(export, model_config, params, tokenizer=tokenizer)
-  backend = EngineBackend(model_config, params, config.rollout, config.rl, tokenizer.eos_ids, "sft")
+  backend = EngineBackend(model_config, params, config.rollout, config.rl, tokenizer.eos_ids,
+                          "sft", run_image_processing(config))
   summary = evaluate_with_config(backend, tokenizer, task, task.heldout,
                                  config.eval).as_dict("sft")
   if config.corpus.source:

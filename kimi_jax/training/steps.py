@@ -21,13 +21,16 @@ def keep_params(params, max_logits_LxH):
   return params
 
 
-def _update(state, grads, metrics, post_update):
-  """Optimizer step, then `post_update(params, max_logits)` (e.g. QK-clip, Kimi K2)."""
+def apply_update(state, grads, metrics, post_update=keep_params):
+  """The ending every step shares (LM, RL, DPO, reward model): the gradient norm before
+  clipping, the optimizer step (global-norm clipping included, `training.optim`), then
+  `post_update(params, max_logits_LxH)` (QK-clip, Kimi K2) on the attention logits the loss's
+  own forward pass measured, `metrics["max_logits"]` (replaced by its maximum)."""
+  max_logits_LxH = metrics.pop("max_logits")
   metrics["grad_norm"] = optax.global_norm(grads)
-  metrics["max_attention_logit"] = metrics["max_logits"].max()
+  metrics["max_attention_logit"] = max_logits_LxH.max()
   state = state.apply_gradients(grads)
-  state = state.replace(params=post_update(state.params, metrics.pop("max_logits")))
-  return state, metrics
+  return state.replace(params=post_update(state.params, max_logits_LxH)), metrics
 
 
 def lm_loss(params, batch, config: ModelConfig):
@@ -42,7 +45,7 @@ def lm_loss(params, batch, config: ModelConfig):
 def lm_step(state, batch, config: ModelConfig, post_update=keep_params):
   """One optimizer step on the LM cross-entropy."""
   grads, metrics = jax.grad(lm_loss, has_aux=True)(state.params, batch, config)
-  return _update(state, grads, metrics, post_update)
+  return apply_update(state, grads, metrics, post_update)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -102,7 +105,7 @@ def rl_grads(state, batch, config: ModelConfig, policy_loss):
 def apply_grads(state, grads, metrics, post_update=keep_params):
   """The optimizer step for `rl_grads`' output; drops the per-token `logp_BxT`."""
   metrics = {k: v for k, v in metrics.items() if k != "logp_BxT"}
-  return _update(state, grads, metrics, post_update)
+  return apply_update(state, grads, metrics, post_update)
 
 
 def jit_rl_programs(mesh: Mesh, state_shardings, config: ModelConfig, policy_loss,

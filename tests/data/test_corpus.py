@@ -78,6 +78,19 @@ def test_read_documents_reports_bad_lines(tmp_path):
     read_documents(str(tmp_path / "c.csv"))
 
 
+def test_invalid_utf8_in_a_corpus_names_file_and_line(tmp_path):
+  jsonl = tmp_path / "c.jsonl"
+  jsonl.write_bytes(b'{"text": "a"}\n{"text": "\xff"}\n{"text": "b"}\n')
+  with pytest.raises(DataValidationError) as info:
+    read_documents(str(jsonl))
+  assert [e.line for e in info.value.errors] == [2]
+  assert f"{jsonl}:2: not UTF-8" in str(info.value)
+  text = tmp_path / "c.txt"
+  text.write_bytes(b"first doc\n\nsecond\nsecond \xc3\n")
+  with pytest.raises(ValueError, match=f"{text}:4: not UTF-8"):
+    read_documents(str(text))
+
+
 def test_too_short_corpus_is_refused():
   with pytest.raises(ValueError, match="shorter than one window"):
     CorpusBatches(TokenStream([[1, 2]], EOS), batch_size=1, seq_len=8, seed=0)

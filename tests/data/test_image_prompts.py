@@ -60,11 +60,18 @@ def test_text_only_prompt_is_unchanged(tokenizer):
   ours = encode_prompt_with_images(tokenizer, ChatTemplate(add_bos=True), prompt, PROCESSING)
   assert ours.ids == [tokenizer.bos_id] + tokenizer.encode("1+2=")
   assert ours.images.pixel_values.shape == (0, 1176)
+  plain = char_tokenizer(rendered.charset())  # no vision tokens: text prompts still encode
+  assert encode_prompt_with_images(plain, ChatTemplate(add_bos=True), prompt,
+                                   PROCESSING).ids == [plain.bos_id] + plain.encode("1+2=")
 
 
 def test_expand_image_pads():
   assert image_prompts.expand_image_pads([5, 9, 6, 9, 7], 9, [2, 3]) == [5, 9, 9, 6, 9, 9, 9, 7]
+  # A run already of the image's length stays (ids sent pre-expanded).
+  assert image_prompts.expand_image_pads([5, 9, 9, 6, 9], 9, [2, 3]) == [5, 9, 9, 6, 9, 9, 9]
   with pytest.raises(ValueError, match="2 image placeholders in the prompt for 1 images"):
+    image_prompts.expand_image_pads([9, 5, 9], 9, [4])
+  with pytest.raises(ValueError, match="image 0: a run of 2 image pad tokens; the image takes 4"):
     image_prompts.expand_image_pads([9, 9], 9, [4])
 
 

@@ -9,7 +9,6 @@ is the torchvision backend in transformers 5.x (not installed here; without torc
 falls back to the PIL backend, as `AutoImageProcessor` does).
 """
 import base64
-import json
 import math
 
 import chex
@@ -124,8 +123,8 @@ def test_smart_resize_equals_transformers_everywhere():
 def test_patch_rows_are_merge_windows_and_columns_repeat_the_frame():
   processing = ImageProcessing()
   p, m = processing.patch_size, processing.merge_size
-  pixels_CxHxW = np.random.default_rng(0).normal(size=(3, 4 * p, 6 * p)).astype(np.float32)
-  frames = np.broadcast_to(pixels_CxHxW, (2, *pixels_CxHxW.shape))
+  pixels_CxYxX = np.random.default_rng(0).normal(size=(3, 4 * p, 6 * p)).astype(np.float32)
+  frames = np.broadcast_to(pixels_CxYxX, (2, *pixels_CxYxX.shape))
   patches, grid = images.patchify(frames, processing)
   assert grid == (1, 4, 6)
   chex.assert_shape(patches, (24, 3 * 2 * p * p))
@@ -135,7 +134,7 @@ def test_patch_rows_are_merge_windows_and_columns_repeat_the_frame():
       for r in range(m):
         for c in range(m):
           y, x = (window_row * m + r) * p, (window_col * m + c) * p
-          patch_CxPxP = pixels_CxHxW[:, y:y + p, x:x + p]
+          patch_CxPxP = pixels_CxYxX[:, y:y + p, x:x + p]
           expected = np.stack([patch_CxPxP, patch_CxPxP], axis=1).reshape(-1)  # (C, frame, P, P)
           np.testing.assert_array_equal(patches[row], expected)
           row += 1
@@ -143,7 +142,9 @@ def test_patch_rows_are_merge_windows_and_columns_repeat_the_frame():
 
 def test_preprocessor_config_round_trips_through_transformers(tmp_path):
   processing = ImageProcessing(min_pixels=28 * 28 * 6, max_pixels=28 * 28 * 30)
-  (tmp_path / "preprocessor_config.json").write_text(json.dumps(processing.to_hf()))
+  images.save_image_processing(str(tmp_path), processing)
+  assert images.load_image_processing(str(tmp_path)) == processing
+  assert images.load_image_processing(str(tmp_path / "missing")) == ImageProcessing()
   loaded = hf_qwen2_vl.Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path))
   image = picture(500, 333, "RGB", seed=8)
   out = loaded(image)

@@ -163,3 +163,13 @@ def test_rows_with_images(tmp_path):
   assert "invalid base64" in messages[4]
   with pytest.raises(DataValidationError, match=f"{path}:4: field 'images': image 1"):
     load_prompts(path)
+
+
+def test_invalid_utf8_is_reported_with_file_line_and_column(tmp_path):
+  path = tmp_path / "set.jsonl"
+  path.write_bytes(json.dumps(GOOD).encode() + b'\n{"question": "caf\xe9?", "answer": "1"}\n'
+                   + json.dumps({**GOOD, "id": "b"}).encode() + b"\n")
+  prompts, errors = read_prompts(str(path))
+  assert [p.id for p in prompts] == ["a", "b"]  # the lines around the bad one are still read
+  assert [(e.file, e.line) for e in errors] == [(str(path), 2)]
+  assert f"{path}:2: not UTF-8" in errors[0].message and "column 18" in errors[0].message

@@ -36,7 +36,8 @@ class PlantedBackend(FakeBackend):
     super().__init__()
     self.sampling = []
 
-  def generate(self, inputs, sampling):
+  def generate(self, inputs, sampling, images=None):
+    assert not any(images)  # text prompts
     self.sampling += sampling
     out = []
     for ids, params in zip(inputs, sampling):
@@ -110,6 +111,7 @@ def engine_comparison(checkpoints, tmp_path_factory):
   return results, workdir
 
 
+@pytest.mark.slow
 def test_comparison_equals_direct_evaluation(engine_comparison, checkpoints, task):
   results, workdir = engine_comparison
   config = get_config("smoke")
@@ -126,6 +128,7 @@ def test_comparison_equals_direct_evaluation(engine_comparison, checkpoints, tas
   assert (workdir / "eval.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_comparison_through_the_sglang_client_equals_the_engine(engine_comparison, checkpoints,
                                                                  tmp_path):
   """Same evaluation with samples from our SGLang-API server over loopback HTTP, weights pushed
@@ -148,6 +151,7 @@ def test_comparison_through_the_sglang_client_equals_the_engine(engine_compariso
   assert results == engine_comparison[0]
 
 
+@pytest.mark.slow
 def test_corpus_comparison_adds_loss_by_position(checkpoints, tmp_path):
   """With a corpus configured, each checkpoint's held-out loss by position is written, equal
   to evaluating its own weights on the config's held-out documents."""

@@ -27,3 +27,12 @@ def test_summary_on_planted_results():
   assert result.tokens_by_difficulty == {1: 15.0, 2: 17.5}
   with pytest.raises(ValueError, match="k=3"):
     pass_at_k(2, 1, 3)
+
+
+def test_pass_at_1_per_domain_when_several():
+  correct = np.array([[1, 0], [0, 0], [1, 1]])
+  lengths = np.ones((3, 2))
+  mixed = summarize(correct, lengths, k=1, domain_P=["chart", "arith", "chart"])
+  assert mixed.by_domain == {"arith": 0.0, "chart": 0.75}
+  assert mixed.as_dict()["eval/pass@1_chart"] == 0.75
+  assert summarize(correct, lengths, k=1, domain_P=["arith"] * 3).by_domain == {}

@@ -1,5 +1,4 @@
 """Group statistics against per-group numpy loops."""
-import jax
 import numpy as np
 import pytest
 
@@ -23,21 +22,19 @@ def _per_group(values, group_ids, stat):
     ("group_std", np.std),  # numpy's default ddof=0
     ("group_sizes", np.size),
 ])
-def test_group_statistics_match_numpy(name, reference):
-  with jax.enable_x64(True):
-    if name == "group_sizes":
-      got = groups.group_sizes(GROUP_IDS)
-    else:
-      got = getattr(groups, name)(VALUES, GROUP_IDS)
+def test_group_statistics_match_numpy(name, reference, x64):
+  if name == "group_sizes":
+    got = groups.group_sizes(GROUP_IDS)
+  else:
+    got = getattr(groups, name)(VALUES, GROUP_IDS)
   np.testing.assert_allclose(got, _per_group(VALUES, GROUP_IDS, reference), atol=F64_TOL)
 
 
 @pytest.mark.parametrize("temperature", [0.3, 2.0])
-def test_group_log_mean_exp_matches_numpy(temperature):
+def test_group_log_mean_exp_matches_numpy(temperature, x64):
   reference = _per_group(VALUES, GROUP_IDS,
                          lambda v: temperature * np.log(np.mean(np.exp(v / temperature))))
-  with jax.enable_x64(True):
-    got = groups.group_log_mean_exp(VALUES, GROUP_IDS, temperature)
+  got = groups.group_log_mean_exp(VALUES, GROUP_IDS, temperature)
   np.testing.assert_allclose(got, reference, atol=F64_TOL)
 
 

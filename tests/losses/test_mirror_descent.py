@@ -1,5 +1,5 @@
 """The k1.5 loss against eq. 3 by hand, the squared surrogate, and the closed-form optimum
-pi_i exp(r / tau) / Z on a tabular bandit. float64 throughout (jax.enable_x64 context)."""
+pi_i exp(r / tau) / Z on a tabular bandit. float64 throughout (the x64 fixture)."""
 import functools
 
 import jax
@@ -9,6 +9,8 @@ import pytest
 
 from kimi_jax.losses.mirror_descent import mirror_descent_loss
 
+pytestmark = pytest.mark.usefixtures("x64")
+
 F64_TOL = 1e-10  # float64 round-off on sums of a few dozen terms
 B, T, V = 6, 4, 5
 GROUP_IDS = np.array([1, 0, 1, 0, 0, 1])  # two interleaved groups of k = 3
@@ -16,12 +18,6 @@ REWARDS = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
 MASK = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0],
                  [0, 1, 1, 1]], np.float64)  # the last row's first token is an old segment
 TAU = 0.3
-
-
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
 
 
 # A categorical policy over sequences: per-position logits theta_TxV, tokens independent.

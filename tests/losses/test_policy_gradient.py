@@ -7,6 +7,8 @@ from kimi_jax.losses.mirror_descent import mirror_descent_loss
 from kimi_jax.losses.policy_gradient import (group_normalized_advantages, grpo_loss,
                                              reinforce_loss)
 
+pytestmark = pytest.mark.usefixtures("x64")
+
 F64_TOL = 1e-10  # float64 round-off on sums of a few dozen terms
 B, T = 8, 4
 GROUP_IDS = np.array([0, 1, 0, 1, 2, 2, 0, 1])  # groups of 3, 3 and 2
@@ -15,12 +17,6 @@ MASK = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 
                  [0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]], np.float64)
 CLIP_EPS = 0.2
 ADV_EPS = 1e-6
-
-
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
 
 
 @pytest.fixture

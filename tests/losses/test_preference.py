@@ -1,18 +1,14 @@
-"""The DPO loss against closed forms in float64 numpy (jax.enable_x64 context)."""
+"""The DPO loss against closed forms in float64 numpy (the x64 fixture)."""
 import jax
 import numpy as np
 import pytest
 
 from kimi_jax.losses.preference import dpo_loss
 
+pytestmark = pytest.mark.usefixtures("x64")
+
 F64_TOL = 1e-12  # float64 round-off on means of a few terms
 B = 6
-
-
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
 
 
 def log_probs(seed):

@@ -118,3 +118,32 @@ def test_kv_cache_decode_continues_after_images(vlm):
     start += len(row_pixels)
     ref = hf_vlm_logits(model, [row + continuation[i].tolist()], row_pixels, row_grids[i])[0]
     np.testing.assert_allclose(np.concatenate(per_row[i]), ref, atol=ATOL, rtol=0)
+
+
+def test_greedy_decode_matches_transformers_generate(vlm):
+  """Our prefill + cached greedy steps emit the tokens of HF's own cached `generate` (which
+  carries its rope deltas across steps)."""
+  model, config, params = vlm
+  rng = np.random.default_rng(6)
+  grids = [GRIDS[0], GRIDS[2]]
+  tokens = np.asarray([prompt(rng, [2, grids[0], 3, grids[1], 4])])
+  pv = pixels(rng, grids)
+  steps = 8
+  ids = torch.as_tensor(tokens)
+  with torch.no_grad():
+    ref = model.generate(input_ids=ids, pixel_values=torch.as_tensor(pv),
+                         image_grid_thw=torch.as_tensor(grids),
+                         mm_token_type_ids=(ids == TOKEN_IDS["image_token_id"]).int(),
+                         max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+  inputs = prepare_vlm_inputs(config, tokens, pv, grids)
+  cache = init_kv_cache(config, 1, tokens.shape[1] + steps)
+  logits, cache = jax.jit(vlm_prefill, static_argnums=0)(config, params, jnp.asarray(tokens),
+                                                         inputs, cache)
+  decode = jax.jit(decode_lm, static_argnums=0)
+  out = [int(jnp.argmax(logits[0, -1]))]
+  for step in range(steps - 1):
+    slot = jnp.full((1, 1), tokens.shape[1] + step)
+    logits, cache = decode(config, params, jnp.asarray([[out[-1]]]), slot, cache,
+                           rope_positions=slot + int(inputs.rope_delta_B[0]))
+    out.append(int(jnp.argmax(logits[0, -1])))
+  assert out == ref[0, tokens.shape[1]:].tolist()

@@ -34,12 +34,6 @@ def _run(tx, params, grads_list):
   return out
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
 def test_equals_optax_contrib_muon_with_moonlight_settings(x64):
   stacked = MuonDimensionNumbers(reduction_axis=1, output_axis=2)
   params = {**trees.model_params(np.float64),

@@ -7,16 +7,12 @@ from optax.contrib import MuonDimensionNumbers
 
 from kimi_jax.optimizers.muon import newton_schulz, orthogonalize
 
+pytestmark = pytest.mark.usefixtures("x64")
+
 # The known answers are quoted to 6 decimals.
 QUOTED_ATOL = 5e-7
 # float64 round-off over a few matmuls.
 F64_ATOL = 1e-12
-
-
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
 
 
 def _gaussian(rows, cols, seed=0):

@@ -7,7 +7,7 @@ class FakeBackend:
   def __init__(self):
     self.events = []
 
-  def generate(self, requests, sampling):
+  def generate(self, requests, sampling, images=None):
     raise NotImplementedError("a fake backend scripts its own generate")
 
   def sync(self, params, version: str) -> None:

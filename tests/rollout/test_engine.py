@@ -309,3 +309,29 @@ def test_zero_new_tokens_finishes_with_length_zero(engine):
   got = engine.generate([[3, 4]], SamplingParams(max_new_tokens=0, n=2))
   assert [(c.output_ids, c.finish_reason) for c in got] == [([], {"type": "length", "length": 0})] * 2
 
+
+def test_prefix_sharing_prefills_each_prompt_once_and_samples_the_same(engine, params):
+  # An RL group (k requests with one prompt, own seeds) and n samples of one request, more
+  # requests than rows: later admissions share too.
+  prompts = random_prompts(3, seed=11)
+  group = [prompts[0]] * 4 + [prompts[1]] * 3
+  sampling = [SamplingParams(temperature=1.0, max_new_tokens=10, seed=50 + i) for i in range(7)]
+  sampling.append(SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10, n=3, seed=9))
+  unshared = RolloutEngine(CFG, params, max_batch=MAX_BATCH, max_seq_len=MAX_SEQ_LEN,
+                           eos_token_ids=(EOS,), repetition_ngram=NGRAM, repetition_count=COUNT,
+                           chunk_steps=8, prefill_tokens=PREFILL_TOKENS, share_prefixes=False)
+  before = engine.prefill_counts
+  shared_out = engine.generate(group + [prompts[2]], sampling)
+  counts = {k: v - before[k] for k, v in engine.prefill_counts.items()}
+  unshared_out = unshared.generate(group + [prompts[2]], sampling)
+  # Same programs, rows and seeds: the samples must match bit for bit, not just closely.
+  assert [c.output_ids for c in shared_out] == [c.output_ids for c in unshared_out]
+  np.testing.assert_array_equal(np.concatenate([c.logprobs for c in shared_out]),
+                                np.concatenate([c.logprobs for c in unshared_out]))
+  assert len({tuple(c.output_ids) for c in shared_out[:4]}) > 1, "own seeds: distinct samples"
+  total = sum(len(p) for p in group) + 3 * len(prompts[2])
+  assert unshared.prefill_counts["prompt_tokens"] == total
+  assert unshared.prefill_counts["shared_tokens"] == 0
+  assert counts["prompt_tokens"] + counts["shared_tokens"] == total
+  # The first admission seats the whole group (FIFO, 8 rows): 3 of 4 and 2 of 3 prompts copied.
+  assert counts["shared_tokens"] >= 3 * len(prompts[0]) + 2 * len(prompts[1])

@@ -21,7 +21,7 @@ class ScriptedPolicy(FakeBackend):
     self.responses = responses
     self.calls = []
 
-  def generate(self, requests, sampling):
+  def generate(self, requests, sampling, images=None):
     self.calls.append([s.max_new_tokens for s in sampling])
     out = []
     for ids, params in zip(requests, sampling):
@@ -41,6 +41,7 @@ class P:
   question: str
   answer: str
   domain: str = "arith"
+  images: tuple = ()
 
 
 def encode(prompt):
@@ -109,7 +110,7 @@ def test_requests_continue_prompt_and_response_with_the_segment_budget_and_seed(
   buffer, limits = PartialRolloutBuffer(), RolloutLimits(32, 4)
   collect_groups(policy, SAMPLING, groups, buffer, limits, 0, seed_base=40)
   captured = []
-  policy.generate = lambda requests, sampling: captured.append((requests, sampling)) or []
+  policy.generate = lambda requests, sampling, images: captured.append((requests, sampling)) or []
   with pytest.raises(RuntimeError, match="answered 0 of 2 requests"):
     collect_groups(policy, SAMPLING, [], buffer, limits, 1, seed_base=50)
   requests, sampling = captured[0]
@@ -126,7 +127,7 @@ class LoopingServer(FakeBackend):
     super().__init__()
     self.responses = responses
 
-  def generate(self, requests, sampling):
+  def generate(self, requests, sampling, images=None):
     out = []
     for ids, params in zip(requests, sampling):
       chunk = self.responses[ids[0]][len(ids) - 1:][:params.max_new_tokens]

@@ -36,13 +36,13 @@ def test_penalized_logits_match_float64_reference():
   outputs = [rng.integers(0, 30, n).tolist() for n in (0, 5, 12, 3)]
   counts_BxV = np.stack([np.bincount(o, minlength=30) for o in outputs])
   settings = [(1.0, 0.0, 0.0), (1.5, 0.0, 0.0), (0.7, 0.5, -0.3), (1.2, -1.0, 2.0)]
-  suppress_BxK = np.array([[-1, -1], [4, -1], [-1, 7], [2, 29]])
+  suppress_BxJ = np.array([[-1, -1], [4, -1], [-1, 7], [2, 29]])
   rep, freq, pres = (jnp.asarray(c, jnp.float32) for c in zip(*settings))
   got = np.asarray(penalized_logits(jnp.asarray(logits_BxV, jnp.float32), jnp.asarray(counts_BxV),
-                                    rep, freq, pres, jnp.asarray(suppress_BxK)))
+                                    rep, freq, pres, jnp.asarray(suppress_BxJ)))
   for row, (r, f, p) in enumerate(settings):
     want = penalized(logits_BxV[row], outputs[row], r, f, p,
-                     [t for t in suppress_BxK[row] if t >= 0])
+                     [t for t in suppress_BxJ[row] if t >= 0])
     np.testing.assert_allclose(got[row], want, rtol=1e-6, atol=1e-5)
 
 

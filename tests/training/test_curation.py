@@ -90,7 +90,8 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def run_config():
   config = get_config("smoke")
-  config.sft.update(dict(steps=500, batch_size=16, warmup_steps=20, learning_rate=3e-3))
+  config.sft.update(dict(steps=500, batch_size=16))
+  config.sft.optimizer.update(dict(warmup_steps=20, learning_rate=3e-3))
   return config
 
 
@@ -108,6 +109,7 @@ def trained_backend(tokenizer, run_config, tmp_path_factory):
                        version="sft")
 
 
+@pytest.mark.slow
 def test_known_easy_prompts_removed_and_reported(trained_backend, tokenizer, tmp_path):
   prompts = [TEXT_FILTERED["mc"], *map(arith, ADDITIONS), TEXT_FILTERED["tf"],
              *map(arith, SUBTRACTIONS), TEXT_FILTERED["proof"], *map(arith, HARD)]
@@ -153,6 +155,7 @@ def test_known_easy_prompts_removed_and_reported(trained_backend, tokenizer, tmp
     assert re.fullmatch(r"pass rate (0\.[89]0|1\.00) > 0\.7", details[q])
 
 
+@pytest.mark.slow
 def test_greedy_completions_stop_at_eos(trained_backend, tokenizer):
   generate = curation_generate(trained_backend, tokenizer, lambda t: encode_text(tokenizer, t))
   assert generate(["9-4=", "7+5="], 2, 0.0, 40) == [["9-4=5#5"] * 2, ["#12"] * 2]

@@ -123,6 +123,7 @@ class Recorder:
     self.records.append((step, {k: float(x) for k, x in metrics.items()}))
 
 
+@pytest.mark.slow
 def test_dpo_run_opens_margin_on_training_pairs():
   mesh = make_mesh(2, 2, 2)
   state, shardings = init_train_state(CFG, optax.adam(1e-2), mesh, jax.random.key(0))

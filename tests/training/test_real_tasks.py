@@ -6,13 +6,11 @@ carry `tests: [{input, output}]`. The math run samples from the model itself; th
 swap the rollout backend for one that answers with chosen responses, so correct, wrong, hedged,
 hanging and malicious answers provably meet the real rewards inside the loop.
 """
-import dataclasses
 import json
 import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import transformers

@@ -2,7 +2,7 @@
 import numpy as np
 
 from kimi_jax.rollout.partial import PartialRolloutBuffer, RolloutLimits, collect_groups, new_groups
-from kimi_jax.training.rl_data import build_rl_batch, split_minibatches
+from kimi_jax.training.rl_data import build_rl_batch, pad_groups, split_minibatches
 from tests.rollout.test_partial import EOS, SAMPLING, P, ScriptedPolicy, encode
 
 
@@ -52,3 +52,22 @@ def test_minibatches_keep_groups_whole():
   mbs = split_minibatches(b, group_size=2, num_minibatches=3)
   assert [mb["group_ids"].tolist() for mb in mbs] == [[0, 0, 1, 1]] * 3
   assert np.concatenate([mb["tokens"] for mb in mbs]).ravel().tolist() == list(range(12))
+
+
+def test_pad_groups_appends_finished_empty_groups_that_train_on_nothing():
+  complete = new_groups([P(c, "2", "y") for c in "abcde"], encode, k=2, first_group_id=0,
+                        version=0)
+  for group in complete:
+    for t in group.trajectories:
+      t.extend([10, EOS], [-0.5, -0.1], version=0)
+      t.finished = True
+  padded = pad_groups(complete, groups_per_minibatch=4, k=2)
+  assert padded[:5] == complete and len(padded) == 8
+  for group in padded[5:]:
+    assert group.complete and len(group.trajectories) == 2 and group.group_id == -1
+    assert all(t.prompt_ids == [2] and t.response_ids == [] for t in group.trajectories)
+  batch = build_rl_batch(padded, np.ones(16), seq_len=4, pad_id=99, train_old_segments=False)
+  assert batch["loss_mask"][:10].sum(-1).tolist() == [2.0] * 10
+  assert batch["loss_mask"][10:].sum() == 0
+  assert batch["group_ids"].tolist() == [g for g in range(8) for _ in range(2)]
+  assert pad_groups(complete[:4], groups_per_minibatch=4, k=2) == complete[:4]

@@ -55,6 +55,13 @@ def test_sharded_steps_equal_single_device(sharded_run):
   assert sharded_losses[-1] < sharded_losses[0] - 0.05  # it learns the fixed batch
 
 
+def test_context_parallel_steps_equal_single_device(sharded_run):
+  """The LM step with each sequence split over 4 devices (ring attention), batch over 2."""
+  _, _, ring_losses = run(make_mesh(data=1, fsdp=2, tensor=1, sequence=4))
+  _, _, sharded_losses = sharded_run
+  np.testing.assert_allclose(ring_losses, sharded_losses, rtol=1e-5)
+
+
 def test_reset_opt_state_zeroes_moments_and_keeps_placement(sharded_run):
   state, shardings, _ = sharded_run
   fresh = reset_opt_state(state)

@@ -1,0 +1,70 @@
+"""Training batches with images: token log-probs of the batch-major image fields equal apply_vlm
+on each row alone, and SFT image batches hold one example per row."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kimi_jax.data import image_batches, rendered
+from kimi_jax.data.packing import Example
+from kimi_jax.model import apply_vlm
+from kimi_jax.model.logprobs import token_logprobs
+from tests.tiny_vlm import encoded, model
+
+# float32; the batch encodes all rows' patches as one packed sequence, apply_vlm one row's.
+ATOL = 1e-4
+
+
+def rows():
+  chart = rendered.render_chart((3, 8, 1, 5), rendered.ChartLayout())
+  return [encoded("A+C=", [chart]),
+          encoded("B=", [rendered.render_text("12", 4), chart]),
+          encoded("1+2=", [])]
+
+
+def test_token_logprobs_of_image_fields_equal_apply_vlm_per_row():
+  config, params = model()
+  prompts = rows()
+  rng = np.random.default_rng(0)
+  width = 40
+  tokens = np.zeros((len(prompts), width + 1), np.int32)
+  for i, p in enumerate(prompts):  # prompt, then random text tokens as a "response"
+    tokens[i, :len(p.ids)] = p.ids
+    tokens[i, len(p.ids):] = rng.integers(4, 20, width + 1 - len(p.ids))
+  per_row = image_batches.padded_patches([len(p.images.pixel_values) for p in prompts], 4)
+  batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}
+  batch.update(image_batches.image_fields(
+      config.vision, batch["tokens"], [p.images if len(p.images.image_grid_thw) else None
+                                       for p in prompts], per_row))
+  ours = np.asarray(jax.jit(token_logprobs, static_argnums=0)(config, params, batch))
+  for i, p in enumerate(prompts):
+    logits = apply_vlm(config, params, batch["tokens"][i:i + 1], p.images.pixel_values,
+                       p.images.image_grid_thw)
+    logp = jax.nn.log_softmax(jnp.asarray(logits[0], jnp.float32), axis=-1)
+    expected = np.take_along_axis(np.asarray(logp), batch["targets"][i][:, None], axis=-1)[:, 0]
+    np.testing.assert_allclose(ours[i], expected, atol=ATOL, rtol=0)
+  assert batch["frame_ids"].max() == 2  # three images, frame ids unique across rows
+  assert (batch["frame_ids"][2] == -1).all()  # the text row has only padding patches
+
+
+def test_sft_image_batches_one_example_per_row():
+  config, _ = model()
+  prompts = rows()
+  examples = [Example(np.array(p.ids + [5, 6, 2], np.int32),
+                      np.array([False] * len(p.ids) + [True] * 3)) for p in prompts]
+  images_of = lambda i: prompts[i].images if len(prompts[i].images.image_grid_thw) else None
+  batches = image_batches.ImageExampleBatches(examples, images_of, config.vision, batch_size=2,
+                                              seq_len=32, patches_per_row=64, pad_id=0, seed=0)
+  seen = []
+  for _ in range(3):  # 6 rows: every example twice (two epochs)
+    batch = next(batches)
+    assert batch["tokens"].shape == (2, 32) and batch["pixel_values"].shape == (2, 64, 1176)
+    for row in range(2):
+      length = int((batch["tokens"][row] != 0).sum())  # the example, eos included
+      index = next(i for i, e in enumerate(examples) if len(e) == length
+                   and (batch["tokens"][row, :length] == e.tokens).all())
+      seen.append(index)
+      np.testing.assert_array_equal(batch["targets"][row, :length - 1], examples[index].tokens[1:])
+      np.testing.assert_array_equal(batch["loss_mask"][row, :length - 1],
+                                    examples[index].trained[1:])
+      assert batch["loss_mask"][row, length - 1:].sum() == 0
+  assert sorted(seen) == [0, 0, 1, 1, 2, 2]
