@@ -7,15 +7,19 @@ import jax
 from kimi_jax.data import image_prompts, images, rendered
 from kimi_jax.data.packing import ChatTemplate
 from kimi_jax.data.sources import Prompt
-from kimi_jax.data.tokenizer import char_tokenizer
+from kimi_jax.data.tokenizer import Tokenizer, char_tokenizer
 from kimi_jax.model import ModelConfig, VisionConfig, init_params
 
 PROCESSING = images.ImageProcessing(min_pixels=28 * 28, max_pixels=28 * 28 * 16)
 TEMPLATE = ChatTemplate(add_bos=True)
+# Renders messages as `encoded` writes a prompt: <bos>, then the contents.
+CHAT_TEMPLATE = "<bos>{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 
 def tokenizer():
-  return image_prompts.add_vision_tokens(char_tokenizer(rendered.charset()))
+  """The vision tasks' character tokenizer with the vision tokens and `CHAT_TEMPLATE`."""
+  plain = image_prompts.add_vision_tokens(char_tokenizer(rendered.charset()))
+  return Tokenizer(plain.hf, plain.bos_id, plain.eos_ids, plain.pad_id, CHAT_TEMPLATE)
 
 
 @functools.cache

@@ -12,7 +12,9 @@ import time
 import uuid
 from typing import Callable
 
-from kimi_jax.rollout.protocol import LogprobRequest, RequestError, sampling_from_json
+from kimi_jax.data.image_prompts import IMAGE_PLACEHOLDER
+from kimi_jax.rollout.protocol import (LogprobRequest, RequestError, image_sources,
+                                       sampling_from_json)
 from kimi_jax.rollout.types import SamplingParams
 
 # OpenAI or SGLang name -> SamplingParams field (the /generate spelling).
@@ -36,6 +38,7 @@ class OpenAIRequest:
   stream: bool
   include_usage: bool
   model: str
+  image_data: list[list[str]] = dataclasses.field(default_factory=list)  # per prompt
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -112,11 +115,11 @@ def parse_chat_request(body: dict, render: Callable[[list], str] | None,
   messages = body.get("messages")
   if not isinstance(messages, list) or not messages:
     raise RequestError("'messages' must be a non-empty list of {role, content} objects")
+  images, flat = [], []
   for i, message in enumerate(messages):
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
       raise RequestError(f"'messages'[{i}] must be an object with a 'role'")
-    if not isinstance(message.get("content"), (str, type(None))):
-      raise RequestError(f"'messages'[{i}].content: only text content is supported")
+    flat.append({**message, "content": _flat_content(message.get("content"), i, images)})
   logprobs = body.get("logprobs")
   top_n = body.get("top_logprobs") or 0
   if not isinstance(logprobs, (bool, type(None))):
@@ -126,8 +129,31 @@ def parse_chat_request(body: dict, render: Callable[[list], str] | None,
   if top_n and not logprobs:
     raise RequestError("'top_logprobs' needs 'logprobs': true")
   max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-  return _common(body, [encode(render(messages))], max_tokens, context,
-                 LogprobRequest(top_n=top_n, with_text=True), bool(logprobs))
+  parsed = _common(body, [encode(render(flat))], max_tokens, context,
+                   LogprobRequest(top_n=top_n, with_text=True), bool(logprobs))
+  return dataclasses.replace(parsed, image_data=[images])
+
+
+def _flat_content(content, index: int, images: list[str]):
+  """A message's content as text: a list of parts becomes its text parts with one image
+  placeholder per `image_url` part (whose URL joins `images`), as SGLang feeds templates."""
+  if isinstance(content, (str, type(None))):
+    return content
+  where = f"'messages'[{index}].content"
+  if not isinstance(content, list):
+    raise RequestError(f"{where} must be a string or a list of parts")
+  text = []
+  for j, part in enumerate(content):
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+      text.append(part["text"])
+    elif kind == "image_url" and isinstance(part.get("image_url"), dict):
+      images.extend(image_sources(part["image_url"].get("url"), f"{where}[{j}].image_url.url"))
+      text.append(IMAGE_PLACEHOLDER)
+    else:
+      raise RequestError(f"{where}[{j}]: expected {{\"type\": \"text\", \"text\": ...}} or "
+                         f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}")
+  return "".join(text)
 
 
 def new_id(prefix: str) -> str:

@@ -180,7 +180,8 @@ def _token_ids(value, where: str) -> list[int]:
   return value
 
 
-def _image_sources(value, where: str) -> list[str]:
+def image_sources(value, where: str) -> list[str]:
+  """One image source (base64, data URL or file path) or a list of them; URLs are refused."""
   items = [value] if isinstance(value, str) else value
   if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
     raise RequestError(f"'{where}' must be an image (base64, data URL or file path) or a list "
@@ -197,10 +198,10 @@ def parse_image_data(value, count: int, is_batch: bool) -> list[list[str]]:
   if value is None:
     return [[] for _ in range(count)]
   if not is_batch:
-    return [_image_sources(value, "image_data")]
+    return [image_sources(value, "image_data")]
   if not isinstance(value, list) or len(value) != count:
     raise RequestError(f"'image_data' must be a list with one entry per prompt ({count})")
-  return [[] if v is None else _image_sources(v, f"image_data[{i}]") for i, v in enumerate(value)]
+  return [[] if v is None else image_sources(v, f"image_data[{i}]") for i, v in enumerate(value)]
 
 
 def parse_generate_request(body, new_rid: Callable[[], str],

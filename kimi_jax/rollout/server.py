@@ -355,15 +355,17 @@ class RolloutServer:
     req = GenerateRequest(
         parsed.prompts, parsed.sampling, rids,
         [[f"{rid}-{j}" for j in range(sp.n)] for rid, sp in zip(rids, parsed.sampling)],
-        [parsed.return_logprob] * len(rids), [parsed.logprobs] * len(rids), parsed.stream, True)
+        [parsed.return_logprob] * len(rids), [parsed.logprobs] * len(rids), parsed.stream, True,
+        parsed.image_data)
     request_id = openai_api.new_id("chatcmpl" if chat else "cmpl")
     model = parsed.model or self.model_path
     kind = "chat.completion" if chat else "text_completion"
-    prompt_tokens = sum(map(len, parsed.prompts))
+    # Counted once the images' pads are expanded (in req.prompts, while it runs).
+    prompt_tokens = lambda: sum(map(len, req.prompts))
     if not parsed.stream:
       samples = await self._run(req)
       choices = [await self._openai_choice(i, s, chat) for i, s in enumerate(samples)]
-      usage = openai_api.usage(prompt_tokens, sum(len(s.output_ids) for s in samples))
+      usage = openai_api.usage(prompt_tokens(), sum(len(s.output_ids) for s in samples))
       return _json_response(openai_api.envelope(kind, request_id, model, choices,
                                                    usage=usage))
     response = await _event_stream(request)
@@ -392,7 +394,7 @@ class RolloutServer:
     if parsed.include_usage and samples is not None:
       await _send_event(response, openai_api.envelope(
           kind + (".chunk" if chat else ""), request_id, model, [],
-          usage=openai_api.usage(prompt_tokens, sum(len(s.output_ids) for s in samples))))
+          usage=openai_api.usage(prompt_tokens(), sum(len(s.output_ids) for s in samples))))
     return await _end_event_stream(response)
 
   async def _openai_choice(self, index: int, sample: _Sample, chat: bool) -> dict:

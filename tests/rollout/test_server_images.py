@@ -9,6 +9,7 @@ log-probs are compared too, since greedy tokens of a random model can ignore the
 import asyncio
 
 import numpy as np
+import openai
 import pytest
 
 from kimi_jax.checkpointing.hf import load_hf, save_hf
@@ -117,6 +118,26 @@ def test_bad_image_data_is_a_400_naming_it(served, body, message):
   url, _ = served
   status, answer = asyncio.run(http("POST", url, "/generate", body))
   assert status == 400 and message in answer["error"]["message"]
+
+
+def test_openai_chat_with_an_image_url(served):
+  url, _ = served
+  client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+  data_url = f"data:image/png;base64,{rendered.png_base64(CHART)}"
+  reply = client.chat.completions.create(
+      model="vlm", max_tokens=5, temperature=0, logprobs=True,
+      messages=[{"role": "user", "content": [
+          {"type": "image_url", "image_url": {"url": data_url}},
+          {"type": "text", "text": "A+C="}]}])
+  expected_ids, expected_logprobs = expected_output("A+C=", [CHART])
+  choice = reply.choices[0]
+  assert choice.message.content == tokenizer().decode(expected_ids)
+  np.testing.assert_allclose([t.logprob for t in choice.logprobs.content], expected_logprobs,
+                             atol=LOGPROB_ATOL, rtol=0)
+  assert reply.usage.prompt_tokens == len(encoded("A+C=", [CHART]).ids)
+  with pytest.raises(openai.BadRequestError, match="does not fetch image URLs"):
+    client.chat.completions.create(model="vlm", max_tokens=1, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])
 
 
 def test_model_info_reports_image_understanding(served):
