@@ -10,7 +10,7 @@ class PlantedBackend:
   def __init__(self, tokenizer, responses):
     self.tokenizer, self.responses = tokenizer, responses
 
-  def generate(self, requests, sampling):
+  def generate(self, requests, sampling, images=None):
     out = []
     for ids, params in zip(requests, sampling):
       options = self.responses(self.tokenizer.decode(ids, skip_special_tokens=False))
