@@ -25,6 +25,7 @@ from kimi_jax.rewards.registry import REGISTRY
 from kimi_jax.training import rl, run_rewards
 from tests.hf_checkpoints import save_tiny_qwen2_checkpoint
 from tests.planted_backend import PlantedBackend
+from tests.test_serve import _serve
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -240,18 +241,32 @@ def test_cot_rm_rewards_inside_the_loop(monkeypatch, checkpoint, judge_checkpoin
   assert len(heldout) == config.rl.iterations + 1 and all(a == expected for a in heldout)
 
 
-def test_cot_rm_judge_runs_in_process_on_its_checkpoint(judge_checkpoint, tmp_path):
-  """No urls: the judge checkpoint runs on the in-process engine; its greedy replies match
-  transformers' greedy generation on the same chat-rendered prompt."""
+@pytest.mark.parametrize("served", ["in_process", pytest.param("launch_serve",
+                                                                marks=pytest.mark.slow)])
+def test_cot_rm_judge_serves_its_checkpoint(judge_checkpoint, tmp_path, served):
+  """The judge checkpoint on the in-process engine (no urls) or behind an SGLang-API server
+  (urls): its greedy replies match transformers' greedy generation on the same chat-rendered
+  prompt."""
   config = math_rl.get_config("smoke")
   config.unlock()
   config.rewards.cot_rm.update(checkpoint=judge_checkpoint, max_new_tokens=8)
+  server = None
+  if served == "launch_serve":
+    server, url = _serve(judge_checkpoint, config.rewards.cot_rm.max_seq_len)
+    config.rewards.cot_rm.urls = (url,)
   config.lock()
-  rewards = run_rewards.build_run_rewards(config, ["math", "cot_rm"], str(tmp_path))
-  examples = [RMExample("What is 6 * 7?", "42", "6 * 7 = 42"),
-              RMExample("Natalia sold 48 clips", "72", "#### 70")]
-  judgements = rewards.judge.judge(examples)
-  rewards.close()
+  try:
+    rewards = run_rewards.build_run_rewards(config, ["math", "cot_rm"], str(tmp_path))
+    examples = [RMExample("What is 6 * 7?", "42", "6 * 7 = 42"),
+                RMExample("Natalia sold 48 clips", "72", "#### 70")]
+    judgements = rewards.judge.judge(examples)
+    registry_rewards = rewards.registry.task_rewards(  # a random model gives no verdict: 0
+        {"math": "cot_rm"}, ["math"], ["6 * 7 = 42"], ["42"], ["What is 6 * 7?"])
+    rewards.close()
+  finally:
+    if server is not None:
+      server.kill()
+      server.wait()
   hf_tok = transformers.AutoTokenizer.from_pretrained(judge_checkpoint)
   model = transformers.AutoModelForCausalLM.from_pretrained(judge_checkpoint)
   for example, judgement in zip(examples, judgements):
@@ -262,9 +277,7 @@ def test_cot_rm_judge_runs_in_process_on_its_checkpoint(judge_checkpoint, tmp_pa
                          eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id)
     assert judgement.text == hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert judgement.correct is None  # a random model gives no verdict: reward 0
-  np.testing.assert_array_equal(
-      rewards.registry.task_rewards({"math": "cot_rm"}, ["math"], ["6 * 7 = 42"], ["42"],
-                                    ["What is 6 * 7?"]), [0.0])
+  np.testing.assert_array_equal(registry_rewards, [0.0])
 
 
 def test_cot_rm_without_a_judge_checkpoint_names_the_field(tmp_path):
