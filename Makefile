@@ -31,10 +31,10 @@ test: install sandbox
 test-fast: install sandbox
 	$(PYTEST) -m "not slow" --durations=10
 
-bench: install
+bench:
 	PYTHONPATH=$(CURDIR) JAX_PLATFORMS=cpu $(PY) benchmarks/run_all.py
 
-bench-readme: install
+bench-readme:
 	PYTHONPATH=$(CURDIR) $(PY) benchmarks/run_all.py --readme
 
 .PHONY: install demo sandbox test test-fast bench bench-readme

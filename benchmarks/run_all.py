@@ -7,6 +7,7 @@ Run: .venv/bin/python benchmarks/run_all.py [--only=decode,muon] [--readme]
 """
 import argparse
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -22,11 +23,16 @@ import attention_memory  # noqa: E402
 import decode  # noqa: E402
 import muon  # noqa: E402
 import partial_rollout  # noqa: E402
+import prefix_sharing  # noqa: E402
 import train_step  # noqa: E402
 
-BENCHMARKS = {"train_step": train_step.measure, "decode": decode.measure, "muon": muon.measure,
-              "partial_rollout": partial_rollout.measure,
-              "attention_memory": attention_memory.measure}
+# Repetitions sized so that the whole run takes ~10 minutes on 2 quiet cores.
+BENCHMARKS = {"train_step": functools.partial(train_step.measure, reps=5),
+              "decode": functools.partial(decode.measure, repeats=3),
+              "muon": functools.partial(muon.measure, reps=3),
+              "partial_rollout": functools.partial(partial_rollout.measure, iterations=10),
+              "attention_memory": attention_memory.measure,
+              "prefix_sharing": functools.partial(prefix_sharing.measure, reps=3)}
 # key: (comparison, goal or None (reported only), what the ratio is measured against)
 GOALS = {
     "train_step_vs_matmul": (">=", 0.6, "train-step FLOP/s (6ND + attention) of a ~19M LM, batch "
@@ -43,6 +49,9 @@ GOALS = {
                                      "without, heavy-tailed lengths"),
     "attention_memory_16k_vs_2k": ("<=", 9.0, "blockwise fwd+bwd XLA temp bytes at 16k / at 2k "
                                    "tokens"),
+    "prefill_tokens_shared_fraction": (None, None, "prompt tokens of one RL iteration (32 prompts "
+                                       "x k=8) whose KV cache is copied, not recomputed; FLOPs "
+                                       "saved in results.json"),
 }
 OUT = pathlib.Path("runs/bench")
 README_START, README_END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
@@ -88,18 +97,35 @@ def rewrite_readme(readme: pathlib.Path, table: str) -> None:
   readme.write_text(f"{head}{README_START}\n{table}{README_END}{tail}")
 
 
+def write(results: dict) -> str:
+  """results.json and results.md as they stand (after every benchmark: a failed or killed run
+  keeps what finished)."""
+  results["load_average_end"] = os.getloadavg()
+  OUT.mkdir(parents=True, exist_ok=True)
+  (OUT / "results.json").write_text(json.dumps(results, indent=2))
+  table = markdown_table(results)
+  (OUT / "results.md").write_text(table)
+  return table
+
+
 def run(names: list[str]) -> dict:
-  results = {"machine": machine(), "ratios": {}, "details": {}, "seconds": {}}
+  results = {"machine": machine(), "ratios": {}, "details": {}, "seconds": {}, "errors": {}}
   for name in names:
     start = time.perf_counter()
     print(f"== {name}", flush=True)
-    for key, value in BENCHMARKS[name]().items():
+    try:
+      measured = BENCHMARKS[name]()
+    except Exception as error:  # noqa: BLE001 - one broken benchmark must not lose the others
+      results["errors"][name] = f"{type(error).__name__}: {error}"
+      print(f"   FAILED: {results['errors'][name]}", flush=True)
+      measured = {}
+    for key, value in measured.items():
       target = results["ratios"] if key in GOALS else results["details"]
       target[key] = value
       if key in GOALS:
         print(f"   {key} = {value:.3f}", flush=True)
     results["seconds"][name] = time.perf_counter() - start
-  results["load_average_end"] = os.getloadavg()
+    write(results)
   return results
 
 
@@ -117,13 +143,11 @@ def main():
   if unknown:
     raise ValueError(f"--only: unknown benchmarks {sorted(unknown)}; known {list(BENCHMARKS)}")
   results = run(args.only.split(","))
-  OUT.mkdir(parents=True, exist_ok=True)
-  (OUT / "results.json").write_text(json.dumps(results, indent=2))
-  table = markdown_table(results)
-  (OUT / "results.md").write_text(table)
   with open(OUT / "history.jsonl", "a") as f:
     f.write(json.dumps(results) + "\n")
-  print(table)
+  print(write(results))
+  if results["errors"]:
+    raise SystemExit(f"benchmarks failed: {sorted(results['errors'])}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ stage by stage. Add ",smoke" to a stage (e.g. `stage2,smoke`) for the seconds-lo
 """
 import ml_collections
 
-from experiments import rl_arith
+from experiments import rl_arith, variants
 
 # stage -> (sequence length, RoPE theta, the stage it starts from, steps, batch size)
 STAGES = {
@@ -22,25 +22,35 @@ STAGES = {
 }
 
 
+def _stage(name: str):
+  seq_len, theta, previous, steps, batch_size = STAGES[name]
+
+  def apply(c):
+    c.corpus.update(source="worksheets", min_problems=2, max_problems=18)
+    c.model.update(rope_theta=theta, attention="blockwise", attention_block_size=64)
+    c.sft.update(steps=steps, batch_size=batch_size, seq_len=seq_len)
+    c.sft.optimizer.update(learning_rate=3e-3, warmup_steps=steps // 10)
+    if previous:
+      c.init.checkpoint = f"runs/lc{previous[-1]}/hf"
+      c.init.changed_fields = ("rope_theta",)
+      c.sft.optimizer.learning_rate = 1e-3
+  return apply
+
+
+def _smoke(c):  # after a stage: the seconds-long test size
+  c.corpus.update(num_documents=64, heldout_documents=8, max_problems=6)
+  c.sft.update(steps=4, batch_size=2)
+  c.sft.optimizer.warmup_steps = 1
+  c.task.update(num_train=64, num_heldout=8)
+
+
+VARIANTS = {**{name: _stage(name) for name in STAGES}, "smoke": _smoke}
+
+
 def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
-  stage, _, size = arg.partition(",")
-  if stage not in STAGES or size not in ("", "smoke"):
-    raise ValueError(f"unknown config variant {arg!r}: <stage>[,smoke], stage in {list(STAGES)}")
-  seq_len, theta, previous, steps, batch_size = STAGES[stage]
+  """rl_arith's tiny config with the variants of `arg` applied in order ("stage2,smoke")."""
+  if not any(name in STAGES for name in variants.parse(arg, VARIANTS)):
+    raise ValueError(f"config variant {arg!r} names no stage: one of {list(STAGES)}")
   c = rl_arith.get_config("tiny")
   c.unlock()
-  c.corpus.update(source="worksheets", min_problems=2, max_problems=18)
-  c.model.update(rope_theta=theta, attention="blockwise", attention_block_size=64)
-  c.sft.update(steps=steps, batch_size=batch_size, seq_len=seq_len)
-  c.sft.optimizer.update(learning_rate=3e-3, warmup_steps=steps // 10)
-  if previous:
-    c.init.checkpoint = f"runs/lc{previous[-1]}/hf"
-    c.init.changed_fields = ("rope_theta",)
-    c.sft.optimizer.learning_rate = 1e-3
-  if size == "smoke":
-    c.corpus.update(num_documents=64, heldout_documents=8, max_problems=6)
-    c.sft.update(steps=4, batch_size=2)
-    c.sft.optimizer.warmup_steps = 1
-    c.task.update(num_train=64, num_heldout=8)
-  c.lock()
-  return c
+  return variants.apply(c, arg, VARIANTS)

@@ -5,9 +5,12 @@ Run (the README's main job, CPU, < 15 minutes on 2 cores):
 Variants: `tiny` (CPU demo), `tiny_nolp` (same, length penalty off: for the length ablation),
 `long_cot` (responses that verify themselves, no length penalty: the long model of
 experiments/long2short_arith.py), `smoke` (seconds; used by tests), `small` (a single accelerator).
+Variants combine, applied in order: `:small,smoke` is the small model at smoke-test length.
 Override any field: --config.rl.tau=0.05 --config.rl.length_penalty.weight=0.0
 """
 import ml_collections
+
+from experiments import variants
 
 
 def optimizer(name: str, learning_rate: float, weight_decay: float = 0.0, b2: float = 0.99,
@@ -96,40 +99,47 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _tiny_nolp(c):
+  c.rl.length_penalty.weight = 0.0
+
+
+def _long_cot(c):  # the long-CoT RL model that experiments/long2short_arith.py shortens
+  c.task.update(direct_answer_fraction=0.3, verify_fraction=0.7)
+  c.rl.length_penalty.weight = 0.0
+  c.sft.seq_len = 96
+  c.rl.update(max_response_tokens=80, segment_tokens=48)
+  c.rollout.max_seq_len = 96
+  c.eval.max_new_tokens = 80
+
+
+def _smoke(c):
+  c.task.num_train, c.task.num_heldout = 200, 32
+  c.sft.steps, c.sft.batch_size, c.sft.optimizer.warmup_steps = 20, 16, 5
+  c.rl.iterations, c.rl.prompts_per_iteration, c.rl.k = 3, 4, 4
+  c.rl.groups_per_minibatch = 2
+  c.rl.segment_tokens = 24
+  c.rl.length_penalty.warmup_iterations = 1
+  c.eval.every = 2
+  c.checkpoint.every = 1
+  c.metrics.tensorboard = False
+
+
+def _small(c):
+  c.model.update(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
+                 num_kv_heads=4, head_dim=64, dtype="bfloat16")
+  c.task.levels, c.task.max_operand = (1, 2, 3, 4, 5, 6), 99
+  c.rl.update(iterations=200, prompts_per_iteration=128, k=16, max_response_tokens=160,
+              segment_tokens=96)
+  c.rollout.update(max_batch=512, max_seq_len=192)
+  c.sft.seq_len = 192
+  c.eval.max_new_tokens = 160
+  c.optimizer.update(name="muon", learning_rate=1e-4, weight_decay=0.1)  # untested at scale
+
+
+VARIANTS = {"tiny": lambda c: None, "tiny_nolp": _tiny_nolp, "long_cot": _long_cot,
+            "smoke": _smoke, "small": _small}
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  c = base_config()
-  if arg == "tiny":
-    pass
-  elif arg == "tiny_nolp":
-    c.rl.length_penalty.weight = 0.0
-  elif arg == "long_cot":  # the long-CoT RL model that experiments/long2short_arith.py shortens
-    c.task.update(direct_answer_fraction=0.3, verify_fraction=0.7)
-    c.rl.length_penalty.weight = 0.0
-    c.sft.seq_len = 96
-    c.rl.update(max_response_tokens=80, segment_tokens=48)
-    c.rollout.max_seq_len = 96
-    c.eval.max_new_tokens = 80
-  elif arg == "smoke":
-    c.task.num_train, c.task.num_heldout = 200, 32
-    c.sft.steps, c.sft.batch_size, c.sft.optimizer.warmup_steps = 20, 16, 5
-    c.rl.iterations, c.rl.prompts_per_iteration, c.rl.k = 3, 4, 4
-    c.rl.groups_per_minibatch = 2
-    c.rl.segment_tokens = 24
-    c.rl.length_penalty.warmup_iterations = 1
-    c.eval.every = 2
-    c.checkpoint.every = 1
-    c.metrics.tensorboard = False
-  elif arg == "small":
-    c.model.update(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
-                   num_kv_heads=4, head_dim=64, dtype="bfloat16")
-    c.task.levels, c.task.max_operand = (1, 2, 3, 4, 5, 6), 99
-    c.rl.update(iterations=200, prompts_per_iteration=128, k=16, max_response_tokens=160,
-                segment_tokens=96)
-    c.rollout.update(max_batch=512, max_seq_len=192)
-    c.sft.seq_len = 192
-    c.eval.max_new_tokens = 160
-    c.optimizer.update(name="muon", learning_rate=1e-4, weight_decay=0.1)  # untested at scale
-  else:
-    raise ValueError(f"unknown config variant {arg!r}: tiny, tiny_nolp, long_cot, smoke, small")
-  c.lock()
-  return c
+  """The base config with the variants of `arg` applied in order (e.g. "small,smoke")."""
+  return variants.apply(base_config(), arg, VARIANTS)

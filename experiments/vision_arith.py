@@ -6,12 +6,13 @@ Run (CPU):
   python -m launch.train_rl --config=experiments/vision_arith.py:tiny --workdir=runs/vision
 Variants: `tiny` (CPU: rendered arithmetic + charts), `mixed` (text arithmetic beside both vision
 domains: the paper's joint text + vision RL, metrics per domain), `smoke` (seconds; tests),
-`pod` (a pod slice: larger LM and tower, bigger images, sharded over fsdp).
+`pod` (a pod slice: larger LM and tower, bigger images, sharded over fsdp); variants combine
+in order (`:mixed,smoke`).
 Override any field: --config.task.domains='("chart",)' --config.images.max_pixels=50176
 """
 import ml_collections
 
-from experiments import rl_arith
+from experiments import rl_arith, variants
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -31,43 +32,49 @@ def base_config() -> ml_collections.ConfigDict:
   c.images = ml_collections.ConfigDict(dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64))
   # Prompt: <bos> <|vision_start|> 4 or 12 image tokens <|vision_end|> then the text question.
   c.sft.seq_len = 80
+  # One segment per trajectory (partial rollouts off): a resumed prompt would carry its sampled
+  # response, and an image pad id sampled there would count as one more image.
   c.rl.update(max_response_tokens=40, segment_tokens=40)
   c.rollout.max_seq_len = 96
   c.eval.max_new_tokens = 40
   return c
 
 
+def _mixed(c):
+  c.task.domains = ("arith", "arith_image", "chart")
+
+
+def _smoke(c):
+  c.task.num_train, c.task.num_heldout = 60, 8
+  c.sft.steps, c.sft.batch_size, c.sft.optimizer.warmup_steps = 10, 8, 2
+  c.rl.iterations, c.rl.prompts_per_iteration, c.rl.k = 2, 4, 4
+  c.rl.groups_per_minibatch = 2
+  c.rl.length_penalty.warmup_iterations = 1
+  c.eval.every = 2
+  c.checkpoint.every = 1
+  c.metrics.tensorboard = False
+
+
+def _pod(c):
+  c.model.update(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
+                 num_kv_heads=4, head_dim=64, dtype="bfloat16", mrope_section=(8, 12, 12))
+  c.model.vision.update(depth=8, hidden_size=256, num_heads=4, intermediate_size=1024,
+                        out_hidden_size=512)
+  c.task.update(domains=("arith", "arith_image", "chart"), levels=(1, 2, 3, 4, 5, 6),
+                max_operand=99, num_train=20000, num_heldout=512)
+  c.images.max_pixels = 28 * 28 * 256
+  c.sft.update(seq_len=192, batch_size=128, steps=2000)
+  c.rl.update(iterations=200, prompts_per_iteration=128, k=16, max_response_tokens=160,
+              segment_tokens=160)
+  c.rollout.update(max_batch=512, max_seq_len=256)
+  c.eval.max_new_tokens = 160
+  c.mesh.fsdp = 8
+  c.optimizer.update(name="muon", learning_rate=1e-4, weight_decay=0.1)  # untested at scale
+
+
+VARIANTS = {"tiny": lambda c: None, "mixed": _mixed, "smoke": _smoke, "pod": _pod}
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  c = base_config()
-  if arg == "tiny":
-    pass
-  elif arg == "mixed":
-    c.task.domains = ("arith", "arith_image", "chart")
-  elif arg == "smoke":
-    c.task.num_train, c.task.num_heldout = 60, 8
-    c.sft.steps, c.sft.batch_size, c.sft.optimizer.warmup_steps = 10, 8, 2
-    c.rl.iterations, c.rl.prompts_per_iteration, c.rl.k = 2, 4, 4
-    c.rl.groups_per_minibatch = 2
-    c.rl.length_penalty.warmup_iterations = 1
-    c.eval.every = 2
-    c.checkpoint.every = 1
-    c.metrics.tensorboard = False
-  elif arg == "pod":
-    c.model.update(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
-                   num_kv_heads=4, head_dim=64, dtype="bfloat16", mrope_section=(8, 12, 12))
-    c.model.vision.update(depth=8, hidden_size=256, num_heads=4, intermediate_size=1024,
-                          out_hidden_size=512)
-    c.task.update(domains=("arith", "arith_image", "chart"), levels=(1, 2, 3, 4, 5, 6),
-                  max_operand=99, num_train=20000, num_heldout=512)
-    c.images.max_pixels = 28 * 28 * 256
-    c.sft.update(seq_len=192, batch_size=128, steps=2000)
-    c.rl.update(iterations=200, prompts_per_iteration=128, k=16, max_response_tokens=160,
-                segment_tokens=160)
-    c.rollout.update(max_batch=512, max_seq_len=256)
-    c.eval.max_new_tokens = 160
-    c.mesh.fsdp = 8
-    c.optimizer.update(name="muon", learning_rate=1e-4, weight_decay=0.1)  # untested at scale
-  else:
-    raise ValueError(f"unknown config variant {arg!r}: tiny, mixed, smoke, pod")
-  c.lock()
-  return c
+  """The base config with the variants of `arg` applied in order (e.g. "mixed,smoke")."""
+  return variants.apply(base_config(), arg, VARIANTS)

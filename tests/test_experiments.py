@@ -10,7 +10,7 @@ from kimi_jax.data.images import run_image_processing
 from kimi_jax.training.setup import build_model_config, build_tokenizer
 
 VARIANTS = ([(rl_arith, v) for v in ("tiny", "tiny_nolp", "long_cot", "smoke", "small")]
-            + [(long2short_arith, f"{m}{s}") for m in long2short_arith.VARIANTS
+            + [(long2short_arith, f"{m}{s}") for m in (*long2short_arith.METHODS, "rpo")
                for s in ("", ",smoke")]
             + [(long_context_arith, f"{st}{s}") for st in long_context_arith.STAGES
                for s in ("", ",smoke")])
@@ -77,3 +77,16 @@ def test_sgd_learning_rate_times_tau_is_bounded_and_named():
     config.rl.tau = 10.0  # lr 5e-3 x 10: the tau term overshoots
   with pytest.raises(ValueError, match=r"config.rl.tau=10.0: with SGD, optimizer.learning_rate"):
     validate_config(config)
+
+
+def test_variants_combine_in_order():
+  small_smoke, smoke_small = rl_arith.get_config("small,smoke"), rl_arith.get_config("smoke,small")
+  assert small_smoke.model.hidden_size == smoke_small.model.hidden_size == 512  # small's
+  assert small_smoke.task.num_train == smoke_small.task.num_train == 200  # smoke's
+  assert (small_smoke.rl.iterations, smoke_small.rl.iterations) == (3, 200)  # the later one wins
+  stage = long_context_arith.get_config("stage2,smoke")
+  assert stage.model.rope_theta == 1e6 and stage.sft.steps == 4
+  with pytest.raises(ValueError, match=r"unknown config variant\(s\) \['smol'\] in 'small,smol'"):
+    rl_arith.get_config("small,smol")
+  with pytest.raises(ValueError, match="names no stage"):
+    long_context_arith.get_config("smoke")

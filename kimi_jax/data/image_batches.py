@@ -7,7 +7,7 @@ Every field is batch-major, so batches shard and split by rows like their tokens
   rope_positions [B, 3, T]: M-RoPE positions of the row's tokens (prompt, response, padding);
   image_mask [B, T]: the image tokens of the prompt (an image pad id sampled in a response is
     text, as the rollout engine decoded it).
-The model encodes the B * O patches as one packed sequence (attention never crosses frames) and
+The model encodes each row's patches on their own (attention never crosses frames) and
 row b's k-th masked token takes row b's k-th merged patch embedding.
 
 SFT examples with images are not packed (M-RoPE positions run over a whole row): one example

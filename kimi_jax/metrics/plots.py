@@ -32,13 +32,16 @@ def plot_metrics(records: list[dict], keys: list[str], path: str, title: str = "
 
 
 def plot_series(series: dict[str, tuple[list, list]], path: str, xlabel: str, ylabel: str,
-                title: str = "") -> None:
-  """Several labelled (x, y) lines on one axis: ablation sweeps side by side."""
+                title: str = "", logy: bool = False) -> None:
+  """Several labelled (x, y) lines on one axis (log-scaled y with `logy`): ablation sweeps side
+  by side."""
   fig, ax = plt.subplots(figsize=(5.5, 3.6))
   for label, (xs, ys) in series.items():
     ax.plot(xs, ys, marker="o", markersize=3, label=label)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
+  if logy:
+    ax.set_yscale("log")
   ax.grid(alpha=0.3)
   ax.legend()
   if title:

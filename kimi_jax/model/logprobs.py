@@ -10,15 +10,15 @@ from kimi_jax.model.vlm import encode_images
 
 
 def _vlm_logits(config: ModelConfig, params, batch, return_max_logits: bool):
-  """Logits of rows whose images are batch-major: row b's k-th `image_mask` token takes row b's
-  k-th merged patch embedding; the B * O patches are encoded as one packed sequence."""
+  """Logits of rows whose images are batch-major: each row's patches are encoded on their own
+  (attention cost grows with the row's patches, not the batch's) and row b's k-th `image_mask`
+  token takes row b's k-th merged patch embedding."""
   tokens_BxT, image_BxT = batch["tokens"], batch["image_mask"]
-  b, p, f = batch["pixel_values"].shape
-  layout = VisionLayout(batch["hw_positions"].reshape(b * p, 2), batch["frame_ids"].reshape(-1),
-                        batch["window_ids"].reshape(-1))
   dtype = jnp.dtype(config.dtype)
-  merged_BxMxD = encode_images(config, params, batch["pixel_values"].reshape(b * p, f),
-                               layout).reshape(b, p // config.vision.merge_unit, -1).astype(dtype)
+  encode_row = lambda pixels_OxE, hw_Ox2, frames_O, windows_O: encode_images(
+      config, params, pixels_OxE, VisionLayout(hw_Ox2, frames_O, windows_O))
+  merged_BxMxD = jax.vmap(encode_row)(batch["pixel_values"], batch["hw_positions"],
+                                      batch["frame_ids"], batch["window_ids"]).astype(dtype)
   index_BxT = jnp.clip(jnp.cumsum(image_BxT, axis=1) - 1, 0, merged_BxMxD.shape[1] - 1)
   image_BxTxD = jnp.take_along_axis(merged_BxMxD, index_BxT[..., None], axis=1)
   text_BxTxD = jnp.take(params["embed_tokens"]["embedding"].astype(dtype), tokens_BxT, axis=0)

@@ -13,7 +13,7 @@ from kimi_jax.model.layers import Dense, RMSNorm, SwiGLU
 from kimi_jax.model.vision import VisionTower, vision_layout
 from kimi_jax.sharding.rules import check_sequence_split, constrain
 
-KVCache = tuple  # per layer: (keys_BxSxKxA, values_BxSxKxA); slot index == position
+KVCache = tuple  # per layer: (keys_BxKxSxA, values_BxKxSxA), head-major; slot index == position
 
 
 class DecoderLayer(nn.Module):
@@ -113,7 +113,7 @@ def apply_lm(config: ModelConfig, params, tokens_BxT, positions_BxT=None, segmen
 
 
 def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  shape = (batch, config.num_kv_heads, max_len, config.head_dim)
   dtype = jnp.dtype(config.dtype if dtype is None else dtype)
   return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
 

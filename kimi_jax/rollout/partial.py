@@ -107,7 +107,8 @@ class RolloutLimits:
 
 def new_groups(prompts, encode: Callable[[Prompt], list[int]], k: int, first_group_id: int,
                version: int) -> list[Group]:
-  """k empty trajectories per prompt, starting from `encode(prompt)` (its token ids)."""
+  """k empty trajectories per prompt (a `data.sources.Prompt`: id, question, answer, domain,
+  images), starting from `encode(prompt)` (its token ids)."""
   return [Group(first_group_id + i, p.id, p.answer, [Trajectory(encode(p)) for _ in range(k)],
                 created_version=version, domain=p.domain or "", images=list(p.images),
                 question=p.question)

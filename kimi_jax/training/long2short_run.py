@@ -29,8 +29,9 @@ from kimi_jax.training import rl
 from kimi_jax.training.dpo import pair_batch, run_dpo
 from kimi_jax.training.long2short import (Sample, build_dpo_pairs, merge_params,
                                           shortest_rejection_sampling)
-from kimi_jax.training.setup import build_basics, load_initial_checkpoint
-from kimi_jax.training.optim import build_optimizer, build_post_update
+from kimi_jax.training.setup import (build_basics, check, eval_checks, is_int,
+                                     load_initial_checkpoint, stage_config)
+from kimi_jax.training.optim import build_optimizer, build_post_update, optimizer_checks
 from kimi_jax.training.sft import fine_tune
 from kimi_jax.training.state import train_state_from_params
 
@@ -125,15 +126,36 @@ DATA_METHODS = {"shortest": shortest, "dpo": dpo, "merge": merge}
 METHODS = ("rl",) + tuple(DATA_METHODS)
 
 
+SECTIONS = rl.SECTIONS + ("corpus", "long2short")
+
+
+def validate_config(config) -> None:
+  """Fail at start naming the offending dotted key (the rl method: RL's checks too)."""
+  check(config, _checks(config))
+  if config.long2short.method == "rl":
+    rl.validate_config(config)
+
+
+def _checks(config):
+  """(dotted key, ok, why) in order, each evaluated only once the ones before it passed."""
+  l2s = config.long2short
+  yield ("long2short.method", l2s.method in METHODS, f"expected one of {METHODS}")
+  yield ("init.checkpoint", bool(config.init.checkpoint),
+         "is empty: long2short needs the long model's HF directory")
+  yield ("long2short.num_samples", is_int(l2s.num_samples) and l2s.num_samples >= 1,
+         "must be an int >= 1")
+  yield ("long2short.merge_weight", 0 <= l2s.merge_weight <= 1, "must be in [0, 1]")
+  yield from optimizer_checks(l2s.sft.optimizer, "long2short.sft.optimizer")
+  yield from optimizer_checks(l2s.dpo.optimizer, "long2short.dpo.optimizer")
+  yield from eval_checks(config)
+
+
 def run(config, workdir: str) -> dict:
   """Shorten `config.init.checkpoint` with `config.long2short.method`; returns the eval table
   rows {"long": ..., "short": ...} as dicts."""
+  config = stage_config(config, SECTIONS, "long2short")
+  validate_config(config)
   method = config.long2short.method
-  if method not in METHODS:
-    raise ValueError(f"config.long2short.method={method!r}: expected one of {METHODS}")
-  if not config.init.checkpoint:
-    raise ValueError("config.init.checkpoint is empty: long2short needs the long model's HF "
-                     "directory")
   if method == "rl":
     rl.run(config, workdir)
   else:

@@ -50,6 +50,21 @@ def build_optimizer(cfg, total_steps: int | None = None,
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx) if cfg.grad_clip else tx
 
 
+def optimizer_checks(cfg, key: str):
+  """(dotted key, ok, why) checks of the optimizer block `config.<key>`."""
+  number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  yield (f"{key}.name", cfg.name in OPTIMIZERS, f"expected one of {OPTIMIZERS}")
+  yield (f"{key}.learning_rate", number(cfg.learning_rate) and cfg.learning_rate > 0,
+         "must be a number > 0")
+  yield (f"{key}.weight_decay", number(cfg.weight_decay) and cfg.weight_decay >= 0, "must be >= 0")
+  yield (f"{key}.grad_clip", number(cfg.grad_clip) and cfg.grad_clip >= 0, "must be >= 0 (0: off)")
+  yield (f"{key}.qk_clip_tau", number(cfg.qk_clip_tau) and cfg.qk_clip_tau >= 0,
+         "must be >= 0 (0: off)")
+  yield (f"{key}.warmup_steps", isinstance(cfg.warmup_steps, int) and cfg.warmup_steps >= 0,
+         "must be an int >= 0")
+  yield (f"{key}.decay_to", number(cfg.decay_to) and 0 <= cfg.decay_to <= 1, "must be in [0, 1]")
+
+
 def build_post_update(cfg):
   """QK-clip (Kimi K2) after every update when `qk_clip_tau` > 0, else the identity."""
   return functools.partial(qk_clip, tau=cfg.qk_clip_tau) if cfg.qk_clip_tau > 0 else keep_params

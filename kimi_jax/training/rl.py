@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.checkpointing.manager import RunCheckpointer
+from kimi_jax.data.image_batches import image_fields
 from kimi_jax.data.images import run_image_processing
 from kimi_jax.data.samplers import PromptSampler, make_strategy, mix_domains
 from kimi_jax.eval.evaluate import evaluate_with_config
@@ -29,12 +30,13 @@ from kimi_jax.rollout.backends import BACKENDS, build_backend
 from kimi_jax.rollout.partial import PartialRolloutBuffer, RolloutLimits, collect_groups, new_groups
 from kimi_jax.rollout.types import SamplingParams
 from kimi_jax.training import rl_data
-from kimi_jax.training.optim import build_optimizer, build_post_update
+from kimi_jax.training.optim import build_optimizer, build_post_update, optimizer_checks
 from kimi_jax.training.rl_losses import LOSSES, make_policy_loss
 from kimi_jax.training.run_rewards import build_run_rewards
 from kimi_jax.training.scoring import (GroupScores, rollout_metrics, sample_rows, score_groups,
                                        write_samples)
-from kimi_jax.training.setup import (build_basics, build_writer, every_or_final,
+from kimi_jax.training.setup import (BASIC_SECTIONS, build_basics, build_writer, check,
+                                     eval_checks, every_or_final, is_int, is_number,
                                      load_initial_checkpoint)
 from kimi_jax.training.sft import sft_warmup
 from kimi_jax.training.state import (TrainState, reset_opt_state, train_state_from_params,
@@ -180,10 +182,13 @@ class PolicyTrainer:
     The reference log-probs come from the gradient program itself, run on every minibatch at
     pi_theta_i (a gradient pass per minibatch, the price of the first update's loss seeing
     exactly S - S_ref = 0)."""
-    old_logp = np.asarray(self.token_logprobs(state, batch))
     num_minibatches = batch["tokens"].shape[0] // (self.rl.groups_per_minibatch * self.rl.k)
-    minibatches = rl_data.split_minibatches({**batch, "ref_logp": np.zeros_like(old_logp)},
-                                            self.rl.k, num_minibatches)
+    minibatches = [rl_data.trim_to_bucket(mb) for mb in rl_data.split_minibatches(
+        {**batch, "ref_logp": np.zeros(batch["loss_mask"].shape, np.float32)}, self.rl.k,
+        num_minibatches)]
+    # Every program sees bucketed minibatch shapes only: nothing recompiles when the number of
+    # complete groups changes from one iteration to the next (partial rollouts).
+    old_logp = [np.asarray(self.token_logprobs(state, mb)) for mb in minibatches]
     for mb in minibatches:
       mb["ref_logp"] = np.asarray(self.grads(state, mb)[1]["logp_BxT"])
     state = reset_opt_state(state)
@@ -192,26 +197,32 @@ class PolicyTrainer:
       for mb in minibatches:
         state, metrics = self.apply(state, *self.grads(state, mb))
         step_metrics.append(metrics)
-    new_logp = np.asarray(self.token_logprobs(state, batch))
+    new_logp = [np.asarray(self.token_logprobs(state, mb)) for mb in minibatches]
     step_metrics = jax.device_get(step_metrics)  # one transfer for every minibatch's metrics
     metrics = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-    metrics["kl_prev"] = k3_kl(old_logp, new_logp, batch["loss_mask"])
+    masks = [mb["loss_mask"] for mb in minibatches]
+    metrics["kl_prev"] = k3_kl(*(np.concatenate([lp[mask > 0] for lp, mask in zip(logp, masks)])
+                                 for logp in (old_logp, new_logp)))
     metrics["updates"] = len(step_metrics)
     return state, metrics
 
   def nan_metrics(self, state, rows: int) -> dict:
     """`train`'s metric names with NaN values: the row of an iteration with nothing to train."""
-    dummy = {"tokens": np.zeros((rows, 2), np.int32), "targets": np.zeros((rows, 2), np.int32),
-             "loss_mask": np.zeros((rows, 2), np.float32), "ref_logp": np.zeros((rows, 2), np.float32),
-             "rewards": np.zeros(rows, np.float32), "group_ids": np.zeros(rows, np.int32)}
+    tokens = np.zeros((rows, 2), np.int32)
+    dummy = {"tokens": tokens, "targets": tokens, "loss_mask": np.zeros((rows, 2), np.float32),
+             "ref_logp": np.zeros((rows, 2), np.float32), "rewards": np.zeros(rows, np.float32),
+             "group_ids": np.zeros(rows, np.int32)}
+    if self.row_images is not None:  # rows without images, shaped like the real ones
+      dummy.update(image_fields(self.row_images.vision, tokens, [None] * rows,
+                                self.row_images.patches_per_row))
     _, step_metrics = jax.eval_shape(self.apply, state, *jax.eval_shape(self.grads, state, dummy))
     return {k: float("nan") for k in [*step_metrics, "kl_prev", "updates"]}
 
 
-def k3_kl(old_logp_BxT, new_logp_BxT, mask_BxT) -> float:
-  """KL(pi_old || pi_new) per token on pi_old's own samples, with the non-negative estimator
-  k3 = (r - 1) - log r, r = pi_new / pi_old (Schulman 2020), averaged over counted tokens."""
-  log_r = (new_logp_BxT - old_logp_BxT)[mask_BxT > 0].astype(np.float64)
+def k3_kl(old_logp_N, new_logp_N) -> float:
+  """KL(pi_old || pi_new) per token on pi_old's own samples (the N counted tokens), with the
+  non-negative estimator k3 = (r - 1) - log r, r = pi_new / pi_old (Schulman 2020)."""
+  log_r = (np.asarray(new_logp_N, np.float64) - np.asarray(old_logp_N, np.float64))
   return float(np.mean(np.expm1(log_r) - log_r)) if log_r.size else float("nan")
 
 
@@ -278,42 +289,49 @@ def write_summary(workdir: str) -> dict:
 SGD_MAX_LR_TAU = 2e-3
 
 
+SECTIONS = BASIC_SECTIONS + ("init", "sft", "optimizer", "rl", "sampler", "rollout", "eval",
+                             "checkpoint")
+
+
 def validate_config(config) -> None:
-  """Fail at start with the offending key rather than deep inside the loop."""
+  """Fail at start naming the offending dotted key rather than deep inside the loop."""
+  check(config, _checks(config))
+
+
+def _checks(config):
+  """(dotted key, ok, why) in order, each evaluated only once the ones before it passed."""
   rl = config.rl
-  checks = [
-      ("rl.tau", rl.tau > 0, "must be > 0"),
-      ("rl.tau", not (rl.loss == "mirror_descent" and config.optimizer.name == "sgd")
-       or rl.tau * config.optimizer.learning_rate <= SGD_MAX_LR_TAU,
-       f"with SGD, optimizer.learning_rate * rl.tau = "
-       f"{config.optimizer.learning_rate * rl.tau:.3g} must be <= {SGD_MAX_LR_TAU}: above it "
-       "the tau term overshoots S_ref and larger tau moves the policy more, not less"),
-      ("rl.loss", rl.loss in LOSSES, f"expected one of {LOSSES}"),
-      ("rl.baseline", rl.baseline in BASELINES, f"expected one of {BASELINES}"),
-      ("rl.k", rl.k >= 2, "needs >= 2 samples per prompt for a group baseline"),
-      ("rl.iterations", rl.iterations >= 0, "must be >= 0 (0: SFT warm-up only)"),
-      ("rl.segment_tokens", 0 < rl.segment_tokens <= rl.max_response_tokens,
-       "must be in (0, rl.max_response_tokens]"),
-      ("rl.groups_per_minibatch", rl.groups_per_minibatch >= 1, "must be >= 1"),
-      ("rl.temperature", rl.temperature > 0, "must be > 0 for on-policy sampling"),
-      ("rollout.max_seq_len", config.rollout.max_seq_len >= rl.max_response_tokens + 1,
-       "must exceed rl.max_response_tokens (prompt + response must fit)"),
-      ("rollout.backend", config.rollout.backend in BACKENDS, f"expected one of {BACKENDS}"),
-      ("rollout.urls", config.rollout.backend != "sglang" or bool(config.rollout.urls),
-       "the sglang backend needs server URLs"),
-      ("checkpoint.every", config.checkpoint.every >= 1, "must be >= 1"),
-      ("checkpoint.keep", config.checkpoint.keep >= 1, "must be >= 1"),
-      ("eval.k", 1 <= config.eval.k <= config.eval.samples, "must be in [1, eval.samples]"),
-      ("eval.temperature", config.eval.samples == 1 or config.eval.temperature > 0,
-       "must be > 0 when eval.samples > 1"),
-  ]
-  for key, ok, why in checks:
-    if not ok:
-      raise ValueError(f"config.{key}={_lookup(config, key)!r}: {why}")
-
-
-def _lookup(config, dotted: str):
-  value = config
-  for part in dotted.split("."):
-    value = value[part]
-  return value
+  yield ("rl.tau", is_number(rl.tau) and rl.tau > 0, "must be a number > 0")
+  yield ("rl.k", is_int(rl.k) and rl.k >= 2,
+         "must be an int >= 2 (samples per prompt, for a group baseline)")
+  yield ("rl.iterations", is_int(rl.iterations) and rl.iterations >= 0,
+         "must be an int >= 0 (0: SFT warm-up only)")
+  yield ("rl.max_response_tokens", is_int(rl.max_response_tokens) and rl.max_response_tokens >= 1,
+         "must be an int >= 1")
+  yield ("rl.segment_tokens", is_int(rl.segment_tokens)
+         and 0 < rl.segment_tokens <= rl.max_response_tokens,
+         "must be an int in (0, rl.max_response_tokens]")
+  yield ("rl.groups_per_minibatch",
+         is_int(rl.groups_per_minibatch) and rl.groups_per_minibatch >= 1, "must be an int >= 1")
+  yield ("rl.temperature", is_number(rl.temperature) and rl.temperature > 0,
+         "must be > 0 for on-policy sampling")
+  yield ("rl.loss", rl.loss in LOSSES, f"expected one of {LOSSES}")
+  yield ("rl.baseline", rl.baseline in BASELINES, f"expected one of {BASELINES}")
+  yield from optimizer_checks(config.optimizer, "optimizer")
+  yield from optimizer_checks(config.sft.optimizer, "sft.optimizer")
+  yield ("rl.tau", not (rl.loss == "mirror_descent" and config.optimizer.name == "sgd")
+         or rl.tau * config.optimizer.learning_rate <= SGD_MAX_LR_TAU,
+         f"with SGD, optimizer.learning_rate * rl.tau = "
+         f"{config.optimizer.learning_rate * rl.tau:.3g} must be <= {SGD_MAX_LR_TAU}: above it "
+         "the tau term overshoots S_ref and larger tau moves the policy more, not less")
+  yield ("rollout.max_seq_len", is_int(config.rollout.max_seq_len)
+         and config.rollout.max_seq_len >= rl.max_response_tokens + 1,
+         "must exceed rl.max_response_tokens (prompt + response must fit)")
+  yield ("rollout.backend", config.rollout.backend in BACKENDS, f"expected one of {BACKENDS}")
+  yield ("rollout.urls", config.rollout.backend != "sglang" or bool(config.rollout.urls),
+         "the sglang backend needs server URLs")
+  yield ("checkpoint.every", is_int(config.checkpoint.every) and config.checkpoint.every >= 1,
+         "must be an int >= 1")
+  yield ("checkpoint.keep", is_int(config.checkpoint.keep) and config.checkpoint.keep >= 1,
+         "must be an int >= 1")
+  yield from eval_checks(config)

@@ -102,3 +102,19 @@ class RowImages:
     prompt_lengths = [len(t.prompt_ids) for g in groups for t in g.trajectories]
     return image_fields(self.vision, tokens_BxT, row_images, self.patches_per_row,
                         prompt_lengths)
+
+
+# Batch fields whose last axis is the token position; every other field is per row or per patch.
+TIME_FIELDS = ("tokens", "targets", "loss_mask", "ref_logp", "image_mask", "rope_positions")
+
+
+def trim_to_bucket(minibatch: dict[str, np.ndarray], min_length: int = 32) -> dict[str, np.ndarray]:
+  """The minibatch's `TIME_FIELDS` cut after its last counted token, rounded up to a power of
+  two (at least `min_length`, at most T). The LM is causal, so no log-prob changes; training
+  cost then follows the responses' real lengths, with at most log2(T / min_length) + 2 shapes
+  to compile."""
+  t = minibatch["loss_mask"].shape[1]
+  counted = np.flatnonzero(minibatch["loss_mask"].any(axis=0))
+  last = int(counted[-1]) + 1 if counted.size else 1
+  length = min(t, max(min_length, 1 << (last - 1).bit_length()))
+  return {k: v[..., :length] if k in TIME_FIELDS else v for k, v in minibatch.items()}

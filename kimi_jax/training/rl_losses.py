@@ -1,6 +1,6 @@
 """Policy losses as `(logp_BxT, batch) -> (loss, metrics)` callables, chosen by config.
 
-Configuration is bound here, outside the jitted step, so `rl_step` has no branches. Rows of a
+Configuration is bound here, outside the jitted step, so `rl_grads` has no branches. Rows of a
 batch whose loss mask is all zero are padding (whole empty groups that keep minibatch shapes
 fixed); every loss adds nothing for them, and the mean over all rows is rescaled to a mean
 over real rows.

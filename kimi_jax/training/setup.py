@@ -1,5 +1,6 @@
-"""Run set-up shared by every stage (RL, SFT, long2short, eval, sweeps): the task, tokenizer,
-model config and mesh of a config; initial checkpoints; metric writers; the logging cadence.
+"""Run set-up shared by every stage (RL, SFT, long2short, eval, sweeps): the sections a stage
+sees, config validation naming the dotted key, the task, tokenizer, model config and mesh of a
+config; initial checkpoints; metric writers; the logging cadence.
 
 A run that starts from an HF checkpoint (`init.checkpoint`) takes the model config AND the
 tokenizer (with its chat template and eos ids) from that directory; the `model` section then
@@ -8,8 +9,11 @@ only says how to run it (dtype, attention, remat) and which `init.changed_fields
 the task's char tokenizer.
 """
 import dataclasses
+import numbers
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
+
+import ml_collections
 
 from kimi_jax.checkpointing.hf import CheckpointError, config_diff, load_hf, load_hf_config
 from kimi_jax.data.image_prompts import add_vision_tokens, vision_token_ids
@@ -19,6 +23,61 @@ from kimi_jax.metrics.writers import JsonlWriter, MultiWriter, TensorBoardWriter
 from kimi_jax.model import ModelConfig, VisionConfig
 from kimi_jax.model.config import with_execution
 from kimi_jax.sharding.rules import make_mesh
+
+
+# Sections every stage reads through `build_basics`, and those a config may leave out
+# (`images`: Qwen2-VL's preprocessing defaults apply without it; `data`: the prompt files of
+# the task registry's "prompts" task, absent for synthetic tasks).
+BASIC_SECTIONS = ("seed", "task", "model", "mesh", "metrics")
+OPTIONAL_SECTIONS = ("images", "data")
+
+
+def stage_config(config, sections: Sequence[str], stage: str) -> ml_collections.ConfigDict:
+  """The sections of `config` that `stage` reads (plus the OPTIONAL_SECTIONS it has), and
+  nothing else: a stage that reaches for another stage's section fails by name instead of
+  silently depending on it."""
+  missing = [s for s in sections if s not in config]
+  if missing:
+    raise ValueError(f"{stage}: the config has no section(s) {missing}")
+  resolved = config.copy_and_resolve_references()
+  kept = list(sections) + [s for s in OPTIONAL_SECTIONS if s in config]
+  view = ml_collections.ConfigDict({s: resolved[s] for s in kept})
+  view.lock()
+  return view
+
+
+def lookup(config, dotted: str):
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+def check(config, checks) -> None:
+  """Fail at start on the first (dotted key, ok, why) whose `ok` is false, naming the key, its
+  value and why, rather than deep inside a run."""
+  for key, ok, why in checks:
+    if not ok:
+      raise ValueError(f"config.{key}={lookup(config, key)!r}: {why}")
+
+
+def is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def eval_checks(config):
+  """The `eval` section, as `evaluate_with_config` reads it."""
+  e = config.eval
+  yield ("eval.max_new_tokens", is_int(e.max_new_tokens) and e.max_new_tokens >= 1,
+         "must be an int >= 1")
+  yield ("eval.samples", is_int(e.samples) and e.samples >= 1, "must be an int >= 1")
+  yield ("eval.k", is_int(e.k) and 1 <= e.k <= e.samples, "must be an int in [1, eval.samples]")
+  yield ("eval.temperature", is_number(e.temperature) and e.temperature >= 0
+         and (e.samples == 1 or e.temperature > 0), "must be >= 0, and > 0 when eval.samples > 1")
 
 
 class Basics(NamedTuple):

@@ -19,11 +19,33 @@ from kimi_jax.data.images import run_image_processing
 from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.eval.lm_loss import corpus_loss_by_position
 from kimi_jax.rollout.backends import EngineBackend
-from kimi_jax.training.setup import build_basics, load_initial_checkpoint
+from kimi_jax.training.optim import optimizer_checks
+from kimi_jax.training.setup import (BASIC_SECTIONS, build_basics, check, eval_checks, is_int,
+                                     load_initial_checkpoint, stage_config)
 from kimi_jax.training.sft import fine_tune, sft_warmup
+
+# rl: the repetition stop the evaluation engine shares with RL sampling.
+SECTIONS = BASIC_SECTIONS + ("init", "corpus", "sft", "rollout", "rl", "eval")
+
+
+def validate_config(config) -> None:
+  """Fail at start naming the offending dotted key."""
+  check(config, _checks(config))
+
+
+def _checks(config):
+  """(dotted key, ok, why) in order, each evaluated only once the ones before it passed."""
+  sft = config.sft
+  yield ("sft.steps", is_int(sft.steps) and sft.steps >= 0, "must be an int >= 0")
+  yield ("sft.batch_size", is_int(sft.batch_size) and sft.batch_size >= 1, "must be an int >= 1")
+  yield ("sft.seq_len", is_int(sft.seq_len) and sft.seq_len >= 2, "must be an int >= 2")
+  yield from optimizer_checks(sft.optimizer, "sft.optimizer")
+  yield from eval_checks(config)
 
 
 def run(config, workdir: str) -> dict:
+  config = stage_config(config, SECTIONS, "sft")
+  validate_config(config)
   task, tokenizer, model_config, mesh = build_basics(config, workdir)
   params = None
   if config.init.checkpoint:

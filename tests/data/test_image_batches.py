@@ -10,7 +10,7 @@ from kimi_jax.model import apply_vlm
 from kimi_jax.model.logprobs import token_logprobs
 from tests.tiny_vlm import encoded, model
 
-# float32; the batch encodes all rows' patches as one packed sequence, apply_vlm one row's.
+# float32; a batch row's patches sit beside padding patches, apply_vlm's do not.
 ATOL = 1e-4
 
 

@@ -80,7 +80,7 @@ def test_weights_released_without_a_copy_come_back_through_update_weights(params
     engine.release_memory(["cuda_graph"])
 
 
-def test_server_release_and_resume_memory_occupation(params):
+def test_server_release_and_resume_memory_occupation_without_a_tokenizer(params):
   engine = RolloutEngine(CFG, params, max_batch=MAX_BATCH, max_seq_len=MAX_SEQ_LEN,
                          eos_token_ids=(EOS,), chunk_steps=4)
   background = BackgroundServer(RolloutServer(engine))
@@ -99,10 +99,12 @@ def test_server_release_and_resume_memory_occupation(params):
       await client.resume_memory_occupation(["weights"])
       await client.resume_memory_occupation(["kv_cache"])
       after = await client.generate(prompts, GREEDY)
-      return before, released, held, refused, health, bad, after
+      ids_only = await http("POST", url, "/generate", {"input_ids": prompts[0]})
+      info = await http("GET", url, "/server_info")
+      return before, released, held, refused, health, bad, after, ids_only, info
 
   try:
-    before, released, held, refused, health, bad, after = asyncio.run(scenario())
+    before, released, held, refused, health, bad, after, ids_only, info = asyncio.run(scenario())
   finally:
     background.stop()
   assert released == (200, None) and held == 0
@@ -110,3 +112,6 @@ def test_server_release_and_resume_memory_occupation(params):
   assert health[0] == 503
   assert bad[0] == 400 and "'tags' must be null or a list of strings" in bad[1]["error"]["message"]
   assert [c.output_ids for c in after] == [c.output_ids for c in before]
+  # no tokenizer: answered like SGLang's --skip-tokenizer-init (ids, no text)
+  assert "text" not in ids_only[1] and ids_only[1]["output_ids"]
+  assert info[1]["skip_tokenizer_init"] is True and info[1]["enable_memory_saver"] is True

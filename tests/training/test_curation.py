@@ -77,9 +77,9 @@ class RecordingBackend(FakeBackend):
     super().__init__()
     self.backend, self.calls = backend, []
 
-  def generate(self, inputs, sampling):
+  def generate(self, inputs, sampling, images=None):
     self.calls.append((inputs, sampling))
-    return self.backend.generate(inputs, sampling)
+    return self.backend.generate(inputs, sampling, images)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_samples_are_distinct_draws_and_greedy_repeats(tokenizer, run_config):
 
 def test_backend_answer_count_is_checked(tokenizer):
   class OneAnswer(FakeBackend):
-    def generate(self, inputs, sampling):
+    def generate(self, inputs, sampling, images=None):
       return [Completion(inputs[0], [tokenizer.eos_id], [0.0], stop_reason(tokenizer.eos_id))]
 
   generate = curation_generate(OneAnswer(), tokenizer, lambda t: encode_text(tokenizer, t))

@@ -91,11 +91,12 @@ def test_lm_head_gradient_matches_hand_derivation():
 
 def test_chosen_nll_term_adds_the_chosen_token_nll():
   """objective(w) = objective(0) + w * (-sum S_chosen / chosen tokens), value and gradient."""
-  params = init_params(CFG, jax.random.key(3))
+  params = jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(3))
   batch = pair_batch(random_pairs(3, seed=4), seq_len=10, pad_id=0)
   batch["ref_logp_sum"] = np_response_logp(params, batch).astype(np.float32)
+  # One program for both weights: the weight is a traced argument, not a static one.
   value_and_grad = jax.jit(jax.value_and_grad(dpo_objective, has_aux=True),
-                           static_argnums=(2, 3, 4))
+                           static_argnums=(2, 3))
   (plain, _), plain_grads = value_and_grad(params, batch, CFG, BETA, 0.0)
   (mixed, metrics), mixed_grads = value_and_grad(params, batch, CFG, BETA, 0.7)
   sums = np_response_logp(params, batch)
@@ -109,7 +110,7 @@ def test_chosen_nll_term_adds_the_chosen_token_nll():
     picked = jnp.take_along_axis(logp, batch["targets"][:3, :, None], axis=-1)[..., 0]
     return -(picked * batch["loss_mask"][:3]).sum() / batch["loss_mask"][:3].sum()
 
-  nll_grads = jax.grad(chosen_nll)(params)
+  nll_grads = jax.jit(jax.grad(chosen_nll))(params)
   jax.tree.map(lambda m, p, n: np.testing.assert_allclose(
       m, p + 0.7 * n, atol=F32_TOL * max(np.abs(m).max(), 1e-3), rtol=0),
       mixed_grads, plain_grads, nll_grads)

@@ -38,7 +38,8 @@ def single_device_mesh():
 
 def rm_params(seed=0):
   lm_key, head_key = jax.random.split(jax.random.key(seed))
-  return {"lm": init_params(CFG, lm_key), "value_head": init_value_head(CFG, head_key)}
+  return {"lm": jax.jit(init_params, static_argnums=0)(CFG, lm_key),
+          "value_head": init_value_head(CFG, head_key)}
 
 
 # ------------------------------------------------------------------------- input format
@@ -104,8 +105,9 @@ def test_bce_loss_and_gradients_match_numpy():
   # through the LM's hidden states.
   cotangent_BxTxD = np.zeros((len(EXAMPLES), 32, CFG.hidden_size), np.float32)
   cotangent_BxTxD[np.arange(len(EXAMPLES)), batch["last_index"]] = ref_dlast_BxD
-  _, pullback = jax.vjp(lambda lm: final_hidden_states(CFG, lm, batch["tokens"]), params["lm"])
-  (ref_lm_grads,) = pullback(jnp.asarray(cotangent_BxTxD))
+  pull_back = jax.jit(lambda lm, ct: jax.vjp(
+      lambda l: final_hidden_states(CFG, l, batch["tokens"]), lm)[1](ct)[0])
+  ref_lm_grads = pull_back(params["lm"], jnp.asarray(cotangent_BxTxD))
   for got, want in zip(jax.tree.leaves(grads["lm"]), jax.tree.leaves(ref_lm_grads)):
     # Scale-relative: tiny-gradient entries carry float32 round-off of the largest ones.
     np.testing.assert_allclose(got, want, atol=F32_RTOL * float(np.abs(want).max()) + 1e-9)

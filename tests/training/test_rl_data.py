@@ -2,7 +2,7 @@
 import numpy as np
 
 from kimi_jax.rollout.partial import PartialRolloutBuffer, RolloutLimits, collect_groups, new_groups
-from kimi_jax.training.rl_data import build_rl_batch, pad_groups, split_minibatches
+from kimi_jax.training.rl_data import build_rl_batch, pad_groups, split_minibatches, trim_to_bucket
 from tests.rollout.test_partial import EOS, SAMPLING, P, ScriptedPolicy, encode
 
 
@@ -52,6 +52,21 @@ def test_minibatches_keep_groups_whole():
   mbs = split_minibatches(b, group_size=2, num_minibatches=3)
   assert [mb["group_ids"].tolist() for mb in mbs] == [[0, 0, 1, 1]] * 3
   assert np.concatenate([mb["tokens"] for mb in mbs]).ravel().tolist() == list(range(12))
+
+
+def test_trim_to_bucket_keeps_every_counted_token_and_rounds_up():
+  mask = np.zeros((2, 100), np.float32)
+  mask[1, 30:40] = 1.0  # last counted position 39 -> 40 columns -> bucket 64
+  mb = {"tokens": np.arange(200).reshape(2, 100), "loss_mask": mask, "rewards": np.ones(2),
+        "rope_positions": np.zeros((2, 3, 100)), "frame_ids": np.zeros((2, 100))}  # per patch
+  trimmed = trim_to_bucket(mb)
+  assert trimmed["tokens"].shape == (2, 64) and trimmed["rewards"].shape == (2,)
+  assert trimmed["rope_positions"].shape == (2, 3, 64) and trimmed["frame_ids"].shape == (2, 100)
+  np.testing.assert_array_equal(trimmed["tokens"], mb["tokens"][:, :64])
+  assert trimmed["loss_mask"].sum() == mask.sum()
+  mask[0, 90] = 1.0  # past the largest power of two: the full width
+  assert trim_to_bucket(mb)["tokens"].shape == (2, 100)
+  assert trim_to_bucket({**mb, "loss_mask": np.zeros((2, 100))})["tokens"].shape == (2, 32)
 
 
 def test_pad_groups_appends_finished_empty_groups_that_train_on_nothing():

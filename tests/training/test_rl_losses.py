@@ -32,7 +32,7 @@ def batch(num_groups: int, seed: int, padding_groups: int = 0):
   logp = np.concatenate([logp, -pad_rng.uniform(0.1, 3.0, size=(pad_rows, T))])
   rewards = np.concatenate([rewards, np.zeros(pad_rows)])
   return jnp.asarray(logp), {
-      "ref_logp": jnp.asarray(ref_logp), "ref_logp_sum": jnp.asarray(ref_logp.sum(-1)),
+      "ref_logp": jnp.asarray(ref_logp),
       "rewards": jnp.asarray(rewards), "loss_mask": jnp.asarray(mask),
       "group_ids": jnp.asarray(np.repeat(np.arange(num_groups + padding_groups), K))}
 
