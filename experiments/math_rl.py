@@ -6,8 +6,11 @@ Qwen2 / Llama / Qwen3 causal-LM directory); rewards come from the math verifier.
     --config.init.checkpoint=/ckpt/Qwen2.5-1.5B-Instruct \
     --config.data.train=/data/gsm8k/train.jsonl --config.data.eval=/data/gsm8k/test.jsonl \
     --workdir=runs/math
-MATH rows: add --config.data.schema=math. Variants: `smoke` (CPU tests: a tiny random checkpoint,
-a handful of rows), `qwen2_5_1_5b` (one GPU/TPU host), `pod` (a slice: data x fsdp x tensor mesh).
+MATH rows: add --config.data.schema=math. Graded by a chain-of-thought judge model instead of
+the verifier: --config.data.reward=cot_rm --config.rewards.cot_rm.checkpoint=/ckpt/judge (plus
+--config.rewards.cot_rm.urls='("http://judge:30000",)' when SGLang serves it).
+Variants: `smoke` (CPU tests: a tiny random checkpoint, a handful of rows), `qwen2_5_1_5b` (one
+GPU/TPU host), `pod` (a slice: data x fsdp x tensor mesh).
 Every sampled response lands in <workdir>/samples/iter_NNNNN.jsonl.
 """
 import ml_collections
@@ -35,6 +38,11 @@ def prompt_rl_config(domain: str, schema: str, reward: str,
   c.rollout.update(max_batch=256, max_seq_len=5120)
   c.eval.update(every=10, max_new_tokens=4096)
   c.checkpoint.every = 10
+  # The chain-of-thought judge of `data.reward=cot_rm`, a separate model: SGLang servers at
+  # `urls` serving `checkpoint`, or (no urls) an in-process engine on `checkpoint`'s weights.
+  c.rewards = ml_collections.ConfigDict(dict(cot_rm=dict(
+      checkpoint="", urls=(), max_new_tokens=1024, temperature=0.0, max_batch=256,
+      max_seq_len=6144, repetition_ngram=0, repetition_count=0)))
   # launch.curate: pass rate over num_samples at temperature (difficulty = failed samples), the
   # no-CoT guess filter, and CYaRon test generation for code rows without tests.
   c.curation = ml_collections.ConfigDict(dict(
@@ -58,6 +66,7 @@ def apply_size(c: ml_collections.ConfigDict, size: str) -> None:
     c.eval.update(every=1, max_new_tokens=8)
     c.checkpoint.every = 1
     c.metrics.tensorboard = False
+    c.rewards.cot_rm.update(max_new_tokens=16, max_batch=32, max_seq_len=512)
     c.curation.update(num_samples=4, max_new_tokens=8, guess_tries=2, guess_max_new_tokens=4)
     c.curation.testgen.update(num_cases=4, min_agreeing=2, min_passing=2, max_workers=2)
   elif size == "qwen2_5_1_5b":

@@ -58,6 +58,7 @@ class Group:
   created_version: int = 0
   domain: str = ""  # selects the registered reward
   images: list[str] = dataclasses.field(default_factory=list)  # the prompt's image sources
+  question: str = ""  # the problem text, for rewards that grade against it (a judge model)
 
   @property
   def complete(self) -> bool:
@@ -106,11 +107,11 @@ class RolloutLimits:
 
 def new_groups(prompts, encode: Callable[[Prompt], list[int]], k: int, first_group_id: int,
                version: int) -> list[Group]:
-  """k empty trajectories per prompt (a `data.sources.Prompt`: id, answer, domain, images),
-  starting from `encode(prompt)` (its token ids)."""
+  """k empty trajectories per prompt (a `data.sources.Prompt`: id, question, answer, domain,
+  images), starting from `encode(prompt)` (its token ids)."""
   return [Group(first_group_id + i, p.id, p.answer, [Trajectory(encode(p)) for _ in range(k)],
-                created_version=version, domain=p.domain or "",
-                images=list(p.images))
+                created_version=version, domain=p.domain or "", images=list(p.images),
+                question=p.question)
           for i, p in enumerate(prompts)]
 
 

@@ -24,12 +24,14 @@ from kimi_jax.eval.evaluate import evaluate_with_config
 from kimi_jax.losses.mirror_descent import BASELINES
 from kimi_jax.metrics.plots import plot_metrics
 from kimi_jax.metrics.writers import read_jsonl
+from kimi_jax.rewards.registry import REGISTRY, RewardRegistry
 from kimi_jax.rollout.backends import BACKENDS, build_backend
 from kimi_jax.rollout.partial import PartialRolloutBuffer, RolloutLimits, collect_groups, new_groups
 from kimi_jax.rollout.types import SamplingParams
 from kimi_jax.training import multihost, rl_data
 from kimi_jax.training.optim import build_optimizer, build_post_update, optimizer_checks
 from kimi_jax.training.rl_losses import LOSSES, make_policy_loss
+from kimi_jax.training.run_rewards import build_run_rewards
 from kimi_jax.training.scoring import (GroupScores, rollout_metrics, sample_rows, score_groups,
                                        write_samples)
 from kimi_jax.training.setup import (BASIC_SECTIONS, build_basics, build_writer, check,
@@ -55,6 +57,7 @@ def run(config, workdir: str) -> dict:
 def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
   rl = config.rl
   task, tokenizer, model_config, mesh = build_basics(config, workdir)
+  rewards = build_run_rewards(config, task.reward_by_domain.values(), workdir)
   tx = build_optimizer(config.optimizer)
   abstract, shardings = train_state_shardings(model_config, tx, mesh)
   strategy = mix_domains(make_strategy(config.sampler), task.train, task.weight_by_domain)
@@ -77,8 +80,8 @@ def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
   backend = build_backend(config, model_config, tokenizer, multihost.addressable(state.params),
                           str(step), workdir)
   if latest is None:  # the starting policy (SFT or init checkpoint), compared in summary.json
-    writer.write(0, evaluate_with_config(backend, tokenizer, task, task.heldout,
-                                         config.eval).as_dict("start"))
+    writer.write(0, evaluate_with_config(backend, tokenizer, task, task.heldout, config.eval,
+                                         rewards.registry).as_dict("start"))
     checkpointer.save(0, _saved_tree(state), _extra_state(0, sampler, buffer))
 
   row_images = (None if model_config.vision is None else rl_data.RowImages.for_prompts(
@@ -89,7 +92,7 @@ def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
   with tqdm(desc="rl", initial=step, total=rl.iterations) as bar:
     while step < rl.iterations:
       state, metrics = rl_iteration(state, step, trainer, backend, sampling, sampler, buffer,
-                                    task, tokenizer, config, workdir)
+                                    task, tokenizer, config, workdir, rewards.registry)
       step += 1  # the policy now has version `step`
       t0 = time.perf_counter()
       if config.rollout.colocate:
@@ -97,8 +100,8 @@ def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
       backend.sync(multihost.addressable(state.params), str(step))
       metrics["time/sync"] = time.perf_counter() - t0
       if every_or_final(step, config.eval.every, rl.iterations):
-        metrics.update(evaluate_with_config(backend, tokenizer, task, task.heldout,
-                                            config.eval).as_dict("eval"))
+        metrics.update(evaluate_with_config(backend, tokenizer, task, task.heldout, config.eval,
+                                            rewards.registry).as_dict("eval"))
       writer.write(step, metrics)
       print_row(step, metrics, header=bar.n == bar.initial)
       if every_or_final(step, config.checkpoint.every, rl.iterations):
@@ -106,15 +109,16 @@ def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
       bar.update()
   writer.close()
   backend.close()
+  rewards.close()
   multihost.save_hf_from_main(os.path.join(workdir, "hf"), model_config, state.params,
                               tokenizer=tokenizer)
   return write_summary(workdir) if multihost.is_main_process() else {}
 
 
 def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, task, tokenizer,
-                 config, workdir: str):
-  """One k1.5 iteration from prompts to updated params, sampled by policy version `step`.
-  Returns (state, metrics)."""
+                 config, workdir: str, registry: RewardRegistry = REGISTRY):
+  """One k1.5 iteration from prompts to updated params, sampled by policy version `step` and
+  scored by the task rewards in `registry`. Returns (state, metrics)."""
   rl = config.rl
   t0 = time.perf_counter()
   processing = run_image_processing(config)
@@ -130,7 +134,7 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   t1 = time.perf_counter()
   metrics.update({"complete_groups": len(complete), "buffer_groups": len(buffer),
                   "tokens_per_s": new_tokens / max(t1 - t0, 1e-9), "time/rollout": t1 - t0})
-  scores = (score_groups(complete, tokenizer.decode, task.reward_by_domain, rl, step)
+  scores = (score_groups(complete, tokenizer.decode, task.reward_by_domain, rl, step, registry)
             if complete else GroupScores.empty())
   write_samples(workdir, step, sample_rows(  # empty while every group waits in the buffer
       complete, scores, lambda ids: tokenizer.decode(ids, skip_special_tokens=False)))

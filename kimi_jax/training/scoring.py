@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from kimi_jax.rewards.registry import score_rollout
+from kimi_jax.rewards.registry import REGISTRY, RewardRegistry, score_rollout
 from kimi_jax.rollout.partial import Group
 from kimi_jax.rollout.types import LENGTH
 
@@ -39,14 +39,17 @@ class GroupScores:
     return cls([], nothing, nothing, nothing, nothing.astype(bool), nothing)
 
 
-def score_groups(groups: list[Group], decode, reward_by_domain, rl_config, step: int) -> GroupScores:
+def score_groups(groups: list[Group], decode, reward_by_domain, rl_config, step: int,
+                 registry: RewardRegistry = REGISTRY) -> GroupScores:
+  """Reward parts of every trajectory; `registry` holds the run's rewards (e.g. its judge)."""
   rows = [(g, t) for g in groups for t in g.trajectories]
   responses = [decode(t.response_ids) for _, t in rows]
   lengths_B = np.array([len(t.response_ids) for _, t in rows])
   scores = score_rollout(
       reward_by_domain, [g.domain for g, _ in rows], responses, [g.answer for g, _ in rows],
       lengths_B, np.array([g.group_id for g, _ in rows]), rl_config.length_penalty.weight,
-      rl_config.length_penalty.warmup_iterations, step)
+      rl_config.length_penalty.warmup_iterations, step, registry,
+      questions_B=[g.question for g, _ in rows])
   repeated_B = np.array([t.repetition for _, t in rows], np.float64)
   return GroupScores(responses, scores.task, scores.length,
                      rl_config.repetition_penalty * repeated_B, scores.correct, lengths_B)

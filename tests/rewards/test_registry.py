@@ -66,3 +66,27 @@ def test_errors_name_the_problem(registry):
   registry.register("broken", lambda responses, answers: np.full(len(responses), 2.0))
   with pytest.raises(ValueError, match=r"reward 'broken' must return 1 values in \[0, 1\]"):
     registry.task_rewards({"t": "broken"}, ["t"], ["r"], ["a"])
+
+
+def test_question_rewards_get_the_questions_of_their_rows_only(registry):
+  calls = []
+
+  def mentions_answer(questions, responses, answers):
+    calls.append((list(questions), list(responses), list(answers)))
+    return np.array([float(a in q) for q, a in zip(questions, answers)])
+
+  run_registry = registry.copy()
+  run_registry.register("judge", mentions_answer, needs_questions=True)
+  rewards = run_registry.task_rewards(
+      {"arith": "arith", "word": "judge"}, ["arith", "word", "arith", "word"],
+      ["1+1=2#2", "r1", "1+1=3#3", "r3"], ["2", "4", "2", "9"],
+      ["1+1", "what is 2+2 (4)?", "1+1", "what is 3*3?"])
+  np.testing.assert_array_equal(rewards, [1.0, 1.0, 0.0, 0.0])
+  assert calls == [(["what is 2+2 (4)?", "what is 3*3?"], ["r1", "r3"], ["4", "9"])]
+  with pytest.raises(ValueError, match="unknown reward 'judge'"):  # the copy leaves its source
+    registry.task_rewards({"word": "judge"}, ["word"], ["r"], ["a"], ["q"])
+  with pytest.raises(ValueError, match="reward 'judge' \\(task 'word'\\) grades against the "
+                                       "question: pass questions_B"):
+    run_registry.task_rewards({"word": "judge"}, ["word"], ["r"], ["a"])
+  with pytest.raises(ValueError, match="got 2 questions for 1 tasks"):
+    run_registry.task_rewards({"word": "judge"}, ["word"], ["r"], ["a"], ["q", "q"])

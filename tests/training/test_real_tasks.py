@@ -19,10 +19,13 @@ from experiments import code_rl, math_rl
 from kimi_jax.data.sources import shared_data_path
 from kimi_jax.metrics.writers import read_jsonl
 from kimi_jax.rewards.code import code_rewards
+from kimi_jax.rewards.judge import JUDGE_PROMPT_TEMPLATE, RMExample
 from kimi_jax.rewards.math import math_reward
-from kimi_jax.training import rl
+from kimi_jax.rewards.registry import REGISTRY
+from kimi_jax.training import rl, run_rewards
 from tests.hf_checkpoints import save_tiny_qwen2_checkpoint
 from tests.planted_backend import PlantedBackend
+from tests.test_serve import _serve
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -173,3 +176,113 @@ def test_code_rewards_inside_the_loop(monkeypatch, checkpoint, tmp_path):
                              [next(tests[q] for q in tests if q in r["prompt"]) for r in sampled])
   np.testing.assert_array_equal(independent, [r["task_reward"] for r in sampled])
   assert {r["correct"] for r in sampled} == {True, False}
+
+
+# The judge is a separate model with its own chat template, so a judge prompt rendered with the
+# policy's template would show.
+JUDGE_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }} (grader)\n"
+                  "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant (grader)\n{% endif %}")
+JUDGED = {"The result is 7, I checked it.": 'Matches.\n{"correct": true}',
+          "The result is 8, I think.": 'It differs.\n{"correct": false}',
+          "Not sure at all.": "I cannot tell."}  # no verdict: scores 0
+
+
+@pytest.fixture(scope="module")
+def judge_checkpoint(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("tiny_judge"))
+  save_tiny_qwen2_checkpoint(directory, seed=1, chat_template=JUDGE_TEMPLATE)
+  return directory
+
+
+def test_cot_rm_rewards_inside_the_loop(monkeypatch, checkpoint, judge_checkpoint, gsm8k_files,
+                                        tmp_path):
+  """The policy answers with planted responses; a planted judge backend answers true, false or
+  no verdict depending on the response in its prompt; the loop's rewards follow the verdicts."""
+  train, heldout, rows = gsm8k_files
+  judge_prompts = []
+
+  def judge_replies(prompt: str):
+    judge_prompts.append(prompt)
+    return [next(reply for response, reply in JUDGED.items() if f"\n{response}\n" in prompt)]
+
+  monkeypatch.setattr(run_rewards, "judge_backend", lambda judge_config, tokenizer, workdir:
+                      PlantedBackend(tokenizer, judge_replies))
+  config = with_overrides(math_rl.get_config("smoke"), init__checkpoint=checkpoint,
+                          data__train=train, data__eval=heldout, data__reward="cot_rm",
+                          rl__k=3, rl__max_response_tokens=32, rl__segment_tokens=32,
+                          rollout__max_seq_len=512, eval__max_new_tokens=32)
+  config.unlock()
+  config.rewards.cot_rm.update(checkpoint=judge_checkpoint, max_new_tokens=32)
+  config.lock()
+  sampled = planted_run(monkeypatch, config, str(tmp_path), lambda prompt: list(JUDGED))
+
+  assert {r["response"] for r in sampled} == set(JUDGED)
+  for row in sampled:
+    expected = float(JUDGED[row["response"]].endswith('{"correct": true}'))
+    assert row["task_reward"] == expected and row["correct"] == bool(expected), row
+  # The math verifier would grade every planted response wrong: the judge alone gave the 1s.
+  assert all(math_reward(r["response"], r["answer"]) == 0.0 for r in sampled)
+
+  hf_judge = transformers.AutoTokenizer.from_pretrained(judge_checkpoint)
+  questions = {r["question"]: gold(r) for r in rows}
+  for row in sampled:
+    question = next(q for q in questions if q in row["prompt"])
+    expected_prompt = hf_judge.apply_chat_template([{"role": "user", "content": (
+        JUDGE_PROMPT_TEMPLATE.format(question=question, reference=row["answer"],
+                                     response=row["response"]))}],
+        add_generation_prompt=True, tokenize=False)
+    assert expected_prompt in judge_prompts
+  assert all(p.startswith("<|im_start|>user (grader)\n") for p in judge_prompts)
+  # Held-out request r gets option (eval.seed + r) % 3 of JUDGED, judged by the same judge.
+  expected = np.mean([(config.eval.seed + r) % len(JUDGED) == 0 for r in range(len(rows) - 8)])
+  metrics = read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl"))
+  heldout = [m[key] for m in metrics for key in ("start/pass@1", "eval/pass@1") if key in m]
+  assert len(heldout) == config.rl.iterations + 1 and all(a == expected for a in heldout)
+
+
+@pytest.mark.parametrize("served", ["in_process", pytest.param("launch_serve",
+                                                                marks=pytest.mark.slow)])
+def test_cot_rm_judge_serves_its_checkpoint(judge_checkpoint, tmp_path, served):
+  """The judge checkpoint on the in-process engine (no urls) or behind an SGLang-API server
+  (urls): its greedy replies match transformers' greedy generation on the same chat-rendered
+  prompt."""
+  config = math_rl.get_config("smoke")
+  config.unlock()
+  config.rewards.cot_rm.update(checkpoint=judge_checkpoint, max_new_tokens=8)
+  server = None
+  if served == "launch_serve":
+    server, url = _serve(judge_checkpoint, config.rewards.cot_rm.max_seq_len)
+    config.rewards.cot_rm.urls = (url,)
+  config.lock()
+  try:
+    rewards = run_rewards.build_run_rewards(config, ["math", "cot_rm"], str(tmp_path))
+    examples = [RMExample("What is 6 * 7?", "42", "6 * 7 = 42"),
+                RMExample("Natalia sold 48 clips", "72", "#### 70")]
+    judgements = rewards.judge.judge(examples)
+    registry_rewards = rewards.registry.task_rewards(  # a random model gives no verdict: 0
+        {"math": "cot_rm"}, ["math"], ["6 * 7 = 42"], ["42"], ["What is 6 * 7?"])
+    rewards.close()
+  finally:
+    if server is not None:
+      server.kill()
+      server.wait()
+  hf_tok = transformers.AutoTokenizer.from_pretrained(judge_checkpoint)
+  model = transformers.AutoModelForCausalLM.from_pretrained(judge_checkpoint)
+  for example, judgement in zip(examples, judgements):
+    ids = hf_tok.apply_chat_template([{"role": "user", "content": JUDGE_PROMPT_TEMPLATE.format(
+        question=example.question, reference=example.reference, response=example.response)}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=8, do_sample=False,
+                         eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id)
+    assert judgement.text == hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert judgement.correct is None  # a random model gives no verdict: reward 0
+  np.testing.assert_array_equal(registry_rewards, [0.0])
+
+
+def test_cot_rm_without_a_judge_checkpoint_names_the_field(tmp_path):
+  with pytest.raises(ValueError, match=r"config.rewards.cot_rm.checkpoint='': must be the "
+                                       r"judge's HF directory"):
+    run_rewards.build_run_rewards(math_rl.get_config("smoke"), ["cot_rm"], str(tmp_path))
+  assert run_rewards.build_run_rewards(math_rl.get_config("smoke"), ["math"],
+                                       str(tmp_path)).registry is REGISTRY
