@@ -62,10 +62,11 @@ def save_bpe_tokenizer(directory: str, chat_template: str | None = QWEN_STYLE_TE
 
 
 def save_tiny_qwen2_checkpoint(directory: str, with_special_config: bool = True,
-                               seed: int = 0) -> ModelConfig:
+                               seed: int = 0,
+                               chat_template: str | None = QWEN_STYLE_TEMPLATE) -> ModelConfig:
   """A random 2-layer Qwen2 with the BPE tokenizer; without `with_special_config` only
   tokenizer.json is written and the eos id lives in config.json alone."""
-  hf_tok = save_bpe_tokenizer(directory, with_special_config=with_special_config)
+  hf_tok = save_bpe_tokenizer(directory, chat_template, with_special_config)
   config = ModelConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64,
                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True,
                        eos_token_id=hf_tok.convert_tokens_to_ids("<|im_end|>"))

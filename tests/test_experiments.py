@@ -2,9 +2,8 @@
 import pytest
 
 from experiments import long2short_arith, long_context_arith, rl_arith, vision_arith
-from kimi_jax.data.image_prompts import encode_prompt_with_images
-from kimi_jax.data.packing import encode_example
-from kimi_jax.data.tasks import TEMPLATE, build_task
+from kimi_jax.data.packing import example_from_ids
+from kimi_jax.data.tasks import build_task
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.training.rl import validate_config
 from kimi_jax.data.images import run_image_processing
@@ -22,10 +21,11 @@ VARIANTS = ([(rl_arith, v) for v in ("tiny", "tiny_nolp", "long_cot", "smoke", "
 def test_variant_is_valid_and_fits_its_data(module, variant):
   config = module.get_config(variant)
   validate_config(config)
-  task = build_task(config.task, config.seed)
+  task = build_task(config.task, seed=config.seed)
   tokenizer = char_tokenizer(task.charset)
   build_model_config(config.model, tokenizer)
-  longest = max(len(encode_example(tokenizer, TEMPLATE, p.question, task.reference_response(p)))
+  longest = max(len(example_from_ids(tokenizer, task.encode_prompt(tokenizer, p),
+                                     task.reference_response(p)))
                 for p in task.train[:2000])
   assert longest <= config.sft.seq_len + 1, "SFT references must fit a packed row"
   assert longest <= config.rollout.max_seq_len, "prompt + reference must fit the engine"
@@ -37,12 +37,12 @@ def test_vision_variant_is_valid_and_fits_its_data(variant):
   config = vision_arith.get_config(variant)
   validate_config(config)
   config.task.num_train = min(config.task.num_train, 200)  # rendering every image is slow
-  task = build_task(config.task, config.seed)
-  tokenizer = build_tokenizer(task)
+  task = build_task(config.task, seed=config.seed)
+  tokenizer = build_tokenizer(config, task)
   model_config = build_model_config(config.model, tokenizer)
   assert model_config.vision.image_token_id == tokenizer.hf.token_to_id("<|image_pad|>")
   processing = run_image_processing(config)
-  lengths = [len(encode_prompt_with_images(tokenizer, TEMPLATE, p, processing).ids)
+  lengths = [len(task.prompt_inputs(tokenizer, p, processing).ids)
              + len(tokenizer.encode(task.reference_response(p))) + 1 for p in task.train]
   assert max(lengths) <= config.sft.seq_len + 1, "SFT references must fit a row"
   assert max(lengths) <= config.rollout.max_seq_len, "prompt + reference must fit the engine"

@@ -17,10 +17,10 @@ from tests.hf_checkpoints import save_tiny_qwen2_checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _serve(model_path: str):
+def _serve(model_path: str, max_seq_len: int = 64):
   process = subprocess.Popen(
       [sys.executable, "-m", "launch.serve", f"--model_path={model_path}", "--port=0",
-       "--max_batch=4", "--max_seq_len=64", "--chunk_steps=4"], cwd=ROOT,
+       "--max_batch=4", f"--max_seq_len={max_seq_len}", "--chunk_steps=4"], cwd=ROOT,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   url = []

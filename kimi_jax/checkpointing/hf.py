@@ -303,13 +303,18 @@ def _tensor_files(path: str) -> dict[str, str]:
     return {name: single for name in f.keys()}
 
 
-def load_hf(path: str, dtype=None):
-  """Read an HF directory -> (ModelConfig, params). Params are host-resident jax arrays."""
+def load_hf_config(path: str) -> ModelConfig:
+  """The ModelConfig of an HF directory's config.json."""
   config_path = os.path.join(path, "config.json")
   if not os.path.exists(config_path):
     raise CheckpointError(f"{path}: no config.json")
   with open(config_path) as f:
-    config = config_from_hf(json.load(f), config_path)
+    return config_from_hf(json.load(f), config_path)
+
+
+def load_hf(path: str, dtype=None):
+  """Read an HF directory -> (ModelConfig, params). Params are host-resident jax arrays."""
+  config = load_hf_config(path)
   expected = _expected_shapes(config)
   stored = {_canonical_name(name): (name, file) for name, file in _tensor_files(path).items()}
   wanted = {_hf_name(p): p for p in expected}

@@ -80,16 +80,22 @@ class PromptInputs(NamedTuple):
   images: images.ProcessedImages
 
 
-def encode_prompt_with_images(tokenizer, template: ChatTemplate, prompt: Prompt,
-                              processing: images.ImageProcessing) -> PromptInputs:
-  """[bos] + prefix + one placeholder per image + question + suffix, pads expanded (a prompt
-  without images needs no vision tokens in the tokenizer)."""
+def with_image_pads(tokenizer, ids: list[int], prompt: Prompt,
+                    processing: images.ImageProcessing) -> PromptInputs:
+  """The prompt's ids (one placeholder per image) with the pads expanded, and its images (a
+  prompt without images needs no vision tokens in the tokenizer)."""
   processed = images.preprocess(prompt.images, processing)
-  ids = encode_prompt(tokenizer, template, placeholder_question(prompt))
   if prompt.images:
     counts = image_token_counts(processed, processing.merge_size)
     ids = expand_image_pads(ids, vision_token_ids(tokenizer).image_pad, counts)
   return PromptInputs(ids, processed)
+
+
+def encode_prompt_with_images(tokenizer, template: ChatTemplate, prompt: Prompt,
+                              processing: images.ImageProcessing) -> PromptInputs:
+  """[bos] + prefix + one placeholder per image + question + suffix, pads expanded."""
+  ids = encode_prompt(tokenizer, template, placeholder_question(prompt))
+  return with_image_pads(tokenizer, ids, prompt, processing)
 
 
 def concat_images(batch: Sequence[images.ProcessedImages]) -> images.ProcessedImages:

@@ -51,11 +51,15 @@ def encode_prompt(tokenizer, template: ChatTemplate, question: str) -> list[int]
   return ids
 
 
-def encode_example(tokenizer, template: ChatTemplate, question: str, response: str) -> Example:
-  prompt = encode_prompt(tokenizer, template, question)
+def example_from_ids(tokenizer, prompt_ids: list[int], response: str) -> Example:
+  """Prompt ids | response ids + eos, only the right part trained."""
   completion = tokenizer.encode(response) + [tokenizer.eos_id]
-  return Example(np.array(prompt + completion, np.int32),
-                 np.array([False] * len(prompt) + [True] * len(completion)))
+  return Example(np.array(prompt_ids + completion, np.int32),
+                 np.array([False] * len(prompt_ids) + [True] * len(completion)))
+
+
+def encode_example(tokenizer, template: ChatTemplate, question: str, response: str) -> Example:
+  return example_from_ids(tokenizer, encode_prompt(tokenizer, template, question), response)
 
 
 def _slots(index: int, length: int, seq_len: int) -> int:

@@ -91,6 +91,39 @@ class Curriculum:
     return self.base.weights(success_P, difficulty_P, step) * allowed_P
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class DomainMix:
+  """`base` weights rescaled within each domain so domain d gets share_d of the draws (k1.5
+  mixes math, code and vision prompts); a domain with no weight left keeps none."""
+  base: Strategy
+  domain_N: np.ndarray  # int: index into share_D
+  share_D: np.ndarray  # normalised to sum 1
+
+  @property
+  def needs_difficulty(self) -> bool:
+    return self.base.needs_difficulty
+
+  def weights(self, success_N, difficulty_N, step):
+    w_N = self.base.weights(success_N, difficulty_N, step)
+    total_D = np.bincount(self.domain_N, weights=w_N, minlength=len(self.share_D))
+    scale_D = np.divide(self.share_D, total_D, out=np.zeros_like(self.share_D), where=total_D > 0)
+    return w_N * scale_D[self.domain_N]
+
+
+def mix_domains(strategy: Strategy, prompts: Sequence[Prompt],
+                weight_by_domain: Mapping[str, float]) -> Strategy:
+  """`strategy` with per-domain shares (DomainMix); unchanged for a single domain."""
+  if len(weight_by_domain) <= 1:
+    return strategy
+  names = list(weight_by_domain)
+  missing = sorted({p.domain for p in prompts} - set(names))
+  if missing:
+    raise ValueError(f"prompts of domain(s) {missing} have no weight; weighted: {names}")
+  share_D = np.array([weight_by_domain[n] for n in names], np.float64)
+  return DomainMix(strategy, np.array([names.index(p.domain) for p in prompts]),
+                   share_D / share_D.sum())
+
+
 def _base_strategy(config: Mapping[str, Any]) -> Uniform | Prioritized:
   base = config.get("base", "uniform")
   if base not in ("uniform", "prioritized"):

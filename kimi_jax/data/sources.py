@@ -265,15 +265,22 @@ def _parquet_rows(path: str):
 _READERS = {".jsonl": _jsonl_rows, ".parquet": _parquet_rows}
 
 
-def read_prompts(path: str, schema: Schema = Schema()) -> tuple[list[Prompt], list[RowError]]:
-  """All valid prompts of a .jsonl or .parquet file, and an error for every other row."""
+def read_rows(path: str):
+  """(line, row) of every row of a .jsonl or .parquet file; a JSONL line that is not JSON
+  yields its json.JSONDecodeError as the row."""
   suffix = pathlib.Path(path).suffix
   if suffix not in _READERS:
     raise ValueError(f"{path}: unsupported file type {suffix!r} (expected one of {list(_READERS)})")
+  return _READERS[suffix](path)
+
+
+def prompts_from_rows(numbered_rows, path: str,
+                      schema: Schema = Schema()) -> tuple[list[Prompt], list[RowError]]:
+  """Valid prompts of (line, row) pairs read from `path`, and an error for every other row."""
   stem = pathlib.Path(path).stem
   base_dir = os.path.dirname(os.path.abspath(path))
   prompts, errors, first_line_of_id = [], [], {}
-  for line, row in _READERS[suffix](path):
+  for line, row in numbered_rows:
     if isinstance(row, json.JSONDecodeError):
       errors.append(RowError(path, line, "<json>", f"invalid JSON: {row.msg}"))
       continue
@@ -291,6 +298,11 @@ def read_prompts(path: str, schema: Schema = Schema()) -> tuple[list[Prompt], li
     first_line_of_id[prompt.id] = line
     prompts.append(prompt)
   return prompts, errors
+
+
+def read_prompts(path: str, schema: Schema = Schema()) -> tuple[list[Prompt], list[RowError]]:
+  """All valid prompts of a .jsonl or .parquet file, and an error for every other row."""
+  return prompts_from_rows(read_rows(path), path, schema)
 
 
 def load_prompts(path: str, schema: Schema = Schema()) -> list[Prompt]:

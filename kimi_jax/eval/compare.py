@@ -103,7 +103,7 @@ def run(config, workdir: str, checkpoints: dict[str, str]) -> dict[str, EvalResu
   """Evaluate every checkpoint on the config task's held-out set; write table, JSON, plot.
   With a corpus configured (`config.corpus.source`), also compare held-out LM loss by position."""
   os.makedirs(workdir, exist_ok=True)
-  task = build_task(config.task, config.seed)
+  task = build_task(config.task, config.get("data"), seed=config.seed)
   results = {name: evaluate_checkpoint(config, task, path, workdir)
              for name, path in tqdm(checkpoints.items(), desc="eval", total=len(checkpoints))}
   with open(os.path.join(workdir, "eval.json"), "w") as f:

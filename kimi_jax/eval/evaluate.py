@@ -9,10 +9,8 @@ import dataclasses
 import numpy as np
 
 from kimi_jax.eval.summary import EvalResult, summarize
-from kimi_jax.rewards.registry import REGISTRY
+from kimi_jax.rewards.registry import REGISTRY, RewardRegistry
 from kimi_jax.rollout.types import SamplingParams
-from kimi_jax.data.image_prompts import placeholder_question
-from kimi_jax.data.tasks import encode_task_prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,37 +23,41 @@ class GradedSamples:
 
 
 def sample_and_grade(backend, tokenizer, task, prompts, samples: int, temperature: float,
-                     max_new_tokens: int, seed: int = 0) -> GradedSamples:
-  """`samples` responses per prompt (request r seeded with seed + r), graded by the task."""
+                     max_new_tokens: int, seed: int = 0,
+                     registry: RewardRegistry = REGISTRY) -> GradedSamples:
+  """`samples` responses per prompt (request r seeded with seed + r), graded by the task's
+  rewards in `registry`."""
   rows = [p for p in prompts for _ in range(samples)]
   sampling = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r,
-                             stop_token_ids=(tokenizer.eos_id,)) for r in range(len(rows))]
-  completions = backend.generate(
-      [encode_task_prompt(tokenizer, placeholder_question(p)) for p in rows], sampling,
-      images=[p.images for p in rows])
+                             stop_token_ids=tuple(tokenizer.eos_ids)) for r in range(len(rows))]
+  completions = backend.generate([task.encode_prompt(tokenizer, p) for p in rows], sampling,
+                                 images=[p.images for p in rows])
   responses = [tokenizer.decode(c.output_ids) for c in completions]
-  rewards = REGISTRY.task_rewards(task.reward_by_domain, [p.domain for p in rows], responses,
-                                  [p.answer for p in rows])
+  rewards = registry.task_rewards(task.reward_by_domain, [p.domain for p in rows], responses,
+                                  [p.answer for p in rows], [p.question for p in rows])
   return GradedSamples(rows, responses, rewards == 1.0,
                        np.array([len(c.output_ids) for c in completions]))
 
 
 def evaluate(backend, tokenizer, task, prompts, max_new_tokens: int, samples: int = 1,
-             temperature: float = 0.0, k: int = 1, seed: int = 0) -> EvalResult:
+             temperature: float = 0.0, k: int = 1, seed: int = 0,
+             registry: RewardRegistry = REGISTRY) -> EvalResult:
   """Grade `samples` responses per prompt of `prompts` under the backend's current weights."""
   if not 1 <= k <= samples:
     raise ValueError(f"eval k={k}: must be in [1, eval samples={samples}]")
   if samples > 1 and temperature == 0.0:
     raise ValueError(f"eval samples={samples} at temperature 0.0 would repeat one greedy answer")
   graded = sample_and_grade(backend, tokenizer, task, prompts, samples, temperature,
-                            max_new_tokens, seed)
+                            max_new_tokens, seed, registry)
   shape = (len(prompts), samples)
   return summarize(graded.correct_R.reshape(shape), graded.num_tokens_R.reshape(shape), k,
                    difficulty_P=np.array([p.difficulty for p in prompts]),
                    domain_P=[p.domain for p in prompts])
 
 
-def evaluate_with_config(backend, tokenizer, task, prompts, eval_config) -> EvalResult:
+def evaluate_with_config(backend, tokenizer, task, prompts, eval_config,
+                         registry: RewardRegistry = REGISTRY) -> EvalResult:
   """`evaluate` with the `eval` section of an experiment config."""
   return evaluate(backend, tokenizer, task, prompts, eval_config.max_new_tokens,
-                  eval_config.samples, eval_config.temperature, eval_config.k, eval_config.seed)
+                  eval_config.samples, eval_config.temperature, eval_config.k, eval_config.seed,
+                  registry)

@@ -50,7 +50,7 @@ def summarize(correct_PxN: np.ndarray, lengths_PxN: np.ndarray, k: int,
   by_level, tokens_by_level = {}, {}
   if difficulty_P is not None:
     difficulty_P = np.asarray(difficulty_P)
-    for level in sorted(set(difficulty_P.tolist())):
+    for level in sorted(set(difficulty_P.tolist()) - {None}):  # unlabelled: overall only
       by_level[int(level)] = float(correct_PxN[difficulty_P == level].mean())
       tokens_by_level[int(level)] = float(lengths_PxN[difficulty_P == level].mean())
   by_domain = {}

@@ -4,7 +4,8 @@ grades.
 `JUDGE_PROMPT_TEMPLATE` asks a judge LM, through any `generate(prompts, max_new_tokens) ->
 texts` callable (e.g. over a rollout backend), to reason and end with a JSON verdict
 {"correct": true|false}, parsed strictly by `kimi_jax.rewards.verdict`. A reply without a valid
-verdict scores 0 and is counted per reason in `errors`.
+verdict scores 0 and is counted per reason in `errors`. `judge_reward` makes a judge the
+registry's "cot_rm" reward (the run builds it: the judge model is served at run time).
 """
 import collections
 import dataclasses
@@ -75,3 +76,12 @@ class ChainOfThoughtRewardModel:
   def score(self, examples: Sequence[RMExample]) -> np.ndarray:
     """1.0 for a true verdict, 0.0 for a false or invalid one, float32 [len(examples)]."""
     return np.array([1.0 if j.correct else 0.0 for j in self.judge(examples)], np.float32)
+
+
+def judge_reward(model: ChainOfThoughtRewardModel):
+  """The registry reward (questions, responses, answers) -> float64 [B] of a judge: each answer
+  is the reference, one `model.score` call per batch (register with `needs_questions=True`)."""
+  def batch(questions, responses, answers) -> np.ndarray:
+    examples = [RMExample(q, a, r) for q, r, a in zip(questions, responses, answers)]
+    return model.score(examples).astype(np.float64)
+  return batch

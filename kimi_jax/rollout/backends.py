@@ -45,11 +45,12 @@ class RolloutBackend(Protocol):
 class EngineBackend:
   """`RolloutEngine` in this process."""
 
-  def __init__(self, model_config, params, rollout_config, rl_config, eos_id, version: str,
+  def __init__(self, model_config, params, rollout_config, rl_config, eos_ids, version: str,
                image_processing: image_inputs.ImageProcessing = image_inputs.ImageProcessing()):
     self.image_processing = image_processing
     self.engine = RolloutEngine(model_config, params, max_batch=rollout_config.max_batch,
-                                max_seq_len=rollout_config.max_seq_len, eos_token_ids=(eos_id,),
+                                max_seq_len=rollout_config.max_seq_len,
+                                eos_token_ids=tuple(eos_ids),
                                 weight_version=version, repetition_ngram=rl_config.repetition_ngram,
                                 repetition_count=rl_config.repetition_count)
 
@@ -122,7 +123,7 @@ def build_backend(config, model_config, tokenizer, params, version: str,
   """The backend `config.rollout.backend` names, serving `params` as `version`."""
   rollout = config.rollout
   if rollout.backend == "engine":
-    return EngineBackend(model_config, params, rollout, config.rl, tokenizer.eos_id, version,
+    return EngineBackend(model_config, params, rollout, config.rl, tokenizer.eos_ids, version,
                          image_inputs.run_image_processing(config))
   if rollout.backend == "sglang":
     backend = SGLangBackend(model_config, tokenizer, rollout.urls,

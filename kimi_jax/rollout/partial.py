@@ -12,6 +12,7 @@ on its own, which only saves decode steps).
 import dataclasses
 from typing import Callable, Sequence
 
+from kimi_jax.data.sources import Prompt
 from kimi_jax.rollout.backends import RolloutBackend
 from kimi_jax.rollout.repetition import first_loop_end
 from kimi_jax.rollout.types import REPETITION_MATCH, STOP, SamplingParams, stop_reason
@@ -57,6 +58,7 @@ class Group:
   created_version: int = 0
   domain: str = ""  # selects the registered reward
   images: list[str] = dataclasses.field(default_factory=list)  # the prompt's image sources
+  question: str = ""  # the problem text, for rewards that grade against it (a judge model)
 
   @property
   def complete(self) -> bool:
@@ -103,13 +105,13 @@ class RolloutLimits:
   repetition_count: int = 0  # <= ngram stops there; ngram = 0 disables
 
 
-def new_groups(prompts, encode: Callable[[object], list[int]], k: int, first_group_id: int,
+def new_groups(prompts, encode: Callable[[Prompt], list[int]], k: int, first_group_id: int,
                version: int) -> list[Group]:
-  """k empty trajectories per prompt (a `data.sources.Prompt`: id, answer, domain, images),
-  starting from `encode(prompt)` (its token ids)."""
+  """k empty trajectories per prompt (a `data.sources.Prompt`: id, question, answer, domain,
+  images), starting from `encode(prompt)` (its token ids)."""
   return [Group(first_group_id + i, p.id, p.answer, [Trajectory(encode(p)) for _ in range(k)],
-                created_version=version, domain=p.domain or "",
-                images=list(p.images))
+                created_version=version, domain=p.domain or "", images=list(p.images),
+                question=p.question)
           for i, p in enumerate(prompts)]
 
 

@@ -16,10 +16,11 @@ import dataclasses
 import json
 import os
 import random
+from typing import Callable
 
 from kimi_jax.checkpointing.hf import save_hf
-from kimi_jax.data.packing import PackedBatches, encode_example
-from kimi_jax.data.tasks import TEMPLATE, encode_task_prompt
+from kimi_jax.data.packing import PackedBatches, example_from_ids
+from kimi_jax.data.tasks import encode_text
 from kimi_jax.eval import compare
 from kimi_jax.eval.evaluate import sample_and_grade
 from kimi_jax.metrics.writers import JsonlWriter
@@ -50,7 +51,7 @@ def sample_long_model(config, task, tokenizer, model_config, params, workdir: st
                               config.seed)
   finally:
     backend.close()
-  samples = [Sample(p.question, response, bool(correct), int(tokens)) for p, response, correct,
+  samples = [Sample(task.prompt_text(p), response, bool(correct), int(tokens)) for p, response, correct,
              tokens in zip(graded.prompts_R, graded.responses_R, graded.correct_R,
                            graded.num_tokens_R)]
   write_jsonl(os.path.join(workdir, "long_samples.jsonl"), map(dataclasses.asdict, samples))
@@ -72,7 +73,8 @@ def shortest(config, task, tokenizer, model_config, mesh, params, workdir: str):
     raise ValueError("shortest rejection sampling: no prompt has a correct sample")
   write_jsonl(os.path.join(workdir, "shortest_sft.jsonl"), examples)
   sft = config.long2short.sft
-  encoded = [encode_example(tokenizer, TEMPLATE, e.prompt, e.response) for e in examples]
+  encoded = [example_from_ids(tokenizer, encode_text(tokenizer, e.prompt, task.chat_template_kwargs),
+                              e.response) for e in examples]
   batches = iter(PackedBatches(encoded, sft.batch_size, sft.seq_len, tokenizer.pad_id,
                                config.seed))
   return fine_tune(sft, config.seed, batches, model_config, mesh,
@@ -80,11 +82,12 @@ def shortest(config, task, tokenizer, model_config, mesh, params, workdir: str):
                    desc="shortest_sft", key="long2short.sft.optimizer")
 
 
-def dpo_batches(pairs, tokenizer, batch_size: int, seq_len: int, seed: int) -> list[dict]:
-  """Shuffled pair batches of exactly `batch_size` (the last one topped up from the start)."""
-  eos = [tokenizer.eos_id]
-  triples = [(encode_task_prompt(tokenizer, p.prompt), tokenizer.encode(p.chosen) + eos,
-              tokenizer.encode(p.rejected) + eos) for p in pairs]
+def dpo_batches(pairs, tokenizer, encode: Callable[[str], list[int]], batch_size: int,
+                seq_len: int, seed: int) -> list[dict]:
+  """Shuffled pair batches of exactly `batch_size` (the last one topped up from the start);
+  `encode` gives a prompt text's ids."""
+  triples = [(encode(p.prompt), tokenizer.encode(p.chosen) + [tokenizer.eos_id],
+              tokenizer.encode(p.rejected) + [tokenizer.eos_id]) for p in pairs]
   random.Random(seed).shuffle(triples)
   triples += triples[:(-len(triples)) % batch_size]
   return [pair_batch(triples[i:i + batch_size], seq_len, tokenizer.pad_id)
@@ -99,7 +102,9 @@ def dpo(config, task, tokenizer, model_config, mesh, params, workdir: str):
   if not pairs:
     raise ValueError("DPO pairs: no prompt has both a shortest correct and a rejected sample")
   write_jsonl(os.path.join(workdir, "dpo_pairs.jsonl"), pairs)
-  batches = dpo_batches(pairs, tokenizer, l2s.dpo.batch_size, l2s.dpo.seq_len, config.seed)
+  batches = dpo_batches(pairs, tokenizer,
+                        lambda text: encode_text(tokenizer, text, task.chat_template_kwargs),
+                        l2s.dpo.batch_size, l2s.dpo.seq_len, config.seed)
   tx = build_optimizer(l2s.dpo.optimizer, l2s.dpo.steps, "long2short.dpo.optimizer")
   state, shardings = train_state_from_params(model_config, tx, mesh, params)
   writer = JsonlWriter(os.path.join(workdir, "long2short_metrics.jsonl"))

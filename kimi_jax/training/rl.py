@@ -18,26 +18,26 @@ from tqdm import tqdm
 
 from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.checkpointing.manager import RunCheckpointer
-from kimi_jax.data.samplers import PromptSampler, make_strategy
 from kimi_jax.data.image_batches import image_fields
-from kimi_jax.data.image_prompts import encode_prompt_with_images
 from kimi_jax.data.images import run_image_processing
-from kimi_jax.data.tasks import TEMPLATE
+from kimi_jax.data.samplers import PromptSampler, make_strategy, mix_domains
 from kimi_jax.eval.evaluate import evaluate_with_config
+from kimi_jax.losses.mirror_descent import BASELINES
 from kimi_jax.metrics.plots import plot_metrics
 from kimi_jax.metrics.writers import read_jsonl
-from kimi_jax.rewards.registry import score_rollout
-from kimi_jax.losses.mirror_descent import BASELINES
+from kimi_jax.rewards.registry import REGISTRY, RewardRegistry
 from kimi_jax.rollout.backends import BACKENDS, build_backend
-from kimi_jax.rollout.partial import (Group, PartialRolloutBuffer, RolloutLimits, collect_groups,
-                                      new_groups)
-from kimi_jax.rollout.types import LENGTH, SamplingParams
+from kimi_jax.rollout.partial import PartialRolloutBuffer, RolloutLimits, collect_groups, new_groups
+from kimi_jax.rollout.types import SamplingParams
 from kimi_jax.training import rl_data
 from kimi_jax.training.optim import build_optimizer, build_post_update, optimizer_checks
 from kimi_jax.training.rl_losses import LOSSES, make_policy_loss
+from kimi_jax.training.run_rewards import build_run_rewards
+from kimi_jax.training.scoring import (GroupScores, rollout_metrics, sample_rows, score_groups,
+                                       write_samples)
 from kimi_jax.training.setup import (BASIC_SECTIONS, build_basics, build_writer, check,
                                      eval_checks, every_or_final, is_int, is_number,
-                                     load_initial_checkpoint, stage_config)
+                                     load_initial_checkpoint)
 from kimi_jax.training.sft import sft_warmup
 from kimi_jax.training.state import (TrainState, reset_opt_state, train_state_from_params,
                                      train_state_shardings)
@@ -58,9 +58,11 @@ def run(config, workdir: str) -> dict:
 def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
   rl = config.rl
   task, tokenizer, model_config, mesh = build_basics(config, workdir)
+  rewards = build_run_rewards(config, task.reward_by_domain.values(), workdir)
   tx = build_optimizer(config.optimizer)
   abstract, shardings = train_state_shardings(model_config, tx, mesh)
-  sampler = iter(PromptSampler(task.train, make_strategy(config.sampler), rl.prompts_per_iteration,
+  strategy = mix_domains(make_strategy(config.sampler), task.train, task.weight_by_domain)
+  sampler = iter(PromptSampler(task.train, strategy, rl.prompts_per_iteration,
                                config.seed, ema_rate=config.sampler.ema_rate))
   resumed = checkpointer.restore_latest(_saved_tree(abstract), _saved_tree(shardings), tqdm.write)
   latest = None if resumed is None else resumed[0]
@@ -78,19 +80,19 @@ def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
     tqdm.write(f"resumed from checkpoint {latest} (step {step})")
   backend = build_backend(config, model_config, tokenizer, state.params, str(step), workdir)
   if latest is None:  # the starting policy (SFT or init checkpoint), compared in summary.json
-    writer.write(0, evaluate_with_config(backend, tokenizer, task, task.heldout,
-                                         config.eval).as_dict("start"))
+    writer.write(0, evaluate_with_config(backend, tokenizer, task, task.heldout, config.eval,
+                                         rewards.registry).as_dict("start"))
     checkpointer.save(0, _saved_tree(state), _extra_state(0, sampler, buffer))
 
   row_images = (None if model_config.vision is None else rl_data.RowImages.for_prompts(
       task.train, model_config.vision, run_image_processing(config)))
   trainer = PolicyTrainer(mesh, shardings, model_config, rl, build_post_update(config.optimizer),
                           row_images)
-  sampling = SamplingParams(temperature=rl.temperature, stop_token_ids=(tokenizer.eos_id,))
+  sampling = SamplingParams(temperature=rl.temperature, stop_token_ids=tuple(tokenizer.eos_ids))
   with tqdm(desc="rl", initial=step, total=rl.iterations) as bar:
     while step < rl.iterations:
       state, metrics = rl_iteration(state, step, trainer, backend, sampling, sampler, buffer,
-                                    task, tokenizer, config)
+                                    task, tokenizer, config, workdir, rewards.registry)
       step += 1  # the policy now has version `step`
       t0 = time.perf_counter()
       if config.rollout.colocate:
@@ -98,8 +100,8 @@ def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
       backend.sync(state.params, str(step))
       metrics["time/sync"] = time.perf_counter() - t0
       if every_or_final(step, config.eval.every, rl.iterations):
-        metrics.update(evaluate_with_config(backend, tokenizer, task, task.heldout,
-                                            config.eval).as_dict("eval"))
+        metrics.update(evaluate_with_config(backend, tokenizer, task, task.heldout, config.eval,
+                                            rewards.registry).as_dict("eval"))
       writer.write(step, metrics)
       print_row(step, metrics, header=bar.n == bar.initial)
       if every_or_final(step, config.checkpoint.every, rl.iterations):
@@ -107,18 +109,19 @@ def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
       bar.update()
   writer.close()
   backend.close()
+  rewards.close()
   save_hf(os.path.join(workdir, "hf"), model_config, state.params, tokenizer=tokenizer)
   return write_summary(workdir)
 
 
 def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, task, tokenizer,
-                 config):
-  """One k1.5 iteration from prompts to updated params, sampled by policy version `step`.
-  Returns (state, metrics)."""
+                 config, workdir: str, registry: RewardRegistry = REGISTRY):
+  """One k1.5 iteration from prompts to updated params, sampled by policy version `step` and
+  scored by the task rewards in `registry`. Returns (state, metrics)."""
   rl = config.rl
   t0 = time.perf_counter()
   processing = run_image_processing(config)
-  encode = lambda p: encode_prompt_with_images(tokenizer, TEMPLATE, p, processing).ids
+  encode = lambda p: task.prompt_inputs(tokenizer, p, processing).ids
   groups = new_groups(next(sampler), encode, rl.k, step * rl.prompts_per_iteration, step)
   limits = RolloutLimits(rl.max_response_tokens, rl.segment_tokens, rl.repetition_ngram,
                          rl.repetition_count)
@@ -130,25 +133,26 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   t1 = time.perf_counter()
   metrics.update({"complete_groups": len(complete), "buffer_groups": len(buffer),
                   "tokens_per_s": new_tokens / max(t1 - t0, 1e-9), "time/rollout": t1 - t0})
+  scores = (score_groups(complete, tokenizer.decode, task.reward_by_domain, rl, step, registry)
+            if complete else GroupScores.empty())
+  write_samples(workdir, step, sample_rows(  # empty while every group waits in the buffer
+      complete, scores, lambda ids: tokenizer.decode(ids, skip_special_tokens=False)))
+  metrics.update(rollout_metrics(complete, scores))
   if not complete:
-    metrics.update(rollout_metrics([], [], [], []))
     metrics.update(trainer.nan_metrics(state, rl.groups_per_minibatch * rl.k))
     metrics.update({"time/reward": 0.0, "time/train": 0.0,
                     "memory/train_bytes": live_device_bytes()})
     return state, metrics
-  rewards_B, correct_B, lengths_B = score_groups(complete, tokenizer.decode, task.reward_by_domain,
-                                                 rl, step)
   t2 = time.perf_counter()
   padded = rl_data.pad_groups(complete, rl.groups_per_minibatch, rl.k)
   pad_rows = (len(padded) - len(complete)) * rl.k
-  batch = rl_data.build_rl_batch(padded, np.concatenate([rewards_B, np.zeros(pad_rows)]),
+  batch = rl_data.build_rl_batch(padded, np.concatenate([scores.rewards, np.zeros(pad_rows)]),
                                  config.rollout.max_seq_len, tokenizer.pad_id,
                                  rl.train_old_segments)
   if trainer.row_images is not None:
     batch.update(trainer.row_images.fields(padded, batch["tokens"]))
   state, train_metrics = trainer.train(state, batch)
-  sampler.update([g.prompt_id for g in complete for _ in g.trajectories], correct_B)
-  metrics.update(rollout_metrics(complete, rewards_B, correct_B, lengths_B))
+  sampler.update([g.prompt_id for g in complete for _ in g.trajectories], scores.correct)
   metrics.update(train_metrics)
   metrics.update({"time/reward": t2 - t1, "time/train": time.perf_counter() - t2,
                   "memory/train_bytes": live_device_bytes()})
@@ -233,47 +237,8 @@ def initial_params(config, task, tokenizer, model_config, mesh, workdir: str):
   return params
 
 
-def score_groups(groups: list[Group], decode, reward_by_domain, rl_config, step: int):
-  """Rewards per trajectory (group order): registered task reward + per-group length penalty,
-  plus the repetition penalty. Returns (rewards_B, correct_B, lengths_B)."""
-  rows = [(g, t) for g in groups for t in g.trajectories]
-  lengths_B = np.array([len(t.response_ids) for _, t in rows])
-  rewards_B, correct_B = score_rollout(
-      reward_by_domain, [g.domain for g, _ in rows],
-      [decode(t.response_ids) for _, t in rows], [g.answer for g, _ in rows], lengths_B,
-      np.array([g.group_id for g, _ in rows]), rl_config.length_penalty.weight,
-      rl_config.length_penalty.warmup_iterations, step)
-  repeated_B = np.array([t.repetition for _, t in rows])
-  return rewards_B + rl_config.repetition_penalty * repeated_B, correct_B, lengths_B
-
-
 def request_seed_base(seed: int, step: int) -> int:
   return int(np.random.SeedSequence([seed, step]).generate_state(1)[0]) % (1 << 30)
-
-
-def rollout_metrics(groups: list[Group], rewards_B, correct_B, lengths_B) -> dict:
-  """Reward, accuracy, length and segment statistics of the complete groups (NaN if none)."""
-  trajectories = [t for g in groups for t in g.trajectories]
-  lengths_B = np.asarray(lengths_B, np.float64)
-
-  def mean(values):
-    return float(np.mean(values)) if len(values) else float("nan")
-
-  def percentile(q):
-    return float(np.percentile(lengths_B, q)) if len(lengths_B) else float("nan")
-
-  logprobs = [lp for t in trajectories for lp in t.logprobs]
-  return {
-      "reward": mean(rewards_B), "accuracy": mean(correct_B),
-      "length_mean": mean(lengths_B), "length_p50": percentile(50),
-      "length_p90": percentile(90), "length_max": percentile(100),
-      "lengths": lengths_B,
-      "repetition_frac": mean([t.repetition for t in trajectories]),
-      "truncated_frac": mean([t.finish_reason["type"] == LENGTH for t in trajectories]),
-      "multi_segment_frac": mean([t.num_segments > 1 for t in trajectories]),
-      # Sampled-token negative log-prob: an entropy estimate (exact in expectation at T=1).
-      "entropy": -mean(logprobs),
-  }
 
 
 def _saved_tree(state) -> dict:

@@ -1,6 +1,13 @@
 """Run set-up shared by every stage (RL, SFT, long2short, eval, sweeps): the sections a stage
 sees, config validation naming the dotted key, the task, tokenizer, model config and mesh of a
-config; initial checkpoints; metric writers; the logging cadence."""
+config; initial checkpoints; metric writers; the logging cadence.
+
+A run that starts from an HF checkpoint (`init.checkpoint`) takes the model config AND the
+tokenizer (with its chat template and eos ids) from that directory; the `model` section then
+only says how to run it (dtype, attention, remat) and which `init.changed_fields` it changes
+(e.g. rope_theta for a long-context stage). A fresh init builds the model from `model` around
+the task's char tokenizer.
+"""
 import dataclasses
 import numbers
 import os
@@ -8,10 +15,10 @@ from typing import NamedTuple, Sequence
 
 import ml_collections
 
-from kimi_jax.checkpointing.hf import CheckpointError, config_diff, load_hf
+from kimi_jax.checkpointing.hf import CheckpointError, config_diff, load_hf, load_hf_config
 from kimi_jax.data.image_prompts import add_vision_tokens, vision_token_ids
 from kimi_jax.data.tasks import Task, build_task
-from kimi_jax.data.tokenizer import Tokenizer, char_tokenizer
+from kimi_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer, char_tokenizer, load_tokenizer
 from kimi_jax.metrics.writers import JsonlWriter, MultiWriter, TensorBoardWriter
 from kimi_jax.model import ModelConfig, VisionConfig
 from kimi_jax.model.config import with_execution
@@ -19,9 +26,10 @@ from kimi_jax.sharding.rules import make_mesh
 
 
 # Sections every stage reads through `build_basics`, and those a config may leave out
-# (`images`: Qwen2-VL's preprocessing defaults apply without it).
+# (`images`: Qwen2-VL's preprocessing defaults apply without it; `data`: the prompt files of
+# the task registry's "prompts" task, absent for synthetic tasks).
 BASIC_SECTIONS = ("seed", "task", "model", "mesh", "metrics")
-OPTIONAL_SECTIONS = ("images",)
+OPTIONAL_SECTIONS = ("images", "data")
 
 
 def stage_config(config, sections: Sequence[str], stage: str) -> ml_collections.ConfigDict:
@@ -93,8 +101,23 @@ def build_model_config(model_cfg, tokenizer) -> ModelConfig:
                      eos_token_id=tokenizer.eos_id, **fields)
 
 
-def build_tokenizer(task: Task) -> Tokenizer:
-  """The task's character tokenizer, with the vision tokens when its prompts carry images."""
+def checkpoint_model_config(path: str, model_cfg, changed_fields=()) -> ModelConfig:
+  """The checkpoint's model config, run as `model_cfg` says, with `changed_fields` from it."""
+  loaded = with_execution(load_hf_config(path), model_cfg)
+  return dataclasses.replace(loaded, **{f: model_cfg[f] for f in changed_fields})
+
+
+def build_tokenizer(config, task: Task) -> Tokenizer:
+  """The init checkpoint's tokenizer, else the task's char tokenizer (with the vision tokens
+  when its prompts carry images)."""
+  checkpoint = config.init.checkpoint
+  if checkpoint and os.path.exists(os.path.join(checkpoint, TOKENIZER_FILE)):
+    return load_tokenizer(checkpoint)
+  if task.charset is None:
+    where = (f"config.init.checkpoint={checkpoint!r} has no {TOKENIZER_FILE}" if checkpoint
+             else "config.init.checkpoint is not set")
+    raise ValueError(f"config.task.name={config.task.name!r} needs the tokenizer of the model "
+                     f"it trains, but {where}")
   tokenizer = char_tokenizer(task.charset)
   return add_vision_tokens(tokenizer) if task.has_images else tokenizer
 
@@ -102,11 +125,15 @@ def build_tokenizer(task: Task) -> Tokenizer:
 def build_basics(config, workdir: str) -> Basics:
   """(task, tokenizer, model config, mesh) of a run; the tokenizer is saved in `workdir`."""
   os.makedirs(workdir, exist_ok=True)
-  task = build_task(config.task, config.seed)
-  tokenizer = build_tokenizer(task)
+  task = build_task(config.task, config.get("data"), seed=config.seed)
+  tokenizer = build_tokenizer(config, task)
   tokenizer.save(os.path.join(workdir, "tokenizer"))
-  return Basics(task, tokenizer, build_model_config(config.model, tokenizer),
-                make_mesh(**config.mesh))
+  if config.init.checkpoint:
+    model_config = checkpoint_model_config(config.init.checkpoint, config.model,
+                                           config.init.changed_fields)
+  else:
+    model_config = build_model_config(config.model, tokenizer)
+  return Basics(task, tokenizer, model_config, make_mesh(**config.mesh))
 
 
 def load_initial_checkpoint(path: str, model_config: ModelConfig, changed_fields=(),

@@ -4,13 +4,9 @@ import os
 import jax
 from tqdm import tqdm
 
-import numpy as np
-
 from kimi_jax.data import images
 from kimi_jax.data.image_batches import ImageExampleBatches, padded_patches
-from kimi_jax.data.image_prompts import encode_prompt_with_images
-from kimi_jax.data.packing import Example, PackedBatches, encode_example
-from kimi_jax.data.tasks import TEMPLATE
+from kimi_jax.data.packing import PackedBatches, example_from_ids
 from kimi_jax.metrics.writers import JsonlWriter
 from kimi_jax.training.optim import build_optimizer, build_post_update
 from kimi_jax.training.setup import every_or_final
@@ -71,11 +67,14 @@ def check_examples_fit(examples, config) -> None:
 def sft_warmup(config, task, tokenizer, model_config, mesh, workdir: str, params=None):
   """Long-CoT SFT warm-up on the task's reference responses, from `params` or a fresh init;
   returns trained params. Its metrics go to sft_metrics.jsonl (their own step axis)."""
+  if task.reference_response is None:
+    raise ValueError(f"config.task.name={config.task.name!r} has no reference responses for the "
+                     "SFT warm-up: set config.init.checkpoint to the model RL starts from")
   if task.has_images:
     batches = image_sft_batches(config, task, tokenizer, model_config)
   else:
-    examples = [encode_example(tokenizer, TEMPLATE, p.question, task.reference_response(p))
-                for p in task.train]
+    examples = [example_from_ids(tokenizer, task.encode_prompt(tokenizer, p),
+                                 task.reference_response(p)) for p in task.train]
     check_examples_fit(examples, config)
     batches = iter(PackedBatches(examples, config.sft.batch_size, config.sft.seq_len,
                                  tokenizer.pad_id, config.seed))
@@ -88,10 +87,8 @@ def image_sft_batches(config, task, tokenizer, model_config) -> ImageExampleBatc
   processing = images.run_image_processing(config)
   examples, num_patches = [], []
   for prompt in task.train:
-    inputs = encode_prompt_with_images(tokenizer, TEMPLATE, prompt, processing)
-    completion = tokenizer.encode(task.reference_response(prompt)) + [tokenizer.eos_id]
-    examples.append(Example(np.array(inputs.ids + completion, np.int32),
-                            np.array([False] * len(inputs.ids) + [True] * len(completion))))
+    inputs = task.prompt_inputs(tokenizer, prompt, processing)
+    examples.append(example_from_ids(tokenizer, inputs.ids, task.reference_response(prompt)))
     num_patches.append(len(inputs.images.pixel_values))
   check_examples_fit(examples, config)
   images_of = lambda i: (images.preprocess(task.train[i].images, processing)

@@ -61,8 +61,8 @@ def run(config, workdir: str) -> dict:
     params = sft_warmup(config, task, tokenizer, model_config, mesh, workdir, params)
   export = os.path.join(workdir, "hf")
   save_hf(export, model_config, params, tokenizer=tokenizer)
-  backend = EngineBackend(model_config, params, config.rollout, config.rl, tokenizer.eos_id, "sft",
-                          run_image_processing(config))
+  backend = EngineBackend(model_config, params, config.rollout, config.rl, tokenizer.eos_ids,
+                          "sft", run_image_processing(config))
   summary = evaluate_with_config(backend, tokenizer, task, task.heldout,
                                  config.eval).as_dict("sft")
   if config.corpus.source:

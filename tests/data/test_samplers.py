@@ -234,3 +234,31 @@ def test_bad_process_layout():
     sampler(prompts + prompts[:1], Uniform())
   with pytest.raises(ValueError, match=r"process_index 2 not in \[0, 2\)"):
     sampler(prompts, Uniform(), batch=6, process_index=2, process_count=2)
+
+
+def test_domain_mix_gives_each_domain_its_share():
+  from kimi_jax.data.samplers import DomainMix, mix_domains
+  prompts = ([Prompt(question=f"m{i}", answer="1", id=f"m{i}", domain="math") for i in range(10)]
+             + [Prompt(question=f"c{i}", answer="1", id=f"c{i}", domain="code") for i in range(90)])
+  strategy = mix_domains(Prioritized(0.05), prompts, {"math": 3.0, "code": 1.0})
+  assert isinstance(strategy, DomainMix)
+  success_N = np.linspace(0, 1, 100)
+  w_N = strategy.weights(success_N, np.full(100, -1), step=0)
+  share = w_N[:10].sum() / w_N.sum()
+  np.testing.assert_allclose(share, 0.75, rtol=1e-12)  # exact by construction
+  # Within a domain the base strategy's ratios are kept.
+  base_N = Prioritized(0.05).weights(success_N, None, 0)
+  np.testing.assert_allclose(w_N[10:] / w_N[10], base_N[10:] / base_N[10], rtol=1e-12)
+  draws = iter(PromptSampler(prompts, strategy, 64, seed=0))
+  math_frac = np.mean([p.domain == "math" for _ in range(50) for p in next(draws)])
+  assert abs(math_frac - 0.75) < 0.03  # 3200 draws: ~4 standard deviations
+
+
+def test_single_domain_is_left_alone_and_unweighted_domains_are_named():
+  from kimi_jax.data.samplers import mix_domains
+  prompts = [Prompt(question="q", answer="1", id="a", domain="math"),
+             Prompt(question="q", answer="1", id="b", domain="vision")]
+  uniform = Uniform()
+  assert mix_domains(uniform, prompts, {"math": 1.0}) is uniform
+  with pytest.raises(ValueError, match=r"domain\(s\) \['vision'\]"):
+    mix_domains(uniform, prompts, {"math": 1.0, "code": 1.0})

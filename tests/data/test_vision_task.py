@@ -26,7 +26,7 @@ def test_domains_and_sizes(task):
     domains = [p.domain for p in prompts]
     assert {d: domains.count(d) for d in set(domains)} == {"arith": n, "arith_image": n,
                                                            "chart": n}
-  assert task.has_images and not build_task(task_config(domains=("arith",)), 0).has_images
+  assert task.has_images and not build_task(task_config(domains=("arith",)), seed=0).has_images
   assert task.reward_by_domain == {"arith": "arith", "arith_image": "arith", "chart": "arith"}
   assert len({p.id for p in task.train + task.heldout}) == len(task.train + task.heldout)
   assert all(bool(p.images) == (p.domain != "arith") for p in task.train)
@@ -57,7 +57,8 @@ def test_deterministic_and_seeded():
 
 
 def test_rendered_domain_alone_shares_no_problem_with_text_domain():
-  task = build_task(task_config(domains=("arith", "arith_image"), direct_answer_fraction=0.0), 0)
+  task = build_task(task_config(domains=("arith", "arith_image"), direct_answer_fraction=0.0),
+                    seed=0)
   text = {p.question for p in task.train if p.domain == "arith"}
   drawn = {task.reference_response(p) for p in task.train if p.domain == "arith_image"}
   worked = {synthetic.target_response(synthetic.solve(q)) for q in text}

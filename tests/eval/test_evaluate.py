@@ -119,7 +119,7 @@ def test_comparison_equals_direct_evaluation(engine_comparison, checkpoints, tas
   written = json.loads((workdir / "eval.json").read_text())
   for name, (_, seed) in checkpoints.items():
     backend = EngineBackend(model_config, init_params(model_config, jax.random.key(seed)),
-                            config.rollout, config.rl, TOKENIZER.eos_id, name)
+                            config.rollout, config.rl, TOKENIZER.eos_ids, name)
     direct = evaluate_with_config(backend, TOKENIZER, task, task.heldout, config.eval)
     assert results[name] == direct
     assert written[name]["eval/mean_tokens"] == direct.mean_tokens

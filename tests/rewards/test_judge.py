@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from kimi_jax.rewards import verdict
-from kimi_jax.rewards.judge import JUDGE_PROMPT_TEMPLATE, ChainOfThoughtRewardModel, RMExample
+from kimi_jax.rewards.judge import (JUDGE_PROMPT_TEMPLATE, ChainOfThoughtRewardModel, RMExample,
+                                     judge_reward)
 
 EXAMPLES = [RMExample("1+2", "3", "three so 3"), RMExample("add two and two", "4", "5")]
 
@@ -90,3 +91,15 @@ def test_cot_rm_rejects_bad_generator_and_settings():
     ChainOfThoughtRewardModel(ScriptedJudge(['{"correct": true}']), 64).score(EXAMPLES[:2])
   with pytest.raises(ValueError, match="max_new_tokens=0"):
     ChainOfThoughtRewardModel(ScriptedJudge([]), 0)
+
+
+def test_judge_reward_grades_each_response_against_its_question_and_reference():
+  judge = ScriptedJudge(['{"correct": true}', '{"correct": false}', "no verdict"])
+  reward = judge_reward(ChainOfThoughtRewardModel(judge, max_new_tokens=32))
+  rewards = reward(["q0", "q1", "q2"], ["resp0", "resp1", "resp2"], ["ref0", "ref1", "ref2"])
+  assert rewards.dtype == np.float64
+  np.testing.assert_array_equal(rewards, [1.0, 0.0, 0.0])
+  (prompts, max_new_tokens), = judge.calls
+  assert max_new_tokens == 32
+  assert prompts == [JUDGE_PROMPT_TEMPLATE.format(question=f"q{i}", reference=f"ref{i}",
+                                                  response=f"resp{i}") for i in range(3)]

@@ -52,7 +52,7 @@ class RolloutSection:  # the `rollout` and `rl` config fields EngineBackend read
 
 
 def test_engine_sglang_and_fake_backends_implement_the_protocol(tmp_path):
-  engine = EngineBackend(CFG, peaked_params(0), RolloutSection, RolloutSection, EOS, "0")
+  engine = EngineBackend(CFG, peaked_params(0), RolloutSection, RolloutSection, [EOS], "0")
   sglang = SGLangBackend(CFG, None, ["http://127.0.0.1:1"], str(tmp_path))
   try:
     for backend in (engine, sglang, FakeBackend()):

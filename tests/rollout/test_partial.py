@@ -89,6 +89,18 @@ def test_buffer_survives_json_round_trip():
   assert restored.to_json() == buffer.to_json()
   (group,) = restored.take_all()
   assert group.trajectories[1].segments[0].version == 0 and not group.complete
+  assert group.question == "2"  # a judge reward grades against it after the last segment
+
+
+def test_buffer_saved_before_groups_had_questions_still_loads():
+  policy = ScriptedPolicy({2: list(range(10, 19)) + [EOS]})
+  buffer = PartialRolloutBuffer()
+  groups = new_groups([P("b", "2", "y")], encode, k=2, first_group_id=0, version=0)
+  collect_groups(policy, SAMPLING, groups, buffer, RolloutLimits(32, 4), 0, 0)
+  (record,) = json.loads(json.dumps(buffer.to_json()))
+  del record["question"]
+  (group,) = PartialRolloutBuffer.from_json([record]).take_all()
+  assert group.question == "" and group.prompt_id == "b"
 
 
 def test_requests_continue_prompt_and_response_with_the_segment_budget_and_seed():

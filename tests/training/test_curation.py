@@ -28,7 +28,7 @@ from kimi_jax.data import synthetic
 from kimi_jax.data.curation import (GUESSABLE, MULTIPLE_CHOICE, PROOF, TOO_EASY, TRUE_FALSE,
                                     CurationConfig, curate)
 from kimi_jax.data.sources import Prompt
-from kimi_jax.data.tasks import TEMPLATE, Task, encode_task_prompt
+from kimi_jax.data.tasks import Task, encode_text
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.model import init_params
 from kimi_jax.rollout.backends import EngineBackend
@@ -77,9 +77,9 @@ class RecordingBackend(FakeBackend):
     super().__init__()
     self.backend, self.calls = backend, []
 
-  def generate(self, inputs, sampling):
+  def generate(self, inputs, sampling, images=None):
     self.calls.append((inputs, sampling))
-    return self.backend.generate(inputs, sampling)
+    return self.backend.generate(inputs, sampling, images)
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +98,14 @@ def run_config():
 @pytest.fixture(scope="module")
 def trained_backend(tokenizer, run_config, tmp_path_factory):
   """The in-process engine serving the warmed-up model (~15-25 s of training on 2 cores)."""
+  domain = synthetic.DOMAIN
   task = Task(charset=synthetic.CHARSET, train=[arith(q) for q in LEVEL1], heldout=[],
-              reference_response=warmup_response, reward_by_domain={synthetic.DOMAIN: "arith"})
+              reference_response=warmup_response, reward_by_domain={domain: "arith"},
+              template_by_domain={domain: "{question}"}, weight_by_domain={domain: 1.0})
   model_config = build_model_config(run_config.model, tokenizer)
   params = sft_warmup(run_config, task, tokenizer, model_config, make_mesh(**run_config.mesh),
                       str(tmp_path_factory.mktemp("sft")))
-  return EngineBackend(model_config, params, run_config.rollout, run_config.rl, tokenizer.eos_id,
+  return EngineBackend(model_config, params, run_config.rollout, run_config.rl, tokenizer.eos_ids,
                        version="sft")
 
 
@@ -112,7 +114,7 @@ def test_known_easy_prompts_removed_and_reported(trained_backend, tokenizer, tmp
   prompts = [TEXT_FILTERED["mc"], *map(arith, ADDITIONS), TEXT_FILTERED["tf"],
              *map(arith, SUBTRACTIONS), TEXT_FILTERED["proof"], *map(arith, HARD)]
   recorder = RecordingBackend(trained_backend)
-  kept, report = curate(prompts, curation_generate(recorder, tokenizer, TEMPLATE), reward,
+  kept, report = curate(prompts, curation_generate(recorder, tokenizer, lambda t: encode_text(tokenizer, t)), reward,
                         CONFIG)
 
   assert {r.id: r.reason for r in report.removed} == {
@@ -126,9 +128,9 @@ def test_known_easy_prompts_removed_and_reported(trained_backend, tokenizer, tmp
   # Only arithmetic reached the model, encoded as in SFT: all of it for 8 short guesses, then
   # what the guess stage let through for 10 full samples; every request had its own seed.
   (guess_ids, guess_sampling), (pass_ids, pass_sampling) = recorder.calls
-  assert guess_ids == [encode_task_prompt(tokenizer, q)
+  assert guess_ids == [encode_text(tokenizer, q)
                        for q in ADDITIONS + SUBTRACTIONS + HARD for _ in range(8)]
-  assert pass_ids == [encode_task_prompt(tokenizer, q)
+  assert pass_ids == [encode_text(tokenizer, q)
                       for q in SUBTRACTIONS + HARD for _ in range(10)]
   settings = lambda sampling: {(s.temperature, s.max_new_tokens, s.stop_token_ids)
                                for s in sampling}
@@ -155,7 +157,7 @@ def test_known_easy_prompts_removed_and_reported(trained_backend, tokenizer, tmp
 
 @pytest.mark.slow
 def test_greedy_completions_stop_at_eos(trained_backend, tokenizer):
-  generate = curation_generate(trained_backend, tokenizer, TEMPLATE)
+  generate = curation_generate(trained_backend, tokenizer, lambda t: encode_text(tokenizer, t))
   assert generate(["9-4=", "7+5="], 2, 0.0, 40) == [["9-4=5#5"] * 2, ["#12"] * 2]
 
 
@@ -165,24 +167,81 @@ def test_samples_are_distinct_draws_and_greedy_repeats(tokenizer, run_config):
   samples would give n copies; ">= 3 distinct of 4" fails for < 1% of seeds (three empties)."""
   model_config = build_model_config(run_config.model, tokenizer)
   backend = EngineBackend(model_config, init_params(model_config, jax.random.key(0)),
-                          run_config.rollout, run_config.rl, tokenizer.eos_id, version="init")
-  generate = curation_generate(backend, tokenizer, TEMPLATE, seed=0)
+                          run_config.rollout, run_config.rl, tokenizer.eos_ids, version="init")
+  generate = curation_generate(backend, tokenizer, lambda t: encode_text(tokenizer, t), seed=0)
   questions = ["1+2=", "3-1="]
 
   sampled = generate(questions, 4, 1.0, 12)
   assert all(len(set(samples)) >= 3 for samples in sampled), sampled
 
   greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
-  direct = backend.generate([encode_task_prompt(tokenizer, q) for q in questions],
-                            [greedy] * 2)
+  direct = backend.generate([encode_text(tokenizer, q) for q in questions], [greedy] * 2)
   assert generate(questions, 3, 0.0, 12) == [[tokenizer.decode(c.output_ids)] * 3 for c in direct]
 
 
 def test_backend_answer_count_is_checked(tokenizer):
   class OneAnswer(FakeBackend):
-    def generate(self, inputs, sampling):
+    def generate(self, inputs, sampling, images=None):
       return [Completion(inputs[0], [tokenizer.eos_id], [0.0], stop_reason(tokenizer.eos_id))]
 
-  generate = curation_generate(OneAnswer(), tokenizer, TEMPLATE)
+  generate = curation_generate(OneAnswer(), tokenizer, lambda t: encode_text(tokenizer, t))
   with pytest.raises(RuntimeError, match="backend returned 1 completions for 6 requests"):
     generate(["1+2=", "3-1="], 3, 1.0, 4)
+
+
+def test_curation_stage_writes_difficulty_and_generates_code_tests(monkeypatch, tmp_path):
+  """launch.curate's stage on a tiny BPE checkpoint with planted answers: a guessable prompt and
+  a multiple-choice one are removed; the rest get difficulty = failed samples out of 4; a code
+  row with a generator and two agreeing solutions gets generated tests."""
+  from experiments import code_rl, math_rl
+  from kimi_jax.training import curation
+  from tests.hf_checkpoints import save_tiny_qwen2_checkpoint
+  from tests.planted_backend import PlantedBackend
+
+  checkpoint = str(tmp_path / "ckpt")
+  save_tiny_qwen2_checkpoint(checkpoint)
+  rows = [{"question": "Tom has 3 apples and buys 4.", "answer": "#### 7"},     # guessable
+          {"question": "Sam has 2 pens and buys 2.", "answer": "#### 4"},       # 2 of 4 right
+          {"question": "Ann has 9 cats; 3 leave.", "answer": "#### 6"},         # never right
+          {"question": "Which of the following is 5? (A) 4 (B) 5", "answer": "#### 5"}]
+  source = tmp_path / "raw.jsonl"
+  source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+  def responses(prompt: str):
+    if "Tom" in prompt:
+      return ["\\boxed{7}"]
+    if "Give only the final answer" in prompt:
+      return ["\\boxed{0}"]
+    return ["\\boxed{4}", "\\boxed{1}"] if "Sam" in prompt else ["\\boxed{5}"]
+
+  monkeypatch.setattr(curation, "build_backend", lambda config, model_config, tokenizer, *_:
+                      PlantedBackend(tokenizer, responses))
+  config = math_rl.get_config("smoke").copy_and_resolve_references()
+  config.init.checkpoint = checkpoint
+  config.curation.update(max_new_tokens=16, guess_max_new_tokens=16)  # planted answers fit
+  output = str(tmp_path / "curated.jsonl")
+  report = curation.curate_file(config, str(source), output)
+  curated = [json.loads(line) for line in open(output)]
+  assert [(r["question"][:3], r["difficulty"]) for r in curated] == [("Sam", 2), ("Ann", 4)]
+  assert curated[0]["answer"] == "#### 4"  # every original field kept
+  assert report.counts() == {GUESSABLE: 1, MULTIPLE_CHOICE: 1}
+  assert json.load(open(output + ".report.json"))["num_kept"] == 2
+
+  code_rows = [{"question": "Print a+b.", "generator": "s = int(input())\nprint(s, 2 * s)",
+                "solutions": ["print(sum(map(int, input().split())))",
+                              "a, b = map(int, input().split())\nprint(a + b)"]}]
+  code_source = tmp_path / "code.jsonl"
+  code_source.write_text(json.dumps(code_rows[0]) + "\n")
+  program = "```python\nprint(sum(map(int, input().split())))\n```"
+  monkeypatch.setattr(curation, "build_backend", lambda config, model_config, tokenizer, *_:
+                      PlantedBackend(tokenizer, lambda prompt: [
+                          "no idea" if "Give only" in prompt else program, "wrong"]))
+  code_config = code_rl.get_config("smoke").copy_and_resolve_references()
+  code_config.init.checkpoint = checkpoint
+  code_config.curation.update(max_new_tokens=64, guess_max_new_tokens=16)
+  code_output = str(tmp_path / "code_curated.jsonl")
+  curation.curate_file(code_config, str(code_source), code_output)
+  (curated_code,) = [json.loads(line) for line in open(code_output)]
+  assert curated_code["tests"] == [{"input": f"{s} {2 * s}\n", "output": f"{3 * s}\n"}
+                                   for s in range(4)]
+  assert curated_code["difficulty"] == 2  # the planted program passes on 2 of 4 samples

@@ -123,7 +123,8 @@ class ScriptedArithBackend:
   def __init__(self, tokenizer):
     self.tokenizer = tokenizer
 
-  def generate(self, requests, sampling):
+  def generate(self, requests, sampling, images=None):
+    del images  # text prompts only
     out = []
     for ids, params in zip(requests, sampling):
       question = self.tokenizer.decode(ids)
@@ -152,7 +153,8 @@ def test_minibatch_steps_train_on_the_registry_rewards(tmp_path):
                                config.rl.prompts_per_iteration, config.seed))
   sampling = SamplingParams(temperature=1.0, stop_token_ids=(tokenizer.eos_id,))
   state, metrics = rl.rl_iteration(state, 0, trainer, ScriptedArithBackend(tokenizer), sampling,
-                                   sampler, PartialRolloutBuffer(), task, tokenizer, config)
+                                   sampler, PartialRolloutBuffer(), task, tokenizer, config,
+                                   str(tmp_path))
   # Expected rewards from the rule itself (k1.5 2.3.3), group by group of the training steps.
   train_calls = recorder.calls[len(recorder.calls) // 2:]  # after one reference pass each
   num_groups = 0

@@ -42,7 +42,7 @@ def test_trainer_logprobs_equal_rollout_logprobs_on_images():
   task.num_train, task.num_heldout, task.domains = 3, 1, ("arith_image", "chart", "arith")
 
   prompts = build_task(task, seed=0).train[::3]  # one prompt per domain
-  backend = EngineBackend(config, params, Rollout(16, 96), RL(), tokenizer().eos_id, "0",
+  backend = EngineBackend(config, params, Rollout(16, 96), RL(), tokenizer().eos_ids, "0",
                           PROCESSING)
   encode = lambda p: image_prompts.encode_prompt_with_images(tokenizer(), TEMPLATE, p,
                                                              PROCESSING).ids
