@@ -49,7 +49,7 @@ def measure(num_prompts: int = 32, k: int = 8, reps: int = 3) -> dict:
   engines = {"shared": _engine(params, True), "unshared": _engine(params, False)}
 
   def iteration(engine):  # the engine is the RL loop's in-process rollout backend
-    groups = new_groups(prompts, lambda question: question, k, 0, 0)
+    groups = new_groups(prompts, lambda prompt: prompt.question, k, 0, 0)
     return collect_groups(engine, sampling, groups, PartialRolloutBuffer(), limits, 0, 0)
 
   before = {name: e.prefill_counts for name, e in engines.items()}
