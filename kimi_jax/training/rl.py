@@ -138,7 +138,7 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
             if complete else GroupScores.empty())
   write_samples(workdir, step, sample_rows(  # empty while every group waits in the buffer
       complete, scores, lambda ids: tokenizer.decode(ids, skip_special_tokens=False)))
-  metrics.update(rollout_metrics(complete, scores))
+  metrics.update(rollout_metrics(complete, scores, task.reward_by_domain))
   if not complete:
     metrics.update(trainer.nan_metrics(state, rl.groups_per_minibatch * rl.k))
     metrics.update({"time/reward": 0.0, "time/train": 0.0,

@@ -63,9 +63,9 @@ def _percentile(values, q: float) -> float:
   return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def rollout_metrics(groups: list[Group], scores: GroupScores) -> dict:
-  """Reward, accuracy, length and segment statistics of the complete groups (NaN if none),
-  overall and per domain."""
+def rollout_metrics(groups: list[Group], scores: GroupScores, domains) -> dict:
+  """Reward, accuracy, length and segment statistics of the complete groups, overall and for
+  each of `domains` (NaN where there are none, so every row has the same keys)."""
   trajectories = [t for g in groups for t in g.trajectories]
   logprobs = [lp for t in trajectories for lp in t.logprobs]
   lengths_B = np.asarray(scores.num_tokens, np.float64)
@@ -81,10 +81,10 @@ def rollout_metrics(groups: list[Group], scores: GroupScores) -> dict:
       "entropy": -_mean(logprobs),
   }
   domains_B = np.array([g.domain for g in groups for _ in g.trajectories])
-  for domain in dict.fromkeys(domains_B):
+  for domain in domains:
     rows = domains_B == domain
-    metrics[f"reward/{domain}"] = float(np.mean(scores.rewards[rows]))
-    metrics[f"accuracy/{domain}"] = float(np.mean(scores.correct[rows]))
+    metrics[f"reward/{domain}"] = _mean(scores.rewards[rows])
+    metrics[f"accuracy/{domain}"] = _mean(scores.correct[rows])
   return metrics
 
 
