@@ -96,7 +96,7 @@ def run_mode(config, params, tx, trainer, backend, workdir,
     backend.iteration = step
     start = time.perf_counter()
     state, metrics = rl.rl_iteration(state, step, trainer, backend, sampling, sampler, buffer,
-                                     task, tokenizer, config)
+                                     task, tokenizer, config, workdir)
     backend.sync(state.params, str(step + 1))
     rows.append((time.perf_counter() - start, metrics["time/rollout"], metrics["time/reward"],
                  metrics["time/train"], metrics["complete_groups"]))

@@ -103,8 +103,17 @@ def build_model_config(model_cfg, tokenizer) -> ModelConfig:
 
 
 def checkpoint_model_config(path: str, model_cfg, changed_fields=()) -> ModelConfig:
-  """The checkpoint's model config, run as `model_cfg` says, with `changed_fields` from it."""
+  """The checkpoint's model config, run as `model_cfg` says, with `changed_fields` from it.
+
+  Architecture fields that `model_cfg` also names must agree with the checkpoint outside
+  `changed_fields`: a config that asks for another model is refused, not silently ignored."""
   loaded = with_execution(load_hf_config(path), model_cfg)
+  named = {f.name for f in dataclasses.fields(loaded)} & set(model_cfg) - set(changed_fields)
+  differing = sorted(f for f in named if model_cfg[f] != getattr(loaded, f))
+  if differing:
+    raise CheckpointError(f"config.init.checkpoint={path!r}: its model config differs from "
+                          f"config.model in {differing} (allowed to differ: "
+                          f"{tuple(changed_fields)})")
   return dataclasses.replace(loaded, **{f: model_cfg[f] for f in changed_fields})
 
 
