@@ -5,7 +5,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -18,20 +20,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _serve(model_path: str, max_seq_len: int = 64):
+  """Start `launch.serve` on `model_path`; (process, url) once it prints "serving <url>"."""
+  stderr = tempfile.TemporaryFile("w+")  # a pipe nobody reads could fill and stall the server
   process = subprocess.Popen(
       [sys.executable, "-m", "launch.serve", f"--model_path={model_path}", "--port=0",
        "--max_batch=4", f"--max_seq_len={max_seq_len}", "--chunk_steps=4"], cwd=ROOT,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      stdout=subprocess.PIPE, stderr=stderr, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   url = []
   reader = threading.Thread(target=lambda: url.extend(
       line.split()[1] for line in iter(process.stdout.readline, "") if line.startswith("serving")),
       daemon=True)
   reader.start()
-  reader.join(timeout=180)
+  deadline = time.monotonic() + 180  # start-up on a loaded 2-core machine
+  while not url and process.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.1)
   if not url:
     process.kill()
-    raise RuntimeError(f"launch.serve did not start: {process.stderr.read()[-2000:]}")
+    stderr.seek(0)
+    raise RuntimeError(f"launch.serve did not start: {stderr.read()[-2000:]}")
   return process, url[0]
 
 
