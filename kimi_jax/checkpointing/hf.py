@@ -176,20 +176,9 @@ def _vlm_config_to_hf(config: ModelConfig) -> dict:
                      f"hidden_size / num_heads; got {config}")
   text = {
       "model_type": f"{vision.architecture}_text",
-      "vocab_size": config.vocab_size,
-      "hidden_size": config.hidden_size,
-      "intermediate_size": config.intermediate_size,
-      "num_hidden_layers": config.num_layers,
-      "num_attention_heads": config.num_heads,
-      "num_key_value_heads": config.num_kv_heads,
-      "hidden_act": "silu",
-      "rms_norm_eps": config.rms_norm_eps,
+      **_decoder_to_hf(config),
       "rope_parameters": {"rope_type": "default", "mrope_section": list(config.mrope_section),
                           "rope_theta": config.rope_theta},
-      "max_position_embeddings": config.max_position_embeddings,
-      "bos_token_id": config.bos_token_id,
-      "eos_token_id": config.eos_token_id,
-      "use_cache": True,
   }
   return {
       "architectures": [_VLM_TO_HF[vision.architecture]],
@@ -202,6 +191,24 @@ def _vlm_config_to_hf(config: ModelConfig) -> dict:
   }
 
 
+def _decoder_to_hf(config: ModelConfig) -> dict:
+  """The decoder's config.json fields shared by the text LMs and a VLM's text config."""
+  return {
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.hidden_size,
+      "intermediate_size": config.intermediate_size,
+      "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads,
+      "num_key_value_heads": config.num_kv_heads,
+      "hidden_act": "silu",
+      "rms_norm_eps": config.rms_norm_eps,
+      "max_position_embeddings": config.max_position_embeddings,
+      "bos_token_id": config.bos_token_id,
+      "eos_token_id": config.eos_token_id,
+      "use_cache": True,
+  }
+
+
 def config_to_hf(config: ModelConfig) -> dict:
   """HF config.json content for `config` (readable by transformers 4.x and 5.x; a VLM's by
   transformers >= 4.52, which reads nested text and vision configs)."""
@@ -210,23 +217,12 @@ def config_to_hf(config: ModelConfig) -> dict:
   hf = {
       "architectures": [_ARCH_TO_HF[config.architecture]],
       "model_type": config.architecture,
-      "vocab_size": config.vocab_size,
-      "hidden_size": config.hidden_size,
-      "intermediate_size": config.intermediate_size,
-      "num_hidden_layers": config.num_layers,
-      "num_attention_heads": config.num_heads,
-      "num_key_value_heads": config.num_kv_heads,
+      **_decoder_to_hf(config),
       "head_dim": config.head_dim,
-      "hidden_act": "silu",
-      "rms_norm_eps": config.rms_norm_eps,
       "rope_theta": config.rope_theta,
       "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
       "tie_word_embeddings": config.tie_embeddings,
-      "max_position_embeddings": config.max_position_embeddings,
-      "bos_token_id": config.bos_token_id,
-      "eos_token_id": config.eos_token_id,
       "torch_dtype": config.param_dtype,
-      "use_cache": True,
   }
   if config.architecture in ("llama", "qwen3"):
     hf["attention_bias"] = config.qkv_bias
