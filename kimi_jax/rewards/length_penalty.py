@@ -51,12 +51,3 @@ def length_penalty_weight(weight: float, iteration: int, warmup_iterations: int)
   """w from iteration `warmup_iterations` on (iterations count from 0), 0 before."""
   return weight if iteration >= warmup_iterations else 0.0
 
-
-def apply_length_penalty(rewards_B, lengths_B, correct_B, group_ids_B, weight: float,
-                         iteration: int, warmup_iterations: int) -> np.ndarray:
-  """rewards_B + w * grouped length reward, with w from `length_penalty_weight`; float64 [B]."""
-  rewards_B = np.asarray(rewards_B, np.float64)
-  if rewards_B.shape != np.shape(lengths_B):
-    raise ValueError(f"rewards has shape {rewards_B.shape}, lengths has {np.shape(lengths_B)}")
-  w = length_penalty_weight(weight, iteration, warmup_iterations)
-  return rewards_B + w * grouped_length_reward(lengths_B, correct_B, group_ids_B)

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from kimi_jax.rewards.length_penalty import (apply_length_penalty, grouped_length_reward,
-                                             length_penalty_weight, length_reward)
+from kimi_jax.rewards.length_penalty import (grouped_length_reward, length_penalty_weight,
+                                             length_reward)
+from kimi_jax.rewards.registry import score_rollout
 
 EXACT = 1e-15  # every hand value below is a short sum of dyadic / small rationals
 
@@ -44,14 +45,16 @@ def test_groups_are_isolated_in_the_batched_version():
 @pytest.mark.parametrize("iteration, want_weight", [(0, 0.0), (2, 0.0), (3, 0.2), (50, 0.2)])
 def test_warmup_switch(iteration, want_weight):
   assert length_penalty_weight(0.2, iteration, warmup_iterations=3) == want_weight
-  rewards = np.array([1.0, 1.0, 0.0, 1.0])
+  # The training reward goes through the registry: task reward (arith: exact answer) + w * len.
+  responses = ["#7", "#7", "#8", "#7"]
   lengths = np.array([10, 30, 20, 12])
-  correct = rewards == 1.0
   group_ids = np.array([0, 0, 1, 1])
+  scores = score_rollout({"arith": "arith"}, ["arith"] * 4, responses, ["7"] * 4, lengths,
+                         group_ids, 0.2, 3, iteration)
+  np.testing.assert_array_equal(scores.correct, [True, True, False, True])
   # Group 0: lambda (0.5, -0.5); group 1 (20 wrong, 12 correct): lambda (-0.5, 0.5).
-  want = rewards + want_weight * np.array([0.5, -0.5, -0.5, 0.5])
-  got = apply_length_penalty(rewards, lengths, correct, group_ids, 0.2, iteration, 3)
-  np.testing.assert_allclose(got, want, atol=EXACT)
+  want = np.array([1.0, 1.0, 0.0, 1.0]) + want_weight * np.array([0.5, -0.5, -0.5, 0.5])
+  np.testing.assert_allclose(scores.rewards, want, atol=EXACT)
 
 
 @pytest.mark.parametrize("lengths, correct, message", [
