@@ -45,12 +45,15 @@ from kimi_jax.training.steps import jit_eval, jit_rl_programs, masked_token_logp
 
 
 def run(config, workdir: str) -> dict:
-  """Train with k1.5 RL per `config`; resumes from `workdir`'s newest readable checkpoint.
+  """Train with k1.5 RL per `config`; resumes from the newest readable checkpoint in
+  `config.checkpoint.directory` (an `etils.epath` path, local or e.g. gs://; default
+  `workdir`/checkpoints).
 
   The whole config is checked before any work; pending checkpoint saves are waited for on
   every exit, errors included."""
   validate_config(config)
-  with RunCheckpointer(epath.Path(workdir) / "checkpoints", config.checkpoint.keep,
+  directory = config.checkpoint.directory or epath.Path(workdir) / "checkpoints"
+  with RunCheckpointer(directory, config.checkpoint.keep,
                        config.checkpoint.async_save) as checkpointer:
     return _run(config, workdir, checkpointer)
 

@@ -137,15 +137,17 @@ def test_sft_stage_as_two_processes_equals_one_process(tmp_path):
 @pytest.mark.slow
 def test_a_process_other_than_0_writes_only_checkpoints(tmp_path, monkeypatch):
   # A whole RL run (SFT warm-up, evals, samples, checkpoints, HF export) as a process that is
-  # not process 0: every file but the orbax checkpoints (which every process writes) is left
-  # to process 0.
+  # not process 0: every file but the orbax checkpoints (which every process writes, here to
+  # config.checkpoint.directory outside the workdir) is left to process 0.
   from experiments import rl_arith
   from kimi_jax.training import multihost, rl
   config = rl_arith.get_config("smoke")
   config.rl.iterations = 2  # an eval (every 2) and the end of the run
+  config.checkpoint.directory = str(tmp_path / "checkpoints")
   monkeypatch.setattr(multihost, "is_main_process", lambda: False)
-  assert rl.run(config, str(tmp_path)) == {}
-  assert os.listdir(tmp_path) == ["checkpoints"]
+  assert rl.run(config, str(tmp_path / "run")) == {}
+  assert os.listdir(tmp_path / "run") == []
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]  # checkpoint.keep = 2
 
 
 def test_resuming_with_another_process_count_names_the_saved_count():
