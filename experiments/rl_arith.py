@@ -94,7 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Held-out eval: `samples` responses per prompt at `temperature` (1 at 0.0 = greedy), pass@k.
   c.eval = ml_collections.ConfigDict(dict(every=5, max_new_tokens=56, samples=1, temperature=0.0,
                                           k=1, seed=0))
-  c.checkpoint = ml_collections.ConfigDict(dict(every=5, keep=2, async_save=True))
+  # directory: where the orbax checkpoints go, any etils.epath path (gs://bucket/run/ckpt on a
+  # pod); "" = <workdir>/checkpoints.
+  c.checkpoint = ml_collections.ConfigDict(dict(every=5, keep=2, async_save=True, directory=""))
   c.metrics = ml_collections.ConfigDict(dict(tensorboard=True))
   return c
 

@@ -7,14 +7,23 @@ resumes from the last complete checkpoint; a finalised step damaged later (a bad
 truncated copy) is skipped by `restore_latest` with one line saying why, never silently.
 Use it as a context manager: every exit path, errors included, waits for pending async saves,
 so no step is left half-written as a tmp directory and no save thread outlives the run.
+The directory is an `etils.epath` path: local (made absolute) or remote (`gs://...`, which orbax
+writes itself).
 """
-import os
 from typing import Callable
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 _REASON_CHARS = 300  # of an unreadable step's error, in the one line that reports it
+
+
+def absolute_path(path: epath.PathLike) -> epath.Path:
+  """`path` as an `epath.Path`; a relative local path from the working directory. A remote URI
+  (`gs://bucket/run`) is kept as it is (`os.path.abspath` would make it `$PWD/gs:/bucket/run`)."""
+  path = epath.Path(path)
+  return path if path.is_absolute() else path.absolute()
 
 
 class CheckpointsUnreadable(RuntimeError):
@@ -27,10 +36,10 @@ def _reason(error: BaseException) -> str:
 
 
 class RunCheckpointer:
-  def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: epath.PathLike, max_to_keep: int = 3, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                            enable_async_checkpointing=async_save, create=True)
-    self.directory = os.path.abspath(directory)
+    self.directory = absolute_path(directory)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "extra"))
 
@@ -81,8 +90,7 @@ class RunCheckpointer:
 
   def _set_aside(self, step: int) -> None:
     if jax.process_index() == 0:
-      path = os.path.join(self.directory, str(step))
-      os.rename(path, f"{path}.unreadable")
+      (self.directory / str(step)).rename(self.directory / f"{step}.unreadable")
     self._manager.reload()
 
   def close(self) -> None:

@@ -141,19 +141,22 @@ def collect_groups(backend: RolloutBackend, sampling: SamplingParams, groups: Se
                    buffer: PartialRolloutBuffer, limits: RolloutLimits, version: int,
                    seed_base: int) -> tuple[list[Group], int]:
   """Advance every unfinished trajectory of `groups` + the buffer by one segment on `backend`
-  (a `RolloutBackend`): request i continues prompt + response so far with `sampling`, its
-  max_new_tokens the segment budget and its seed seed_base + i.
+  (a `RolloutBackend`): each request continues prompt + response so far with `sampling`, its
+  max_new_tokens the segment budget and its seed seed_base + group_id * k + j for trajectory j
+  of a group of k: a trajectory's samples depend on its group, never on which other groups
+  share the call (one process or a slice of the groups on each of several).
 
   Returns (groups now complete, tokens generated); incomplete groups go (back) into `buffer`.
   """
   pending = buffer.take_all() + list(groups)
-  todo = [(g, t) for g in pending for t in g.trajectories if not t.finished]
-  images = [g.images for g, _ in todo] if any(g.images for g, _ in todo) else None
-  todo = [t for _, t in todo]
+  todo = [(g, j, t) for g in pending for j, t in enumerate(g.trajectories) if not t.finished]
+  images = [g.images for g, _, _ in todo] if any(g.images for g, _, _ in todo) else None
+  seeds = [seed_base + g.group_id * len(g.trajectories) + j for g, j, _ in todo]
+  todo = [t for _, _, t in todo]
   requests = [t.prompt_ids + t.response_ids for t in todo]
-  params = [dataclasses.replace(sampling, seed=seed_base + i, max_new_tokens=min(
+  params = [dataclasses.replace(sampling, seed=seed, max_new_tokens=min(
       limits.segment_tokens, limits.max_response_tokens - len(t.response_ids)))
-            for i, t in enumerate(todo)]
+            for seed, t in zip(seeds, todo)]
   completions = backend.generate(requests, params, images=images) if todo else []
   if len(completions) != len(todo):
     raise RuntimeError(f"the backend answered {len(completions)} of {len(todo)} requests")

@@ -14,6 +14,7 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from kimi_jax.checkpointing.manager import RunCheckpointer
@@ -32,8 +33,8 @@ from kimi_jax.training import multihost, rl_data
 from kimi_jax.training.optim import build_optimizer, build_post_update, optimizer_checks
 from kimi_jax.training.rl_losses import LOSSES, make_policy_loss
 from kimi_jax.training.run_rewards import build_run_rewards
-from kimi_jax.training.scoring import (GroupScores, rollout_metrics, sample_rows, score_groups,
-                                       write_samples)
+from kimi_jax.training.scoring import (GroupScores, merge_scored_groups, rollout_metrics,
+                                       sample_rows, score_groups, write_samples)
 from kimi_jax.training.setup import (BASIC_SECTIONS, build_basics, build_writer, check,
                                      eval_checks, every_or_final, is_int, is_number,
                                      load_initial_checkpoint)
@@ -44,12 +45,15 @@ from kimi_jax.training.steps import jit_eval, jit_rl_programs, masked_token_logp
 
 
 def run(config, workdir: str) -> dict:
-  """Train with k1.5 RL per `config`; resumes from `workdir`'s newest readable checkpoint.
+  """Train with k1.5 RL per `config`; resumes from the newest readable checkpoint in
+  `config.checkpoint.directory` (an `etils.epath` path, local or e.g. gs://; default
+  `workdir`/checkpoints).
 
   The whole config is checked before any work; pending checkpoint saves are waited for on
   every exit, errors included."""
   validate_config(config)
-  with RunCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
+  directory = config.checkpoint.directory or epath.Path(workdir) / "checkpoints"
+  with RunCheckpointer(directory, config.checkpoint.keep,
                        config.checkpoint.async_save) as checkpointer:
     return _run(config, workdir, checkpointer)
 
@@ -75,7 +79,7 @@ def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
     _, restored, extra = resumed
     state = TrainState(tx=tx, **restored)
     sampler.set_state(extra["sampler"])
-    buffer, step = PartialRolloutBuffer.from_json(extra["buffer"]), extra["iteration"]
+    buffer, step = process_buffer(extra["buffers"]), extra["iteration"]
     tqdm.write(f"resumed from checkpoint {latest} (step {step})")
   backend = build_backend(config, model_config, tokenizer, multihost.addressable(state.params),
                           str(step), workdir)
@@ -123,7 +127,9 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   t0 = time.perf_counter()
   processing = run_image_processing(config)
   encode = lambda p: task.prompt_inputs(tokenizer, p, processing).ids
-  groups = new_groups(next(sampler), encode, rl.k, step * rl.prompts_per_iteration, step)
+  # This process's slice of the iteration's prompts, with global group ids.
+  groups = new_groups(next(sampler), encode, rl.k, step * rl.prompts_per_iteration
+                      + multihost.process_offset(rl.prompts_per_iteration), step)
   limits = RolloutLimits(rl.max_response_tokens, rl.segment_tokens, rl.repetition_ngram,
                          rl.repetition_count)
   complete, new_tokens = collect_groups(backend, sampling, groups, buffer, limits, step,
@@ -132,12 +138,18 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   if config.rollout.colocate:  # hybrid deployment: the trainer gets the rollout's memory
     backend.release()
   t1 = time.perf_counter()
-  metrics.update({"complete_groups": len(complete), "buffer_groups": len(buffer),
-                  "tokens_per_s": new_tokens / max(t1 - t0, 1e-9), "time/rollout": t1 - t0})
   scores = (score_groups(complete, tokenizer.decode, task.reward_by_domain, rl, step, registry)
             if complete else GroupScores.empty())
-  write_samples(workdir, step, sample_rows(  # empty while every group waits in the buffer
-      complete, scores, lambda ids: tokenizer.decode(ids, skip_special_tokens=False)))
+  # Every process's scored groups, in the order one process would hold them; the counts too.
+  gathered = multihost.allgather_objects((complete, scores, len(buffer), new_tokens))
+  complete, scores = merge_scored_groups([(c, s) for c, s, _, _ in gathered])
+  new_tokens = sum(n for *_, n in gathered)
+  metrics.update({"complete_groups": len(complete),
+                  "buffer_groups": sum(b for _, _, b, _ in gathered),
+                  "tokens_per_s": new_tokens / max(t1 - t0, 1e-9), "time/rollout": t1 - t0})
+  if multihost.is_main_process():
+    write_samples(workdir, step, sample_rows(  # empty while every group waits in the buffer
+        complete, scores, lambda ids: tokenizer.decode(ids, skip_special_tokens=False)))
   metrics.update(rollout_metrics(complete, scores, task.reward_by_domain))
   if not complete:
     metrics.update(trainer.nan_metrics(state, rl.groups_per_minibatch * rl.k))
@@ -260,7 +272,18 @@ def _saved_tree(state) -> dict:
 
 
 def _extra_state(step, sampler, buffer) -> dict:
-  return {"iteration": step, "sampler": sampler.get_state(), "buffer": buffer.to_json()}
+  """The JSON a checkpoint keeps besides the train state (a collective: every process calls
+  it): the sampler (the same on every process) and each process's partial-rollout buffer."""
+  return {"iteration": step, "sampler": sampler.get_state(),
+          "buffers": multihost.allgather_objects(buffer.to_json())}
+
+
+def process_buffer(buffers: list) -> PartialRolloutBuffer:
+  """This process's partial-rollout buffer from a checkpoint's per-process buffers."""
+  if len(buffers) != jax.process_count():
+    raise ValueError(f"the checkpoint holds the partial-rollout buffers of {len(buffers)} "
+                     f"processes; resume it with that many processes, not {jax.process_count()}")
+  return PartialRolloutBuffer.from_json(buffers[jax.process_index()])
 
 
 def print_row(step: int, metrics: dict, header: bool) -> None:

@@ -38,6 +38,33 @@ class GroupScores:
     nothing = np.zeros(0)
     return cls([], nothing, nothing, nothing, nothing.astype(bool), nothing)
 
+  def take(self, rows_B) -> "GroupScores":
+    """The rows `rows_B` (indices), in that order."""
+    rows_B = np.asarray(rows_B, np.int64)
+    arrays = [np.asarray(getattr(self, f))[rows_B] for f in _array_fields()]
+    return GroupScores([self.responses[i] for i in rows_B], *arrays)
+
+  @classmethod
+  def concatenate(cls, parts: list["GroupScores"]) -> "GroupScores":
+    arrays = [np.concatenate([np.asarray(getattr(p, f)) for p in parts])
+              for f in _array_fields()]
+    return cls([r for p in parts for r in p.responses], *arrays)
+
+
+def _array_fields() -> list[str]:
+  return [f.name for f in dataclasses.fields(GroupScores) if f.name != "responses"]
+
+
+def merge_scored_groups(parts) -> tuple[list[Group], GroupScores]:
+  """One (groups, scores) from several (e.g. every process's complete groups and their
+  scores), groups and rows in group-id order: the order one process holding every group
+  produces (buffered groups, older, come first; new groups in sampling order)."""
+  groups = [g for part_groups, _ in parts for g in part_groups]
+  scores = GroupScores.concatenate([part_scores for _, part_scores in parts])
+  row_group_ids = np.array([g.group_id for g in groups for _ in g.trajectories], np.int64)
+  order = np.argsort([g.group_id for g in groups], kind="stable")
+  return [groups[i] for i in order], scores.take(np.argsort(row_group_ids, kind="stable"))
+
 
 def score_groups(groups: list[Group], decode, reward_by_domain, rl_config, step: int,
                  registry: RewardRegistry = REGISTRY) -> GroupScores:

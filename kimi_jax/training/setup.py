@@ -133,11 +133,13 @@ def build_tokenizer(config, task: Task) -> Tokenizer:
 
 
 def build_basics(config, workdir: str) -> Basics:
-  """(task, tokenizer, model config, mesh) of a run; the tokenizer is saved in `workdir`."""
+  """(task, tokenizer, model config, mesh) of a run; the tokenizer is saved in `workdir` (by
+  process 0)."""
   os.makedirs(workdir, exist_ok=True)
   task = build_task(config.task, config.get("data"), seed=config.seed)
   tokenizer = build_tokenizer(config, task)
-  tokenizer.save(os.path.join(workdir, "tokenizer"))
+  if multihost.is_main_process():
+    tokenizer.save(os.path.join(workdir, "tokenizer"))
   if config.init.checkpoint:
     model_config = checkpoint_model_config(config.init.checkpoint, config.model,
                                            config.init.changed_fields)

@@ -103,3 +103,20 @@ def test_an_error_right_after_an_async_save_waits_for_it(tmp_path):
       abstract, {"w": big["w"].sharding}, log=lines.append)
   assert step == 1 and not lines
   np.testing.assert_array_equal(state["w"], big["w"])
+
+
+def test_checkpoint_directories_are_epath_paths_local_relative_or_remote(tmp_path, monkeypatch):
+  from etils import epath
+  from kimi_jax.checkpointing.manager import absolute_path
+  monkeypatch.chdir(tmp_path)
+  # A relative local directory is taken from the working directory and works end to end.
+  ckpt = RunCheckpointer("run/checkpoints", async_save=False)
+  assert isinstance(ckpt.directory, epath.Path)
+  assert str(ckpt.directory) == str(tmp_path / "run" / "checkpoints")
+  ckpt.save(1, _small_tree(1.0), {"iteration": 1})
+  ckpt.close()
+  assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
+  # Remote URIs stay remote (os.path.abspath made them $PWD/gs:/bucket/...); writing there
+  # needs gcsfs and a bucket, which this machine has not.
+  assert str(absolute_path("gs://bucket/run/checkpoints")) == "gs://bucket/run/checkpoints"
+  assert str(absolute_path("s3://bucket/run") / "checkpoints") == "s3://bucket/run/checkpoints"

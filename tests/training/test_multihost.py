@@ -1,11 +1,15 @@
 """One job as two JAX processes (4 fake CPU devices each, gloo collectives) against the same job
 as one process with 8 devices: launch/scripts/local_cluster.sh, global batches built from each
-process's rows, process 0 the only writer."""
+process's rows, process 0 the only writer; RL with each process rolling out its slice of the
+groups, killed with SIGKILL and resumed."""
+import glob
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -26,21 +30,96 @@ def read_rows(path: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
+ONE_PROCESS_ENV = {**os.environ, "JAX_PLATFORMS": "cpu",
+                   "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+def start_cluster(entry: str, workdir: str) -> subprocess.Popen:
+  """launch/scripts/local_cluster.sh with 2 processes, in its own session (killable as one)."""
+  return subprocess.Popen(["bash", "launch/scripts/local_cluster.sh", "2", entry,
+                           f"--workdir={workdir}", *FLAGS], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                          env={**os.environ, "PORT": str(free_port()), "PYTHON": sys.executable})
+
+
+def finish(process: subprocess.Popen) -> str:
+  out = process.communicate(timeout=900)[0]
+  assert process.returncode == 0, out[-3000:]  # every process exited 0
+  return out
+
+
+@pytest.fixture(scope="module")
+def rl_one_process(tmp_path_factory) -> str:
+  """The workdir of `launch.train_rl` on the smoke config as one process with 8 devices."""
+  workdir = str(tmp_path_factory.mktemp("rl_one"))
+  subprocess.run([sys.executable, "-m", "launch.train_rl", f"--workdir={workdir}", *FLAGS],
+                 cwd=ROOT, env=ONE_PROCESS_ENV, check=True, capture_output=True, timeout=900)
+  return workdir
+
+
+# Metric -> absolute tolerance, all at rtol 1e-4: float32 sums split differently over two
+# processes differ in the last bits. The S - S_ref terms are differences of response log-prob
+# sums of ~30 nats, so float32 rounding of the sums (~4e-6) shows as absolute error.
+RL_KEYS = {**dict.fromkeys(("reward", "loss", "grad_norm", "length_mean", "accuracy", "entropy",
+                            "pg_loss", "seq_logp", "max_attention_logit", "complete_groups",
+                            "buffer_groups", "updates", "eval/pass@1", "eval/mean_tokens",
+                            "start/pass@1"), 0.0),
+           **dict.fromkeys(("log_ratio", "tau_loss", "kl_prev"), 1e-5)}
+
+
+def assert_same_rl_run(one: str, two: str) -> None:
+  """Same metrics rows (one writer: as many rows as one process writes) and the same samples."""
+  rows_one, rows_two = read_rows(f"{one}/metrics.jsonl"), read_rows(f"{two}/metrics.jsonl")
+  assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == [0, 1, 2, 3]
+  for a, b in zip(rows_one, rows_two):
+    assert b.keys() == a.keys()
+    for key in RL_KEYS.keys() & a.keys():
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=RL_KEYS[key],
+                                 err_msg=f"step {a['step']} {key}")
+  samples = lambda d: sorted(os.path.basename(p) for p in glob.glob(f"{d}/samples/*.jsonl"))
+  assert samples(two) == samples(one) == [f"iter_{i:05d}.jsonl" for i in range(3)]
+  for name in samples(one):
+    a, b = read_rows(f"{one}/samples/{name}"), read_rows(f"{two}/samples/{name}")
+    assert [r["response"] for r in b] == [r["response"] for r in a], name
+    np.testing.assert_allclose([r["reward"] for r in b], [r["reward"] for r in a], rtol=1e-6)
+  assert sorted(os.listdir(f"{two}/hf")) == sorted(os.listdir(f"{one}/hf"))
+
+
+@pytest.mark.slow
+def test_rl_as_two_processes_equals_one_process(rl_one_process, tmp_path):
+  # Each process samples its half of the prompt groups (seeds keyed by group id), scores them,
+  # and the groups are gathered for the loss: the same rollouts and updates as one process.
+  two = str(tmp_path / "two")
+  out = finish(start_cluster("train_rl", two))
+  assert "[0] summary:" in out and "[1] summary:" not in out
+  assert_same_rl_run(rl_one_process, two)
+
+
+@pytest.mark.slow
+def test_rl_two_processes_killed_and_resumed_equals_one_process(rl_one_process, tmp_path):
+  two = str(tmp_path / "two")
+  cluster = start_cluster("train_rl", two)
+  deadline = time.monotonic() + 900
+  while not os.path.isdir(f"{two}/checkpoints/1") and cluster.poll() is None:
+    assert time.monotonic() < deadline
+    time.sleep(0.1)
+  os.killpg(cluster.pid, signal.SIGKILL)  # both processes and the script, mid-run
+  cluster.communicate()
+  assert not os.path.exists(f"{two}/summary.json"), "the run finished before the kill"
+  out = finish(start_cluster("train_rl", two))
+  assert "[0] resumed from checkpoint" in out and "[1] resumed from checkpoint" in out
+  assert_same_rl_run(rl_one_process, two)
+
+
 @pytest.mark.slow
 def test_sft_stage_as_two_processes_equals_one_process(tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   single = subprocess.Popen([sys.executable, "-m", "launch.train_sft", f"--workdir={one}", *FLAGS],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  cluster = subprocess.run(["bash", "launch/scripts/local_cluster.sh", "2", "train_sft",
-                            f"--workdir={two}", *FLAGS], cwd=ROOT, capture_output=True, text=True,
-                           env={**os.environ, "PORT": str(free_port()), "PYTHON": sys.executable},
-                           timeout=900)
-  single_out = single.communicate(timeout=900)[0].decode()
-  assert single.returncode == 0, single_out[-3000:]
-  assert cluster.returncode == 0, cluster.stdout[-3000:]  # both processes exited 0
-  assert "[0] held-out" in cluster.stdout and "[1] held-out" in cluster.stdout
+                            cwd=ROOT, env=ONE_PROCESS_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+  cluster_out = finish(start_cluster("train_sft", two))
+  finish(single)
+  assert "[0] held-out" in cluster_out and "[1] held-out" in cluster_out
 
   rows_one, rows_two = (read_rows(os.path.join(d, "sft_metrics.jsonl")) for d in (one, two))
   # One writer: as many rows as the one-process run, not one per process.
@@ -53,3 +132,25 @@ def test_sft_stage_as_two_processes_equals_one_process(tmp_path):
        open(os.path.join(two, "sft_summary.json")) as f2:
     assert json.load(f2) == json.load(f1)  # held-out eval on each process's own engine
   assert sorted(os.listdir(os.path.join(two, "hf"))) == sorted(os.listdir(os.path.join(one, "hf")))
+
+
+@pytest.mark.slow
+def test_a_process_other_than_0_writes_only_checkpoints(tmp_path, monkeypatch):
+  # A whole RL run (SFT warm-up, evals, samples, checkpoints, HF export) as a process that is
+  # not process 0: every file but the orbax checkpoints (which every process writes, here to
+  # config.checkpoint.directory outside the workdir) is left to process 0.
+  from experiments import rl_arith
+  from kimi_jax.training import multihost, rl
+  config = rl_arith.get_config("smoke")
+  config.rl.iterations = 2  # an eval (every 2) and the end of the run
+  config.checkpoint.directory = str(tmp_path / "checkpoints")
+  monkeypatch.setattr(multihost, "is_main_process", lambda: False)
+  assert rl.run(config, str(tmp_path / "run")) == {}
+  assert os.listdir(tmp_path / "run") == []
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]  # checkpoint.keep = 2
+
+
+def test_resuming_with_another_process_count_names_the_saved_count():
+  from kimi_jax.training import rl
+  with pytest.raises(ValueError, match="buffers of 2 processes; resume it with that many"):
+    rl.process_buffer([[], []])
