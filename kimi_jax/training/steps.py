@@ -61,6 +61,7 @@ def _with_activation_mesh(fn, mesh: Mesh, static):
     with activation_mesh(mesh):
       return bound(state, batch)
 
+  traced.__name__ = traced.__qualname__ = fn.__name__  # the program's name in profiles
   return traced
 
 
