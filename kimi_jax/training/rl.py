@@ -290,6 +290,15 @@ PLOT_KEYS = ["reward", "accuracy", "eval/pass@1", "length_mean", "kl_prev", "ent
              "grad_norm", "tokens_per_s", "buffer_groups"]
 
 
+def curve_records(records: list[dict]) -> list[dict]:
+  """The metrics rows the RL curves plot: every iteration's, with the starting policy's eval
+  ("start/..." at step 0) renamed "eval/..." so held-out curves begin at the SFT policy."""
+  start = lambda r: {"step": r["step"], **{"eval/" + k.removeprefix("start/"): v
+                                           for k, v in r.items() if k.startswith("start/")}}
+  return [start(r) if "start/pass@1" in r else r for r in records
+          if "reward" in r or "eval/pass@1" in r or "start/pass@1" in r]
+
+
 def write_summary(workdir: str) -> dict:
   """summary.json (starting policy vs final held-out eval) and the RL curves plot, both from
   metrics.jsonl."""
@@ -297,7 +306,7 @@ def write_summary(workdir: str) -> dict:
   summary = {}
   for record in records:  # later records win: the last eval after RL
     summary.update({k: v for k, v in record.items() if k.startswith(("start/", "eval/"))})
-  rl_records = [r for r in records if "reward" in r or "eval/pass@1" in r]
+  rl_records = curve_records(records)
   if rl_records:
     plot_metrics(rl_records, PLOT_KEYS, os.path.join(workdir, "rl_curves.png"), title="k1.5 RL",
                  x_key="step")
