@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo      -> the tiny k1.5 RL demo on CPU
+#   make demo-vision -> the tiny vision demo (arithmetic drawn as pictures) on CPU
 #   make test      -> the full test suite on 8 fake CPU devices (what CI runs)
 #   make test-fast -> the unit tier: everything not marked slow
 #   make bench     -> every benchmark (ratios to in-run references) -> runs/bench/results.{json,md}
@@ -17,6 +18,10 @@ install: .venv/.installed
 
 demo: install
 	$(PY) -m launch.train_rl --config=experiments/rl_arith.py:tiny --workdir=$(WORKDIR)
+
+VISION_WORKDIR ?= runs/vision
+demo-vision: install
+	$(PY) -m launch.train_rl --config=experiments/vision_arith.py:tiny --workdir=$(VISION_WORKDIR)
 
 # The code sandbox runs model-written programs under bubblewrap; installed when missing
 # (apt-get, as root on Debian/Ubuntu).
@@ -37,4 +42,4 @@ bench:
 bench-readme:
 	PYTHONPATH=$(CURDIR) $(PY) benchmarks/run_all.py --readme
 
-.PHONY: install demo sandbox test test-fast bench bench-readme
+.PHONY: install demo demo-vision sandbox test test-fast bench bench-readme

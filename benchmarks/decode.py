@@ -7,6 +7,7 @@ machine noise. Two sizes: an 86k-parameter model (dispatch-bound: per-token over
 and a ~19M-parameter one (compute-bound), whose tokens/s is also compared with the roofline
 `matmul FLOP/s / (2 x matmul parameters)` of an in-run `jnp.dot`.
 Run: .venv/bin/python benchmarks/decode.py
+     .venv/bin/python benchmarks/decode.py --profile_dir=runs/profile/decode  (trace + op table)
 """
 import dataclasses
 import os
@@ -28,12 +29,16 @@ import transformers  # noqa: E402
 from kimi_jax.checkpointing.hf import save_hf  # noqa: E402
 from kimi_jax.model import ModelConfig, init_params  # noqa: E402
 from kimi_jax.rollout.engine import RolloutEngine, SamplingParams  # noqa: E402
+import xla_profile  # noqa: E402
 from train_step import (CONFIG_20M, interleaved_medians, matmul, matmul_params,  # noqa: E402
                         median_seconds)
 
 REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per sampler (median reported)")
 MIX_REQUESTS = flags.DEFINE_integer("mix_requests", 128, "requests in the heavy-tailed mix")
 MIX_BATCH = flags.DEFINE_integer("mix_batch", 16, "rows for the heavy-tailed mix")
+PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "instead of the benchmark: a jax.profiler "
+                                  "trace of one 20M generate (greedy) in this directory, and the "
+                                  "top ops of its decode and prefill programs")
 
 TINY = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, eos_token_id=2)
@@ -139,8 +144,31 @@ def batching_walltimes(engine, prompts, lengths, batch: int):
   return median_seconds(continuous, 1), median_seconds(static, 1)
 
 
+def profile(profile_dir: str) -> None:
+  """Trace one greedy generate at the 20M size and print where its programs spend their time."""
+  xla_profile.dump_hlo(profile_dir, "jit_(decode|prefill)")
+  config, batch, prompt_len, new_tokens = SIZES["20m"]
+  engine = RolloutEngine(config, init_params(config, jax.random.key(0)), max_batch=batch,
+                         max_seq_len=prompt_len + new_tokens)
+  prompts = np.random.default_rng(0).integers(3, config.vocab_size, (batch, prompt_len)).tolist()
+  sampling = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
+  engine.generate(prompts, sampling)  # compile
+  steps, programs = engine.num_decode_steps, engine.prefill_counts["programs"]
+  with xla_profile.trace(profile_dir):
+    engine.generate(prompts, sampling)
+  steps, programs = engine.num_decode_steps - steps, engine.prefill_counts["programs"] - programs
+  print(f"trace in {profile_dir} (TensorBoard: the .xplane.pb; Perfetto: perfetto_trace.json.gz)")
+  xla_profile.print_table(f"decode, per step of batch {batch}",
+                          xla_profile.op_table(profile_dir, "jit_decode", per=steps))
+  xla_profile.print_table(f"prefill, per program ({prompt_len}-token bucket)",
+                          xla_profile.op_table(profile_dir, "jit_prefill", per=programs))
+
+
 def main(argv):
   del argv
+  if PROFILE_DIR.value:
+    profile(PROFILE_DIR.value)
+    return
   result = measure(REPEATS.value)
   for size, r in (("tiny", result["decode"]["tiny"]), ("20m", result["decode"]["qwen2_20m"])):
     print(f"model: {r['params']:,} params; batch {r['batch']}, prompt {r['prompt_tokens']}, "

@@ -3,14 +3,19 @@
 Each timed iteration is the real `rl.rl_iteration` (prompts from the sampler, rollouts through
 `collect_groups`, scoring by the reward registry, S_ref, optimizer reset and the minibatch
 steps of `PolicyTrainer`) followed by the weight sync, on the tiny arithmetic config. Response
-lengths are planted from a heavy-tailed mix (lognormal, median ~24 tokens, a tail up to the
-384-token cap): the backend samples with the real engine and stops each trajectory at its
-planted length. Without partial rollouts every iteration waits for its longest response; with
-them each trajectory gets at most `segment` tokens per iteration and unfinished groups resume
-from the buffer. Both modes start from the same weights, see the same prompt stream and the
-same planted lengths; the engine and the trainer (one program per minibatch length bucket) are
-compiled before timing and the first iteration of each mode is left out of its mean. Prints per mode the mean iteration time and its
-rollout / scoring / training parts, then the ratio of mean times (goal <= 0.6).
+lengths are planted from a heavy-tailed mix (lognormal: `--median`, `--sigma`, capped at
+`--max_response`): the backend samples with the real engine and stops each trajectory at its
+planted length, exactly (end-of-sequence does not stop it). Without partial rollouts every
+iteration waits for its longest response; with them each trajectory gets at most `--segment`
+tokens per iteration and unfinished groups resume from the buffer (re-prefilled with the new
+weights). Both modes start from the same weights, see the same prompt stream (uniform sampling)
+and the same planted lengths, and train every trajectory once, with the same trainer; the engine
+and the trainer (one program per minibatch length bucket) are compiled before timing. Untimed
+first iterations: 1 (full), and for partial the pipeline fill, max_response / segment
+iterations, during which fewer and shorter groups complete than in the steady state. Prints per
+mode the mean iteration time and its rollout / scoring / training / sync parts, the groups
+trained, decode steps and prefilled prompt tokens per iteration, then the ratio of mean times
+(goal <= 0.6) and the ratio per trained group.
 Run: .venv/bin/python benchmarks/partial_rollout.py   (`measure()` for `make bench`)
 """
 import dataclasses
@@ -41,14 +46,17 @@ PROMPTS = flags.DEFINE_integer("prompts", 16, "new prompts per iteration")
 K = flags.DEFINE_integer("k", 4, "samples per prompt")
 MAX_RESPONSE = flags.DEFINE_integer("max_response", 384, "response cap over all segments")
 SEGMENT = flags.DEFINE_integer("segment", 48, "tokens per trajectory per iteration (partial)")
+MEDIAN = flags.DEFINE_float("median", 24.0, "median planted response length (tokens)")
+SIGMA = flags.DEFINE_float("sigma", 1.0, "lognormal sigma of the planted lengths (tail weight)")
 
 
 class PlantedLengths(EngineBackend):
   """The engine's samples, each trajectory stopped at a length drawn for it when it starts
   (lognormal, seeded per iteration); a resumed request is recognised by its tokens so far."""
 
-  def __init__(self, engine, max_response: int):
+  def __init__(self, engine, max_response: int, median: float, sigma: float):
     self.engine, self.max_response = engine, max_response
+    self.median, self.sigma = median, sigma
     self.remaining_of: dict[tuple, int] = {}  # tokens so far -> tokens still to generate
     self.iteration = 0
 
@@ -56,10 +64,11 @@ class PlantedLengths(EngineBackend):
     del images  # text-only prompts
     rng = np.random.default_rng(self.iteration)
     remaining = [self.remaining_of.pop(tuple(request), None) for request in requests]
-    remaining = [int(np.clip(rng.lognormal(np.log(24), 1.0), 4, self.max_response))
+    remaining = [int(np.clip(rng.lognormal(np.log(self.median), self.sigma), 4,
+                             self.max_response))
                  if r is None else r for r in remaining]
-    sampling = [dataclasses.replace(s, max_new_tokens=min(s.max_new_tokens, r), ignore_eos=True)
-                for s, r in zip(sampling, remaining)]
+    sampling = [dataclasses.replace(s, max_new_tokens=min(s.max_new_tokens, r), ignore_eos=True,
+                                    stop_token_ids=()) for s, r in zip(sampling, remaining)]
     completions = self.engine.generate(requests, sampling)
     for request, completion, left in zip(requests, completions, remaining):
       left -= len(completion.output_ids)
@@ -71,18 +80,22 @@ class PlantedLengths(EngineBackend):
 
 
 def bench_config(max_response: int, segment: int, prompts: int, k: int):
+  """The tiny arithmetic config (its engine batch of 128 rows), uniform prompt sampling so both
+  modes see one prompt stream, no repetition stop or length penalty (lengths are planted)."""
   config = get_config("tiny")
   with config.unlocked():
     config.rl.update(max_response_tokens=max_response, segment_tokens=segment,
                      prompts_per_iteration=prompts, k=k, groups_per_minibatch=4,
                      repetition_ngram=0, repetition_count=0, length_penalty={"weight": 0.0})
-    config.rollout.update(max_batch=64, max_seq_len=max_response + 16)
+    config.sampler.strategy = "uniform"
+    config.rollout.max_seq_len = max_response + 16
   return config
 
 
-def run_mode(config, params, tx, trainer, backend, workdir,
+def run_mode(config, params, tx, trainer, backend, workdir, warmup: int,
              iterations: int) -> dict[str, float]:
-  """Mean seconds per iteration (all of it, and its rollout/reward/train parts), first out."""
+  """Means per timed iteration (after `warmup` untimed ones): seconds (all of it) and its
+  rollout / reward / train / sync parts, groups trained, decode steps and prefilled tokens."""
   task, tokenizer, model_config, mesh = build_basics(config, workdir)
   state, _ = train_state_from_params(model_config, tx, mesh, params)
   backend.sync(state.params, "0")
@@ -91,18 +104,24 @@ def run_mode(config, params, tx, trainer, backend, workdir,
                                config.rl.prompts_per_iteration, config.seed))
   buffer = PartialRolloutBuffer()
   sampling = SamplingParams(temperature=1.0, stop_token_ids=(tokenizer.eos_id,))
+  engine = backend.engine
   rows = []
-  for step in range(iterations):
+  for step in range(warmup + iterations):
     backend.iteration = step
+    decode_steps, prefilled = engine.num_decode_steps, engine.prefill_counts["prompt_tokens"]
     start = time.perf_counter()
     state, metrics = rl.rl_iteration(state, step, trainer, backend, sampling, sampler, buffer,
                                      task, tokenizer, config, workdir)
+    synced = time.perf_counter()
     backend.sync(state.params, str(step + 1))
-    rows.append((time.perf_counter() - start, metrics["time/rollout"], metrics["time/reward"],
-                 metrics["time/train"], metrics["complete_groups"]))
-  seconds, rollout, reward, train, groups = np.mean(rows[1:], axis=0).tolist()
-  return {"seconds": seconds, "rollout": rollout, "reward": reward, "train": train,
-          "groups": groups}
+    end = time.perf_counter()
+    rows.append((end - start, metrics["time/rollout"], metrics["time/reward"],
+                 metrics["time/train"], end - synced, metrics["complete_groups"],
+                 engine.num_decode_steps - decode_steps,
+                 engine.prefill_counts["prompt_tokens"] - prefilled))
+  keys = ("seconds", "rollout", "reward", "train", "sync", "groups", "decode_steps",
+          "prefill_tokens")
+  return dict(zip(keys, np.mean(rows[warmup:], axis=0).tolist()))
 
 
 def warm_up_trainer(trainer, config, model_config, tx, mesh, params) -> None:
@@ -119,10 +138,14 @@ def warm_up_trainer(trainer, config, model_config, tx, mesh, params) -> None:
 
 
 def measure(iterations: int = 12, num_prompts: int = 16, k: int = 4, max_response: int = 384,
-            segment: int = 48) -> dict:
+            segment: int = 48, median: float = 24.0, sigma: float = 1.0) -> dict:
   """partial_vs_full_rl_iteration: mean whole-iteration time with partial rollouts / without."""
   full_config = bench_config(max_response, max_response, num_prompts, k)
   partial_config = bench_config(max_response, segment, num_prompts, k)
+  # Untimed first iterations: compilation (full), and filling the pipeline (partial): until a
+  # trajectory started in the first iteration can have reached the cap, fewer (and shorter)
+  # groups complete per iteration than in the steady state.
+  warmup = {"full": 1, "partial": -(-max_response // segment)}
   with tempfile.TemporaryDirectory() as workdir:
     task, tokenizer, model_config, mesh = build_basics(full_config, workdir)
     params = init_params(model_config, jax.random.key(0))
@@ -134,31 +157,39 @@ def measure(iterations: int = 12, num_prompts: int = 16, k: int = 4, max_respons
                            max_seq_len=full_config.rollout.max_seq_len,
                            eos_token_ids=(tokenizer.eos_id,))
     engine.warm_up()
-    backend = PlantedLengths(engine, max_response)
+    backend = PlantedLengths(engine, max_response, median, sigma)
     warm_up_trainer(trainer, full_config, model_config, tx, mesh, params)
-    modes = {name: run_mode(config, params, tx, trainer, backend, workdir, iterations)
+    modes = {name: run_mode(config, params, tx, trainer, backend, workdir, warmup[name],
+                            iterations)
              for name, config in (("full", full_config), ("partial", partial_config))}
+  per_group = {name: m["seconds"] / max(m["groups"], 1e-9) for name, m in modes.items()}
   return {"partial_vs_full_rl_iteration": modes["partial"]["seconds"] / modes["full"]["seconds"],
           "partial_rollout": dict(
-              modes=modes, iterations=iterations, prompts=num_prompts, k=k,
-              max_response=max_response, segment=segment,
+              modes=modes, iterations=iterations, warmup=warmup, prompts=num_prompts, k=k,
+              max_response=max_response, segment=segment, median=median, sigma=sigma,
+              engine_rows=full_config.rollout.max_batch,
+              per_trained_group_ratio=per_group["partial"] / per_group["full"],
               scope="whole RL iteration: rollout + scoring + training (rl_iteration) + sync",
               reference="the same prompt stream and planted lengths without partial rollouts")}
 
 
 def main(argv):
   del argv
-  result = measure(ITERATIONS.value, PROMPTS.value, K.value, MAX_RESPONSE.value, SEGMENT.value)
+  result = measure(ITERATIONS.value, PROMPTS.value, K.value, MAX_RESPONSE.value, SEGMENT.value,
+                   MEDIAN.value, SIGMA.value)
   r = result["partial_rollout"]
-  print(f"{r['iterations']} RL iterations of {r['prompts']} prompts x {r['k']}, response cap "
-        f"{r['max_response']}; means over iterations 2-{r['iterations']} (seconds):")
+  print(f"{r['prompts']} prompts x {r['k']} per iteration, planted lengths lognormal(median "
+        f"{r['median']:g}, sigma {r['sigma']:g}) capped at {r['max_response']}, engine "
+        f"{r['engine_rows']} rows; means over {r['iterations']} iterations after "
+        f"{r['warmup']['full']} (full) / {r['warmup']['partial']} (partial) untimed ones:")
   for name, m in r["modes"].items():
-    label = f"{name} rollouts" + (f" (segment {r['segment']})" if name == "partial" else "")
-    print(f"  {label:32s} {m['seconds']:6.3f} s/iter = rollout {m['rollout']:6.3f} + reward "
-          f"{m['reward']:5.3f} + train {m['train']:5.3f} (+ sync)   {m['groups']:4.1f} groups "
-          "trained per iteration")
+    label = f"{name}" + (f" (segment {r['segment']})" if name == "partial" else "")
+    print(f"  {label:20s} {m['seconds']:6.3f} s/iter = rollout {m['rollout']:6.3f} + reward "
+          f"{m['reward']:5.3f} + train {m['train']:6.3f} + sync {m['sync']:5.3f} | "
+          f"{m['groups']:4.1f} groups trained, {m['decode_steps']:5.0f} decode steps, "
+          f"{m['prefill_tokens']:6.0f} prefilled tokens per iteration")
   print(f"ratio partial / full (whole iteration): {result['partial_vs_full_rl_iteration']:.2f} "
-        "(goal <= 0.6)")
+        f"(goal <= 0.6); per trained group: {r['per_trained_group_ratio']:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Train-step throughput of a ~20M-parameter LM: tokens/s, achieved FLOP/s, and the ratio to
 a plain `jnp.dot` matmul's FLOP/s measured in the same run (the machine's attainable peak).
 Run: .venv/bin/python benchmarks/train_step.py [--dtype=bfloat16]
+     .venv/bin/python benchmarks/train_step.py --profile_dir=runs/profile/train  (trace + op table)
 """
 import argparse
 import dataclasses
@@ -11,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+import xla_profile
 
 from kimi_jax.model import ModelConfig
 from kimi_jax.sharding.rules import make_mesh
@@ -114,13 +117,31 @@ def measure(batch: int = 8, length: int = 256, dtype: str = "float32", reps: int
                              reference="jnp.dot of two 2048x2048 matrices, same dtype, timed in turns with the step")}
 
 
+def profile(profile_dir: str, batch: int, length: int, dtype: str) -> None:
+  """Trace three train steps and print where the step program spends its time."""
+  xla_profile.dump_hlo(profile_dir, "jit_lm_step")
+  run = train_step_runner(dataclasses.replace(CONFIG_20M, dtype=dtype), batch, length)
+  jax.block_until_ready(run())  # compile
+  with xla_profile.trace(profile_dir):
+    for _ in range(3):
+      jax.block_until_ready(run())
+  print(f"trace in {profile_dir} (TensorBoard: the .xplane.pb; Perfetto: perfetto_trace.json.gz)")
+  xla_profile.print_table(f"train step, batch {batch}x{length}",
+                          xla_profile.op_table(profile_dir, "jit_lm_step", per=3, top=25))
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--length", type=int, default=256)
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--profile_dir", default=None,
+                      help="instead of the benchmark: a jax.profiler trace of the step here")
   args = parser.parse_args()
+  if args.profile_dir:
+    profile(args.profile_dir, args.batch, args.length, args.dtype)
+    return
   result = measure(args.batch, args.length, args.dtype, args.reps)
   r = result["train_step"]
   print(f"params {r['params'] / 1e6:.1f}M  batch {r['batch']}x{r['length']}  "

@@ -1,7 +1,8 @@
 """Every experiment variant builds, passes the run's validation, and fits its own data."""
 import pytest
 
-from experiments import long2short_arith, long_context_arith, rl_arith, vision_arith
+from experiments import (code_rl, long2short_arith, long_context_arith, math_rl, rl_arith,
+                         vision_arith)
 from kimi_jax.data.packing import example_from_ids
 from kimi_jax.data.tasks import build_task
 from kimi_jax.data.tokenizer import char_tokenizer
@@ -14,6 +15,10 @@ VARIANTS = ([(rl_arith, v) for v in ("tiny", "tiny_nolp", "long_cot", "smoke", "
                for s in ("", ",smoke")]
             + [(long_context_arith, f"{st}{s}") for st in long_context_arith.STAGES
                for s in ("", ",smoke")])
+VISION_VARIANTS = ["tiny", "mixed", "smoke", "pod", "mixed,smoke"]
+# Every shipped config that runs RL.
+RL_VARIANTS = (VARIANTS + [(vision_arith, v) for v in VISION_VARIANTS]
+               + [(m, v) for m in (math_rl, code_rl) for v in ("smoke", "qwen2_5_1_5b", "pod")])
 
 
 @pytest.mark.parametrize("module,variant", VARIANTS,
@@ -32,7 +37,7 @@ def test_variant_is_valid_and_fits_its_data(module, variant):
   assert config.eval.max_new_tokens <= config.rollout.max_seq_len
 
 
-@pytest.mark.parametrize("variant", ["tiny", "mixed", "smoke", "pod"])
+@pytest.mark.parametrize("variant", VISION_VARIANTS)
 def test_vision_variant_is_valid_and_fits_its_data(variant):
   config = vision_arith.get_config(variant)
   validate_config(config)
@@ -63,8 +68,8 @@ def test_paper_dpo_has_no_chosen_nll_term_and_rpo_is_its_named_variant():
     assert rpo.long2short.dpo.chosen_nll_weight == 1.0
 
 
-@pytest.mark.parametrize("module,variant", VARIANTS,
-                         ids=[f"{m.__name__.split('.')[-1]}:{v}" for m, v in VARIANTS])
+@pytest.mark.parametrize("module,variant", RL_VARIANTS,
+                         ids=[f"{m.__name__.split('.')[-1]}:{v}" for m, v in RL_VARIANTS])
 def test_every_rl_variant_runs_partial_rollouts(module, variant):
   rl = module.get_config(variant).rl
   assert rl.segment_tokens < rl.max_response_tokens  # k1.5 2.6.2: on wherever RL runs

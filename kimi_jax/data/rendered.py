@@ -1,15 +1,17 @@
 """Synthetic vision tasks: arithmetic rendered as a picture, and bar-chart reading.
 
 Rendered arithmetic (k1.5's text-rendering data): the question "7+5-3=" of the arithmetic task
-is drawn, one character per 14-pixel cell, on a white strip 28 pixels high; the text prompt is
-only `ARITH_INSTRUCTION`, so the question exists only as pixels. The reference response is the
-text task's worked chain ("7+5=12,12-3=9#9").
+is drawn, one character per 28 x 28 cell, on a strip 28 pixels high; the text prompt is only
+`ARITH_INSTRUCTION`, so the question exists only as pixels. A cell is one 2x2 merge block of
+14-pixel patches: the model gets one image token per character, as the text task's char
+tokenizer gives one text token per character. The reference response is the text task's worked
+chain ("7+5=12,12-3=9#9").
 
 Charts: `num_bars` bars labelled A, B, ... with integer values in 0..max_value; a bar of value
-v is v * `unit` pixels high and 14 wide, centred in its 28-pixel column above its label. The
-text question names the bars to read ("B=" asks one value, "A+C=" a sum); the response reads
-each value, then adds them left to right: "A=3,C=5,3+5=8#8". The difficulty is the number of
-bars asked.
+v is v * `unit` pixels high and `BAR_WIDTH` wide, centred in its 28-pixel column above its
+label. The text question names the bars to read ("B=" asks one value, "A+C=" a sum); the
+response reads each value, then adds them left to right: "A=3,C=5,3+5=8#8". The difficulty is
+the number of bars asked.
 
 Images travel as base64 PNG strings in `Prompt.images`. Canvas sides are multiples of 28
 pixels and canvases hold at least 56 * 56 pixels, so Qwen2-VL's default preprocessing keeps
@@ -28,17 +30,21 @@ import PIL.ImageDraw
 import PIL.ImageFont
 
 from kimi_jax.data import synthetic
+from kimi_jax.data.images import CLIP_MEAN
 from kimi_jax.data.sources import Prompt
 
 ARITH_IMAGE_DOMAIN = "arith_image"
 CHART_DOMAIN = "chart"
 ARITH_INSTRUCTION = "Solve the problem in the image."
 LABELS = string.ascii_uppercase
-CELL = 14  # pixels per character (one patch column)
-ROW = 28  # pixels per merged-patch row
+ROW = 28  # pixels per merged-patch row (and column)
+CELL = ROW  # pixels per character: one merged patch, one LM token
+BAR_WIDTH = 14
 MIN_STRIP_WIDTH = 56 * 56 // ROW  # a strip of at least 56 * 56 pixels is never upscaled
-FONT_SIZE = 20
-INK, PAPER = (0, 0, 0), (255, 255, 255)
+FONT_SIZE = 24
+# The canvas is the preprocessing mean colour, so blank pixels enter the vision tower as zeros
+# and only the ink carries signal (a white canvas adds one large constant to every patch).
+INK, PAPER = (0, 0, 0), tuple(round(255 * m) for m in CLIP_MEAN)
 BAR_COLOR = (40, 80, 200)
 _MAX_REDRAWS = 10_000
 
@@ -57,7 +63,7 @@ def _draw_centered(draw: PIL.ImageDraw.ImageDraw, text: str, center_x: float, ce
 
 
 def render_text(text: str, cells: int) -> PIL.Image.Image:
-  """`text` one character per 14-pixel cell on a white strip 28 high and `cells` cells wide
+  """`text` one character per CELL-pixel cell on a strip 28 high and `cells` cells wide
   (rounded up to a multiple of 28 pixels, at least MIN_STRIP_WIDTH)."""
   if len(text) > cells:
     raise ValueError(f"{text!r} has {len(text)} characters; the strip holds {cells}")
@@ -125,9 +131,9 @@ def render_chart(values, layout: ChartLayout) -> PIL.Image.Image:
   image = PIL.Image.new("RGB", (ROW * len(values), layout.plot_height + ROW), PAPER)
   draw = PIL.ImageDraw.Draw(image)
   for i, value in enumerate(values):
-    left = i * ROW + (ROW - CELL) // 2
+    left = i * ROW + (ROW - BAR_WIDTH) // 2
     if value:
-      draw.rectangle((left, layout.plot_height - value * layout.unit, left + CELL - 1,
+      draw.rectangle((left, layout.plot_height - value * layout.unit, left + BAR_WIDTH - 1,
                       layout.plot_height - 1), fill=BAR_COLOR)
     _draw_centered(draw, LABELS[i], (i + 0.5) * ROW, layout.plot_height + ROW / 2)
   return image

@@ -161,6 +161,17 @@ class ModelConfig:
               f"out_hidden_size must equal hidden_size={self.hidden_size}")
 
   @property
+  def unsampled_token_ids(self) -> tuple[int, ...]:
+    """Ids a policy never emits: a VLM's vision special tokens (image and video pads, vision
+    start and end) that exist in its vocabulary. A sampled image pad would become an image slot
+    once the response is fed back as a prompt (a partial rollout resumed by re-prefill)."""
+    if self.vision is None:
+      return ()
+    v = self.vision
+    ids = (v.image_token_id, v.video_token_id, v.vision_start_token_id, v.vision_end_token_id)
+    return tuple(i for i in ids if 0 <= i < self.vocab_size)
+
+  @property
   def num_params(self) -> int:
     d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
     q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim

@@ -1,5 +1,10 @@
 """Per-token log-probabilities of a batch's targets under the LM (or the VLM, for batches that
-carry image fields: see `kimi_jax.data.image_batches`)."""
+carry image fields: see `kimi_jax.data.image_batches`).
+
+The policy is the model's distribution without `ModelConfig.unsampled_token_ids` (a VLM's
+vision special tokens): the rollout engine samples from `policy_logits` too, so the trainer's
+log-probs of sampled tokens are the sampler's.
+"""
 import jax
 import jax.numpy as jnp
 
@@ -7,6 +12,17 @@ from kimi_jax.model.config import ModelConfig
 from kimi_jax.model.transformer import Transformer, apply_lm, default_positions
 from kimi_jax.model.vision import VisionLayout
 from kimi_jax.model.vlm import encode_images
+
+
+# exp(-1e9 - max) is exactly 0 in float32: masked tokens get no probability, and their log-prob
+# stays finite, so a loss mask of 0 on a masked target (an image pad of a prompt) gives 0, not NaN.
+MASKED_LOGIT = -1e9
+
+
+def policy_logits(config: ModelConfig, logits_xV: jax.Array) -> jax.Array:
+  """Logits [..., V] with the ids the policy never emits set to MASKED_LOGIT."""
+  ids = jnp.asarray(config.unsampled_token_ids, jnp.int32)
+  return logits_xV.at[..., ids].set(MASKED_LOGIT)
 
 
 def _vlm_logits(config: ModelConfig, params, batch, return_max_logits: bool):
@@ -39,6 +55,6 @@ def token_logprobs(config: ModelConfig, params, batch, return_max_logits: bool =
     out = apply_lm(config, params, batch["tokens"], batch.get("positions"),
                    batch.get("segment_ids"), return_max_logits=return_max_logits)
   logits_BxTxV, max_logits_LxH = out if return_max_logits else (out, None)
-  logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
+  logp_BxTxV = jax.nn.log_softmax(policy_logits(config, logits_BxTxV), axis=-1)
   logp_BxT = jnp.take_along_axis(logp_BxTxV, batch["targets"][..., None], axis=-1)[..., 0]
   return (logp_BxT, max_logits_LxH) if return_max_logits else logp_BxT

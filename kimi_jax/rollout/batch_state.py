@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kimi_jax.model import ModelConfig, decode_lm, init_kv_cache
+from kimi_jax.model.logprobs import policy_logits
 from kimi_jax.model.transformer import Transformer
 from kimi_jax.model.vision import VisionLayout
 from kimi_jax.model.vlm import embed_with_images, encode_images
@@ -150,7 +151,8 @@ def reset_rows(config: ModelConfig, max_stop_ids: int, state: BatchState,
 
 
 def _record(state: BatchState, logits_BxV, budget, ngram: int, count: int):
-  """Sample one token for active rows within `budget`, append it and apply stop rules."""
+  """Sample one token for active rows within `budget`, append it and apply stop rules.
+  `logits_BxV` are the policy's (`policy_logits`: a VLM never samples its vision tokens)."""
   b, s = state.history_BxS.shape
   emit_B = state.active_B & (jnp.cumsum(state.active_B) <= budget)
   next_position_B = state.position_B + 1
@@ -264,8 +266,8 @@ def decode_chunk(config: ModelConfig, params, state: BatchState, release_B, budg
     logits_Bx1xV, kv_cache = decode_lm(config, params, tokens_Bx1, state.position_B[:, None],
                                        state.kv_cache,
                                        (state.position_B + state.rope_delta_B)[:, None])
-    state, new, budget = _record(state.replace(kv_cache=kv_cache), logits_Bx1xV[:, 0], budget,
-                                 ngram, count)
+    state, new, budget = _record(state.replace(kv_cache=kv_cache),
+                                 policy_logits(config, logits_Bx1xV[:, 0]), budget, ngram, count)
     emitted = tuple(buf.at[step].set(value) for buf, value in zip(emitted, new))
     return step + 1, state, budget, emitted
 

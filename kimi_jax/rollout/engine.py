@@ -186,6 +186,7 @@ class RolloutEngine:
     def counted(*args):
       self._traces[name] += 1  # runs only while tracing, i.e. once per compilation
       return fn(*args)
+    counted.__name__ = counted.__qualname__ = name  # the program's name in profiles, HLO dumps
     return jax.jit(counted, donate_argnums=(1,))
 
   @property

@@ -69,6 +69,18 @@ def kept_mask(logp_BxV, top_p_B, top_k_B, min_p_B) -> jax.Array:
   return probs_BxV >= threshold_B
 
 
+def first_argmax(x_BxV: jax.Array) -> jax.Array:
+  """`jnp.argmax(x_BxV, axis=-1)` (first maximum; first NaN if any) as two plain reductions.
+
+  XLA:CPU runs argmax as one variadic (value, index) reduction that does not vectorise: on a
+  [64, 8192] float32 array it took 8x the time of this max + min pair (measured).
+  """
+  max_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)  # NaN if the row holds one
+  hit_BxV = (x_BxV == max_Bx1) | jnp.isnan(x_BxV)
+  vocab = x_BxV.shape[-1]
+  return jnp.min(jnp.where(hit_BxV, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+
+
 def sample_tokens(logits_BxV, temperature_B, top_p_B, top_k_B, min_p_B, keys_B):
   """Returns (tokens_B int32, logprobs_B float32).
 
@@ -86,7 +98,9 @@ def sample_tokens(logits_BxV, temperature_B, top_p_B, top_k_B, min_p_B, keys_B):
       jnp.any(~greedy_B),
       lambda keys: jax.vmap(lambda key: jax.random.gumbel(key, logp_BxV.shape[-1:]))(keys),
       lambda keys: jnp.zeros(logp_BxV.shape, logp_BxV.dtype), keys_B)
-  sampled_B = jnp.argmax(jnp.where(keep_BxV, logp_BxV + gumbel_BxV, -jnp.inf), axis=-1)
-  tokens_B = jnp.where(greedy_B, jnp.argmax(logits_BxV, axis=-1), sampled_B).astype(jnp.int32)
+  # One argmax for both kinds of row: greedy rows take the raw logits' argmax.
+  scores_BxV = jnp.where(greedy_B[:, None], logits_BxV,
+                         jnp.where(keep_BxV, logp_BxV + gumbel_BxV, -jnp.inf))
+  tokens_B = first_argmax(scores_BxV)
   logprobs_B = jnp.take_along_axis(logp_BxV, tokens_B[:, None], axis=-1)[:, 0]
   return tokens_B, logprobs_B

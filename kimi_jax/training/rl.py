@@ -200,28 +200,38 @@ class PolicyTrainer:
   def train(self, state, batch: dict[str, np.ndarray]):
     """S_ref once before any update, reset, then M minibatch steps. Returns (state, metrics).
 
-    The reference log-probs come from the gradient program itself, run on every minibatch at
-    pi_theta_i (a gradient pass per minibatch, the price of the first update's loss seeing
-    exactly S - S_ref = 0)."""
+    The reference log-probs come from the gradient program itself, run at pi_theta_i (a
+    gradient pass per minibatch, the price of the first update's loss seeing exactly
+    S - S_ref = 0). The first minibatch's update runs at pi_theta_i, so it is its own
+    reference pass; minibatches run longest groups first, so that pass saved is the costliest."""
     num_minibatches = batch["tokens"].shape[0] // (self.rl.groups_per_minibatch * self.rl.k)
-    minibatches = [rl_data.trim_to_bucket(mb) for mb in rl_data.split_minibatches(
-        {**batch, "ref_logp": np.zeros(batch["loss_mask"].shape, np.float32)}, self.rl.k,
-        num_minibatches)]
+    rows = batch["loss_mask"].shape[0]
+    grouped = rl_data.groups_by_length(
+        {**batch, "ref_logp": np.zeros(batch["loss_mask"].shape, np.float32),
+         "ref_is_own": np.zeros(rows, bool)}, self.rl.k)
+    minibatches = [rl_data.trim_to_bucket(mb)
+                   for mb in rl_data.split_minibatches(grouped, self.rl.k, num_minibatches)]
     # Every program sees bucketed minibatch shapes only: nothing recompiles when the number of
-    # complete groups changes from one iteration to the next (partial rollouts).
-    old_logp = [multihost.to_host(self.token_logprobs(state, mb)) for mb in minibatches]
-    for mb in minibatches:
+    # complete groups changes from one iteration to the next (partial rollouts). Only the
+    # minibatches of a heavy tail's long groups pay long buckets.
+    for mb in minibatches[1:]:
       mb["ref_logp"] = multihost.to_host(self.grads(state, mb)[1]["logp_BxT"])
     state = reset_opt_state(state)
     step_metrics = []
-    for _ in range(self.rl.epochs):
-      for mb in minibatches:
-        state, metrics = self.apply(state, *self.grads(state, mb))
+    for epoch in range(self.rl.epochs):
+      for i, mb in enumerate(minibatches):
+        first = epoch == 0 and i == 0
+        grads, metrics = self.grads(state, {**mb, "ref_is_own": np.full(len(mb["rewards"]),
+                                                                          first)})
+        if first:
+          mb["ref_logp"] = multihost.to_host(metrics["logp_BxT"])
+        state, metrics = self.apply(state, grads, metrics)
         step_metrics.append(metrics)
     new_logp = [multihost.to_host(self.token_logprobs(state, mb)) for mb in minibatches]
     step_metrics = jax.device_get(step_metrics)  # one transfer for every minibatch's metrics
     metrics = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
     masks = [mb["loss_mask"] for mb in minibatches]
+    old_logp = [mb["ref_logp"] for mb in minibatches]  # pi_theta_i's, from the reference pass
     metrics["kl_prev"] = k3_kl(*(np.concatenate([lp[mask > 0] for lp, mask in zip(logp, masks)])
                                  for logp in (old_logp, new_logp)))
     metrics["updates"] = len(step_metrics)
@@ -231,7 +241,8 @@ class PolicyTrainer:
     """`train`'s metric names with NaN values: the row of an iteration with nothing to train."""
     tokens = np.zeros((rows, 2), np.int32)
     dummy = {"tokens": tokens, "targets": tokens, "loss_mask": np.zeros((rows, 2), np.float32),
-             "ref_logp": np.zeros((rows, 2), np.float32), "rewards": np.zeros(rows, np.float32),
+             "ref_logp": np.zeros((rows, 2), np.float32), "ref_is_own": np.zeros(rows, bool),
+             "rewards": np.zeros(rows, np.float32),
              "group_ids": np.zeros(rows, np.int32)}
     if self.row_images is not None:  # rows without images, shaped like the real ones
       dummy.update(image_fields(self.row_images.vision, tokens, [None] * rows,

@@ -64,6 +64,29 @@ def build_rl_batch(groups: Sequence[Group], rewards_B: np.ndarray, seq_len: int,
           "rewards": np.asarray(rewards_B, np.float32), "group_ids": group_ids}
 
 
+def groups_by_length(batch: dict[str, np.ndarray], group_size: int) -> dict[str, np.ndarray]:
+  """The batch's whole groups reordered by length, longest first (a group's length: the end
+  of its last counted token; ties keep batch order), `group_ids` renumbered in the new order.
+
+  Split into minibatches and trimmed to their buckets, the few long groups of a heavy-tailed
+  batch then share minibatches and only those pay the long length (Hugging Face Trainer's
+  `group_by_length`, here by whole groups since the loss's group baseline needs every member).
+  """
+  mask_BxT = batch["loss_mask"]
+  num_groups = mask_BxT.shape[0] // group_size
+  if mask_BxT.shape[0] % group_size:
+    raise ValueError(f"{mask_BxT.shape[0]} rows are not whole groups of {group_size}")
+  counted_BxT = mask_BxT > 0
+  end_B = np.where(counted_BxT.any(axis=1),
+                   mask_BxT.shape[1] - np.argmax(counted_BxT[:, ::-1], axis=1), 0)
+  order_G = np.argsort(-end_B.reshape(num_groups, group_size).max(axis=1), kind="stable")
+  rows_B = (order_G[:, None] * group_size + np.arange(group_size)).reshape(-1)
+  grouped = {k: v[rows_B] for k, v in batch.items()}
+  grouped["group_ids"] = np.repeat(np.arange(num_groups), group_size).astype(
+      batch["group_ids"].dtype)
+  return grouped
+
+
 def split_minibatches(batch: dict[str, np.ndarray], group_size: int, num_minibatches: int):
   """Split a batch into `num_minibatches` of whole groups (rows must be group-contiguous)."""
   b = batch["tokens"].shape[0]

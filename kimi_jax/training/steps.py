@@ -61,6 +61,7 @@ def _with_activation_mesh(fn, mesh: Mesh, static):
     with activation_mesh(mesh):
       return bound(state, batch)
 
+  traced.__name__ = traced.__qualname__ = fn.__name__  # the program's name in profiles
   return traced
 
 
@@ -101,11 +102,16 @@ def masked_token_logprobs(state, batch, config: ModelConfig) -> jax.Array:
 
 def rl_loss(params, batch, config: ModelConfig, policy_loss):
   """`policy_loss(logp_BxT, batch) -> (loss, metrics)`, e.g. the bound mirror-descent loss.
-  The metrics also carry the masked per-token log-probs the loss saw, `logp_BxT`."""
+  The metrics also carry the masked per-token log-probs the loss saw, `logp_BxT`.
+
+  Rows with `ref_is_own` set take these very log-probs (stop-gradient) as `ref_logp`: for a
+  minibatch trained at pi_theta_i itself they are the reference, with no separate pass."""
   logp_BxT, max_logits_LxH = token_logprobs(config, params, batch, return_max_logits=True)
-  loss, metrics = policy_loss(logp_BxT, batch)
-  return loss, {**metrics, "logp_BxT": logp_BxT * batch["loss_mask"],
-                "max_logits": max_logits_LxH}
+  masked_BxT = logp_BxT * batch["loss_mask"]
+  ref_BxT = jnp.where(batch["ref_is_own"][:, None], jax.lax.stop_gradient(masked_BxT),
+                      batch["ref_logp"])
+  loss, metrics = policy_loss(logp_BxT, {**batch, "ref_logp": ref_BxT})
+  return loss, {**metrics, "logp_BxT": masked_BxT, "max_logits": max_logits_LxH}
 
 
 def rl_grads(state, batch, config: ModelConfig, policy_loss):
@@ -113,7 +119,8 @@ def rl_grads(state, batch, config: ModelConfig, policy_loss):
 
   Run at pi_theta_i before any update, its `logp_BxT` are the reference log-probs: the same
   program then computes the loss's own log-probs, so at the first update they are equal bit
-  for bit and the tau term of the k1.5 loss is exactly inert there.
+  for bit and the tau term of the k1.5 loss is exactly inert there. The minibatch of the first
+  update, run at pi_theta_i, is its own reference pass (`ref_is_own`).
   """
   return jax.grad(rl_loss, has_aux=True)(state.params, batch, config, policy_loss)
 

@@ -1,14 +1,15 @@
 """Training batches with images: token log-probs of the batch-major image fields equal apply_vlm
-on each row alone, and SFT image batches hold one example per row."""
+on each row alone (over the vocabulary without the vision tokens, which the policy never emits),
+and SFT image batches hold one example per row."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.data import image_batches, rendered
+from kimi_jax.data import image_batches, image_prompts, rendered
 from kimi_jax.data.packing import Example
 from kimi_jax.model import apply_vlm
 from kimi_jax.model.logprobs import token_logprobs
-from tests.tiny_vlm import encoded, model
+from tests.tiny_vlm import encoded, model, tokenizer
 
 # float32; a batch row's patches sit beside padding patches, apply_vlm's do not.
 ATOL = 1e-4
@@ -36,12 +37,17 @@ def test_token_logprobs_of_image_fields_equal_apply_vlm_per_row():
       config.vision, batch["tokens"], [p.images if len(p.images.image_grid_thw) else None
                                        for p in prompts], per_row))
   ours = np.asarray(jax.jit(token_logprobs, static_argnums=0)(config, params, batch))
+  vision_ids = list(image_prompts.vision_token_ids(tokenizer()))
   for i, p in enumerate(prompts):
-    logits = apply_vlm(config, params, batch["tokens"][i:i + 1], p.images.pixel_values,
-                       p.images.image_grid_thw)
-    logp = jax.nn.log_softmax(jnp.asarray(logits[0], jnp.float32), axis=-1)
+    logits = np.array(apply_vlm(config, params, batch["tokens"][i:i + 1], p.images.pixel_values,
+                                p.images.image_grid_thw)[0], np.float32)
+    logits[:, vision_ids] = -np.inf
+    logp = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
     expected = np.take_along_axis(np.asarray(logp), batch["targets"][i][:, None], axis=-1)[:, 0]
-    np.testing.assert_allclose(ours[i], expected, atol=ATOL, rtol=0)
+    vision = np.isin(batch["targets"][i], vision_ids)  # prompt image pads: no probability
+    np.testing.assert_allclose(ours[i][~vision], expected[~vision], atol=ATOL, rtol=0)
+    assert vision.sum() > 0 or not len(p.images.image_grid_thw)
+    assert np.all(np.exp(ours[i][vision]) == 0.0) and np.isfinite(ours[i]).all()
   assert batch["frame_ids"].max() == 2  # three images, frame ids unique across rows
   assert (batch["frame_ids"][2] == -1).all()  # the text row has only padding patches
 

@@ -86,4 +86,5 @@ def test_concat_images():
   both = image_prompts.concat_images([a, b])
   np.testing.assert_array_equal(both.pixel_values,
                                 np.concatenate([a.pixel_values, b.pixel_values]))
-  assert both.image_grid_thw.tolist() == [[1, 2, 8], [1, 2, 8], [1, 2, 8]]
+  # 28-pixel strips of 4 and 8 cells of 28 pixels: 2 x 8 and 2 x 16 patches of 14 pixels.
+  assert both.image_grid_thw.tolist() == [[1, 2, 8], [1, 2, 8], [1, 2, 16]]

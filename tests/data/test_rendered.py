@@ -90,9 +90,9 @@ def test_chart_bar_heights_proportional_to_values(chart_split):
       heights.append(len(rows))
       if value:  # one solid rectangle standing on the plot's floor
         assert rows[-1] == LAYOUT.plot_height - 1 and rows[-1] - rows[0] + 1 == len(rows)
-        assert column.sum() == len(rows) * rendered.CELL
+        assert column.sum() == len(rows) * rendered.BAR_WIDTH
     np.testing.assert_array_equal(heights, np.array(chart.values) * LAYOUT.unit)
-    assert len(columns) == rendered.CELL * sum(v > 0 for v in chart.values)
+    assert len(columns) == rendered.BAR_WIDTH * sum(v > 0 for v in chart.values)
 
 
 def test_images_keep_every_pixel_through_preprocessing(arith_split, chart_split):
@@ -130,3 +130,16 @@ def test_bad_arguments():
     rendered.render_chart((1, 10), LAYOUT)
   with pytest.raises(ValueError, match="num_asked"):
     rendered.make_chart_question(np.random.default_rng(0), num_bars=2, num_asked=3, max_value=9)
+
+
+def test_one_image_token_per_character_and_blank_pixels_enter_as_zeros():
+  processing = images.ImageProcessing()
+  for cells_wide in (4, 8, 9):
+    strip = images.preprocess([rendered.render_text("7+5-3=1"[:cells_wide], cells_wide)],
+                              processing)
+    assert images.num_image_tokens(strip.image_grid_thw[0], processing.merge_size) == cells_wide
+  blank = images.preprocess([rendered.render_text("", 8)], processing).pixel_values
+  # The canvas is the CLIP mean rounded to 8 bits: at most half a level / std from zero.
+  assert np.abs(blank).max() <= 0.5 / 255 / min(images.CLIP_STD) + 1e-6
+  inked = images.preprocess([rendered.render_text("8", 4)], processing).pixel_values
+  assert np.abs(inked).max() > 1.0

@@ -1,9 +1,10 @@
 """The engine on prompts with images agrees with full forwards of the VLM (apply_vlm).
 
 Every greedy token is the argmax of the full forward over prompt + the tokens before it, and
-its log-prob equals that forward's log_softmax within 1e-4 (float32; cached decode and the full forward sum in different
-orders). Prompts of one prefill program mix images of different sizes, text-only prompts and
-several samples sharing one prompt's images.
+its log-prob equals that forward's log_softmax within 1e-4 (float32; cached decode and the full
+forward sum in different orders), both over the vocabulary without the vision special tokens (a
+VLM policy never emits them). Prompts of one prefill program mix images of different sizes,
+text-only prompts and several samples sharing one prompt's images.
 """
 import jax
 import jax.numpy as jnp
@@ -13,22 +14,25 @@ import pytest
 from kimi_jax.data import image_prompts, rendered
 from kimi_jax.model import ModelConfig, apply_vlm, init_params
 from kimi_jax.rollout.engine import RolloutEngine, SamplingParams
-from tests.tiny_vlm import encoded, model
+from tests.tiny_vlm import encoded, model, tokenizer
 
 ATOL = 1e-4
 
 
 def full_forward_logprobs(config, params, prompts, outputs):
   """Per prompt, log_softmax of apply_vlm's logits over prompt + output at the positions that
-  predict the output tokens: [len(output), V]. One batched call; rows are right-padded with
-  the pad id 0 (causal, so padding never changes earlier logits)."""
+  predict the output tokens, the vision tokens' logits set to -inf: [len(output), V]. One
+  batched call; rows are right-padded with the pad id 0 (causal, so padding never changes
+  earlier logits)."""
   rows = [list(p.ids) + list(o) for p, o in zip(prompts, outputs)]
   tokens = np.zeros((len(rows), max(map(len, rows))), np.int32)
   for i, row in enumerate(rows):
     tokens[i, :len(row)] = row
   batch = image_prompts.concat_images([p.images for p in prompts])
   logits = apply_vlm(config, params, tokens, batch.pixel_values, batch.image_grid_thw)
-  logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1))
+  logits = np.array(logits, np.float32)
+  logits[..., list(image_prompts.vision_token_ids(tokenizer()))] = -np.inf
+  logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
   return [logp[i, len(p.ids) - 1:len(p.ids) - 1 + len(o)]
           for i, (p, o) in enumerate(zip(prompts, outputs))]
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from kimi_jax.rollout.repetition import first_loop_end, repeated_loop
-from kimi_jax.rollout.sampling import kept_mask, log_probs, sample_tokens
+from kimi_jax.rollout.sampling import first_argmax, kept_mask, log_probs, sample_tokens
 from kimi_jax.rollout.types import SamplingParams
 from tests.rollout.tiny_model import is_loop, kept_set, log_softmax
 
@@ -54,6 +54,16 @@ def test_greedy_rows_take_argmax_with_temperature_one_logprobs():
   np.testing.assert_array_equal(tokens, logits_BxV.argmax(-1))
   expected = log_softmax(logits_BxV)[np.arange(4), logits_BxV.argmax(-1)]
   np.testing.assert_allclose(logprobs, expected, atol=LOGPROB_ATOL)
+
+
+def test_first_argmax_matches_numpy_on_ties_infinities_and_nans():
+  x_BxV = np.random.default_rng(3).integers(-3, 4, (64, 50)).astype(np.float32)  # many ties
+  x_BxV[1] = -np.inf
+  x_BxV[2, [7, 30]] = np.inf
+  x_BxV[3, [11, 40]] = np.nan
+  x_BxV[4, 0] = np.nan
+  x_BxV[5, -1] = 1e30
+  np.testing.assert_array_equal(first_argmax(jnp.asarray(x_BxV)), np.argmax(x_BxV, axis=-1))
 
 
 @pytest.mark.parametrize("outputs", [

@@ -76,24 +76,50 @@ def test_zero_advantage_at_theta_i_gives_exactly_zero_gradient_even_at_large_tau
 
 
 def test_reference_is_the_pre_update_log_probs_computed_once():
+  """Minibatches run longest groups first. The first is trained at pi_theta_i and is its own
+  reference pass (`ref_is_own`); the second gets one reference pass before any update; epoch 2
+  reuses both references."""
   trainer, state = trainer_and_state(optax.sgd(0.5), rl_config())
   recorder = trainer.grads = RecordingGrads(trainer.grads)
   batch = make_batch(1)
   params_before = jax.device_get(state.params)
   state, metrics = trainer.train(state, batch)
-  # Two reference passes (ref_logp still zero), then 2 epochs x 2 minibatch steps.
-  assert len(recorder.calls) == 2 + 4 and metrics["updates"] == 4
-  assert all(not c["ref_logp"].any() for c in recorder.calls[:2])
+  # One reference pass (ref_logp still zero), then 2 epochs x 2 minibatch steps.
+  assert len(recorder.calls) == 1 + 4 and metrics["updates"] == 4
+  assert not recorder.calls[0]["ref_logp"].any()
+  assert [c["ref_is_own"].tolist() for c in recorder.calls] == [
+      [False] * 8, [True] * 8, [False] * 8, [False] * 8, [False] * 8]
+  ends_G = (batch["loss_mask"] * np.arange(1, T + 1)).max(axis=1).reshape(GROUPS, K).max(axis=1)
+  order_B = np.concatenate([np.arange(g * K, (g + 1) * K) for g in np.argsort(-ends_G,
+                                                                              kind="stable")])
+  assert not np.array_equal(order_B, np.arange(K * GROUPS))  # a reordering to get right
   before_BxT = np.asarray(token_logprobs(CFG, params_before, batch)) * batch["loss_mask"]
   after_BxT = np.asarray(token_logprobs(CFG, jax.device_get(state.params), batch)) * batch["loss_mask"]
-  for i, call in enumerate(recorder.calls[2:]):
-    rows = slice((i % 2) * 8, (i % 2) * 8 + 8)
+  first, second = order_B[:8], order_B[8:]
+  for call, rows in zip(recorder.calls, [second, first, second, first, second]):
     width = call["tokens"].shape[1]
     np.testing.assert_array_equal(call["tokens"], batch["tokens"][rows, :width])
-    # Another program (plain forward, unsharded) rounds differently: 1e-5 on values ~ -4.
-    np.testing.assert_allclose(call["ref_logp"], before_BxT[rows, :width], atol=1e-5, rtol=0)
+    if not call["ref_is_own"].any() and call is not recorder.calls[0]:
+      # Another program (plain forward, unsharded) rounds differently: 1e-5 on values ~ -4.
+      np.testing.assert_allclose(call["ref_logp"], before_BxT[rows, :width], atol=1e-5, rtol=0)
   # Control: the policy did move, so post-update log-probs would have failed the check above.
   assert np.abs(after_BxT - before_BxT).max() > 1e-2
+
+
+def test_own_reference_pass_equals_a_separate_one_bit_for_bit():
+  """The first minibatch's update with `ref_is_own` gives the gradients and metrics of the same
+  program fed the log-probs of a separate reference pass at the same params."""
+  trainer, state = trainer_and_state(optax.sgd(0.5), rl_config())
+  batch = {**make_batch(4), "ref_logp": np.zeros((K * GROUPS, T), np.float32)}
+  own = trainer.grads(state, {**batch, "ref_is_own": np.ones(K * GROUPS, bool)})
+  separate = trainer.grads(state, {**batch, "ref_is_own": np.zeros(K * GROUPS, bool)})
+  ref_logp = np.asarray(separate[1]["logp_BxT"])
+  fed = trainer.grads(state, {**batch, "ref_logp": ref_logp,
+                              "ref_is_own": np.zeros(K * GROUPS, bool)})
+  for got, want in zip(host_tree(own), host_tree(fed)):
+    np.testing.assert_array_equal(got, want)
+  # Control: with the zero reference the tau term pulls, so the gradients differ.
+  assert any(np.abs(a - b).max() > 0 for a, b in zip(host_tree(own[0]), host_tree(separate[0])))
 
 
 def test_optimizer_state_is_fresh_at_every_iteration_with_adam():

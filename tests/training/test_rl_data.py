@@ -2,7 +2,8 @@
 import numpy as np
 
 from kimi_jax.rollout.partial import PartialRolloutBuffer, RolloutLimits, collect_groups, new_groups
-from kimi_jax.training.rl_data import build_rl_batch, pad_groups, split_minibatches, trim_to_bucket
+from kimi_jax.training.rl_data import (build_rl_batch, groups_by_length, pad_groups,
+                                       split_minibatches, trim_to_bucket)
 from tests.rollout.test_partial import EOS, SAMPLING, P, ScriptedPolicy, encode
 
 
@@ -52,6 +53,29 @@ def test_minibatches_keep_groups_whole():
   mbs = split_minibatches(b, group_size=2, num_minibatches=3)
   assert [mb["group_ids"].tolist() for mb in mbs] == [[0, 0, 1, 1]] * 3
   assert np.concatenate([mb["tokens"] for mb in mbs]).ravel().tolist() == list(range(12))
+
+
+def test_groups_by_length_puts_the_long_tail_into_one_minibatch_and_keeps_rows_together():
+  """Groups of 2 whose longest member ends at 100, 20, 0 (padding), 90, 20, 5: the order is
+  descending by that end, ties (20, 20) in batch order; every field moves with its row."""
+  ends = [[100, 3], [20, 7], [0, 0], [4, 90], [20, 1], [5, 5]]
+  mask = np.zeros((12, 128), np.float32)
+  for row, end in enumerate(np.ravel(ends)):
+    mask[row, max(end - 2, 0):end] = 1.0
+  b = {"tokens": np.arange(12 * 128).reshape(12, 128), "loss_mask": mask,
+       "rewards": np.arange(12.0), "group_ids": np.repeat(np.arange(6), 2).astype(np.int32)}
+  grouped = groups_by_length(b, group_size=2)
+  order = [0, 3, 1, 4, 5, 2]
+  rows = [2 * g + i for g in order for i in range(2)]
+  for key in ("tokens", "loss_mask", "rewards"):
+    np.testing.assert_array_equal(grouped[key], b[key][rows])
+  assert grouped["group_ids"].tolist() == np.repeat(np.arange(6), 2).tolist()
+  assert grouped["group_ids"].dtype == np.int32
+  # Three minibatches of two groups: only the first pays the 128-wide bucket (was: two of them).
+  widths = [trim_to_bucket(mb)["tokens"].shape[1] for mb in split_minibatches(grouped, 2, 3)]
+  assert widths == [128, 32, 32]
+  assert [trim_to_bucket(mb)["tokens"].shape[1] for mb in split_minibatches(b, 2, 3)] == [
+      128, 128, 32]
 
 
 def test_trim_to_bucket_keeps_every_counted_token_and_rounds_up():
