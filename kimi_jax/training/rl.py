@@ -14,7 +14,6 @@ import time
 
 import jax
 import numpy as np
-from etils import epath
 from tqdm import tqdm
 
 from kimi_jax.checkpointing.manager import RunCheckpointer
@@ -42,24 +41,32 @@ from kimi_jax.training.sft import sft_warmup
 from kimi_jax.training.state import (TrainState, reset_opt_state, train_state_from_params,
                                      train_state_shardings)
 from kimi_jax.training.steps import jit_eval, jit_rl_programs, masked_token_logprobs
+from kimi_jax.training.workdir import CHECKPOINTS, RunDirectory
+
+
+# Workdir directories of weights written for SGLang servers (the rollout backend's, the judge's):
+# scratch, never copied to a remote workdir.
+SCRATCH_DIRS = ("rollout_weights", "judge_weights")
 
 
 def run(config, workdir: str) -> dict:
   """Train with k1.5 RL per `config`; resumes from the newest readable checkpoint in
-  `config.checkpoint.directory` (an `etils.epath` path, local or e.g. gs://; default
-  `workdir`/checkpoints).
+  `config.checkpoint.directory` (default `workdir`/checkpoints). Both may be remote
+  (`etils.epath` URIs such as gs://...; `training.workdir`).
 
-  The whole config is checked before any work; pending checkpoint saves are waited for on
-  every exit, errors included."""
+  The whole config is checked before any work; pending checkpoint saves are waited for, and a
+  remote workdir synced, on every exit, errors included."""
   validate_config(config)
-  directory = config.checkpoint.directory or epath.Path(workdir) / "checkpoints"
-  with RunCheckpointer(directory, config.checkpoint.keep,
-                       config.checkpoint.async_save) as checkpointer:
-    return _run(config, workdir, checkpointer)
+  run_dir = RunDirectory(workdir, unsynced=SCRATCH_DIRS)
+  checkpoints = config.checkpoint.directory or run_dir.path / CHECKPOINTS
+  with run_dir, RunCheckpointer(checkpoints, config.checkpoint.keep,
+                                config.checkpoint.async_save) as checkpointer:
+    return _run(config, run_dir, checkpointer)
 
 
-def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
+def _run(config, run_dir: RunDirectory, checkpointer: RunCheckpointer) -> dict:
   rl = config.rl
+  workdir = run_dir.local
   task, tokenizer, model_config, mesh = build_basics(config, workdir)
   rewards = build_run_rewards(config, task.reward_by_domain.values(), workdir)
   tx = build_optimizer(config.optimizer)
@@ -107,6 +114,7 @@ def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
         metrics.update(evaluate_with_config(backend, tokenizer, task, task.heldout, config.eval,
                                             rewards.registry).as_dict("eval"))
       writer.write(step, metrics)
+      run_dir.sync()
       print_row(step, metrics, header=bar.n == bar.initial)
       if every_or_final(step, config.checkpoint.every, rl.iterations):
         checkpointer.save(step, _saved_tree(state), _extra_state(step, sampler, buffer))
