@@ -8,6 +8,7 @@ steps and at the end. An iteration whose groups all wait in the partial-rollout 
 nothing and still writes a full metrics row (NaN where there is nothing to measure).
 Everything configurable arrives in `config` (experiments/rl_*.py).
 """
+import gc
 import json
 import os
 import time
@@ -181,7 +182,10 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
 
 
 def live_device_bytes() -> int:
-  """Bytes of all live JAX arrays (every device): what a phase holds at its end."""
+  """Bytes of all live JAX arrays (every device): what a phase holds at its end. Unreachable
+  arrays still waiting for Python's cycle collector are collected first, so the number does
+  not depend on when the collector last ran."""
+  gc.collect()
   return sum(x.nbytes for x in jax.live_arrays())
 
 
