@@ -45,11 +45,6 @@ from kimi_jax.training.steps import jit_eval, jit_rl_programs, masked_token_logp
 from kimi_jax.training.workdir import CHECKPOINTS, RunDirectory
 
 
-# Workdir directories of weights written for SGLang servers (the rollout backend's, the judge's):
-# scratch, never copied to a remote workdir.
-SCRATCH_DIRS = ("rollout_weights", "judge_weights")
-
-
 def run(config, workdir: str) -> dict:
   """Train with k1.5 RL per `config`; resumes from the newest readable checkpoint in
   `config.checkpoint.directory` (default `workdir`/checkpoints). Both may be remote
@@ -58,10 +53,15 @@ def run(config, workdir: str) -> dict:
   The whole config is checked before any work; pending checkpoint saves are waited for, and a
   remote workdir synced, on every exit, errors included."""
   validate_config(config)
-  run_dir = RunDirectory(workdir, unsynced=SCRATCH_DIRS)
+  with RunDirectory(workdir) as run_dir:
+    return run_in(config, run_dir)
+
+
+def run_in(config, run_dir: RunDirectory) -> dict:
+  """`run` in an open run directory (a stage that also writes other files there: long2short)."""
   checkpoints = config.checkpoint.directory or run_dir.path / CHECKPOINTS
-  with run_dir, RunCheckpointer(checkpoints, config.checkpoint.keep,
-                                config.checkpoint.async_save) as checkpointer:
+  with RunCheckpointer(checkpoints, config.checkpoint.keep,
+                       config.checkpoint.async_save) as checkpointer:
     return _run(config, run_dir, checkpointer)
 
 
