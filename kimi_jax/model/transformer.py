@@ -13,7 +13,8 @@ from kimi_jax.model.layers import Dense, RMSNorm, SwiGLU
 from kimi_jax.model.vision import VisionTower, vision_layout
 from kimi_jax.sharding.rules import check_sequence_split, constrain
 
-KVCache = tuple  # per layer: (keys_BxKxSxA, values_BxKxSxA), head-major; slot index == position
+# Per layer: (keys_BxKxAxS, values_BxKxSxA), head-major, keys transposed; slot index == position.
+KVCache = tuple
 
 
 class DecoderLayer(nn.Module):
@@ -113,9 +114,11 @@ def apply_lm(config: ModelConfig, params, tokens_BxT, positions_BxT=None, segmen
 
 
 def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-  shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+  keys = (batch, config.num_kv_heads, config.head_dim, max_len)
+  values = (batch, config.num_kv_heads, max_len, config.head_dim)
   dtype = jnp.dtype(config.dtype if dtype is None else dtype)
-  return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+  return tuple((jnp.zeros(keys, dtype), jnp.zeros(values, dtype))
+               for _ in range(config.num_layers))
 
 
 def decode_lm(config: ModelConfig, params, tokens_BxT, positions_BxT, kv_cache: KVCache,

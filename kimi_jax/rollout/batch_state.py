@@ -32,7 +32,7 @@ ROW_RUNNING, ROW_STOPPED, ROW_FULL, ROW_REPEATED = 0, 1, 2, 3
 
 @struct.dataclass
 class BatchState:
-  kv_cache: tuple  # per layer (keys, values) [B, K, S, A]
+  kv_cache: tuple  # per layer (keys [B, K, A, S], values [B, K, S, A])
   history_BxS: jax.Array  # token at each position: prompt then output
   position_B: jax.Array  # position of the newest token (the next decode input)
   active_B: jax.Array

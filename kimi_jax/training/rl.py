@@ -9,13 +9,13 @@ nothing and still writes a full metrics row (NaN where there is nothing to measu
 Everything configurable arrives in `config` (experiments/rl_*.py).
 """
 import functools
+import gc
 import json
 import os
 import time
 
 import jax
 import numpy as np
-from etils import epath
 from tqdm import tqdm
 
 from kimi_jax.checkpointing.manager import RunCheckpointer
@@ -44,24 +44,32 @@ from kimi_jax.training.state import (TrainState, reset_opt_state, train_state_fr
                                      train_state_shardings)
 from kimi_jax.training.steps import (batch_sharding, jit_eval, jit_rl_programs,
                                     masked_rl_token_logprobs)
+from kimi_jax.training.workdir import CHECKPOINTS, RunDirectory
 
 
 def run(config, workdir: str) -> dict:
   """Train with k1.5 RL per `config`; resumes from the newest readable checkpoint in
-  `config.checkpoint.directory` (an `etils.epath` path, local or e.g. gs://; default
-  `workdir`/checkpoints).
+  `config.checkpoint.directory` (default `workdir`/checkpoints). Both may be remote
+  (`etils.epath` URIs such as gs://...; `training.workdir`).
 
-  The whole config is checked before any work; pending checkpoint saves are waited for on
-  every exit, errors included."""
+  The whole config is checked before any work; pending checkpoint saves are waited for, and a
+  remote workdir synced, on every exit, errors included."""
   validate_config(config)
-  directory = config.checkpoint.directory or epath.Path(workdir) / "checkpoints"
-  with RunCheckpointer(directory, config.checkpoint.keep,
+  with RunDirectory(workdir) as run_dir:
+    return run_in(config, run_dir)
+
+
+def run_in(config, run_dir: RunDirectory) -> dict:
+  """`run` in an open run directory (a stage that also writes other files there: long2short)."""
+  checkpoints = config.checkpoint.directory or run_dir.path / CHECKPOINTS
+  with RunCheckpointer(checkpoints, config.checkpoint.keep,
                        config.checkpoint.async_save) as checkpointer:
-    return _run(config, workdir, checkpointer)
+    return _run(config, run_dir, checkpointer)
 
 
-def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
+def _run(config, run_dir: RunDirectory, checkpointer: RunCheckpointer) -> dict:
   rl = config.rl
+  workdir = run_dir.local
   task, tokenizer, model_config, mesh = build_basics(config, workdir)
   rewards = build_run_rewards(config, task.reward_by_domain.values(), workdir)
   tx = build_optimizer(config.optimizer)
@@ -109,6 +117,7 @@ def _run(config, workdir: str, checkpointer: RunCheckpointer) -> dict:
         metrics.update(evaluate_with_config(backend, tokenizer, task, task.heldout, config.eval,
                                             rewards.registry).as_dict("eval"))
       writer.write(step, metrics)
+      run_dir.sync()
       print_row(step, metrics, header=bar.n == bar.initial)
       if every_or_final(step, config.checkpoint.every, rl.iterations):
         checkpointer.save(step, _saved_tree(state), _extra_state(step, sampler, buffer))
@@ -175,7 +184,10 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
 
 
 def live_device_bytes() -> int:
-  """Bytes of all live JAX arrays (every device): what a phase holds at its end."""
+  """Bytes of all live JAX arrays (every device): what a phase holds at its end. Unreachable
+  arrays still waiting for Python's cycle collector are collected first, so the number does
+  not depend on when the collector last ran."""
+  gc.collect()
   return sum(x.nbytes for x in jax.live_arrays())
 
 
@@ -312,6 +324,15 @@ PLOT_KEYS = ["reward", "accuracy", "eval/pass@1", "length_mean", "kl_prev", "ent
              "grad_norm", "tokens_per_s", "buffer_groups"]
 
 
+def curve_records(records: list[dict]) -> list[dict]:
+  """The metrics rows the RL curves plot: every iteration's, with the starting policy's eval
+  ("start/..." at step 0) renamed "eval/..." so held-out curves begin at the SFT policy."""
+  start = lambda r: {"step": r["step"], **{"eval/" + k.removeprefix("start/"): v
+                                           for k, v in r.items() if k.startswith("start/")}}
+  return [start(r) if "start/pass@1" in r else r for r in records
+          if "reward" in r or "eval/pass@1" in r or "start/pass@1" in r]
+
+
 def write_summary(workdir: str) -> dict:
   """summary.json (starting policy vs final held-out eval) and the RL curves plot, both from
   metrics.jsonl."""
@@ -319,7 +340,7 @@ def write_summary(workdir: str) -> dict:
   summary = {}
   for record in records:  # later records win: the last eval after RL
     summary.update({k: v for k, v in record.items() if k.startswith(("start/", "eval/"))})
-  rl_records = [r for r in records if "reward" in r or "eval/pass@1" in r]
+  rl_records = curve_records(records)
   if rl_records:
     plot_metrics(rl_records, PLOT_KEYS, os.path.join(workdir, "rl_curves.png"), title="k1.5 RL",
                  x_key="step")

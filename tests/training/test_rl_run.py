@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kimi_jax.metrics.writers import read_jsonl
+from kimi_jax.training.rl import curve_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "experiments", "rl_arith.py") + ":smoke"
@@ -194,3 +195,12 @@ def test_colocated_run_gives_the_same_metrics_and_frees_the_engine_while_trainin
     print(f"step {c['step']}: train phase holds {c['memory/train_bytes']:,} bytes colocated, "
           f"{s['memory/train_bytes']:,} not; rollout phase {c['memory/rollout_bytes']:,} / "
           f"{s['memory/rollout_bytes']:,}")
+
+
+def test_curves_begin_at_the_starting_policy_eval():
+  start = {"step": 0, "start/pass@1": 0.3, "start/pass@1_chart": 0.25, "start/mean_tokens": 4.0}
+  iteration = {"step": 1, "reward": 0.5}
+  evaluated = {"step": 5, "reward": 0.6, "eval/pass@1": 0.7}
+  assert curve_records([start, iteration, {"step": 1, "sft/loss": 1.0}, evaluated]) == [
+      {"step": 0, "eval/pass@1": 0.3, "eval/pass@1_chart": 0.25, "eval/mean_tokens": 4.0},
+      iteration, evaluated]
