@@ -17,8 +17,9 @@ trainer; the engine and the trainer (one program per minibatch length bucket and
 count) are compiled before timing. Untimed first iterations: 1 (full), and for partial the
 pipeline fill, max_response / segment iterations, during which fewer and shorter groups
 complete than in the steady state. Prints per mode the mean iteration time and its rollout /
-scoring / training / sync parts, the groups trained, decode steps and prefilled prompt tokens
-per iteration, then the ratio of mean times (goal <= 0.6) and the ratio per trained group.
+scoring / training / sync parts (other: the batch's assembly and metrics), the groups trained,
+decode steps and prefilled prompt tokens per iteration, then the ratio of mean times (goal
+<= 0.6) and the ratio per trained group.
 Run: .venv/bin/python benchmarks/partial_rollout.py   (`measure()` for `make bench`)
 """
 import dataclasses
@@ -109,22 +110,25 @@ def run_mode(config, params, tx, trainer, backend, workdir, warmup: int,
   sampling = SamplingParams(temperature=1.0, stop_token_ids=(tokenizer.eos_id,))
   engine = backend.engine
   rows = []
-  for step in range(warmup + iterations):
-    backend.iteration = step
-    decode_steps, prefilled = engine.num_decode_steps, engine.prefill_counts["prompt_tokens"]
-    start = time.perf_counter()
-    state, metrics = rl.rl_iteration(state, step, trainer, backend, sampling, sampler, buffer,
-                                     task, tokenizer, config, workdir)
-    synced = time.perf_counter()
-    backend.sync(state.params, str(step + 1))
-    end = time.perf_counter()
-    rows.append((end - start, metrics["time/rollout"], metrics["time/reward"],
-                 metrics["time/train"], end - synced, metrics["complete_groups"],
-                 engine.num_decode_steps - decode_steps,
-                 engine.prefill_counts["prompt_tokens"] - prefilled))
+  with rl.frozen_setup_objects():  # as `rl.run` does around its loop
+    for step in range(warmup + iterations):
+      backend.iteration = step
+      decode_steps, prefilled = engine.num_decode_steps, engine.prefill_counts["prompt_tokens"]
+      start = time.perf_counter()
+      state, metrics = rl.rl_iteration(state, step, trainer, backend, sampling, sampler, buffer,
+                                       task, tokenizer, config, workdir)
+      synced = time.perf_counter()
+      backend.sync(state.params, str(step + 1))
+      end = time.perf_counter()
+      rows.append((end - start, metrics["time/rollout"], metrics["time/reward"],
+                   metrics["time/train"], end - synced, metrics["complete_groups"],
+                   engine.num_decode_steps - decode_steps,
+                   engine.prefill_counts["prompt_tokens"] - prefilled))
   keys = ("seconds", "rollout", "reward", "train", "sync", "groups", "decode_steps",
           "prefill_tokens")
-  return dict(zip(keys, np.mean(rows[warmup:], axis=0).tolist()))
+  means = dict(zip(keys, np.mean(rows[warmup:], axis=0).tolist()))
+  means["other"] = means["seconds"] - sum(means[k] for k in ("rollout", "reward", "train", "sync"))
+  return means
 
 
 def warm_up_trainer(trainer, config, model_config, tx, mesh, params) -> None:
@@ -190,7 +194,8 @@ def main(argv):
   for name, m in r["modes"].items():
     label = f"{name}" + (f" (segment {r['segment']})" if name == "partial" else "")
     print(f"  {label:20s} {m['seconds']:6.3f} s/iter = rollout {m['rollout']:6.3f} + reward "
-          f"{m['reward']:5.3f} + train {m['train']:6.3f} + sync {m['sync']:5.3f} | "
+          f"{m['reward']:5.3f} + train {m['train']:6.3f} + sync {m['sync']:5.3f} + other "
+          f"{m['other']:5.3f} | "
           f"{m['groups']:4.1f} groups trained, {m['decode_steps']:5.0f} decode steps, "
           f"{m['prefill_tokens']:6.0f} prefilled tokens per iteration")
   print(f"ratio partial / full (whole iteration): {result['partial_vs_full_rl_iteration']:.2f} "

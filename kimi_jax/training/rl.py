@@ -8,6 +8,7 @@ steps and at the end. An iteration whose groups all wait in the partial-rollout 
 nothing and still writes a full metrics row (NaN where there is nothing to measure).
 Everything configurable arrives in `config` (experiments/rl_*.py).
 """
+import contextlib
 import functools
 import gc
 import json
@@ -103,7 +104,7 @@ def _run(config, run_dir: RunDirectory, checkpointer: RunCheckpointer) -> dict:
   trainer = PolicyTrainer(mesh, shardings, model_config, rl, build_post_update(config.optimizer),
                           row_images)
   sampling = SamplingParams(temperature=rl.temperature, stop_token_ids=tuple(tokenizer.eos_ids))
-  with tqdm(desc="rl", initial=step, total=rl.iterations) as bar:
+  with frozen_setup_objects(), tqdm(desc="rl", initial=step, total=rl.iterations) as bar:
     while step < rl.iterations:
       state, metrics = rl_iteration(state, step, trainer, backend, sampling, sampler, buffer,
                                     task, tokenizer, config, workdir, rewards.registry)
@@ -181,6 +182,19 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
   metrics.update({"time/reward": t2 - t1, "time/train": time.perf_counter() - t2,
                   "memory/train_bytes": live_device_bytes()})
   return state, metrics
+
+
+@contextlib.contextmanager
+def frozen_setup_objects():
+  """Within the block Python's cycle collector skips every object alive at its start (the
+  run's set-up: compiled programs, data, model), so `live_device_bytes`' full collection scans
+  only what the iterations create: ~0.4 s -> ~4 ms per call with ~500k set-up objects."""
+  gc.collect()
+  gc.freeze()
+  try:
+    yield
+  finally:
+    gc.unfreeze()
 
 
 def live_device_bytes() -> int:
