@@ -30,7 +30,7 @@ import train_step  # noqa: E402
 BENCHMARKS = {"train_step": functools.partial(train_step.measure, reps=5),
               "decode": functools.partial(decode.measure, repeats=3),
               "muon": functools.partial(muon.measure, reps=3),
-              "partial_rollout": functools.partial(partial_rollout.measure, iterations=10),
+              "partial_rollout": partial_rollout.measure,
               "attention_memory": attention_memory.measure,
               "prefix_sharing": functools.partial(prefix_sharing.measure, reps=3)}
 # key: (comparison, goal or None (reported only), what the ratio is measured against)

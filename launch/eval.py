@@ -16,7 +16,9 @@ def main(argv):
   if not CHECKPOINTS.value:
     raise app.UsageError("--checkpoints is required, e.g. --checkpoints=long=runs/demo/hf")
   from kimi_jax.eval import compare
-  compare.run(config, workdir, compare.parse_checkpoints(CHECKPOINTS.value))
+  from kimi_jax.training.workdir import RunDirectory
+  with RunDirectory(workdir) as run_dir:  # a remote workdir is written locally, then mirrored
+    compare.run(config, run_dir.local, compare.parse_checkpoints(CHECKPOINTS.value))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from kimi_jax.training.setup import (build_basics, check, eval_checks, is_int,
 from kimi_jax.training.optim import build_optimizer, build_post_update, optimizer_checks
 from kimi_jax.training.sft import fine_tune
 from kimi_jax.training.state import train_state_from_params
+from kimi_jax.training.workdir import RunDirectory
 
 
 def sample_long_model(config, task, tokenizer, model_config, params, workdir: str) -> list[Sample]:
@@ -152,12 +153,17 @@ def _checks(config):
 
 def run(config, workdir: str) -> dict:
   """Shorten `config.init.checkpoint` with `config.long2short.method`; returns the eval table
-  rows {"long": ..., "short": ...} as dicts."""
+  rows {"long": ..., "short": ...} as dicts. `workdir` may be remote (an `etils.epath` URI)."""
   config = stage_config(config, SECTIONS, "long2short")
   validate_config(config)
-  method = config.long2short.method
+  with RunDirectory(workdir) as run_dir:
+    return _run(config, run_dir)
+
+
+def _run(config, run_dir: RunDirectory) -> dict:
+  method, workdir = config.long2short.method, run_dir.local
   if method == "rl":
-    rl.run(config, workdir)
+    rl.run_in(config, run_dir)
   else:
     task, tokenizer, model_config, mesh = build_basics(config, workdir)
     params = load_initial_checkpoint(config.init.checkpoint, model_config)

@@ -8,6 +8,8 @@ steps and at the end. An iteration whose groups all wait in the partial-rollout 
 nothing and still writes a full metrics row (NaN where there is nothing to measure).
 Everything configurable arrives in `config` (experiments/rl_*.py).
 """
+import functools
+import gc
 import json
 import os
 import time
@@ -40,13 +42,9 @@ from kimi_jax.training.setup import (BASIC_SECTIONS, build_basics, build_writer,
 from kimi_jax.training.sft import sft_warmup
 from kimi_jax.training.state import (TrainState, reset_opt_state, train_state_from_params,
                                      train_state_shardings)
-from kimi_jax.training.steps import jit_eval, jit_rl_programs, masked_token_logprobs
+from kimi_jax.training.steps import (batch_sharding, jit_eval, jit_rl_programs,
+                                    masked_rl_token_logprobs)
 from kimi_jax.training.workdir import CHECKPOINTS, RunDirectory
-
-
-# Workdir directories of weights written for SGLang servers (the rollout backend's, the judge's):
-# scratch, never copied to a remote workdir.
-SCRATCH_DIRS = ("rollout_weights", "judge_weights")
 
 
 def run(config, workdir: str) -> dict:
@@ -57,10 +55,15 @@ def run(config, workdir: str) -> dict:
   The whole config is checked before any work; pending checkpoint saves are waited for, and a
   remote workdir synced, on every exit, errors included."""
   validate_config(config)
-  run_dir = RunDirectory(workdir, unsynced=SCRATCH_DIRS)
+  with RunDirectory(workdir) as run_dir:
+    return run_in(config, run_dir)
+
+
+def run_in(config, run_dir: RunDirectory) -> dict:
+  """`run` in an open run directory (a stage that also writes other files there: long2short)."""
   checkpoints = config.checkpoint.directory or run_dir.path / CHECKPOINTS
-  with run_dir, RunCheckpointer(checkpoints, config.checkpoint.keep,
-                                config.checkpoint.async_save) as checkpointer:
+  with RunCheckpointer(checkpoints, config.checkpoint.keep,
+                       config.checkpoint.async_save) as checkpointer:
     return _run(config, run_dir, checkpointer)
 
 
@@ -181,7 +184,10 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
 
 
 def live_device_bytes() -> int:
-  """Bytes of all live JAX arrays (every device): what a phase holds at its end."""
+  """Bytes of all live JAX arrays (every device): what a phase holds at its end. Unreachable
+  arrays still waiting for Python's cycle collector are collected first, so the number does
+  not depend on when the collector last ran."""
+  gc.collect()
   return sum(x.nbytes for x in jax.live_arrays())
 
 
@@ -192,10 +198,17 @@ class PolicyTrainer:
   def __init__(self, mesh, shardings, model_config, rl_config, post_update,
                row_images: rl_data.RowImages | None = None):
     self.row_images = row_images  # a vision-language model's batch rows take their images
-    self.token_logprobs = jit_eval(masked_token_logprobs, mesh, shardings, config=model_config)
+    self.token_logprobs = jit_eval(masked_rl_token_logprobs, mesh, shardings,
+                                   config=model_config)
     self.grads, self.apply = jit_rl_programs(mesh, shardings, model_config,
                                              make_policy_loss(rl_config), post_update)
     self.rl = rl_config
+    axes = batch_sharding(mesh).spec[0] or ()
+    batch_shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str)
+                                                         else axes)]))
+    # Rows with images keep one trajectory per row (their image fields are per row).
+    self.pack = (rl_data.unpacked if row_images is not None
+                 else functools.partial(rl_data.pack_rows, row_multiple=batch_shards))
 
   def train(self, state, batch: dict[str, np.ndarray]):
     """S_ref once before any update, reset, then M minibatch steps. Returns (state, metrics).
@@ -209,11 +222,12 @@ class PolicyTrainer:
     grouped = rl_data.groups_by_length(
         {**batch, "ref_logp": np.zeros(batch["loss_mask"].shape, np.float32),
          "ref_is_own": np.zeros(rows, bool)}, self.rl.k)
-    minibatches = [rl_data.trim_to_bucket(mb)
+    minibatches = [self.pack(rl_data.trim_to_bucket(mb))
                    for mb in rl_data.split_minibatches(grouped, self.rl.k, num_minibatches)]
     # Every program sees bucketed minibatch shapes only: nothing recompiles when the number of
     # complete groups changes from one iteration to the next (partial rollouts). Only the
-    # minibatches of a heavy tail's long groups pay long buckets.
+    # minibatches of a heavy tail's long groups pay long buckets, with their short
+    # trajectories packed side by side.
     for mb in minibatches[1:]:
       mb["ref_logp"] = multihost.to_host(self.grads(state, mb)[1]["logp_BxT"])
     state = reset_opt_state(state)
@@ -242,6 +256,7 @@ class PolicyTrainer:
     tokens = np.zeros((rows, 2), np.int32)
     dummy = {"tokens": tokens, "targets": tokens, "loss_mask": np.zeros((rows, 2), np.float32),
              "ref_logp": np.zeros((rows, 2), np.float32), "ref_is_own": np.zeros(rows, bool),
+             "unpack_index": np.arange(rows * 2, dtype=np.int32).reshape(rows, 2),
              "rewards": np.zeros(rows, np.float32),
              "group_ids": np.zeros(rows, np.int32)}
     if self.row_images is not None:  # rows without images, shaped like the real ones

@@ -23,6 +23,7 @@ from kimi_jax.training.optim import optimizer_checks
 from kimi_jax.training.setup import (BASIC_SECTIONS, build_basics, check, eval_checks, is_int,
                                      load_initial_checkpoint, stage_config)
 from kimi_jax.training.sft import fine_tune, sft_warmup
+from kimi_jax.training.workdir import RunDirectory
 
 # rl: the repetition stop the evaluation engine shares with RL sampling.
 SECTIONS = BASIC_SECTIONS + ("init", "corpus", "sft", "rollout", "rl", "eval")
@@ -44,8 +45,14 @@ def _checks(config):
 
 
 def run(config, workdir: str) -> dict:
+  """The stage in `workdir`, local or remote (an `etils.epath` URI such as gs://...)."""
   config = stage_config(config, SECTIONS, "sft")
   validate_config(config)
+  with RunDirectory(workdir) as run_dir:
+    return _run(config, run_dir.local)
+
+
+def _run(config, workdir: str) -> dict:
   task, tokenizer, model_config, mesh = build_basics(config, workdir)
   params = None
   if config.init.checkpoint:

@@ -15,6 +15,9 @@ from etils import epath
 from kimi_jax.training import multihost
 
 CHECKPOINTS = "checkpoints"  # the orbax directory inside a workdir
+# Workdir directories of weights written for SGLang servers (the rollout backend's, the judge's):
+# scratch, never copied to a remote workdir.
+SCRATCH_DIRS = ("rollout_weights", "judge_weights")
 
 
 def is_remote(path) -> bool:
@@ -25,10 +28,11 @@ class RunDirectory:
   """`local`: where the run writes; `path`: the workdir itself (`local` unless staged).
 
   `staged` (default: whether `workdir` is a remote URI) stages the files locally; top-level
-  directories named in `unsynced` (scratch, such as weights written for SGLang servers) stay
-  local."""
+  directories named in `unsynced` (scratch, by default the weights written for SGLang servers)
+  stay local. Every stage (SFT, RL, long2short, eval) writes its workdir through one."""
 
-  def __init__(self, workdir, staged: bool | None = None, unsynced: tuple[str, ...] = ()):
+  def __init__(self, workdir, staged: bool | None = None,
+               unsynced: tuple[str, ...] = SCRATCH_DIRS):
     self.path = epath.Path(workdir)
     self.unsynced = (CHECKPOINTS, *unsynced)
     self.staged = is_remote(workdir) if staged is None else staged

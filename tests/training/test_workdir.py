@@ -73,3 +73,48 @@ def test_rl_run_in_a_staged_workdir_writes_everything_there(tmp_path, monkeypatc
   assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [0, 1, 2]
   assert json.loads((tmp_path / "summary.json").read_text()) == summary
   assert sorted(os.listdir(tmp_path / "samples")) == ["iter_00000.jsonl", "iter_00001.jsonl"]
+
+
+@pytest.mark.slow
+def test_sft_eval_and_long2short_stages_in_staged_workdirs_write_everything_there(
+    tmp_path, monkeypatch):
+  # Each stage in the path a gs:// workdir takes (a local directory stands in for the bucket):
+  # its files are written in a staging directory that is gone afterwards, and reach the workdir.
+  from absl import flags
+  from experiments import long2short_arith, rl_arith
+  from kimi_jax.training import long2short_run, sft_run, workdir
+  from launch import eval as eval_launch
+  monkeypatch.setattr(workdir, "is_remote", lambda path: True)
+  staged = []
+  init = workdir.RunDirectory.__init__
+  monkeypatch.setattr(workdir.RunDirectory, "__init__",
+                      lambda self, *a, **kw: init(self, *a, **kw) or staged.append(self.local))
+  config = rl_arith.get_config("smoke")
+  config.sft.steps = 2
+  summary = sft_run.run(config, str(tmp_path / "sft"))
+  assert sorted(os.listdir(tmp_path / "sft")) == [
+      "hf", "sft_metrics.jsonl", "sft_summary.json", "tokenizer"]
+  assert json.loads((tmp_path / "sft" / "sft_summary.json").read_text()) == summary
+  assert len((tmp_path / "sft" / "sft_metrics.jsonl").read_text().splitlines()) >= 1
+
+  hf = str(tmp_path / "sft" / "hf")
+  flags.FLAGS(["eval", f"--config={rl_arith.__file__}:smoke",
+               f"--workdir={tmp_path / 'eval'}", f"--checkpoints=sft={hf}"])
+  try:
+    eval_launch.main(["eval"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert sorted(os.listdir(tmp_path / "eval")) == ["eval.json", "eval.png", "eval_table.md"]
+  assert (json.loads((tmp_path / "eval" / "eval.json").read_text())["sft"]["eval/pass@1"]
+          == summary["sft/pass@1"])  # the same held-out prompts, greedy, the same checkpoint
+
+  config = long2short_arith.get_config("merge,smoke")
+  config.init.checkpoint = config.long2short.short_checkpoint = hf
+  results = long2short_run.run(config, str(tmp_path / "l2s"))
+  assert sorted(os.listdir(tmp_path / "l2s")) == ["eval", "hf", "tokenizer"]
+  assert sorted(os.listdir(tmp_path / "l2s" / "eval")) == ["eval.json", "eval.png",
+                                                           "eval_table.md"]
+  written = json.loads((tmp_path / "l2s" / "eval" / "eval.json").read_text())
+  assert {name: {k: v for k, v in row.items() if k != "checkpoint"}
+          for name, row in written.items()} == results
+  assert len(staged) == 3 and not any(os.path.exists(local) for local in staged)
