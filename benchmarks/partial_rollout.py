@@ -5,17 +5,20 @@ Each timed iteration is the real `rl.rl_iteration` (prompts from the sampler, ro
 steps of `PolicyTrainer`) followed by the weight sync, on the tiny arithmetic config. Response
 lengths are planted from a heavy-tailed mix (lognormal: `--median`, `--sigma`, capped at
 `--max_response`): the backend samples with the real engine and stops each trajectory at its
-planted length, exactly (end-of-sequence does not stop it). Without partial rollouts every
-iteration waits for its longest response; with them each trajectory gets at most `--segment`
-tokens per iteration and unfinished groups resume from the buffer (re-prefilled with the new
-weights). Both modes start from the same weights, see the same prompt stream (uniform sampling)
-and the same planted lengths, and train every trajectory once, with the same trainer; the engine
-and the trainer (one program per minibatch length bucket) are compiled before timing. Untimed
-first iterations: 1 (full), and for partial the pipeline fill, max_response / segment
-iterations, during which fewer and shorter groups complete than in the steady state. Prints per
-mode the mean iteration time and its rollout / scoring / training / sync parts, the groups
-trained, decode steps and prefilled prompt tokens per iteration, then the ratio of mean times
-(goal <= 0.6) and the ratio per trained group.
+planted length, exactly (end-of-sequence does not stop it). The default regime is long CoT's
+shape at toy scale: most responses short (median 16 tokens), a heavy tail (sigma 1.3: 1 in 20
+beyond 140 tokens; the longest of an iteration's 64 ~320 in the median) up to a cap 31x the
+median, and a segment of 32 tokens per iteration (1/16 of the cap). Without partial rollouts
+every iteration waits for its longest response; with them each trajectory gets at most
+`--segment` tokens per iteration and unfinished groups resume from the buffer (re-prefilled
+with the new weights). Both modes start from the same weights, see the same prompt stream
+(uniform sampling) and the same planted lengths, and train every trajectory once with the same
+trainer; the engine and the trainer (one program per minibatch length bucket and packed row
+count) are compiled before timing. Untimed first iterations: 1 (full), and for partial the
+pipeline fill, max_response / segment iterations, during which fewer and shorter groups
+complete than in the steady state. Prints per mode the mean iteration time and its rollout /
+scoring / training / sync parts, the groups trained, decode steps and prefilled prompt tokens
+per iteration, then the ratio of mean times (goal <= 0.6) and the ratio per trained group.
 Run: .venv/bin/python benchmarks/partial_rollout.py   (`measure()` for `make bench`)
 """
 import dataclasses
@@ -41,13 +44,13 @@ from kimi_jax.training.optim import build_optimizer, build_post_update  # noqa: 
 from kimi_jax.training.setup import build_basics  # noqa: E402
 from kimi_jax.training.state import train_state_from_params  # noqa: E402
 
-ITERATIONS = flags.DEFINE_integer("iterations", 12, "RL iterations per mode")
+ITERATIONS = flags.DEFINE_integer("iterations", 10, "timed RL iterations per mode")
 PROMPTS = flags.DEFINE_integer("prompts", 16, "new prompts per iteration")
 K = flags.DEFINE_integer("k", 4, "samples per prompt")
-MAX_RESPONSE = flags.DEFINE_integer("max_response", 384, "response cap over all segments")
-SEGMENT = flags.DEFINE_integer("segment", 48, "tokens per trajectory per iteration (partial)")
-MEDIAN = flags.DEFINE_float("median", 24.0, "median planted response length (tokens)")
-SIGMA = flags.DEFINE_float("sigma", 1.0, "lognormal sigma of the planted lengths (tail weight)")
+MAX_RESPONSE = flags.DEFINE_integer("max_response", 496, "response cap over all segments")
+SEGMENT = flags.DEFINE_integer("segment", 32, "tokens per trajectory per iteration (partial)")
+MEDIAN = flags.DEFINE_float("median", 16.0, "median planted response length (tokens)")
+SIGMA = flags.DEFINE_float("sigma", 1.3, "lognormal sigma of the planted lengths (tail weight)")
 
 
 class PlantedLengths(EngineBackend):
@@ -125,20 +128,22 @@ def run_mode(config, params, tx, trainer, backend, workdir, warmup: int,
 
 
 def warm_up_trainer(trainer, config, model_config, tx, mesh, params) -> None:
-  """Compile the trainer's programs for every minibatch length bucket before timing."""
+  """Compile the trainer's programs for every minibatch length bucket and packed row count
+  (B/4, B/2, B: as many rows as trajectories of the full length) before timing."""
   rows, seq_len = config.rl.groups_per_minibatch * config.rl.k, config.rollout.max_seq_len
   for length in sorted({min(seq_len, 1 << b) for b in range(5, seq_len.bit_length() + 1)}):
-    mask = np.zeros((rows, seq_len), np.float32)
-    mask[:, length - 1] = 1.0
-    batch = {"tokens": np.ones((rows, seq_len), np.int32),
-             "targets": np.ones((rows, seq_len), np.int32), "loss_mask": mask,
-             "rewards": np.arange(rows, dtype=np.float32) % 2,
-             "group_ids": np.repeat(np.arange(config.rl.groups_per_minibatch), config.rl.k)}
-    trainer.train(train_state_from_params(model_config, tx, mesh, params)[0], batch)
+    for packed_rows in (rows // 4, rows // 2, rows):
+      mask = np.zeros((rows, seq_len), np.float32)
+      mask[:packed_rows, length - 1] = 1.0
+      batch = {"tokens": np.ones((rows, seq_len), np.int32),
+               "targets": np.ones((rows, seq_len), np.int32), "loss_mask": mask,
+               "rewards": np.arange(rows, dtype=np.float32) % 2,
+               "group_ids": np.repeat(np.arange(config.rl.groups_per_minibatch), config.rl.k)}
+      trainer.train(train_state_from_params(model_config, tx, mesh, params)[0], batch)
 
 
-def measure(iterations: int = 12, num_prompts: int = 16, k: int = 4, max_response: int = 384,
-            segment: int = 48, median: float = 24.0, sigma: float = 1.0) -> dict:
+def measure(iterations: int = 10, num_prompts: int = 16, k: int = 4, max_response: int = 496,
+            segment: int = 32, median: float = 16.0, sigma: float = 1.3) -> dict:
   """partial_vs_full_rl_iteration: mean whole-iteration time with partial rollouts / without."""
   full_config = bench_config(max_response, max_response, num_prompts, k)
   partial_config = bench_config(max_response, segment, num_prompts, k)

@@ -8,6 +8,7 @@ steps and at the end. An iteration whose groups all wait in the partial-rollout 
 nothing and still writes a full metrics row (NaN where there is nothing to measure).
 Everything configurable arrives in `config` (experiments/rl_*.py).
 """
+import functools
 import gc
 import json
 import os
@@ -42,7 +43,7 @@ from kimi_jax.training.sft import sft_warmup
 from kimi_jax.training.state import (TrainState, reset_opt_state, train_state_from_params,
                                      train_state_shardings)
 from kimi_jax.training.steps import (batch_sharding, jit_eval, jit_rl_programs,
-                                     masked_token_logprobs)
+                                     masked_rl_token_logprobs)
 from kimi_jax.training.workdir import CHECKPOINTS, RunDirectory
 
 
@@ -197,11 +198,18 @@ class PolicyTrainer:
   def __init__(self, mesh, shardings, model_config, rl_config, post_update,
                row_images: rl_data.RowImages | None = None):
     self.row_images = row_images  # a vision-language model's batch rows take their images
-    self.token_logprobs = jit_eval(masked_token_logprobs, mesh, shardings, config=model_config)
+    self.token_logprobs = jit_eval(masked_rl_token_logprobs, mesh, shardings,
+                                   config=model_config)
     self.grads, self.apply = jit_rl_programs(mesh, shardings, model_config,
                                              make_policy_loss(rl_config), post_update)
     self.rl = rl_config
     self.batch_sharding = batch_sharding(mesh)
+    axes = self.batch_sharding.spec[0] or ()
+    batch_shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str)
+                                                         else axes)]))
+    # Rows with images keep one trajectory per row (their image fields are per row).
+    self.pack = (rl_data.unpacked if row_images is not None
+                 else functools.partial(rl_data.pack_rows, row_multiple=batch_shards))
 
   def train(self, state, batch: dict[str, np.ndarray]):
     """S_ref once before any update, reset, then M minibatch steps. Returns (state, metrics).
@@ -215,15 +223,16 @@ class PolicyTrainer:
     grouped = rl_data.groups_by_length(
         {**batch, "ref_logp": np.zeros(batch["loss_mask"].shape, np.float32),
          "ref_is_own": np.zeros(rows, bool)}, self.rl.k)
-    minibatches = [rl_data.trim_to_bucket(mb)
+    minibatches = [self.pack(rl_data.trim_to_bucket(mb))
                    for mb in rl_data.split_minibatches(grouped, self.rl.k, num_minibatches)]
     # Every program sees bucketed minibatch shapes only: nothing recompiles when the number of
     # complete groups changes from one iteration to the next (partial rollouts). Only the
-    # minibatches of a heavy tail's long groups pay long buckets.
+    # minibatches of a heavy tail's long groups pay long buckets, with their short
+    # trajectories packed side by side.
     # Each process keeps the reference log-probs of its own rows only (`local_rows`): no host
     # holds the whole batch's.
-    global_rows = lambda mb, logp: multihost.global_rows(multihost.local_rows(logp),
-                                                         self.batch_sharding, len(mb["rewards"]))
+    global_rows = lambda mb, logp: multihost.global_rows(
+        multihost.local_rows(logp), self.batch_sharding, mb["loss_mask"].shape[0])
     for mb in minibatches[1:]:
       mb["ref_logp"] = global_rows(mb, self.grads(state, mb)[1]["logp_BxT"])
     state = reset_opt_state(state)
@@ -252,6 +261,7 @@ class PolicyTrainer:
     tokens = np.zeros((rows, 2), np.int32)
     dummy = {"tokens": tokens, "targets": tokens, "loss_mask": np.zeros((rows, 2), np.float32),
              "ref_logp": np.zeros((rows, 2), np.float32), "ref_is_own": np.zeros(rows, bool),
+             "unpack_index": np.arange(rows * 2, dtype=np.int32).reshape(rows, 2),
              "rewards": np.zeros(rows, np.float32),
              "group_ids": np.zeros(rows, np.int32)}
     if self.row_images is not None:  # rows without images, shaped like the real ones

@@ -141,3 +141,50 @@ def trim_to_bucket(minibatch: dict[str, np.ndarray], min_length: int = 32) -> di
   last = int(counted[-1]) + 1 if counted.size else 1
   length = min(t, max(min_length, 1 << (last - 1).bit_length()))
   return {k: v[..., :length] if k in TIME_FIELDS else v for k, v in minibatch.items()}
+
+
+def pack_rows(minibatch: dict[str, np.ndarray], row_multiple: int) -> dict[str, np.ndarray]:
+  """The minibatch with its token rows packed, first fit by decreasing length, into rows of the
+  same width: B/4, B/2 or B rows, the fewest that hold them and divide by `row_multiple` (three
+  shapes per width to compile). Each trajectory is a segment (`segment_ids`, `positions` from
+  0), cut after its last counted token (the LM is causal: nothing after it changes a log-prob).
+
+  `unpack_index` [B, T] gives each original row's positions in the flattened packed rows, so
+  per-token log-probs of the packed rows gather back to the minibatch's rows; per-row fields
+  (`loss_mask`, `ref_logp`, rewards, ...) keep the original rows. A heavy-tailed minibatch then
+  runs its short trajectories side by side in the width its longest one needs.
+  """
+  mask_BxT = minibatch["loss_mask"]
+  b, t = mask_BxT.shape
+  counted_BxT = mask_BxT > 0
+  end_B = np.where(counted_BxT.any(axis=1), t - np.argmax(counted_BxT[:, ::-1], axis=1), 0)
+  used, place = [], {}  # tokens used per packed row; original row -> (packed row, offset)
+  for row in np.argsort(-end_B, kind="stable"):
+    if end_B[row] == 0:
+      continue  # a padding row: no counted token, nothing to run
+    packed = next((i for i, n in enumerate(used) if n + end_B[row] <= t), len(used))
+    if packed == len(used):
+      used.append(0)
+    place[row] = (packed, used[packed])
+    used[packed] += end_B[row]
+  rows = next(r for r in (b // 4, b // 2, b)
+              if r >= len(used) and r % row_multiple == 0 and r > 0)
+  out = {k: v for k, v in minibatch.items() if k not in ("tokens", "targets")}
+  out.update({name: np.zeros((rows, t), np.int32)
+              for name in ("tokens", "targets", "positions", "segment_ids")})
+  out["unpack_index"] = np.zeros((b, t), np.int32)
+  for row, (packed, offset) in place.items():
+    n = end_B[row]
+    span = slice(offset, offset + n)
+    out["tokens"][packed, span] = minibatch["tokens"][row, :n]
+    out["targets"][packed, span] = minibatch["targets"][row, :n]
+    out["positions"][packed, span] = np.arange(n)
+    out["segment_ids"][packed, span] = row + 1  # 0: the packed rows' unused tail
+    out["unpack_index"][row, :n] = packed * t + offset + np.arange(n)
+  return out
+
+
+def unpacked(minibatch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The minibatch as its own packing (one trajectory per row): `unpack_index` the identity."""
+  b, t = minibatch["loss_mask"].shape
+  return {**minibatch, "unpack_index": np.arange(b * t, dtype=np.int32).reshape(b, t)}

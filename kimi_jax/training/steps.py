@@ -94,10 +94,22 @@ def jit_eval(eval_fn, mesh: Mesh, state_shardings, **static) -> GlobalBatchProgr
                                     in_shardings=(state_shardings, batch_sharding(mesh))), mesh)
 
 
+def rl_token_logprobs(config: ModelConfig, params, batch):
+  """(per-token log-probs [B, T] of an RL minibatch's rows, max attention logits): the LM runs
+  on the minibatch's token rows (packed: `rl_data.pack_rows`) and `unpack_index` gathers the
+  log-probs back to the rows of `loss_mask`."""
+  logp_RxT, max_logits_LxH = token_logprobs(config, params, batch, return_max_logits=True)
+  return logp_RxT.reshape(-1)[batch["unpack_index"]], max_logits_LxH
+
+
 def masked_token_logprobs(state, batch, config: ModelConfig) -> jax.Array:
-  """Loss-masked per-token log-probs under `state.params` [B, T] (pi_theta_i before updates:
-  summed they give S_ref; per token they are GRPO's old log-probs)."""
+  """Loss-masked per-token log-probs under `state.params` [B, T] (DPO's reference)."""
   return token_logprobs(config, state.params, batch) * batch["loss_mask"]
+
+
+def masked_rl_token_logprobs(state, batch, config: ModelConfig) -> jax.Array:
+  """`masked_token_logprobs` of an RL minibatch's rows (token rows packed or not)."""
+  return rl_token_logprobs(config, state.params, batch)[0] * batch["loss_mask"]
 
 
 def rl_loss(params, batch, config: ModelConfig, policy_loss):
@@ -106,7 +118,7 @@ def rl_loss(params, batch, config: ModelConfig, policy_loss):
 
   Rows with `ref_is_own` set take these very log-probs (stop-gradient) as `ref_logp`: for a
   minibatch trained at pi_theta_i itself they are the reference, with no separate pass."""
-  logp_BxT, max_logits_LxH = token_logprobs(config, params, batch, return_max_logits=True)
+  logp_BxT, max_logits_LxH = rl_token_logprobs(config, params, batch)
   masked_BxT = logp_BxT * batch["loss_mask"]
   ref_BxT = jnp.where(batch["ref_is_own"][:, None], jax.lax.stop_gradient(masked_BxT),
                       batch["ref_logp"])

@@ -10,7 +10,7 @@ from flax import traverse_util
 
 from kimi_jax.model import ModelConfig, apply_lm, init_params, param_logical_specs
 from kimi_jax.model.attention import Attention
-from kimi_jax.model.layers import rotary_embedding
+from kimi_jax.model.layers import matmul, rotary_embedding
 from kimi_jax.model.transformer import Transformer, default_positions
 from kimi_jax.sharding.rules import LOGICAL_RULES, activation_mesh, logical_shardings, make_mesh
 
@@ -116,3 +116,13 @@ def test_config_errors_name_the_field():
     dataclasses.replace(CFG, num_kv_heads=3)
   with pytest.raises(ValueError, match="attention"):
     dataclasses.replace(CFG, attention="flash3")
+
+
+def test_matmul_gradients_match_the_float64_closed_form():
+  """d/dx sum(g * x @ w) = g w^T and d/dw = x^T g (x with two leading axes, as activations)."""
+  rng = np.random.default_rng(4)
+  x, w, g = rng.normal(size=(3, 5, 7)), rng.normal(size=(7, 4)), rng.normal(size=(3, 5, 4))
+  dx, dw = jax.grad(lambda x, w: jnp.sum(jnp.asarray(g, jnp.float32) * matmul(x, w)),
+                    argnums=(0, 1))(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+  np.testing.assert_allclose(dx, g @ w.T, atol=ATOL)
+  np.testing.assert_allclose(dw, np.einsum("bti,bto->io", x, g), atol=ATOL)

@@ -17,6 +17,7 @@ from kimi_jax.rollout.types import Completion, SamplingParams, stop_reason
 from kimi_jax.sharding.rules import make_mesh
 from kimi_jax.training import rl
 from kimi_jax.training.setup import build_basics
+from kimi_jax.training.rl_data import pack_rows, unpacked
 from kimi_jax.training.state import init_train_state
 from kimi_jax.training.steps import keep_params
 
@@ -97,8 +98,13 @@ def test_reference_is_the_pre_update_log_probs_computed_once():
   after_BxT = np.asarray(token_logprobs(CFG, jax.device_get(state.params), batch)) * batch["loss_mask"]
   first, second = order_B[:8], order_B[8:]
   for call, rows in zip(recorder.calls, [second, first, second, first, second]):
-    width = call["tokens"].shape[1]
-    np.testing.assert_array_equal(call["tokens"], batch["tokens"][rows, :width])
+    width = call["loss_mask"].shape[1]
+    # Token rows are packed: each row's tokens up to its last loss token gather back intact.
+    ends = (call["loss_mask"] * np.arange(1, width + 1)).max(axis=1).astype(int)
+    for row, end in zip(rows, ends):
+      got = call["tokens"].reshape(-1)[call["unpack_index"][list(rows).index(row), :end]]
+      np.testing.assert_array_equal(got, batch["tokens"][row, :end])
+    np.testing.assert_array_equal(call["loss_mask"], batch["loss_mask"][rows, :width])
     if not call["ref_is_own"].any() and call is not recorder.calls[0]:
       # Another program (plain forward, unsharded) rounds differently: 1e-5 on values ~ -4.
       np.testing.assert_allclose(call["ref_logp"], before_BxT[rows, :width], atol=1e-5, rtol=0)
@@ -110,7 +116,7 @@ def test_own_reference_pass_equals_a_separate_one_bit_for_bit():
   """The first minibatch's update with `ref_is_own` gives the gradients and metrics of the same
   program fed the log-probs of a separate reference pass at the same params."""
   trainer, state = trainer_and_state(optax.sgd(0.5), rl_config())
-  batch = {**make_batch(4), "ref_logp": np.zeros((K * GROUPS, T), np.float32)}
+  batch = pack_rows({**make_batch(4), "ref_logp": np.zeros((K * GROUPS, T), np.float32)}, 4)
   own = trainer.grads(state, {**batch, "ref_is_own": np.ones(K * GROUPS, bool)})
   separate = trainer.grads(state, {**batch, "ref_is_own": np.zeros(K * GROUPS, bool)})
   ref_logp = np.asarray(separate[1]["logp_BxT"])
@@ -120,6 +126,29 @@ def test_own_reference_pass_equals_a_separate_one_bit_for_bit():
     np.testing.assert_array_equal(got, want)
   # Control: with the zero reference the tau term pulls, so the gradients differ.
   assert any(np.abs(a - b).max() > 0 for a, b in zip(host_tree(own[0]), host_tree(separate[0])))
+
+
+def test_packed_rows_give_the_unpacked_loss_gradients_and_log_probs():
+  """Trajectories packed side by side (own segments and positions) must train exactly like one
+  per row; float32 sums in another order: 1e-5 on log-probs ~ -4, gradients ~ 1e-1."""
+  trainer, state = trainer_and_state(optax.sgd(0.5), rl_config())
+  wide = lambda x: np.concatenate([x, np.zeros((K * GROUPS, 2 * T), x.dtype)], axis=1)
+  batch = {k: wide(v) if v.ndim == 2 else v for k, v in make_batch(5).items()}  # 3T wide
+  batch.update(ref_logp=np.zeros((K * GROUPS, 3 * T), np.float32),
+               ref_is_own=np.zeros(K * GROUPS, bool))
+  packed = pack_rows(batch, 4)
+  assert packed["tokens"].shape[0] < K * GROUPS  # something was packed
+  got_grads, got = trainer.grads(state, packed)
+  want_grads, want = trainer.grads(state, unpacked(batch))
+  np.testing.assert_allclose(got["logp_BxT"], want["logp_BxT"], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(got["loss"], want["loss"], atol=1e-5, rtol=1e-5)
+  for g, w in zip(host_tree(got_grads), host_tree(want_grads)):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
+  # Control: without segment boundaries a trajectory would see the ones packed before it.
+  leaky = {**packed, "segment_ids": np.ones_like(packed["segment_ids"]),
+           "positions": np.broadcast_to(np.arange(3 * T), packed["tokens"].shape)}
+  assert np.abs(np.asarray(trainer.grads(state, leaky)[1]["logp_BxT"])
+                - np.asarray(want["logp_BxT"])).max() > 1e-3
 
 
 def test_optimizer_state_is_fresh_at_every_iteration_with_adam():
@@ -192,7 +221,9 @@ def test_minibatch_steps_train_on_the_registry_rewards(tmp_path):
       num_groups += 1
       graded = []
       for r in rows:
-        text = tokenizer.decode([t for t in call["tokens"][r] if t != tokenizer.pad_id])
+        end = int(np.flatnonzero(call["loss_mask"][r])[-1]) + 1  # packed rows: gather back
+        tokens = call["tokens"].reshape(-1)[call["unpack_index"][r, :end]]
+        text = tokenizer.decode([t for t in tokens if t != tokenizer.pad_id])
         question, response = text.split("=", 1)
         ids = tokenizer.encode(response) + [tokenizer.eos_id]
         graded.append((synthetic.is_correct(response, synthetic.solve(question + "=").answer),

@@ -2,7 +2,7 @@
 import numpy as np
 
 from kimi_jax.rollout.partial import PartialRolloutBuffer, RolloutLimits, collect_groups, new_groups
-from kimi_jax.training.rl_data import (build_rl_batch, groups_by_length, pad_groups,
+from kimi_jax.training.rl_data import (build_rl_batch, groups_by_length, pack_rows, pad_groups,
                                        split_minibatches, trim_to_bucket)
 from tests.rollout.test_partial import EOS, SAMPLING, P, ScriptedPolicy, encode
 
@@ -76,6 +76,33 @@ def test_groups_by_length_puts_the_long_tail_into_one_minibatch_and_keeps_rows_t
   assert widths == [128, 32, 32]
   assert [trim_to_bucket(mb)["tokens"].shape[1] for mb in split_minibatches(b, 2, 3)] == [
       128, 128, 32]
+
+
+def test_pack_rows_fits_short_trajectories_beside_long_ones_and_unpacks_exactly():
+  """Rows used to 60, 30, 25, 20, 10 tokens and three padding rows, width 64: first fit by
+  decreasing length gives [60], [30, 25], [20, 10], rounded up to B/2 = 4 packed rows."""
+  ends = [20, 60, 0, 10, 25, 30, 0, 0]
+  rng = np.random.default_rng(0)
+  mask = np.zeros((8, 64), np.float32)
+  for row, end in enumerate(ends):
+    mask[row, max(end - 5, 0):end] = 1.0
+  mb = {"tokens": rng.integers(1, 50, (8, 64)), "targets": rng.integers(1, 50, (8, 64)),
+        "loss_mask": mask, "rewards": np.arange(8.0)}
+  packed = pack_rows(mb, row_multiple=2)
+  assert packed["tokens"].shape == (4, 64) and packed["unpack_index"].shape == (8, 64)
+  np.testing.assert_array_equal(packed["loss_mask"], mask)  # per-row fields stay as they were
+  np.testing.assert_array_equal(packed["rewards"], mb["rewards"])
+  for row, end in enumerate(ends):
+    index = packed["unpack_index"][row, :end]
+    for key in ("tokens", "targets"):
+      np.testing.assert_array_equal(packed[key].reshape(-1)[index], mb[key][row, :end])
+    np.testing.assert_array_equal(packed["positions"].reshape(-1)[index], np.arange(end))
+    assert set(packed["segment_ids"].reshape(-1)[index]) == ({row + 1} if end else set())
+  per_row = [sorted(set(r) - {0}) for r in packed["segment_ids"]]
+  assert per_row == [[2], [5, 6], [1, 4], []]  # segment id = original row + 1
+  assert pack_rows(mb, row_multiple=8)["tokens"].shape[0] == 8  # B/4, B/2 not multiples of 8
+  short = {**mb, "loss_mask": np.where(np.arange(64) < 30, mask, 0.0)}  # [30, 25], [20, 10]
+  assert pack_rows(short, row_multiple=1)["tokens"].shape[0] == 2
 
 
 def test_trim_to_bucket_keeps_every_counted_token_and_rounds_up():
