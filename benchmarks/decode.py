@@ -59,9 +59,9 @@ def random_model(config: ModelConfig):
 
 
 def throughput(engine, hf_model, prompts_BxT, new_tokens: int, repeats: int, sample: bool,
-               dot=None):
+               extra=None):
   """Tokens/s of both samplers, exactly `new_tokens` per row (eos ignored), and the median
-  seconds of the zero-argument `dot` timed in turns with them (None if not given).
+  seconds of the zero-argument runners in `extra` (a dict), timed in turns with them.
 
   Greedy (sample=False) also reports how many rows agree token for token; sampling uses
   temperature 1 with top-p 0.9 on both sides.
@@ -82,13 +82,15 @@ def throughput(engine, hf_model, prompts_BxT, new_tokens: int, repeats: int, sam
   agree = None if sample else np.mean([c.output_ids == r.tolist() for c, r in zip(ours, reference)])
   tokens = prompts_BxT.shape[0] * new_tokens
   runners = {"ours": lambda: engine.generate(prompts_BxT.tolist(), sampling), "hf": hf_generate}
-  medians = interleaved_medians(runners | ({"dot": dot} if dot else {}), repeats)
-  return tokens / medians["ours"], tokens / medians["hf"], agree, medians.get("dot")
+  medians = interleaved_medians(runners | (extra or {}), repeats)
+  return (tokens / medians["ours"], tokens / medians["hf"], agree,
+          {name: medians[name] for name in extra or {}})
 
 
 def compare(size: str, repeats: int, samplings=(False, True), dot=None) -> dict:
-  """Engine vs transformers tokens/s at one size, greedy and/or sampling (and the seconds
-  of `dot` timed in turns with the greedy runs, under "dot_s")."""
+  """Engine vs transformers tokens/s at one size, greedy and/or sampling. With `dot`, the
+  seconds of `dot` and of a greedy generate of one token per row (prefill + one step), timed
+  in turns with the greedy runs, under "dot_s" and "first_token_s"."""
   config, batch, prompt_len, new_tokens = SIZES[size]
   params, hf_model = random_model(config)
   engine = RolloutEngine(config, params, max_batch=batch, max_seq_len=prompt_len + new_tokens,
@@ -96,30 +98,36 @@ def compare(size: str, repeats: int, samplings=(False, True), dot=None) -> dict:
   prompts_BxT = np.random.default_rng(0).integers(3, config.vocab_size, (batch, prompt_len))
   result = dict(params=config.num_params, batch=batch, prompt_tokens=prompt_len,
                 new_tokens=new_tokens, torch_threads=torch.get_num_threads())
+  first_token = SamplingParams(temperature=0.0, max_new_tokens=1, ignore_eos=True)
+  extra = dict(dot=dot, first_token=lambda: engine.generate(prompts_BxT.tolist(), first_token))
   for sample in samplings:
-    ours, hf, agree, dot_s = throughput(engine, hf_model, prompts_BxT, new_tokens, repeats,
-                                        sample, None if sample else dot)
+    ours, hf, agree, seconds = throughput(engine, hf_model, prompts_BxT, new_tokens, repeats,
+                                          sample, None if sample or dot is None else extra)
     mode = "sampling" if sample else "greedy"
     result[mode] = dict(engine_tokens_per_s=ours, hf_tokens_per_s=hf, ratio=ours / hf)
-    if dot_s is not None:
-      result["dot_s"] = dot_s
+    result |= {f"{name}_s": s for name, s in seconds.items()}
     if agree is not None:
       result[mode]["identical_rows"] = agree
   return result
 
 
 def measure(repeats: int = 3) -> dict:
-  """decode_vs_hf_tiny, decode_vs_hf_20m and decode_vs_roofline (greedy, 20M model)."""
+  """decode_vs_hf_tiny, decode_vs_hf_20m, decode_vs_roofline (greedy, 20M model, prefill time
+  included) and decode_step_vs_roofline (its decode steps alone)."""
   tiny = compare("tiny", repeats)
   dot, dot_flops = matmul(2048, jnp.float32)
   big = compare("20m", max(1, repeats - 1), samplings=(False,), dot=dot)
   peak = dot_flops / big.pop("dot_s")
   flops_per_token = 2 * matmul_params(QWEN2_20M)
   roofline = peak / flops_per_token
+  # Decode steps alone: the time past the first token of every row (prefill + one step).
+  full_s = big["batch"] * big["new_tokens"] / big["greedy"]["engine_tokens_per_s"]
+  big["decode_step_ms"] = (full_s - big["first_token_s"]) / (big["new_tokens"] - 1) * 1e3
   return {
       "decode_vs_hf_tiny": tiny["greedy"]["ratio"],
       "decode_vs_hf_20m": big["greedy"]["ratio"],
       "decode_vs_roofline": big["greedy"]["engine_tokens_per_s"] / roofline,
+      "decode_step_vs_roofline": big["batch"] / (big["decode_step_ms"] / 1e3) / roofline,
       "decode": dict(tiny=tiny, qwen2_20m=big, matmul_gflops_per_s=peak / 1e9,
                      roofline_tokens_per_s=roofline, flops_per_token=flops_per_token,
                      reference="transformers generate on the same weights and prompts (hf); "
@@ -183,7 +191,9 @@ def main(argv):
   d = result["decode"]
   print(f"roofline at {d['matmul_gflops_per_s']:.0f} GFLOP/s (jnp.dot): "
         f"{d['roofline_tokens_per_s']:,.0f} tokens/s; engine / roofline "
-        f"{result['decode_vs_roofline']:.2f}")
+        f"{result['decode_vs_roofline']:.2f} (decode steps alone: "
+        f"{d['qwen2_20m']['decode_step_ms']:.1f} ms each, "
+        f"{result['decode_step_vs_roofline']:.2f} of the roofline)")
 
   rng = np.random.default_rng(0)
   params = init_params(TINY, jax.random.key(0))

@@ -39,6 +39,8 @@ GOALS = {
                              "8x256 / FLOP/s of a 2048x2048 jnp.dot"),
     "decode_vs_roofline": (">=", 0.4, "engine tokens/s x 2 x matmul params (~19M Qwen2, batch 64, "
                            "128 prompt + 128 new) / jnp.dot FLOP/s"),
+    "decode_step_vs_roofline": (None, None, "decode_vs_roofline without the prefill: batch "
+                                "64 / (time past each row's first token / 127 steps)"),
     "decode_vs_hf_tiny": (">=", 10.0, "engine tokens/s / transformers generate tokens/s, 86k "
                           "model, batch 32, greedy"),
     "decode_vs_hf_20m": (None, None, "engine tokens/s / transformers generate tokens/s, ~19M "

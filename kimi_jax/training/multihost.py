@@ -50,15 +50,47 @@ def allgather_objects(obj) -> list:
 
 def global_batch(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
   """The host batch (identical on every process) as global arrays: each process contributes
-  only its own rows through `jax.make_array_from_process_local_data`."""
+  only its own rows through `jax.make_array_from_process_local_data`. Fields that already are
+  global arrays (`global_rows`) pass through."""
   if jax.process_count() == 1:
     return batch
 
   def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x
     x = np.asarray(x)
     return jax.make_array_from_process_local_data(sharding, x[process_rows(x.shape[0])], x.shape)
 
   return {k: one(v) for k, v in batch.items()}
+
+
+def global_rows(rows, sharding: jax.sharding.NamedSharding, num_rows: int):
+  """The `num_rows`-row batch field of which this process holds `rows` (its `process_rows`),
+  as a global array; `rows` itself with one process."""
+  if jax.process_count() == 1:
+    return rows
+  return jax.make_array_from_process_local_data(sharding, rows, (num_rows, *rows.shape[1:]))
+
+
+def local_rows(x) -> np.ndarray:
+  """This process's rows (`process_rows`) of a batch field as numpy. An array spanning several
+  processes is read from this process's own shards: nothing is gathered."""
+  rows = process_rows(x.shape[0])
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)[rows]
+  out = np.zeros((rows.stop - rows.start, *x.shape[1:]), x.dtype)
+  covered = np.zeros(rows.stop - rows.start, bool)
+  for shard in x.addressable_shards:
+    first, *rest = shard.index
+    start, stop = max(first.start or 0, rows.start), min(first.stop or x.shape[0], rows.stop)
+    if start < stop:
+      data = np.asarray(shard.data)[start - (first.start or 0):stop - (first.start or 0)]
+      out[(slice(start - rows.start, stop - rows.start), *rest)] = data
+      covered[start - rows.start:stop - rows.start] = True
+  if not covered.all():
+    raise ValueError(f"rows {rows.start}..{rows.stop} of a {x.shape} array are not all on "
+                     f"process {jax.process_index()}'s devices ({x.sharding})")
+  return out
 
 
 def to_host(tree):

@@ -44,7 +44,7 @@ from kimi_jax.training.sft import sft_warmup
 from kimi_jax.training.state import (TrainState, reset_opt_state, train_state_from_params,
                                      train_state_shardings)
 from kimi_jax.training.steps import (batch_sharding, jit_eval, jit_rl_programs,
-                                    masked_rl_token_logprobs)
+                                     masked_rl_token_logprobs)
 from kimi_jax.training.workdir import CHECKPOINTS, RunDirectory
 
 
@@ -217,7 +217,8 @@ class PolicyTrainer:
     self.grads, self.apply = jit_rl_programs(mesh, shardings, model_config,
                                              make_policy_loss(rl_config), post_update)
     self.rl = rl_config
-    axes = batch_sharding(mesh).spec[0] or ()
+    self.batch_sharding = batch_sharding(mesh)
+    axes = self.batch_sharding.spec[0] or ()
     batch_shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str)
                                                          else axes)]))
     # Rows with images keep one trajectory per row (their image fields are per row).
@@ -242,8 +243,12 @@ class PolicyTrainer:
     # complete groups changes from one iteration to the next (partial rollouts). Only the
     # minibatches of a heavy tail's long groups pay long buckets, with their short
     # trajectories packed side by side.
+    # Each process keeps the reference log-probs of its own rows only (`local_rows`): no host
+    # holds the whole batch's.
+    global_rows = lambda mb, logp: multihost.global_rows(
+        multihost.local_rows(logp), self.batch_sharding, mb["loss_mask"].shape[0])
     for mb in minibatches[1:]:
-      mb["ref_logp"] = multihost.to_host(self.grads(state, mb)[1]["logp_BxT"])
+      mb["ref_logp"] = global_rows(mb, self.grads(state, mb)[1]["logp_BxT"])
     state = reset_opt_state(state)
     step_metrics = []
     for epoch in range(self.rl.epochs):
@@ -252,14 +257,14 @@ class PolicyTrainer:
         grads, metrics = self.grads(state, {**mb, "ref_is_own": np.full(len(mb["rewards"]),
                                                                           first)})
         if first:
-          mb["ref_logp"] = multihost.to_host(metrics["logp_BxT"])
+          mb["ref_logp"] = global_rows(mb, metrics["logp_BxT"])
         state, metrics = self.apply(state, grads, metrics)
         step_metrics.append(metrics)
-    new_logp = [multihost.to_host(self.token_logprobs(state, mb)) for mb in minibatches]
+    new_logp = [multihost.local_rows(self.token_logprobs(state, mb)) for mb in minibatches]
     step_metrics = jax.device_get(step_metrics)  # one transfer for every minibatch's metrics
     metrics = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-    masks = [mb["loss_mask"] for mb in minibatches]
-    old_logp = [mb["ref_logp"] for mb in minibatches]  # pi_theta_i's, from the reference pass
+    masks = [multihost.local_rows(mb["loss_mask"]) for mb in minibatches]
+    old_logp = [multihost.local_rows(mb["ref_logp"]) for mb in minibatches]  # pi_theta_i's
     metrics["kl_prev"] = k3_kl(*(np.concatenate([lp[mask > 0] for lp, mask in zip(logp, masks)])
                                  for logp in (old_logp, new_logp)))
     metrics["updates"] = len(step_metrics)
@@ -282,10 +287,13 @@ class PolicyTrainer:
 
 
 def k3_kl(old_logp_N, new_logp_N) -> float:
-  """KL(pi_old || pi_new) per token on pi_old's own samples (the N counted tokens), with the
-  non-negative estimator k3 = (r - 1) - log r, r = pi_new / pi_old (Schulman 2020)."""
+  """KL(pi_old || pi_new) per token on pi_old's own samples (the N counted tokens; each
+  process passes its own rows' and the mean is over every process's), with the non-negative
+  estimator k3 = (r - 1) - log r, r = pi_new / pi_old (Schulman 2020)."""
   log_r = (np.asarray(new_logp_N, np.float64) - np.asarray(old_logp_N, np.float64))
-  return float(np.mean(np.expm1(log_r) - log_r)) if log_r.size else float("nan")
+  sums = multihost.allgather_objects((np.sum(np.expm1(log_r) - log_r), log_r.size))
+  count = sum(n for _, n in sums)
+  return float(sum(s for s, _ in sums) / count) if count else float("nan")
 
 
 def initial_params(config, task, tokenizer, model_config, mesh, workdir: str):

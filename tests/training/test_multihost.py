@@ -154,3 +154,35 @@ def test_resuming_with_another_process_count_names_the_saved_count():
   from kimi_jax.training import rl
   with pytest.raises(ValueError, match="buffers of 2 processes; resume it with that many"):
     rl.process_buffer([[], []])
+
+
+def test_a_process_reads_its_rows_from_its_own_shards_only(monkeypatch):
+  # Process 1 of 2 (simulated on this process's 8 devices): its rows of a batch-sharded array
+  # are the second half, read shard by shard from the devices it holds (those of rows 4..8);
+  # the policy trainer keeps only these rows' log-probs.
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from kimi_jax.training import multihost
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "tensor"))
+  x_BxT = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+  by_rows = jax.device_put(x_BxT, NamedSharding(mesh, PartitionSpec("data", "tensor")))
+  replicated_rows = jax.device_put(x_BxT, NamedSharding(mesh, PartitionSpec(None, "tensor")))
+  array_type, all_shards = type(by_rows), type(by_rows).addressable_shards
+  own = lambda array: [s for s in all_shards.__get__(array)
+                       if (s.index[0].start or 0) >= 4 or s.index[0].start is None]
+  monkeypatch.setattr(multihost.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost.jax, "process_index", lambda: 1)
+  monkeypatch.setattr(array_type, "is_fully_addressable", property(lambda self: False))
+  monkeypatch.setattr(array_type, "addressable_shards", property(own))
+  to_numpy = array_type.__array__
+  def shard_only(self, *args, **kwargs):  # reading the whole (8, 6) array would gather it
+    assert self.shape != x_BxT.shape, "the whole array was read"
+    return to_numpy(self, *args, **kwargs)
+  monkeypatch.setattr(array_type, "__array__", shard_only)
+  np.testing.assert_array_equal(multihost.local_rows(by_rows), x_BxT[4:])
+  np.testing.assert_array_equal(multihost.local_rows(replicated_rows), x_BxT[4:])
+  np.testing.assert_array_equal(multihost.local_rows(x_BxT), x_BxT[4:])  # host arrays: sliced
+  monkeypatch.setattr(array_type, "addressable_shards",
+                      property(lambda self: own(self)[len(own(self)) // 2:]))
+  with pytest.raises(ValueError, match=r"rows 4\.\.8 of a \(8, 6\) array are not all"):
+    multihost.local_rows(by_rows)
