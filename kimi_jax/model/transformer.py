@@ -55,7 +55,13 @@ class Transformer(nn.Module):
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                  ("vocab", "embed")),
                      name="embed_tokens")
-    x_BxTxD = embed(tokens_BxT) if embeds_BxTxD is None else embeds_BxTxD.astype(dtype)
+    if embeds_BxTxD is None:
+      # The table's fsdp-sharded embed axis is gathered before the lookup (as FSDP gathers every
+      # weight before use): a lookup from it would give rows split over fsdp where the batch
+      # wants that axis, which XLA can only resolve by replicating the whole activation.
+      table_VxD = constrain(embed.embedding, ("vocab", None)).astype(dtype)
+      embeds_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0)
+    x_BxTxD = embeds_BxTxD.astype(dtype)
     x_BxTxD = constrain(x_BxTxD, ("batch", "length", "act_embed"))
     layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
     new_caches, max_logits = [], []
