@@ -24,7 +24,7 @@ from kimi_jax.model.transformer import Transformer, default_positions
 from kimi_jax.rewards.judge import RMExample
 from kimi_jax.sharding.rules import logical_shardings
 from kimi_jax.training.state import TrainState, mirror_param_shardings
-from kimi_jax.training.steps import apply_update, jit_eval, keep_params
+from kimi_jax.training.steps import apply_update, batch_shards, jit_eval, keep_params
 
 LM, VALUE_HEAD = "lm", "value_head"
 
@@ -148,7 +148,7 @@ class ValueHeadRewardModel:
 
   def __init__(self, state: TrainState, shardings: TrainState, mesh: Mesh, config: ModelConfig,
                tokenizer: Tokenizer, seq_len: int, batch_size: int):
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh)
     if batch_size % shards:
       raise ValueError(f"batch_size={batch_size} must be a multiple of data*fsdp={shards}")
     self.state, self.tokenizer = state, tokenizer

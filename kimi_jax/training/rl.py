@@ -43,7 +43,7 @@ from kimi_jax.training.setup import (BASIC_SECTIONS, build_basics, build_writer,
 from kimi_jax.training.sft import sft_warmup
 from kimi_jax.training.state import (TrainState, reset_opt_state, train_state_from_params,
                                      train_state_shardings)
-from kimi_jax.training.steps import (batch_sharding, jit_eval, jit_rl_programs,
+from kimi_jax.training.steps import (batch_sharding, batch_shards, jit_eval, jit_rl_programs,
                                      masked_rl_token_logprobs)
 from kimi_jax.training.workdir import CHECKPOINTS, RunDirectory
 
@@ -218,12 +218,9 @@ class PolicyTrainer:
                                              make_policy_loss(rl_config), post_update)
     self.rl = rl_config
     self.batch_sharding = batch_sharding(mesh)
-    axes = self.batch_sharding.spec[0] or ()
-    batch_shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str)
-                                                         else axes)]))
     # Rows with images keep one trajectory per row (their image fields are per row).
     self.pack = (rl_data.unpacked if row_images is not None
-                 else functools.partial(rl_data.pack_rows, row_multiple=batch_shards))
+                 else functools.partial(rl_data.pack_rows, row_multiple=batch_shards(mesh)))
 
   def train(self, state, batch: dict[str, np.ndarray]):
     """S_ref once before any update, reset, then M minibatch steps. Returns (state, metrics).

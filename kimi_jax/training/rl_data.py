@@ -64,6 +64,14 @@ def build_rl_batch(groups: Sequence[Group], rewards_B: np.ndarray, seq_len: int,
           "rewards": np.asarray(rewards_B, np.float32), "group_ids": group_ids}
 
 
+def counted_ends(mask_BxT: np.ndarray) -> np.ndarray:
+  """Per row, the position just after its last counted (loss-mask) token; 0 for a row with
+  none (a padding row)."""
+  counted_BxT = mask_BxT > 0
+  return np.where(counted_BxT.any(axis=1),
+                  mask_BxT.shape[1] - np.argmax(counted_BxT[:, ::-1], axis=1), 0)
+
+
 def groups_by_length(batch: dict[str, np.ndarray], group_size: int) -> dict[str, np.ndarray]:
   """The batch's whole groups reordered by length, longest first (a group's length: the end
   of its last counted token; ties keep batch order), `group_ids` renumbered in the new order.
@@ -76,9 +84,7 @@ def groups_by_length(batch: dict[str, np.ndarray], group_size: int) -> dict[str,
   num_groups = mask_BxT.shape[0] // group_size
   if mask_BxT.shape[0] % group_size:
     raise ValueError(f"{mask_BxT.shape[0]} rows are not whole groups of {group_size}")
-  counted_BxT = mask_BxT > 0
-  end_B = np.where(counted_BxT.any(axis=1),
-                   mask_BxT.shape[1] - np.argmax(counted_BxT[:, ::-1], axis=1), 0)
+  end_B = counted_ends(mask_BxT)
   order_G = np.argsort(-end_B.reshape(num_groups, group_size).max(axis=1), kind="stable")
   rows_B = (order_G[:, None] * group_size + np.arange(group_size)).reshape(-1)
   grouped = {k: v[rows_B] for k, v in batch.items()}
@@ -137,8 +143,7 @@ def trim_to_bucket(minibatch: dict[str, np.ndarray], min_length: int = 32) -> di
   cost then follows the responses' real lengths, with at most log2(T / min_length) + 2 shapes
   to compile."""
   t = minibatch["loss_mask"].shape[1]
-  counted = np.flatnonzero(minibatch["loss_mask"].any(axis=0))
-  last = int(counted[-1]) + 1 if counted.size else 1
+  last = max(int(counted_ends(minibatch["loss_mask"]).max()), 1)
   length = min(t, max(min_length, 1 << (last - 1).bit_length()))
   return {k: v[..., :length] if k in TIME_FIELDS else v for k, v in minibatch.items()}
 
@@ -156,8 +161,7 @@ def pack_rows(minibatch: dict[str, np.ndarray], row_multiple: int) -> dict[str, 
   """
   mask_BxT = minibatch["loss_mask"]
   b, t = mask_BxT.shape
-  counted_BxT = mask_BxT > 0
-  end_B = np.where(counted_BxT.any(axis=1), t - np.argmax(counted_BxT[:, ::-1], axis=1), 0)
+  end_B = counted_ends(mask_BxT)
   used, place = [], {}  # tokens used per packed row; original row -> (packed row, offset)
   for row in np.argsort(-end_B, kind="stable"):
     if end_B[row] == 0:

@@ -4,6 +4,7 @@ Static configuration (the ModelConfig, loss hyper-parameters) is bound with func
 before jitting; nothing inside a step branches on configuration.
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,13 @@ def lm_step(state, batch, config: ModelConfig, post_update=keep_params):
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batch-major arrays are split over (data, fsdp), everything else replicated."""
   return NamedSharding(mesh, logical_to_spec(("batch",)))
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many parts `batch_sharding` splits the batch axis into: every batch's row count must
+  divide by it."""
+  axes = batch_sharding(mesh).spec[0] or ()
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
 def _with_activation_mesh(fn, mesh: Mesh, static):
