@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from kimi_jax.model.config import ModelConfig
-from kimi_jax.model.transformer import Transformer, apply_lm, default_positions
+from kimi_jax.model.transformer import Transformer, apply_lm, default_positions, embed_tokens
 from kimi_jax.model.vision import VisionLayout
 from kimi_jax.model.vlm import encode_images
 
@@ -37,7 +37,7 @@ def _vlm_logits(config: ModelConfig, params, batch, return_max_logits: bool):
                                       batch["frame_ids"], batch["window_ids"]).astype(dtype)
   index_BxT = jnp.clip(jnp.cumsum(image_BxT, axis=1) - 1, 0, merged_BxMxD.shape[1] - 1)
   image_BxTxD = jnp.take_along_axis(merged_BxMxD, index_BxT[..., None], axis=1)
-  text_BxTxD = jnp.take(params["embed_tokens"]["embedding"].astype(dtype), tokens_BxT, axis=0)
+  text_BxTxD = embed_tokens(params["embed_tokens"]["embedding"], tokens_BxT, dtype)
   embeds_BxTxD = jnp.where(image_BxT[..., None], image_BxTxD, text_BxTxD)
   positions = batch.get("positions")
   logits, _, max_logits = Transformer(config, return_max_logits).apply(

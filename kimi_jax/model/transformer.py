@@ -56,11 +56,7 @@ class Transformer(nn.Module):
                                                                  ("vocab", "embed")),
                      name="embed_tokens")
     if embeds_BxTxD is None:
-      # The table's fsdp-sharded embed axis is gathered before the lookup (as FSDP gathers every
-      # weight before use): a lookup from it would give rows split over fsdp where the batch
-      # wants that axis, which XLA can only resolve by replicating the whole activation.
-      table_VxD = constrain(embed.embedding, ("vocab", None)).astype(dtype)
-      embeds_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0)
+      embeds_BxTxD = embed_tokens(embed.embedding, tokens_BxT, dtype)
     x_BxTxD = embeds_BxTxD.astype(dtype)
     x_BxTxD = constrain(x_BxTxD, ("batch", "length", "act_embed"))
     layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
@@ -80,6 +76,14 @@ class Transformer(nn.Module):
     return (logits_BxTxV,
             None if kv_caches is None else tuple(new_caches),
             jnp.stack(max_logits) if self.return_max_logits else None)
+
+
+def embed_tokens(table_VxD, tokens_BxT, dtype) -> jax.Array:
+  """Token embeddings [B, T, D] in `dtype`. The table's fsdp-sharded embed axis is gathered
+  before the lookup (as FSDP gathers every weight before use): a lookup from it would give rows
+  split over fsdp where the batch wants that axis, which XLA can only resolve by replicating
+  the whole activation."""
+  return jnp.take(constrain(table_VxD, ("vocab", None)).astype(dtype), tokens_BxT, axis=0)
 
 
 def default_positions(tokens_BxT):

@@ -12,7 +12,7 @@ import numpy as np
 
 from kimi_jax.model.config import ModelConfig
 from kimi_jax.model.mrope import image_token_counts, mrope_positions
-from kimi_jax.model.transformer import KVCache, Transformer, default_positions
+from kimi_jax.model.transformer import KVCache, Transformer, default_positions, embed_tokens
 from kimi_jax.model.vision import VisionLayout, VisionTower, check_grid, vision_layout
 
 
@@ -70,7 +70,7 @@ def embed_with_images(config: ModelConfig, params, tokens_BxT, image_embeds_MxD)
   """Token embeddings [B, T, D] with the k-th image token (row-major) replaced by row k of
   `image_embeds_MxD`."""
   dtype = jnp.dtype(config.dtype)
-  text_BxTxD = jnp.take(params["embed_tokens"]["embedding"].astype(dtype), tokens_BxT, axis=0)
+  text_BxTxD = embed_tokens(params["embed_tokens"]["embedding"], tokens_BxT, dtype)
   if image_embeds_MxD.shape[0] == 0:
     return text_BxTxD
   is_image_BxT = tokens_BxT == config.vision.image_token_id
