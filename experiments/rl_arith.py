@@ -72,6 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
       baseline="mean",  # mean (paper) | log_mean_exp (exact tau log Z)
       length_normalize=False,
       groups_per_minibatch=8,
+      # Prompts and batch rows split into this many slices; each process rolls out, scores and
+      # trains on its own whole slices, and a minibatch takes groups_per_minibatch / slices groups
+      # of each. 0: one slice per process. Runs with the same value train on the same minibatches
+      # on any process count that divides it.
+      batch_slices=0,
       epochs=1,  # passes over the iteration's data; steps/iteration = epochs * minibatches
       max_response_tokens=56,
       segment_tokens=32,  # per iteration; < max_response_tokens: partial rollouts on (k1.5)
@@ -119,6 +124,7 @@ def _smoke(c):
   c.sft.steps, c.sft.batch_size, c.sft.optimizer.warmup_steps = 20, 16, 5
   c.rl.iterations, c.rl.prompts_per_iteration, c.rl.k = 3, 4, 4
   c.rl.groups_per_minibatch = 2
+  c.rl.batch_slices = 2  # the same minibatches as 1 or 2 processes (tests compare the two)
   c.rl.segment_tokens = 24
   c.rl.length_penalty.warmup_iterations = 1
   c.eval.every = 2

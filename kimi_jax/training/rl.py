@@ -9,7 +9,6 @@ nothing and still writes a full metrics row (NaN where there is nothing to measu
 Everything configurable arrives in `config` (experiments/rl_*.py).
 """
 import contextlib
-import functools
 import gc
 import json
 import os
@@ -20,7 +19,6 @@ import numpy as np
 from tqdm import tqdm
 
 from kimi_jax.checkpointing.manager import RunCheckpointer
-from kimi_jax.data.image_batches import image_fields
 from kimi_jax.data.images import run_image_processing
 from kimi_jax.data.samplers import PromptSampler, make_strategy, mix_domains
 from kimi_jax.eval.evaluate import evaluate_with_config
@@ -31,12 +29,12 @@ from kimi_jax.rewards.registry import REGISTRY, RewardRegistry
 from kimi_jax.rollout.backends import BACKENDS, build_backend
 from kimi_jax.rollout.partial import PartialRolloutBuffer, RolloutLimits, collect_groups, new_groups
 from kimi_jax.rollout.types import SamplingParams
-from kimi_jax.training import multihost, rl_data
+from kimi_jax.training import multihost, rl_data, rl_layout
 from kimi_jax.training.optim import build_optimizer, build_post_update, optimizer_checks
 from kimi_jax.training.rl_losses import LOSSES, make_policy_loss
 from kimi_jax.training.run_rewards import build_run_rewards
-from kimi_jax.training.scoring import (GroupScores, merge_scored_groups, rollout_metrics,
-                                       sample_rows, score_groups, write_samples)
+from kimi_jax.training.scoring import (GroupScores, RowFacts, rollout_metrics, sample_rows,
+                                       score_groups, write_samples)
 from kimi_jax.training.setup import (BASIC_SECTIONS, build_basics, build_writer, check,
                                      eval_checks, every_or_final, is_int, is_number,
                                      load_initial_checkpoint)
@@ -134,7 +132,10 @@ def _run(config, run_dir: RunDirectory, checkpointer: RunCheckpointer) -> dict:
 def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, task, tokenizer,
                  config, workdir: str, registry: RewardRegistry = REGISTRY):
   """One k1.5 iteration from prompts to updated params, sampled by policy version `step` and
-  scored by the task rewards in `registry`. Returns (state, metrics)."""
+  scored by the task rewards in `registry`. Returns (state, metrics).
+
+  Each process rolls out, scores and trains on its own slices of the prompts (`rl_layout`):
+  processes exchange only per-row facts (rewards, lengths, ids), never token ids or text."""
   rl = config.rl
   t0 = time.perf_counter()
   processing = run_image_processing(config)
@@ -146,38 +147,36 @@ def rl_iteration(state, step: int, trainer, backend, sampling, sampler, buffer, 
                          rl.repetition_count)
   complete, new_tokens = collect_groups(backend, sampling, groups, buffer, limits, step,
                                         request_seed_base(config.seed, step))
+  complete = sorted(complete, key=lambda g: g.group_id)
   metrics = {"memory/rollout_bytes": live_device_bytes()}
   if config.rollout.colocate:  # hybrid deployment: the trainer gets the rollout's memory
     backend.release()
   t1 = time.perf_counter()
   scores = (score_groups(complete, tokenizer.decode, task.reward_by_domain, rl, step, registry)
             if complete else GroupScores.empty())
-  # Every process's scored groups, in the order one process would hold them; the counts too.
-  gathered = multihost.allgather_objects((complete, scores, len(buffer), new_tokens))
-  complete, scores = merge_scored_groups([(c, s) for c, s, _, _ in gathered])
-  new_tokens = sum(n for *_, n in gathered)
-  metrics.update({"complete_groups": len(complete),
-                  "buffer_groups": sum(b for _, _, b, _ in gathered),
-                  "tokens_per_s": new_tokens / max(t1 - t0, 1e-9), "time/rollout": t1 - t0})
-  if multihost.is_main_process():
-    write_samples(workdir, step, sample_rows(  # empty while every group waits in the buffer
+  rows = rl_data.build_rl_batch(complete, scores.rewards, config.rollout.max_seq_len,
+                                tokenizer.pad_id, rl.train_old_segments)
+  local_facts = RowFacts.of(complete, scores, rl_data.counted_ends(rows["loss_mask"]))
+  gathered = multihost.allgather_objects((local_facts, len(buffer), new_tokens))
+  facts = RowFacts.merged([f for f, _, _ in gathered])
+  metrics.update({"complete_groups": len(facts) // rl.k,
+                  "buffer_groups": sum(b for _, b, _ in gathered),
+                  "tokens_per_s": sum(n for *_, n in gathered) / max(t1 - t0, 1e-9),
+                  "time/rollout": t1 - t0})
+  if multihost.is_main_process():  # its own slices' groups (all of them with one process)
+    write_samples(workdir, step, sample_rows(
         complete, scores, lambda ids: tokenizer.decode(ids, skip_special_tokens=False)))
-  metrics.update(rollout_metrics(complete, scores, task.reward_by_domain))
-  if not complete:
+  metrics.update(rollout_metrics(facts, task.reward_by_domain))
+  if not len(facts):  # every group waits in the partial-rollout buffer
     metrics.update(trainer.nan_metrics(state, rl.groups_per_minibatch * rl.k))
     metrics.update({"time/reward": 0.0, "time/train": 0.0,
                     "memory/train_bytes": live_device_bytes()})
     return state, metrics
   t2 = time.perf_counter()
-  padded = rl_data.pad_groups(complete, rl.groups_per_minibatch, rl.k)
-  pad_rows = (len(padded) - len(complete)) * rl.k
-  batch = rl_data.build_rl_batch(padded, np.concatenate([scores.rewards, np.zeros(pad_rows)]),
-                                 config.rollout.max_seq_len, tokenizer.pad_id,
-                                 rl.train_old_segments)
-  if trainer.row_images is not None:
-    batch.update(trainer.row_images.fields(padded, batch["tokens"]))
-  state, train_metrics = trainer.train(state, batch)
-  sampler.update([g.prompt_id for g in complete for _ in g.trajectories], scores.correct)
+  minibatches = trainer.minibatches(rows, complete, facts.group_id, facts.counted_end,
+                                    tokenizer.pad_id)
+  state, train_metrics = trainer.train(state, minibatches)
+  sampler.update(list(facts.prompt_id), facts.correct)
   metrics.update(train_metrics)
   metrics.update({"time/reward": t2 - t1, "time/train": time.perf_counter() - t2,
                   "memory/train_bytes": live_device_bytes()})
@@ -206,8 +205,9 @@ def live_device_bytes() -> int:
 
 
 class PolicyTrainer:
-  """The jitted programs of one run: the policy-loss gradient (which also gives S_ref), the
-  optimizer step, and the log-probs forward for the KL metric."""
+  """The jitted programs of one run (the policy-loss gradient, which also gives S_ref, the
+  optimizer step, the log-probs forward for the KL metric) and the batch layout that turns this
+  process's rows into its blocks of the minibatches."""
 
   def __init__(self, mesh, shardings, model_config, rl_config, post_update,
                row_images: rl_data.RowImages | None = None):
@@ -218,28 +218,33 @@ class PolicyTrainer:
                                              make_policy_loss(rl_config), post_update)
     self.rl = rl_config
     self.batch_sharding = batch_sharding(mesh)
-    # Rows with images keep one trajectory per row (their image fields are per row).
-    self.pack = (rl_data.unpacked if row_images is not None
-                 else functools.partial(rl_data.pack_rows, row_multiple=batch_shards(mesh)))
+    self.layout = rl_layout.Layout(
+        rl_config.k, rl_config.groups_per_minibatch, rl_config.prompts_per_iteration,
+        rl_config.batch_slices or jax.process_count(), batch_shards(mesh),
+        pack=row_images is None)
+    self.slices = self.layout.owned_slices(jax.process_index(), jax.process_count())
 
-  def train(self, state, batch: dict[str, np.ndarray]):
+  def minibatches(self, rows: dict[str, np.ndarray], complete: list, group_id_B: np.ndarray,
+                  end_B: np.ndarray, pad_id: int) -> list[dict]:
+    """The iteration's minibatches (`rl_layout`) of the rows `group_id_B` (k per group, group-id
+    order) that end their counted tokens at `end_B`, each field a global array of which this
+    process builds only its block, from `rows` (`build_rl_batch` of its `complete` groups)."""
+    images = self.row_images.row_inputs(complete) if self.row_images is not None else (None,) * 2
+    local = rl_layout.LocalRows.of(rows, [g.group_id for g in complete], group_id_B, self.rl.k,
+                                   *images)
+    plans = rl_layout.plan_minibatches(self.layout, self.layout.slice_of(group_id_B[::self.rl.k]),
+                                       end_B, rows["loss_mask"].shape[1])
+    return [multihost.from_process_blocks(rl_layout.process_block(
+        plan, self.layout, local, self.slices, pad_id, self.row_images), self.batch_sharding)
+            for plan in plans]
+
+  def train(self, state, minibatches: list[dict]):
     """S_ref once before any update, reset, then M minibatch steps. Returns (state, metrics).
 
     The reference log-probs come from the gradient program itself, run at pi_theta_i (a
     gradient pass per minibatch, the price of the first update's loss seeing exactly
     S - S_ref = 0). The first minibatch's update runs at pi_theta_i, so it is its own
     reference pass; minibatches run longest groups first, so that pass saved is the costliest."""
-    num_minibatches = batch["tokens"].shape[0] // (self.rl.groups_per_minibatch * self.rl.k)
-    rows = batch["loss_mask"].shape[0]
-    grouped = rl_data.groups_by_length(
-        {**batch, "ref_logp": np.zeros(batch["loss_mask"].shape, np.float32),
-         "ref_is_own": np.zeros(rows, bool)}, self.rl.k)
-    minibatches = [self.pack(rl_data.trim_to_bucket(mb))
-                   for mb in rl_data.split_minibatches(grouped, self.rl.k, num_minibatches)]
-    # Every program sees bucketed minibatch shapes only: nothing recompiles when the number of
-    # complete groups changes from one iteration to the next (partial rollouts). Only the
-    # minibatches of a heavy tail's long groups pay long buckets, with their short
-    # trajectories packed side by side.
     # Each process keeps the reference log-probs of its own rows only (`local_rows`): no host
     # holds the whole batch's.
     global_rows = lambda mb, logp: multihost.global_rows(
@@ -276,8 +281,7 @@ class PolicyTrainer:
              "rewards": np.zeros(rows, np.float32),
              "group_ids": np.zeros(rows, np.int32)}
     if self.row_images is not None:  # rows without images, shaped like the real ones
-      dummy.update(image_fields(self.row_images.vision, tokens, [None] * rows,
-                                self.row_images.patches_per_row))
+      dummy.update(self.row_images.fields([None] * rows, [0] * rows, tokens))
     grads = jax.eval_shape(self.grads.jitted, state, dummy)  # shapes only: no global batch
     _, step_metrics = jax.eval_shape(self.apply, state, *grads)
     return {k: float("nan") for k in [*step_metrics, "kl_prev", "updates"]}
@@ -401,6 +405,12 @@ def _checks(config):
          "must be an int in (0, rl.max_response_tokens]")
   yield ("rl.groups_per_minibatch",
          is_int(rl.groups_per_minibatch) and rl.groups_per_minibatch >= 1, "must be an int >= 1")
+  yield ("rl.batch_slices", is_int(rl.batch_slices) and rl.batch_slices >= 0,
+         "must be an int >= 0 (0: one slice per process)")
+  for name in ("prompts_per_iteration", "groups_per_minibatch"):
+    yield (f"rl.{name}", not rl.batch_slices
+           or (is_int(rl[name]) and rl[name] % rl.batch_slices == 0),
+           f"must split into rl.batch_slices={rl.batch_slices} equal slices")
   yield ("rl.temperature", is_number(rl.temperature) and rl.temperature > 0,
          "must be > 0 for on-policy sampling")
   yield ("rl.loss", rl.loss in LOSSES, f"expected one of {LOSSES}")

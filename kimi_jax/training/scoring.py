@@ -2,6 +2,7 @@
 
 `score_groups` gives every trajectory (group order) its reward parts: the registered task
 reward of its domain, the k1.5 length reward (per prompt group) and the repetition penalty;
+`RowFacts` is what every process learns of every trajectory (scores and counts, no tokens);
 `rollout_metrics` summarises them overall and per domain (`reward/<domain>`,
 `accuracy/<domain>`); `write_samples` writes one JSON row per sampled response to
 `samples/iter_NNNNN.jsonl` (prompt, response, gold answer, reward and its parts, correct,
@@ -38,32 +39,49 @@ class GroupScores:
     nothing = np.zeros(0)
     return cls([], nothing, nothing, nothing, nothing.astype(bool), nothing)
 
-  def take(self, rows_B) -> "GroupScores":
-    """The rows `rows_B` (indices), in that order."""
-    rows_B = np.asarray(rows_B, np.int64)
-    arrays = [np.asarray(getattr(self, f))[rows_B] for f in _array_fields()]
-    return GroupScores([self.responses[i] for i in rows_B], *arrays)
+
+@dataclasses.dataclass(frozen=True)
+class RowFacts:
+  """What every process learns of every trajectory of an iteration, per row [B] (group order,
+  k rows per group): the scores and counts the metrics, the sampler and the batch layout need,
+  and no token ids or text (those stay with the process that sampled them)."""
+  group_id: np.ndarray
+  prompt_id: np.ndarray
+  domain: np.ndarray
+  reward: np.ndarray
+  correct: np.ndarray
+  num_tokens: np.ndarray
+  logprob_sum: np.ndarray  # float64 sum of the sampled tokens' log-probs
+  repetition: np.ndarray
+  truncated: np.ndarray
+  segments: np.ndarray
+  counted_end: np.ndarray  # the position after the row's last loss token (rl_data.counted_ends)
 
   @classmethod
-  def concatenate(cls, parts: list["GroupScores"]) -> "GroupScores":
-    arrays = [np.concatenate([np.asarray(getattr(p, f)) for p in parts])
-              for f in _array_fields()]
-    return cls([r for p in parts for r in p.responses], *arrays)
+  def of(cls, groups: list[Group], scores: GroupScores, counted_end_B) -> "RowFacts":
+    rows = [(g, t) for g in groups for t in g.trajectories]
+    column = lambda values, dtype: np.array(values, dtype).reshape(len(rows))
+    return cls(column([g.group_id for g, _ in rows], np.int64),
+               column([g.prompt_id for g, _ in rows], object),
+               column([g.domain for g, _ in rows], object), np.asarray(scores.rewards, np.float64),
+               np.asarray(scores.correct, bool), np.asarray(scores.num_tokens, np.int64),
+               column([np.sum(t.logprobs, dtype=np.float64) for _, t in rows], np.float64),
+               column([t.repetition for _, t in rows], bool),
+               column([t.finish_reason["type"] == LENGTH for _, t in rows], bool),
+               column([t.num_segments for _, t in rows], np.int64),
+               np.asarray(counted_end_B, np.int64))
 
+  @classmethod
+  def merged(cls, parts: list["RowFacts"]) -> "RowFacts":
+    """Every process's facts in group-id order: the order of one process holding every group
+    (buffered groups, older, come first; new groups in sampling order)."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    joined = {f: np.concatenate([getattr(p, f) for p in parts]) for f in fields}
+    order = np.argsort(joined["group_id"], kind="stable")
+    return cls(**{f: v[order] for f, v in joined.items()})
 
-def _array_fields() -> list[str]:
-  return [f.name for f in dataclasses.fields(GroupScores) if f.name != "responses"]
-
-
-def merge_scored_groups(parts) -> tuple[list[Group], GroupScores]:
-  """One (groups, scores) from several (e.g. every process's complete groups and their
-  scores), groups and rows in group-id order: the order one process holding every group
-  produces (buffered groups, older, come first; new groups in sampling order)."""
-  groups = [g for part_groups, _ in parts for g in part_groups]
-  scores = GroupScores.concatenate([part_scores for _, part_scores in parts])
-  row_group_ids = np.array([g.group_id for g in groups for _ in g.trajectories], np.int64)
-  order = np.argsort([g.group_id for g in groups], kind="stable")
-  return [groups[i] for i in order], scores.take(np.argsort(row_group_ids, kind="stable"))
+  def __len__(self) -> int:
+    return len(self.group_id)
 
 
 def score_groups(groups: list[Group], decode, reward_by_domain, rl_config, step: int,
@@ -90,28 +108,25 @@ def _percentile(values, q: float) -> float:
   return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def rollout_metrics(groups: list[Group], scores: GroupScores, domains) -> dict:
+def rollout_metrics(facts: RowFacts, domains) -> dict:
   """Reward, accuracy, length and segment statistics of the complete groups, overall and for
   each of `domains` (NaN where there are none, so every row has the same keys)."""
-  trajectories = [t for g in groups for t in g.trajectories]
-  logprobs = [lp for t in trajectories for lp in t.logprobs]
-  lengths_B = np.asarray(scores.num_tokens, np.float64)
+  lengths_B = facts.num_tokens.astype(np.float64)
   metrics = {
-      "reward": _mean(scores.rewards), "accuracy": _mean(scores.correct),
+      "reward": _mean(facts.reward), "accuracy": _mean(facts.correct),
       "length_mean": _mean(lengths_B), "length_p50": _percentile(lengths_B, 50),
       "length_p90": _percentile(lengths_B, 90), "length_max": _percentile(lengths_B, 100),
       "lengths": lengths_B,
-      "repetition_frac": _mean([t.repetition for t in trajectories]),
-      "truncated_frac": _mean([t.finish_reason["type"] == LENGTH for t in trajectories]),
-      "multi_segment_frac": _mean([t.num_segments > 1 for t in trajectories]),
+      "repetition_frac": _mean(facts.repetition), "truncated_frac": _mean(facts.truncated),
+      "multi_segment_frac": _mean(facts.segments > 1),
       # Sampled-token negative log-prob: an entropy estimate (exact in expectation at T=1).
-      "entropy": -_mean(logprobs),
+      "entropy": (-float(facts.logprob_sum.sum() / lengths_B.sum()) if lengths_B.sum()
+                  else float("nan")),
   }
-  domains_B = np.array([g.domain for g in groups for _ in g.trajectories])
   for domain in domains:
-    rows = domains_B == domain
-    metrics[f"reward/{domain}"] = _mean(scores.rewards[rows])
-    metrics[f"accuracy/{domain}"] = _mean(scores.correct[rows])
+    rows = facts.domain == domain
+    metrics[f"reward/{domain}"] = _mean(facts.reward[rows])
+    metrics[f"accuracy/{domain}"] = _mean(facts.correct[rows])
   return metrics
 
 

@@ -17,9 +17,9 @@ from kimi_jax.rollout.types import Completion, SamplingParams, stop_reason
 from kimi_jax.sharding.rules import make_mesh
 from kimi_jax.training import rl
 from kimi_jax.training.setup import build_basics
-from kimi_jax.training.rl_data import pack_rows, unpacked
 from kimi_jax.training.state import init_train_state
 from kimi_jax.training.steps import keep_params
+from tests.training.test_rl_layout import one_slice_minibatches
 
 CFG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8)
@@ -28,7 +28,13 @@ K, GROUPS, T = 4, 4, 12  # 4 groups of 4 samples, two minibatches of two groups
 
 def rl_config(tau=0.5, epochs=2):
   return ConfigDict(dict(loss="mirror_descent", tau=tau, baseline="mean", length_normalize=False,
-                         clip_eps=0.2, k=K, groups_per_minibatch=2, epochs=epochs))
+                         clip_eps=0.2, k=K, groups_per_minibatch=2, epochs=epochs,
+                         prompts_per_iteration=GROUPS, batch_slices=1))
+
+
+def minibatches(batch, groups_per_minibatch=2, pack=True):
+  """The batch's minibatches as the RL loop lays them out (2x2x2 mesh: 4 batch shards)."""
+  return one_slice_minibatches(batch, K, groups_per_minibatch, pack, row_multiple=4)
 
 
 def make_batch(seed: int, rewards_B=None):
@@ -70,7 +76,7 @@ def test_zero_advantage_at_theta_i_gives_exactly_zero_gradient_even_at_large_tau
   tau term, whose gradient must be exactly 0, so even SGD at lr 1 leaves every weight as is."""
   trainer, state = trainer_and_state(optax.sgd(1.0), rl_config(tau=50.0))
   before = host_tree(state.params)
-  state, metrics = trainer.train(state, make_batch(0, rewards_B=np.ones(K * GROUPS)))
+  state, metrics = trainer.train(state, minibatches(make_batch(0, rewards_B=np.ones(K * GROUPS))))
   assert metrics["grad_norm"] == 0.0 and metrics["log_ratio"] == 0.0
   for got, want in zip(host_tree(state.params), before):
     np.testing.assert_array_equal(got, want)
@@ -84,7 +90,7 @@ def test_reference_is_the_pre_update_log_probs_computed_once():
   recorder = trainer.grads = RecordingGrads(trainer.grads)
   batch = make_batch(1)
   params_before = jax.device_get(state.params)
-  state, metrics = trainer.train(state, batch)
+  state, metrics = trainer.train(state, minibatches(batch))
   # One reference pass (ref_logp still zero), then 2 epochs x 2 minibatch steps.
   assert len(recorder.calls) == 1 + 4 and metrics["updates"] == 4
   assert not recorder.calls[0]["ref_logp"].any()
@@ -116,7 +122,7 @@ def test_own_reference_pass_equals_a_separate_one_bit_for_bit():
   """The first minibatch's update with `ref_is_own` gives the gradients and metrics of the same
   program fed the log-probs of a separate reference pass at the same params."""
   trainer, state = trainer_and_state(optax.sgd(0.5), rl_config())
-  batch = pack_rows({**make_batch(4), "ref_logp": np.zeros((K * GROUPS, T), np.float32)}, 4)
+  [batch] = minibatches(make_batch(4), groups_per_minibatch=GROUPS)
   own = trainer.grads(state, {**batch, "ref_is_own": np.ones(K * GROUPS, bool)})
   separate = trainer.grads(state, {**batch, "ref_is_own": np.zeros(K * GROUPS, bool)})
   ref_logp = np.asarray(separate[1]["logp_BxT"])
@@ -134,19 +140,19 @@ def test_packed_rows_give_the_unpacked_loss_gradients_and_log_probs():
   trainer, state = trainer_and_state(optax.sgd(0.5), rl_config())
   wide = lambda x: np.concatenate([x, np.zeros((K * GROUPS, 2 * T), x.dtype)], axis=1)
   batch = {k: wide(v) if v.ndim == 2 else v for k, v in make_batch(5).items()}  # 3T wide
-  batch.update(ref_logp=np.zeros((K * GROUPS, 3 * T), np.float32),
-               ref_is_own=np.zeros(K * GROUPS, bool))
-  packed = pack_rows(batch, 4)
+  [packed] = minibatches(batch, groups_per_minibatch=GROUPS)
+  [unpacked] = minibatches(batch, groups_per_minibatch=GROUPS, pack=False)
   assert packed["tokens"].shape[0] < K * GROUPS  # something was packed
   got_grads, got = trainer.grads(state, packed)
-  want_grads, want = trainer.grads(state, unpacked(batch))
+  want_grads, want = trainer.grads(state, unpacked)
   np.testing.assert_allclose(got["logp_BxT"], want["logp_BxT"], atol=1e-5, rtol=0)
   np.testing.assert_allclose(got["loss"], want["loss"], atol=1e-5, rtol=1e-5)
   for g, w in zip(host_tree(got_grads), host_tree(want_grads)):
     np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
   # Control: without segment boundaries a trajectory would see the ones packed before it.
   leaky = {**packed, "segment_ids": np.ones_like(packed["segment_ids"]),
-           "positions": np.broadcast_to(np.arange(3 * T), packed["tokens"].shape)}
+           "positions": np.broadcast_to(np.arange(packed["tokens"].shape[1]),
+                                        packed["tokens"].shape)}
   assert np.abs(np.asarray(trainer.grads(state, leaky)[1]["logp_BxT"])
                 - np.asarray(want["logp_BxT"])).max() > 1e-3
 
@@ -156,16 +162,16 @@ def test_optimizer_state_is_fresh_at_every_iteration_with_adam():
   newly initialised Adam state (moments and count), and differ from carrying the old one."""
   tx = optax.adam(1e-2)
   trainer, state = trainer_and_state(tx, rl_config(epochs=1))
-  state, _ = trainer.train(state, make_batch(2))
+  state, _ = trainer.train(state, minibatches(make_batch(2)))
   assert int(state.opt_state[0].count) == 2
   carried_mu = host_tree(state.opt_state[0].mu)
   placement = jax.tree.map(lambda leaf: leaf.sharding, state.opt_state)
   fresh = state.replace(step=state.step.copy(),
                         params=jax.tree.map(lambda p: p.copy(), state.params),
                         opt_state=jax.device_put(tx.init(state.params), placement))
-  reset_run, _ = trainer.train(state, make_batch(3))
+  reset_run, _ = trainer.train(state, minibatches(make_batch(3)))
   assert int(reset_run.opt_state[0].count) == 2  # two updates, not four
-  reference, _ = trainer.train(fresh, make_batch(3))
+  reference, _ = trainer.train(fresh, minibatches(make_batch(3)))
   for got, want in zip(host_tree(reset_run.params), host_tree(reference.params)):
     np.testing.assert_array_equal(got, want)
   assert any(np.abs(m).max() > 0 for m in carried_mu)  # the reset had work to do

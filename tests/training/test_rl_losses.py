@@ -19,7 +19,7 @@ def rl_config(loss: str, length_normalize: bool):
 
 def batch(num_groups: int, seed: int, padding_groups: int = 0):
   """Real groups with random log-probs, rewards and masks, then padding groups whose rows have
-  random log-probs but an all-zero loss mask (what pad_groups + build_rl_batch produce)."""
+  random log-probs but an all-zero loss mask (an empty group the batch layout adds)."""
   rng, pad_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
   rows, pad_rows = num_groups * K, padding_groups * K
   mask = (rng.uniform(size=(rows, T)) < 0.8).astype(np.float64)

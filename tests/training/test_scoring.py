@@ -1,11 +1,13 @@
-"""Scored groups of several processes merged into the one-process order."""
+"""What processes exchange of an iteration: per-row facts of their scored groups, merged into
+the one-process order, and nothing that grows with the responses' tokens."""
 import dataclasses
+import pickle
 
 import ml_collections
 import numpy as np
 
 from kimi_jax.rollout.partial import PartialRolloutBuffer, RolloutLimits, collect_groups, new_groups
-from kimi_jax.training.scoring import GroupScores, merge_scored_groups, score_groups
+from kimi_jax.training.scoring import GroupScores, RowFacts, score_groups
 from tests.rollout.test_partial import EOS, SAMPLING, P, ScriptedPolicy, encode
 
 RL = ml_collections.ConfigDict(dict(
@@ -29,31 +31,50 @@ class SeededPolicy(ScriptedPolicy):
 
 
 def rollout(prompts, first_group_id: int, buffer, version: int):
+  """(complete groups, their row facts) of one process's prompts."""
   groups = new_groups(prompts, encode, k=2, first_group_id=first_group_id, version=version)
   complete, _ = collect_groups(SeededPolicy(RESPONSES), SAMPLING, groups, buffer,
                                RolloutLimits(max_response_tokens=32, segment_tokens=4), version,
                                seed_base=0)
-  return complete, score_groups(complete, lambda ids: " ".join(map(str, ids)),
-                                {"arith": "arith"}, RL, version)
+  complete = sorted(complete, key=lambda g: g.group_id)
+  scores = score_groups(complete, lambda ids: " ".join(map(str, ids)), {"arith": "arith"}, RL,
+                        version)
+  return complete, RowFacts.of(complete, scores, 100 + scores.num_tokens)
 
 
-def test_two_processes_slices_merge_into_the_one_process_groups_and_scores():
+def test_two_processes_facts_merge_into_the_one_process_facts():
   one_buffer, buffers = PartialRolloutBuffer(), [PartialRolloutBuffer(), PartialRolloutBuffer()]
   for version in range(3):
     first = version * len(PROMPTS)
-    groups, scores = rollout(PROMPTS, first, one_buffer, version)
+    groups, facts = rollout(PROMPTS, first, one_buffer, version)
     # Process p takes prompts [2p, 2p + 2) with their global group ids, and its own buffer.
-    merged_groups, merged_scores = merge_scored_groups(
-        [rollout(PROMPTS[2 * p:2 * p + 2], first + 2 * p, buffers[p], version) for p in (0, 1)])
-    assert merged_groups == groups
-    assert [g.group_id for g in groups] == sorted(g.group_id for g in groups)
-    for field in dataclasses.fields(GroupScores):
-      np.testing.assert_array_equal(getattr(merged_scores, field.name),
-                                    getattr(scores, field.name), err_msg=field.name)
+    merged = RowFacts.merged(
+        [rollout(PROMPTS[2 * p:2 * p + 2], first + 2 * p, buffers[p], version)[1]
+         for p in (1, 0)])  # gathered in any order
+    for field in dataclasses.fields(RowFacts):
+      np.testing.assert_array_equal(getattr(merged, field.name), getattr(facts, field.name),
+                                    err_msg=field.name)
+    assert facts.group_id.tolist() == [g.group_id for g in groups for _ in range(2)]
   assert len(one_buffer) == len(buffers[0]) + len(buffers[1]) > 0
-  assert not np.all(scores.length == 0)  # the per-group length reward is in the comparison
+  assert len(set(facts.group_id)) > 1 and facts.segments.max() > 1  # buffered groups merged
 
 
-def test_merging_nothing_gives_empty_scores():
-  groups, scores = merge_scored_groups([([], GroupScores.empty()), ([], GroupScores.empty())])
-  assert groups == [] and scores.responses == [] and scores.num_tokens.shape == (0,)
+def test_facts_carry_no_tokens_their_size_does_not_grow_with_the_responses():
+  """A process sends the others only its rows' facts: 4 or 4000 response tokens per row must
+  give the same bytes (token ids or text in the facts would not)."""
+  def facts_bytes(length: int) -> int:
+    groups = new_groups([P("2", "2", "9"), P("3", "3", "9")], encode, k=2, first_group_id=0,
+                        version=0)
+    for group in groups:
+      for t in group.trajectories:
+        t.extend([7] * (length - 1) + [EOS], [-0.5] * length, version=0)
+        t.finished, t.finish_reason = True, {"type": "stop"}
+    scores = score_groups(groups, lambda ids: " ".join(map(str, ids)), {"arith": "arith"}, RL, 0)
+    return len(pickle.dumps(RowFacts.of(groups, scores, np.full(4, length))))
+  assert facts_bytes(4) == facts_bytes(4000)
+
+
+def test_merging_nothing_gives_empty_facts():
+  empty = RowFacts.of([], GroupScores.empty(), np.zeros(0))
+  merged = RowFacts.merged([empty, empty])
+  assert len(merged) == 0 and merged.prompt_id.shape == (0,)

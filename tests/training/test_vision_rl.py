@@ -52,7 +52,7 @@ def test_trainer_logprobs_equal_rollout_logprobs_on_images():
   assert len(complete) == 3 and [bool(g.images) for g in complete] == [True, True, False]
   batch = rl_data.build_rl_batch(complete, np.zeros(6), 96, tokenizer().pad_id, True)
   row_images = rl_data.RowImages.for_prompts(prompts, config.vision, PROCESSING)
-  batch.update(row_images.fields(complete, batch["tokens"]))
+  batch.update(row_images.fields(*row_images.row_inputs(complete), batch["tokens"]))
   logprobs = lambda params, batch: masked_token_logprobs(State(params), batch, config)
   ours = np.asarray(jax.jit(logprobs)(params, batch))
   row = 0
@@ -111,7 +111,7 @@ def test_partial_rollouts_on_images_never_sample_vision_tokens():
   assert not vision_ids & {i for t in trajectories for i in t.response_ids}
   batch = rl_data.build_rl_batch(complete, np.zeros(4), 96, tokenizer().pad_id, True)
   row_images = rl_data.RowImages.for_prompts(prompts, config.vision, PROCESSING)
-  batch.update(row_images.fields(complete, batch["tokens"]))
+  batch.update(row_images.fields(*row_images.row_inputs(complete), batch["tokens"]))
   logprobs = lambda params, batch: masked_token_logprobs(State(params), batch, config)
   ours = np.asarray(jax.jit(logprobs)(favoured, batch))
   for row, t in enumerate(trajectories):
