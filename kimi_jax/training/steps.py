@@ -104,7 +104,7 @@ def jit_eval(eval_fn, mesh: Mesh, state_shardings, **static) -> GlobalBatchProgr
 
 def rl_token_logprobs(config: ModelConfig, params, batch):
   """(per-token log-probs [B, T] of an RL minibatch's rows, max attention logits): the LM runs
-  on the minibatch's token rows (packed: `rl_data.pack_rows`) and `unpack_index` gathers the
+  on the minibatch's token rows (packed: `rl_layout`) and `unpack_index` gathers the
   log-probs back to the rows of `loss_mask`."""
   logp_RxT, max_logits_LxH = token_logprobs(config, params, batch, return_max_logits=True)
   return logp_RxT.reshape(-1)[batch["unpack_index"]], max_logits_LxH
