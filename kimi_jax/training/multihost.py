@@ -5,13 +5,12 @@ only process 0 writes files other than checkpoints.
 With one process every function here is the identity (or always-true), so single-host runs
 take exactly the code path they had before.
 """
-import pickle
-
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 from kimi_jax.checkpointing.hf import save_hf
+from kimi_jax.sharding.processes import allgather_objects  # noqa: F401 (the runners' gather)
 
 
 def is_main_process() -> bool:
@@ -33,19 +32,6 @@ def process_offset(global_count: int) -> int:
   """Index of this process's first item when `global_count` items split into process_count
   equal contiguous shares (the prompt sampler's slices)."""
   return jax.process_index() * (global_count // jax.process_count())
-
-
-def allgather_objects(obj) -> list:
-  """`obj` of every process, in process order, on every process (a collective: every process
-  must call it). Objects travel pickled between the processes of one job."""
-  if jax.process_count() == 1:
-    return [obj]
-  data = np.frombuffer(pickle.dumps(obj), np.uint8)
-  sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64)))
-  padded = np.zeros(int(sizes.max()), np.uint8)
-  padded[:data.size] = data
-  gathered = np.asarray(multihost_utils.process_allgather(padded))
-  return [pickle.loads(row[:int(n)].tobytes()) for row, n in zip(gathered, sizes.reshape(-1))]
 
 
 def global_batch(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
