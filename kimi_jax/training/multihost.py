@@ -12,6 +12,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from kimi_jax.checkpointing.hf import save_hf
+from kimi_jax.data.process_share import ProcessShare
 
 
 def is_main_process() -> bool:
@@ -22,11 +23,7 @@ def is_main_process() -> bool:
 def process_rows(num_rows: int) -> slice:
   """This process's contiguous share of `num_rows` batch rows (process i takes the i-th of
   process_count equal parts, the rows its devices hold under the batch sharding)."""
-  count = jax.process_count()
-  if num_rows % count:
-    raise ValueError(f"{num_rows} batch rows do not split over {count} processes")
-  per = num_rows // count
-  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+  return this_process().rows(num_rows)
 
 
 def process_offset(global_count: int) -> int:
@@ -116,3 +113,14 @@ def save_hf_from_main(path: str, model_config, params, **kwargs) -> None:
   params = addressable(params)
   if is_main_process():
     save_hf(path, model_config, params, **kwargs)
+
+
+def this_process() -> ProcessShare:
+  """The share of every batch's rows this process builds."""
+  return ProcessShare(jax.process_index(), jax.process_count())
+
+
+def global_from_rows(rows: dict, sharding: jax.sharding.NamedSharding) -> dict:
+  """The batch of which this process built `rows` (its `process_rows`, an equal share of every
+  field) as global arrays; `rows` itself with one process."""
+  return {k: global_rows(v, sharding, v.shape[0] * jax.process_count()) for k, v in rows.items()}

@@ -17,7 +17,8 @@ from kimi_jax.training.steps import jit_step, keep_params, lm_step
 
 def run_sft(state, shardings, mesh, model_config, batches, num_steps: int, writer=None,
             log_every: int = 50, desc: str = "sft", post_update=keep_params):
-  """`num_steps` LM steps on `batches` (an iterator of packed numpy batches).
+  """`num_steps` LM steps on `batches` (an iterator of packed numpy batches, each holding this
+  process's rows, `multihost.process_rows`, of the global batch).
 
   Returns (state, last metrics). Progress is shown as a bar; metrics go to `writer`.
   """
@@ -25,7 +26,8 @@ def run_sft(state, shardings, mesh, model_config, batches, num_steps: int, write
   metrics = {}
   with tqdm(range(1, num_steps + 1), desc=desc, dynamic_ncols=True) as bar:
     for step in bar:
-      state, metrics = train_step(state, next(batches))
+      state, metrics = train_step(state, multihost.global_from_rows(next(batches),
+                                                                    train_step.sharding))
       if every_or_final(step, log_every, num_steps):
         metrics = jax.device_get(metrics)
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
@@ -78,13 +80,14 @@ def sft_warmup(config, task, tokenizer, model_config, mesh, workdir: str, params
                                  task.reference_response(p)) for p in task.train]
     check_examples_fit(examples, config)
     batches = iter(PackedBatches(examples, config.sft.batch_size, config.sft.seq_len,
-                                 tokenizer.pad_id, config.seed))
+                                 tokenizer.pad_id, config.seed, multihost.this_process()))
   return fine_tune(config.sft, config.seed, batches, model_config, mesh,
                    os.path.join(workdir, "sft_metrics.jsonl"), params)
 
 
 def image_sft_batches(config, task, tokenizer, model_config) -> ImageExampleBatches:
-  """Unpacked SFT batches of the task's prompts (with their images) and references."""
+  """Unpacked SFT batches of the task's prompts (with their images) and references, this
+  process's rows of each."""
   processing = images.run_image_processing(config)
   examples, num_patches = [], []
   for prompt in task.train:
@@ -97,4 +100,4 @@ def image_sft_batches(config, task, tokenizer, model_config) -> ImageExampleBatc
   vision = model_config.vision
   return ImageExampleBatches(examples, images_of, vision, config.sft.batch_size,
                              config.sft.seq_len, padded_patches(num_patches, vision.merge_unit),
-                             tokenizer.pad_id, config.seed)
+                             tokenizer.pad_id, config.seed, multihost.this_process())
