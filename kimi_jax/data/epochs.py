@@ -10,7 +10,8 @@ from typing import Iterator
 import grain
 import numpy as np
 
-from kimi_jax.data.process_share import ProcessShare
+from kimi_jax.sharding.processes import Processes
+
 
 
 def epoch_order(seed: int, epoch: int, num_items: int) -> np.ndarray:
@@ -46,12 +47,12 @@ class EpochIterator(grain.DatasetIterator):
     self.epoch += consumed // self._num_items
     self.offset = consumed % self._num_items
 
-  def take_rows(self, batch_size: int, share: ProcessShare) -> list[int]:
-    """Moves past the next `batch_size` items (one per batch row); returns those of `share`'s
-    rows."""
+  def take_rows(self, batch_size: int, processes: Processes) -> list[int]:
+    """Moves past the next `batch_size` items (one per batch row); returns those of this
+    process's rows (`processes.rows`)."""
     batch_rows = list(itertools.islice(self.upcoming(), batch_size))
     self.advance(batch_size)
-    return batch_rows[share.rows(batch_size)]
+    return batch_rows[processes.rows(batch_size)]
 
   def get_state(self) -> dict[str, int]:
     return {"epoch": self.epoch, "offset": self.offset}

@@ -21,7 +21,7 @@ import numpy as np
 from kimi_jax.data.epochs import EpochIterator
 from kimi_jax.data.images import ProcessedImages
 from kimi_jax.data.packing import Example
-from kimi_jax.data.process_share import WHOLE_BATCH, ProcessShare
+from kimi_jax.sharding.processes import Processes, this_job
 from kimi_jax.model.config import VisionConfig
 from kimi_jax.model.mrope import mrope_positions
 from kimi_jax.model.vision import vision_layout
@@ -76,24 +76,26 @@ def padded_patches(num_patches: Sequence[int], multiple: int) -> int:
 class ImageExampleBatches(EpochIterator):
   """Endless SFT batches of `batch_size` examples in epoch order, one per row of seq_len slots
   (inputs tokens[:-1], targets tokens[1:]), with the image fields of their prompts.
-  `images_of(i)` preprocesses example i's images (None: a text example). Only the `share` of
-  each batch's rows is built: no other example is read and no other image preprocessed."""
+  `images_of(i)` preprocesses example i's images (None: a text example). Only this process's
+  rows of each batch are built (`processes`, by default this job's): no other example is read
+  and no other image preprocessed."""
 
   def __init__(self, examples: Sequence[Example], images_of: Callable[[int], ProcessedImages | None],
                vision: VisionConfig, batch_size: int, seq_len: int, patches_per_row: int,
-               pad_id: int, seed: int, share: ProcessShare = WHOLE_BATCH):
+               pad_id: int, seed: int, processes: Processes | None = None):
     super().__init__(len(examples), seed)
     for i, example in enumerate(examples):
       if not 2 <= len(example) <= seq_len + 1:
         raise ValueError(f"example {i}: {len(example)} tokens; a row of seq_len {seq_len} takes "
                          f"2..{seq_len + 1}")
-    share.rows(batch_size)  # fails here if the batch does not split over the processes
+    processes = processes or this_job()
+    processes.rows(batch_size)  # fails here if the batch does not split over the processes
     self.examples, self.images_of, self.vision = examples, images_of, vision
     self.batch_size, self.seq_len, self.patches_per_row = batch_size, seq_len, patches_per_row
-    self.pad_id, self.share = pad_id, share
+    self.pad_id, self.processes = pad_id, processes
 
   def __next__(self) -> dict[str, np.ndarray]:
-    chosen = self.take_rows(self.batch_size, self.share)
+    chosen = self.take_rows(self.batch_size, self.processes)
     shape = (len(chosen), self.seq_len + 1)
     tokens = np.full(shape, self.pad_id, np.int32)
     trained = np.zeros(shape, np.float32)

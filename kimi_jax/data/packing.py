@@ -18,7 +18,7 @@ import grain
 import numpy as np
 
 from kimi_jax.data.epochs import EpochIterator, epoch_order
-from kimi_jax.data.process_share import WHOLE_BATCH, ProcessShare
+from kimi_jax.sharding.processes import Processes, this_job
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,21 +119,22 @@ class PackedBatches(grain.IterDataset):
   """Endless packed SFT batches; each epoch visits the examples in a fresh (seed, epoch) order.
 
   Every process plans the whole batch of `batch_size` rows from the example lengths and packs
-  only its `share` of the rows: it reads no other example.
+  only its own rows (`processes`, by default this job's): it reads no other example.
   Iterator state: {"epoch", "offset"} of the next example, JSON-serialisable.
   """
 
   def __init__(self, examples: Sequence[Example], batch_size: int, seq_len: int, pad_id: int,
-               seed: int, share: ProcessShare = WHOLE_BATCH):
+               seed: int, processes: Processes | None = None):
     super().__init__()
     if not examples:
       raise ValueError("no SFT examples")
     self.lengths = [len(example) for example in examples]
     for index, length in enumerate(self.lengths):
       _slots(index, length, seq_len)
-    share.rows(batch_size)  # fails here if the batch does not split over the processes
+    processes = processes or this_job()
+    processes.rows(batch_size)  # fails here if the batch does not split over the processes
     self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
-    self.pad_id, self.seed, self.share = pad_id, seed, share
+    self.pad_id, self.seed, self.processes = pad_id, seed, processes
 
   def order(self, epoch: int) -> np.ndarray:
     return epoch_order(self.seed, epoch, len(self.examples))
@@ -157,6 +158,6 @@ class PackedBatchIterator(EpochIterator):
         yield ds.lengths[index]
 
     rows = plan_rows(lengths(), ds.seq_len, ds.batch_size)
-    own = [[window[i] for i in row] for row in rows[ds.share.rows(ds.batch_size)]]
+    own = [[window[i] for i in row] for row in rows[ds.processes.rows(ds.batch_size)]]
     self.advance(sum(map(len, rows)))
     return pack(ds.examples, own, ds.seq_len, ds.pad_id)

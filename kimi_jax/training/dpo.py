@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from kimi_jax.data.process_share import WHOLE_BATCH, ProcessShare
+from kimi_jax.sharding.processes import Processes, this_job
 from kimi_jax.losses.preference import dpo_loss
 from kimi_jax.losses.masking import sequence_logprob
 from kimi_jax.model import ModelConfig
@@ -27,9 +27,10 @@ from kimi_jax.training.steps import (apply_update, jit_eval, jit_step, keep_para
 
 
 def pair_batch(pairs: Sequence[tuple[list[int], list[int], list[int]]], seq_len: int,
-               pad_id: int, share: ProcessShare = WHOLE_BATCH) -> dict[str, np.ndarray]:
-  """(prompt_ids, chosen_ids, rejected_ids) triples -> `share`'s rows of the [2B, seq_len]
-  layout above (every pair is checked on every process, so all fail alike).
+               pad_id: int, processes: Processes | None = None) -> dict[str, np.ndarray]:
+  """(prompt_ids, chosen_ids, rejected_ids) triples -> this process's rows (`processes`, by
+  default this job's) of the [2B, seq_len] layout above. Every pair is checked on every
+  process, so all fail alike.
 
   Position p predicts token p + 1, so a response token at index P + i is scored at P + i - 1.
   """
@@ -43,7 +44,7 @@ def pair_batch(pairs: Sequence[tuple[list[int], list[int], list[int]]], seq_len:
     if len(prompt_ids) + len(response_ids) > seq_len + 1:
       raise ValueError(f"{where}: prompt+response has {len(prompt_ids) + len(response_ids)} "
                        f"tokens, more than seq_len+1={seq_len + 1}")
-  own = sides[share.rows(len(sides))]
+  own = sides[(processes or this_job()).rows(len(sides))]
   tokens = np.full((len(own), seq_len + 1), pad_id, np.int32)
   loss_mask = np.zeros((len(own), seq_len), np.float32)
   for row, (prompt_ids, response_ids) in enumerate(own):

@@ -20,13 +20,12 @@ from typing import Callable
 
 from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.data.packing import PackedBatches, example_from_ids
-from kimi_jax.data.process_share import ProcessShare
 from kimi_jax.data.tasks import encode_text
 from kimi_jax.eval import compare
 from kimi_jax.eval.evaluate import sample_and_grade
 from kimi_jax.metrics.writers import JsonlWriter
 from kimi_jax.rollout.backends import build_backend
-from kimi_jax.training import multihost, rl
+from kimi_jax.training import rl
 from kimi_jax.training.dpo import pair_batch, run_dpo
 from kimi_jax.training.long2short import (Sample, build_dpo_pairs, merge_params,
                                           shortest_rejection_sampling)
@@ -78,21 +77,21 @@ def shortest(config, task, tokenizer, model_config, mesh, params, workdir: str):
   encoded = [example_from_ids(tokenizer, encode_text(tokenizer, e.prompt, task.chat_template_kwargs),
                               e.response) for e in examples]
   batches = iter(PackedBatches(encoded, sft.batch_size, sft.seq_len, tokenizer.pad_id,
-                               config.seed, multihost.this_process()))
+                               config.seed))
   return fine_tune(sft, config.seed, batches, model_config, mesh,
                    os.path.join(workdir, "long2short_metrics.jsonl"), params=params,
                    desc="shortest_sft", key="long2short.sft.optimizer")
 
 
 def dpo_batches(pairs, tokenizer, encode: Callable[[str], list[int]], batch_size: int,
-                seq_len: int, seed: int, share: ProcessShare) -> list[dict]:
+                seq_len: int, seed: int) -> list[dict]:
   """Shuffled pair batches of exactly `batch_size` (the last one topped up from the start),
-  `share`'s rows of each; `encode` gives a prompt text's ids."""
+  this process's rows of each; `encode` gives a prompt text's ids."""
   triples = [(encode(p.prompt), tokenizer.encode(p.chosen) + [tokenizer.eos_id],
               tokenizer.encode(p.rejected) + [tokenizer.eos_id]) for p in pairs]
   random.Random(seed).shuffle(triples)
   triples += triples[:(-len(triples)) % batch_size]
-  return [pair_batch(triples[i:i + batch_size], seq_len, tokenizer.pad_id, share)
+  return [pair_batch(triples[i:i + batch_size], seq_len, tokenizer.pad_id)
           for i in range(0, len(triples), batch_size)]
 
 
@@ -106,8 +105,7 @@ def dpo(config, task, tokenizer, model_config, mesh, params, workdir: str):
   write_jsonl(os.path.join(workdir, "dpo_pairs.jsonl"), pairs)
   batches = dpo_batches(pairs, tokenizer,
                         lambda text: encode_text(tokenizer, text, task.chat_template_kwargs),
-                        l2s.dpo.batch_size, l2s.dpo.seq_len, config.seed,
-                        multihost.this_process())
+                        l2s.dpo.batch_size, l2s.dpo.seq_len, config.seed)
   tx = build_optimizer(l2s.dpo.optimizer, l2s.dpo.steps, "long2short.dpo.optimizer")
   state, shardings = train_state_from_params(model_config, tx, mesh, params)
   writer = JsonlWriter(os.path.join(workdir, "long2short_metrics.jsonl"))

@@ -80,7 +80,7 @@ def sft_warmup(config, task, tokenizer, model_config, mesh, workdir: str, params
                                  task.reference_response(p)) for p in task.train]
     check_examples_fit(examples, config)
     batches = iter(PackedBatches(examples, config.sft.batch_size, config.sft.seq_len,
-                                 tokenizer.pad_id, config.seed, multihost.this_process()))
+                                 tokenizer.pad_id, config.seed))
   return fine_tune(config.sft, config.seed, batches, model_config, mesh,
                    os.path.join(workdir, "sft_metrics.jsonl"), params)
 
@@ -100,4 +100,4 @@ def image_sft_batches(config, task, tokenizer, model_config) -> ImageExampleBatc
   vision = model_config.vision
   return ImageExampleBatches(examples, images_of, vision, config.sft.batch_size,
                              config.sft.seq_len, padded_patches(num_patches, vision.merge_unit),
-                             tokenizer.pad_id, config.seed, multihost.this_process())
+                             tokenizer.pad_id, config.seed)

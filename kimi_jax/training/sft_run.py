@@ -62,8 +62,7 @@ def _run(config, workdir: str) -> dict:
   if config.corpus.source:
     train_docs, heldout_docs = corpus_documents(config.corpus, config.task, config.seed)
     stream = TokenStream([tokenizer.encode(d) for d in train_docs], tokenizer.eos_id)
-    batches = iter(CorpusBatches(stream, config.sft.batch_size, config.sft.seq_len, config.seed,
-                                 multihost.this_process()))
+    batches = iter(CorpusBatches(stream, config.sft.batch_size, config.sft.seq_len, config.seed))
     params = fine_tune(config.sft, config.seed, batches, model_config, mesh, metrics_path, params)
   else:
     params = sft_warmup(config, task, tokenizer, model_config, mesh, workdir, params)

@@ -8,7 +8,7 @@ import numpy as np
 from kimi_jax.data import image_batches, image_prompts, rendered
 from kimi_jax.data.epochs import epoch_order
 from kimi_jax.data.packing import Example
-from kimi_jax.data.process_share import ProcessShare
+from kimi_jax.sharding.processes import Processes
 from kimi_jax.model import apply_vlm
 from kimi_jax.model.logprobs import token_logprobs
 from tests.data.read_recorder import ReadRecorder
@@ -89,13 +89,13 @@ def test_each_process_builds_only_its_rows_of_the_one_process_batch():
                       np.array([False] * len(p.ids) + [True] * len(response)))
               for response in ([5, 6, 2], [7, 2]) for p in prompts]
   image_sets = [p.images if len(p.images.image_grid_thw) else None for p in prompts] * 2
-  make = lambda examples, images_of, share: image_batches.ImageExampleBatches(
+  make = lambda examples, images_of, processes: image_batches.ImageExampleBatches(
       examples, images_of, config.vision, batch_size=4, seq_len=32, patches_per_row=64,
-      pad_id=0, seed=1, share=share)
-  whole = make(examples, image_sets.__getitem__, ProcessShare(0, 1))
+      pad_id=0, seed=1, processes=processes)
+  whole = make(examples, image_sets.__getitem__, Processes(0, 1, None))
   example_reads = [ReadRecorder(examples) for _ in range(2)]
   image_reads = [ReadRecorder(image_sets) for _ in range(2)]
-  halves = [make(example_reads[i], image_reads[i].__getitem__, ProcessShare(i, 2))
+  halves = [make(example_reads[i], image_reads[i].__getitem__, Processes(i, 2, None))
             for i in range(2)]
   stream = np.concatenate([epoch_order(1, epoch, len(examples)) for epoch in range(3)])
   for step in range(3):  # 12 rows: two epochs

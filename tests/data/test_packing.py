@@ -7,7 +7,7 @@ import pytest
 
 from kimi_jax.data.packing import (PLAIN, ChatTemplate, Example, PackedBatches,
                                encode_example, encode_prompt, pack_examples, plan_rows)
-from kimi_jax.data.process_share import ProcessShare
+from kimi_jax.sharding.processes import Processes
 from kimi_jax.data.synthetic import CHARSET, make_dataset, solve, target_response
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.model import ModelConfig, init_params
@@ -175,7 +175,7 @@ def test_each_process_packs_only_its_rows_of_the_one_process_batch(count):
   assert len(index_of) == len(examples)
   whole = iter(PackedBatches(examples, batch_size=8, seq_len=12, pad_id=PAD, seed=3))
   recorders = [ReadRecorder(examples) for _ in range(count)]
-  shares = [iter(PackedBatches(r, 8, 12, PAD, 3, ProcessShare(i, count)))
+  shares = [iter(PackedBatches(r, 8, 12, PAD, 3, Processes(i, count, None)))
             for i, r in enumerate(recorders)]
   for _ in range(6):  # past the end of epoch 0: 6 batches of 8 rows hold > 40 examples
     for recorder in recorders:
@@ -195,9 +195,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused():
   examples = random_examples(np.random.default_rng(0), 4, max_len=8)
   with pytest.raises(ValueError, match="6 batch rows do not split over 4 processes"):
     PackedBatches(examples, batch_size=6, seq_len=8, pad_id=PAD, seed=0,
-                  share=ProcessShare(1, 4))
-  with pytest.raises(ValueError, match=r"process index 2 not in \[0, 2\)"):
-    ProcessShare(2, 2)
+                  processes=Processes(1, 4, None))
 
 
 def test_synthetic_task_fits_the_demo_rows():

@@ -14,16 +14,20 @@ from kimi_jax.data.corpus import corpus_documents
 from kimi_jax.data.tasks import build_task
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.eval import compare
-from kimi_jax.eval.evaluate import evaluate, evaluate_with_config
+from kimi_jax.eval.evaluate import (evaluate, evaluate_with_config, sample_and_grade,
+                                    sample_and_grade_share)
 from kimi_jax.eval.lm_loss import heldout_loss_by_position
 from kimi_jax.model import init_params
 from kimi_jax.model.config import with_execution
 from kimi_jax.rollout.backends import EngineBackend
 from kimi_jax.rollout.engine import RolloutEngine
 from kimi_jax.rollout.server import BackgroundServer, RolloutServer
+from kimi_jax.rewards.registry import REGISTRY
 from kimi_jax.rollout.types import Completion
+from kimi_jax.sharding.processes import Processes
 from kimi_jax.training.setup import build_model_config
 from tests.rollout.fakes import FakeBackend
+from tests.sharding.thread_job import ThreadJob
 
 TOKENIZER = char_tokenizer(synthetic.CHARSET)
 
@@ -34,11 +38,12 @@ class PlantedBackend(FakeBackend):
 
   def __init__(self):
     super().__init__()
-    self.sampling = []
+    self.sampling, self.questions = [], []
 
   def generate(self, inputs, sampling, images=None):
     assert not any(images)  # text prompts
     self.sampling += sampling
+    self.questions += [TOKENIZER.decode(ids) for ids in inputs]
     out = []
     for ids, params in zip(inputs, sampling):
       problem = synthetic.solve(TOKENIZER.decode(ids))
@@ -67,6 +72,44 @@ def test_planted_answers_give_known_metrics(task):
              for p in prompts] + [len(f"#{int(p.answer) + 1}") + 1 for p in prompts]
   assert result.mean_tokens == pytest.approx(np.mean(lengths))
   assert result.accuracy_per_1k_tokens == pytest.approx(500 / np.mean(lengths))
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_shares_of_the_processes_are_the_rows_of_one_process(task, count):
+  # 7 prompts x 3 samples: shares of 4 + 3 or 3 + 2 + 2 prompts, starting at odd request rows
+  # (12 or 9, 15), so a share seeded from its own row 0 would flip the planted parity.
+  prompts, samples = task.heldout[:7], 3
+  args = (TOKENIZER, task, prompts, samples, 1.0, 40, 10, REGISTRY)
+  whole = sample_and_grade(PlantedBackend(), *args[:-2], seed=10)
+  shares = [sample_and_grade_share(PlantedBackend(), *args, Processes(i, count, None))
+            for i in range(count)]
+  assert sum((s.prompts_R for s in shares), []) == whole.prompts_R
+  assert sum((s.responses_R for s in shares), []) == whole.responses_R
+  for field in ("correct_R", "num_tokens_R"):
+    np.testing.assert_array_equal(np.concatenate([getattr(s, field) for s in shares]),
+                                  getattr(whole, field))
+
+
+@pytest.mark.parametrize("num_prompts, count", [(7, 2), (7, 3), (2, 3)])
+def test_processes_sample_only_their_share_and_all_get_the_one_process_result(task, num_prompts,
+                                                                              count):
+  # Stand-in processes (threads) with their own recording backends; (2, 3): process 2 has no
+  # prompt and still takes part in the gather.
+  prompts = task.heldout[:num_prompts]
+  evaluate_on = lambda backend, processes: evaluate(
+      backend, TOKENIZER, task, prompts, max_new_tokens=40, samples=3, temperature=1.0, k=2,
+      seed=10, processes=processes)
+  one_backend = PlantedBackend()
+  one = evaluate_on(one_backend, None)  # the JAX job of this test: one process
+  job = ThreadJob(count)
+  backends = [PlantedBackend() for _ in range(count)]
+  results = job.run(lambda processes: evaluate_on(backends[processes.index], processes))
+  assert results == [one] * count  # every field, every float bit
+  starts = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(num_prompts), count)])
+  for i, backend in enumerate(backends):  # its own prompts, with their one-process seeds
+    assert backend.questions == one_backend.questions[starts[i] * 3:starts[i + 1] * 3]
+    assert [s.seed for s in backend.sampling] == list(range(10 + starts[i] * 3,
+                                                            10 + starts[i + 1] * 3))
 
 
 def test_bad_eval_settings_are_refused(task):

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from kimi_jax.data.process_share import ProcessShare
+from kimi_jax.sharding.processes import Processes
 from kimi_jax.model import ModelConfig, apply_lm, init_params
 from kimi_jax.sharding.rules import make_mesh
 from kimi_jax.training.dpo import dpo_objective, pair_batch, run_dpo
@@ -66,14 +66,14 @@ def test_each_process_builds_its_rows_of_the_pair_batch():
   # rejected of pair 0). A bad pair fails on every process, not only on the one holding it.
   pairs = random_pairs(3, seed=5)
   whole = pair_batch(pairs, seq_len=12, pad_id=0)
-  parts = [pair_batch(pairs, 12, 0, ProcessShare(i, 3)) for i in range(3)]
+  parts = [pair_batch(pairs, 12, 0, Processes(i, 3, None)) for i in range(3)]
   for key in whole:
     np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
     assert parts[0][key].shape[0] == 2
   bad = pairs[:2] + [(pairs[2][0], pairs[2][1], [])]
   for i in range(3):
     with pytest.raises(ValueError, match=r"pair 2 \(rejected\).*non-empty"):
-      pair_batch(bad, 12, 0, ProcessShare(i, 3))
+      pair_batch(bad, 12, 0, Processes(i, 3, None))
 
 
 def test_lm_head_gradient_matches_hand_derivation():
