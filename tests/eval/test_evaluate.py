@@ -1,6 +1,7 @@
 """Evaluation through a backend: planted answers give known metrics; the checkpoint comparison
 reproduces direct evaluation of each checkpoint and writes its table and plot."""
 import json
+import os
 
 import jax
 import numpy as np
@@ -19,7 +20,7 @@ from kimi_jax.eval.evaluate import (evaluate, evaluate_with_config, sample_and_g
 from kimi_jax.eval.lm_loss import heldout_loss_by_position
 from kimi_jax.model import init_params
 from kimi_jax.model.config import with_execution
-from kimi_jax.rollout.backends import EngineBackend
+from kimi_jax.rollout.backends import EngineBackend, SGLangBackend
 from kimi_jax.rollout.engine import RolloutEngine
 from kimi_jax.rollout.server import BackgroundServer, RolloutServer
 from kimi_jax.rewards.registry import REGISTRY
@@ -112,6 +113,100 @@ def test_processes_sample_only_their_share_and_all_get_the_one_process_result(ta
                                                             10 + starts[i + 1] * 3))
 
 
+class RecordingEngine(RolloutEngine):
+  """Records the seed of every request it is given in `events`."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.events = []
+
+  def submit(self, prompts, sampling, images=None):
+    self.events += [("generate", sp.seed) for sp in sampling]
+    return super().submit(prompts, sampling, images)
+
+
+class RecordingRolloutServer(RolloutServer):
+  """Our SGLang-API server adding to its engine's `events` each call that acts on the fleet:
+  a weight update (with the version it then serves), memory release and resume."""
+
+  async def update_weights_from_disk(self, request):
+    response = await super().update_weights_from_disk(request)
+    self.engine.events.append(("update", self.engine.weight_version))
+    return response
+
+  async def release_memory_occupation(self, request):
+    self.engine.events.append(("release",))
+    return await super().release_memory_occupation(request)
+
+  async def resume_memory_occupation(self, request):
+    self.engine.events.append(("resume",))
+    return await super().resume_memory_occupation(request)
+
+
+class VersionRecordingBackend(SGLangBackend):
+  """Records the weight version of every completion it receives."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.versions = []
+
+  def generate(self, requests, sampling, images=None):
+    completions = super().generate(requests, sampling, images)
+    self.versions += [c.weight_version for c in completions]
+    return completions
+
+
+def test_processes_share_an_sglang_fleet_and_act_on_it_once(task, tmp_path):
+  # Two stand-in processes (threads) evaluate through one of our SGLang-API servers, sync two
+  # weight versions and release + resume its memory, as an RL run with the sglang backend
+  # does. Each sends only its share of the requests; process 0 alone writes and loads the
+  # weights and frees memory, with every process's requests before and after it.
+  config = get_config("smoke")
+  model_config = build_model_config(config.model, TOKENIZER)
+  params = {v: init_params(model_config, jax.random.key(int(v) + 1)) for v in ("0", "1")}
+  engine = RecordingEngine(model_config, params["0"], max_batch=config.rollout.max_batch,
+                         max_seq_len=config.rollout.max_seq_len,
+                         eos_token_ids=(TOKENIZER.eos_id,))
+  running = BackgroundServer(RecordingRolloutServer(engine, tokenizer=TOKENIZER))
+  prompts, samples = task.heldout[:5], 2
+  evaluate_on = lambda backend, processes: evaluate(
+      backend, TOKENIZER, task, prompts, max_new_tokens=12, samples=samples, temperature=1.0,
+      k=2, seed=10, processes=processes)
+
+  def process(processes):
+    backend = VersionRecordingBackend(model_config, TOKENIZER, [running.url],
+                                      str(tmp_path / "weights"), processes)
+    try:
+      results = []
+      for version in ("0", "1"):
+        backend.sync(params[version], version)
+        results.append(evaluate_on(backend, processes))
+      backend.release()
+      backend.resume()
+      return results, backend.versions
+    finally:
+      backend.close()
+
+  try:
+    (results0, versions0), (results1, versions1) = ThreadJob(2).run(process)
+  finally:
+    running.stop()
+  rows = samples * len(prompts)
+  # Every completion came from the weights synced before it: 6 + 4 rows per version.
+  assert versions0 == ["0"] * 6 + ["1"] * 6 and versions1 == ["0"] * 4 + ["1"] * 4
+  assert [e for e in engine.events if e[0] != "generate"] == [
+      ("update", "0"), ("update", "1"), ("release",), ("resume",)]
+  update1 = engine.events.index(("update", "1"))
+  seeds = lambda events: sorted(e[1] for e in events if e[0] == "generate")
+  assert seeds(engine.events[:update1]) == list(range(10, 10 + rows))  # each request once
+  assert seeds(engine.events[update1:]) == list(range(10, 10 + rows))
+  assert sorted(os.listdir(tmp_path / "weights")) == ["v1"]
+  for version, result0, result1 in zip(("0", "1"), results0, results1):
+    engine_backend = EngineBackend(model_config, params[version], config.rollout, config.rl,
+                                   TOKENIZER.eos_ids, version)
+    assert result0 == result1 == evaluate_on(engine_backend, None)
+
+
 def test_bad_eval_settings_are_refused(task):
   with pytest.raises(ValueError, match="k=3"):
     evaluate(PlantedBackend(), TOKENIZER, task, task.heldout[:2], 40, samples=2,
@@ -178,7 +273,7 @@ def test_comparison_through_the_sglang_client_equals_the_engine(engine_compariso
   as safetensors + /update_weights_from_disk for each checkpoint."""
   config = get_config("smoke")
   model_config = build_model_config(config.model, TOKENIZER)
-  engine = RolloutEngine(model_config, init_params(model_config, jax.random.key(0)),
+  engine = RecordingEngine(model_config, init_params(model_config, jax.random.key(0)),
                          max_batch=config.rollout.max_batch, max_seq_len=config.rollout.max_seq_len,
                          eos_token_ids=(TOKENIZER.eos_id,),
                          repetition_ngram=config.rl.repetition_ngram,  # as EngineBackend
