@@ -47,6 +47,14 @@ class Processes:
     start = self.index * per + min(self.index, extra)
     return slice(start, start + per + (self.index < extra))
 
+  def rows(self, num_rows: int) -> slice:
+    """This process's rows of a `num_rows`-row batch: the index-th of `count` equal parts, the
+    rows its devices hold under the batch sharding."""
+    if num_rows % self.count:
+      raise ValueError(f"{num_rows} batch rows do not split over {self.count} processes")
+    per = num_rows // self.count
+    return slice(self.index * per, (self.index + 1) * per)
+
   def barrier(self) -> None:
     """Returns once every process has reached it."""
     self.allgather(None)

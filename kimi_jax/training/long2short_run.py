@@ -85,8 +85,8 @@ def shortest(config, task, tokenizer, model_config, mesh, params, workdir: str):
 
 def dpo_batches(pairs, tokenizer, encode: Callable[[str], list[int]], batch_size: int,
                 seq_len: int, seed: int) -> list[dict]:
-  """Shuffled pair batches of exactly `batch_size` (the last one topped up from the start);
-  `encode` gives a prompt text's ids."""
+  """Shuffled pair batches of exactly `batch_size` (the last one topped up from the start),
+  this process's rows of each; `encode` gives a prompt text's ids."""
   triples = [(encode(p.prompt), tokenizer.encode(p.chosen) + [tokenizer.eos_id],
               tokenizer.encode(p.rejected) + [tokenizer.eos_id]) for p in pairs]
   random.Random(seed).shuffle(triples)

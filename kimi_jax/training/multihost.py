@@ -11,6 +11,7 @@ from jax.experimental import multihost_utils
 
 from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.sharding.processes import allgather_objects  # noqa: F401 (the runners' gather)
+from kimi_jax.sharding.processes import this_job
 
 
 def is_main_process() -> bool:
@@ -21,11 +22,7 @@ def is_main_process() -> bool:
 def process_rows(num_rows: int) -> slice:
   """This process's contiguous share of `num_rows` batch rows (process i takes the i-th of
   process_count equal parts, the rows its devices hold under the batch sharding)."""
-  count = jax.process_count()
-  if num_rows % count:
-    raise ValueError(f"{num_rows} batch rows do not split over {count} processes")
-  per = num_rows // count
-  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+  return this_job().rows(num_rows)
 
 
 def process_offset(global_count: int) -> int:
@@ -102,3 +99,9 @@ def save_hf_from_main(path: str, model_config, params, **kwargs) -> None:
   params = addressable(params)
   if is_main_process():
     save_hf(path, model_config, params, **kwargs)
+
+
+def global_from_rows(rows: dict, sharding: jax.sharding.NamedSharding) -> dict:
+  """The batch of which this process built `rows` (its `process_rows`, an equal share of every
+  field) as global arrays; `rows` itself with one process."""
+  return {k: global_rows(v, sharding, v.shape[0] * jax.process_count()) for k, v in rows.items()}
