@@ -38,7 +38,8 @@ def start_cluster(entry: str, workdir: str, *flags: str) -> subprocess.Popen:
   """launch/scripts/local_cluster.sh with 2 processes, in its own session (killable as one)."""
   return subprocess.Popen(["bash", "launch/scripts/local_cluster.sh", "2", entry,
                            f"--workdir={workdir}", *FLAGS, *flags], cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True,
                           env={**os.environ, "PORT": str(free_port()), "PYTHON": sys.executable})
 
 
