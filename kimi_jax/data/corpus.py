@@ -16,9 +16,9 @@ import numpy as np
 
 from kimi_jax.data import synthetic
 from kimi_jax.data.epochs import EpochIterator, epoch_order
-from kimi_jax.sharding.processes import Processes, this_job
 from kimi_jax.data.sources import (DataValidationError, NotUtf8, RowError, as_nonempty_text,
                                    text_lines)
+from kimi_jax.sharding.processes import Processes, this_job
 
 TEXT_FIELD = "text"
 

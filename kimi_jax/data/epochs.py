@@ -13,7 +13,6 @@ import numpy as np
 from kimi_jax.sharding.processes import Processes
 
 
-
 def epoch_order(seed: int, epoch: int, num_items: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_items)
 

@@ -21,10 +21,10 @@ import numpy as np
 from kimi_jax.data.epochs import EpochIterator
 from kimi_jax.data.images import ProcessedImages
 from kimi_jax.data.packing import Example
-from kimi_jax.sharding.processes import Processes, this_job
 from kimi_jax.model.config import VisionConfig
 from kimi_jax.model.mrope import mrope_positions
 from kimi_jax.model.vision import vision_layout
+from kimi_jax.sharding.processes import Processes, this_job
 
 IMAGE_FIELDS = ("pixel_values", "hw_positions", "frame_ids", "window_ids", "rope_positions",
                 "image_mask")
