@@ -24,6 +24,13 @@ class GradedSamples:
   correct_R: np.ndarray  # bool
   num_tokens_R: np.ndarray  # response tokens, eos included
 
+  @classmethod
+  def concatenate(cls, parts: list["GradedSamples"]) -> "GradedSamples":
+    """The rows of `parts`, in order (processes' shares back into the whole set)."""
+    return cls(sum((p.prompts_R for p in parts), []), sum((p.responses_R for p in parts), []),
+               np.concatenate([p.correct_R for p in parts]),
+               np.concatenate([p.num_tokens_R for p in parts]))
+
 
 def sample_and_grade(backend, tokenizer, task, prompts, samples: int, temperature: float,
                      max_new_tokens: int, seed: int = 0,
@@ -43,8 +50,8 @@ def sample_and_grade(backend, tokenizer, task, prompts, samples: int, temperatur
 
 
 def sample_and_grade_share(backend, tokenizer, task, prompts, samples: int, temperature: float,
-                           max_new_tokens: int, seed: int, registry: RewardRegistry,
-                           processes: Processes) -> GradedSamples:
+                           max_new_tokens: int, seed: int, processes: Processes,
+                           registry: RewardRegistry = REGISTRY) -> GradedSamples:
   """`sample_and_grade` of this process's share of `prompts` (all `samples` of a prompt on one
   process), each request seeded by its row in the whole set, as if one process sampled all."""
   share = processes.share(len(prompts))
@@ -63,7 +70,7 @@ def evaluate(backend, tokenizer, task, prompts, max_new_tokens: int, samples: in
     raise ValueError(f"eval samples={samples} at temperature 0.0 would repeat one greedy answer")
   processes = processes or this_job()
   graded = sample_and_grade_share(backend, tokenizer, task, prompts, samples, temperature,
-                                  max_new_tokens, seed, registry, processes)
+                                  max_new_tokens, seed, processes, registry)
   shares = processes.allgather((graded.correct_R, graded.num_tokens_R))
   correct_R, num_tokens_R = (np.concatenate(rows) for rows in zip(*shares))
   shape = (len(prompts), samples)

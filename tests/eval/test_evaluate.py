@@ -13,47 +13,20 @@ from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.data import synthetic
 from kimi_jax.data.corpus import corpus_documents
 from kimi_jax.data.tasks import build_task
-from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.eval import compare
-from kimi_jax.eval.evaluate import (evaluate, evaluate_with_config, sample_and_grade,
-                                    sample_and_grade_share)
+from kimi_jax.eval.evaluate import (GradedSamples, evaluate, evaluate_with_config,
+                                    sample_and_grade, sample_and_grade_share)
 from kimi_jax.eval.lm_loss import heldout_loss_by_position
 from kimi_jax.model import init_params
 from kimi_jax.model.config import with_execution
 from kimi_jax.rollout.backends import EngineBackend, SGLangBackend
 from kimi_jax.rollout.engine import RolloutEngine
 from kimi_jax.rollout.server import BackgroundServer, RolloutServer
-from kimi_jax.rewards.registry import REGISTRY
-from kimi_jax.rollout.types import Completion
 from kimi_jax.sharding.processes import Processes
 from kimi_jax.training.setup import build_model_config
-from tests.rollout.fakes import FakeBackend
+from tests.eval.planted_backend import TOKENIZER, PlantedBackend
 from tests.rollout.recording_server import RecordingEngine, RecordingRolloutServer
 from tests.sharding.thread_job import ThreadJob
-
-TOKENIZER = char_tokenizer(synthetic.CHARSET)
-
-
-class PlantedBackend(FakeBackend):
-  """Answers with the worked response when a request's seed is even and with answer + 1
-  (always wrong) when it is odd; records every request's sampling params."""
-
-  def __init__(self):
-    super().__init__()
-    self.sampling, self.questions = [], []
-
-  def generate(self, inputs, sampling, images=None):
-    assert not any(images)  # text prompts
-    self.sampling += sampling
-    self.questions += [TOKENIZER.decode(ids) for ids in inputs]
-    out = []
-    for ids, params in zip(inputs, sampling):
-      problem = synthetic.solve(TOKENIZER.decode(ids))
-      text = (synthetic.target_response(problem) if params.seed % 2 == 0
-              else f"#{int(problem.answer) + 1}")
-      out.append(Completion(list(ids), TOKENIZER.encode(text) + [TOKENIZER.eos_id],
-                            [0.0] * (len(text) + 1), {"type": "stop"}))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +54,14 @@ def test_shares_of_the_processes_are_the_rows_of_one_process(task, count):
   # 7 prompts x 3 samples: shares of 4 + 3 or 3 + 2 + 2 prompts, starting at odd request rows
   # (12 or 9, 15), so a share seeded from its own row 0 would flip the planted parity.
   prompts, samples = task.heldout[:7], 3
-  args = (TOKENIZER, task, prompts, samples, 1.0, 40, 10, REGISTRY)
-  whole = sample_and_grade(PlantedBackend(), *args[:-2], seed=10)
-  shares = [sample_and_grade_share(PlantedBackend(), *args, Processes(i, count, None))
-            for i in range(count)]
-  assert sum((s.prompts_R for s in shares), []) == whole.prompts_R
-  assert sum((s.responses_R for s in shares), []) == whole.responses_R
-  for field in ("correct_R", "num_tokens_R"):
-    np.testing.assert_array_equal(np.concatenate([getattr(s, field) for s in shares]),
-                                  getattr(whole, field))
+  args = (TOKENIZER, task, prompts, samples, 1.0, 40, 10)
+  whole = sample_and_grade(PlantedBackend(), *args)
+  joined = GradedSamples.concatenate([
+      sample_and_grade_share(PlantedBackend(), *args, Processes(i, count, None))
+      for i in range(count)])
+  assert joined.prompts_R == whole.prompts_R and joined.responses_R == whole.responses_R
+  np.testing.assert_array_equal(joined.correct_R, whole.correct_R)
+  np.testing.assert_array_equal(joined.num_tokens_R, whole.num_tokens_R)
 
 
 @pytest.mark.parametrize("num_prompts, count", [(7, 2), (7, 3), (2, 3)])
@@ -244,7 +216,7 @@ def test_comparison_through_the_sglang_client_equals_the_engine(engine_compariso
   as safetensors + /update_weights_from_disk for each checkpoint."""
   config = get_config("smoke")
   model_config = build_model_config(config.model, TOKENIZER)
-  engine = RecordingEngine(model_config, init_params(model_config, jax.random.key(0)),
+  engine = RolloutEngine(model_config, init_params(model_config, jax.random.key(0)),
                          max_batch=config.rollout.max_batch, max_seq_len=config.rollout.max_seq_len,
                          eos_token_ids=(TOKENIZER.eos_id,),
                          repetition_ngram=config.rl.repetition_ngram,  # as EngineBackend
