@@ -28,6 +28,7 @@ from kimi_jax.rollout.types import Completion
 from kimi_jax.sharding.processes import Processes
 from kimi_jax.training.setup import build_model_config
 from tests.rollout.fakes import FakeBackend
+from tests.rollout.recording_server import RecordingEngine, RecordingRolloutServer
 from tests.sharding.thread_job import ThreadJob
 
 TOKENIZER = char_tokenizer(synthetic.CHARSET)
@@ -111,36 +112,6 @@ def test_processes_sample_only_their_share_and_all_get_the_one_process_result(ta
     assert backend.questions == one_backend.questions[starts[i] * 3:starts[i + 1] * 3]
     assert [s.seed for s in backend.sampling] == list(range(10 + starts[i] * 3,
                                                             10 + starts[i + 1] * 3))
-
-
-class RecordingEngine(RolloutEngine):
-  """Records the seed of every request it is given in `events`."""
-
-  def __init__(self, *args, **kwargs):
-    super().__init__(*args, **kwargs)
-    self.events = []
-
-  def submit(self, prompts, sampling, images=None):
-    self.events += [("generate", sp.seed) for sp in sampling]
-    return super().submit(prompts, sampling, images)
-
-
-class RecordingRolloutServer(RolloutServer):
-  """Our SGLang-API server adding to its engine's `events` each call that acts on the fleet:
-  a weight update (with the version it then serves), memory release and resume."""
-
-  async def update_weights_from_disk(self, request):
-    response = await super().update_weights_from_disk(request)
-    self.engine.events.append(("update", self.engine.weight_version))
-    return response
-
-  async def release_memory_occupation(self, request):
-    self.engine.events.append(("release",))
-    return await super().release_memory_occupation(request)
-
-  async def resume_memory_occupation(self, request):
-    self.engine.events.append(("resume",))
-    return await super().resume_memory_occupation(request)
 
 
 class VersionRecordingBackend(SGLangBackend):
