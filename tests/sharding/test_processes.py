@@ -29,3 +29,12 @@ def test_stand_in_processes_gather_in_process_order():
   gathered = job.run(lambda p: [p.allgather(p.index * 10), p.allgather(f"second {p.index}")])
   assert gathered == [[[0, 10, 20], ["second 0", "second 1", "second 2"]]] * 3
   assert [p.is_main for p in job.processes] == [True, False, False]
+
+
+def test_batch_rows_are_equal_parts_in_process_order():
+  # The rows a process's devices hold under a batch sharding over (data, fsdp): np.split.
+  expected = np.split(np.arange(8), 4)
+  assert [list(range(8))[Processes(i, 4, None).rows(8)] for i in range(4)] == \
+      [list(e) for e in expected]
+  with pytest.raises(ValueError, match="6 batch rows do not split over 4 processes"):
+    Processes(3, 4, None).rows(6)
