@@ -7,7 +7,6 @@ boundary), `positions` counting from each document's start (RoPE sees in-documen
 and `loss_mask` on every target of the same document as its input (nothing is predicted across
 a boundary). The stream is held in memory (three int32 per token): a research-scale corpus.
 """
-import itertools
 import json
 import os
 from typing import Sequence
@@ -19,6 +18,7 @@ from kimi_jax.data import synthetic
 from kimi_jax.data.epochs import EpochIterator, epoch_order
 from kimi_jax.data.sources import (DataValidationError, NotUtf8, RowError, as_nonempty_text,
                                    text_lines)
+from kimi_jax.sharding.processes import Processes, this_job
 
 TEXT_FIELD = "text"
 
@@ -91,15 +91,20 @@ class TokenStream:
 class CorpusBatches(grain.IterDataset):
   """Endless batches of windows; each epoch visits every window once in a (seed, epoch) order.
 
+  Only this process's rows (windows) of each batch are built (`processes`, by default this job's).
   Iterator state: {"epoch", "offset"}, JSON-serialisable.
   """
 
-  def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, seed: int):
+  def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, seed: int,
+               processes: Processes | None = None):
     super().__init__()
     if stream.num_windows(seq_len) < 1:
       raise ValueError(f"corpus of {len(stream.tokens)} tokens is shorter than one window of "
                        f"seq_len={seq_len} + 1")
+    processes = processes or this_job()
+    processes.rows(batch_size)  # fails here if the batch does not split over the processes
     self.stream, self.batch_size, self.seq_len, self.seed = stream, batch_size, seq_len, seed
+    self.processes = processes
 
   def order(self, epoch: int) -> np.ndarray:
     return epoch_order(self.seed, epoch, self.stream.num_windows(self.seq_len))
@@ -115,9 +120,8 @@ class CorpusBatchIterator(EpochIterator):
 
   def __next__(self) -> dict[str, np.ndarray]:
     self._assert_not_closed()
-    indices = itertools.islice(self.upcoming(), self._ds.batch_size)
-    rows = [self._ds.stream.window(index, self._ds.seq_len) for index in indices]
-    self.advance(len(rows))
+    rows = [self._ds.stream.window(index, self._ds.seq_len)
+            for index in self.take_rows(self._ds.batch_size, self._ds.processes)]
     return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
 

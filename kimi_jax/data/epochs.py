@@ -4,10 +4,13 @@ Every epoch visits items 0..N-1 once, in the permutation drawn from (seed, epoch
 iterator's position is (epoch, offset into that epoch's order), so `set_state(get_state())`
 on a fresh iterator continues exactly where the old one was.
 """
+import itertools
 from typing import Iterator
 
 import grain
 import numpy as np
+
+from kimi_jax.sharding.processes import Processes
 
 
 def epoch_order(seed: int, epoch: int, num_items: int) -> np.ndarray:
@@ -42,6 +45,13 @@ class EpochIterator(grain.DatasetIterator):
     consumed = self.offset + count
     self.epoch += consumed // self._num_items
     self.offset = consumed % self._num_items
+
+  def take_rows(self, batch_size: int, processes: Processes) -> list[int]:
+    """Moves past the next `batch_size` items (one per batch row); returns those of this
+    process's rows (`processes.rows`)."""
+    batch_rows = list(itertools.islice(self.upcoming(), batch_size))
+    self.advance(batch_size)
+    return batch_rows[processes.rows(batch_size)]
 
   def get_state(self) -> dict[str, int]:
     return {"epoch": self.epoch, "offset": self.offset}

@@ -18,6 +18,7 @@ import grain
 import numpy as np
 
 from kimi_jax.data.epochs import EpochIterator, epoch_order
+from kimi_jax.sharding.processes import Processes, this_job
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,18 +118,23 @@ def pack_examples(examples: Sequence[Example], seq_len: int, pad_id: int) -> dic
 class PackedBatches(grain.IterDataset):
   """Endless packed SFT batches; each epoch visits the examples in a fresh (seed, epoch) order.
 
+  Every process plans the whole batch of `batch_size` rows from the example lengths and packs
+  only its own rows (`processes`, by default this job's): it reads no other example.
   Iterator state: {"epoch", "offset"} of the next example, JSON-serialisable.
   """
 
   def __init__(self, examples: Sequence[Example], batch_size: int, seq_len: int, pad_id: int,
-               seed: int):
+               seed: int, processes: Processes | None = None):
     super().__init__()
     if not examples:
       raise ValueError("no SFT examples")
-    for index, example in enumerate(examples):
-      _slots(index, len(example), seq_len)
-    self.examples, self.batch_size, self.seq_len = list(examples), batch_size, seq_len
-    self.pad_id, self.seed = pad_id, seed
+    self.lengths = [len(example) for example in examples]
+    for index, length in enumerate(self.lengths):
+      _slots(index, length, seq_len)
+    processes = processes or this_job()
+    processes.rows(batch_size)  # fails here if the batch does not split over the processes
+    self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
+    self.pad_id, self.seed, self.processes = pad_id, seed, processes
 
   def order(self, epoch: int) -> np.ndarray:
     return epoch_order(self.seed, epoch, len(self.examples))
@@ -144,14 +150,14 @@ class PackedBatchIterator(EpochIterator):
 
   def __next__(self) -> dict[str, np.ndarray]:
     self._assert_not_closed()
-    window = []
+    ds, window = self._ds, []
 
     def lengths():
       for index in self.upcoming():
-        window.append(self._ds.examples[index])
-        yield len(window[-1])
+        window.append(index)
+        yield ds.lengths[index]
 
-    rows = plan_rows(lengths(), self._ds.seq_len, self._ds.batch_size)
-    batch = pack(window, rows, self._ds.seq_len, self._ds.pad_id)
+    rows = plan_rows(lengths(), ds.seq_len, ds.batch_size)
+    own = [[window[i] for i in row] for row in rows[ds.processes.rows(ds.batch_size)]]
     self.advance(sum(map(len, rows)))
-    return batch
+    return pack(ds.examples, own, ds.seq_len, ds.pad_id)

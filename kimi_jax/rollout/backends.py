@@ -3,7 +3,8 @@
 `RolloutBackend` is what the RL loop, evaluation and curation call: the in-process
 `RolloutEngine` (`EngineBackend`) and SGLang-API servers (`SGLangBackend`, real SGLang on GPU
 pods or our own `launch.serve`) both implement it, as do the test fakes. SGLang servers receive
-weights as an HF safetensors directory + /update_weights_from_disk.
+weights as an HF safetensors directory + /update_weights_from_disk. The processes of a
+multi-process job each run their own engine on their own devices, or share one SGLang fleet.
 """
 import asyncio
 import os
@@ -15,6 +16,7 @@ from kimi_jax.data import image_prompts, images as image_inputs
 from kimi_jax.rollout.engine import RolloutEngine
 from kimi_jax.rollout.sglang_client import SGLangClient
 from kimi_jax.rollout.types import Completion, SamplingParams
+from kimi_jax.sharding.processes import Processes, this_job
 
 BACKENDS = ("engine", "sglang")
 
@@ -85,21 +87,39 @@ class EngineBackend:
 
 
 class SGLangBackend:
-  """SGLang's native HTTP API through `SGLangClient`, driven from the synchronous loop."""
+  """SGLang's native HTTP API through `SGLangClient`, driven from the synchronous loop.
 
-  def __init__(self, model_config, tokenizer, urls, weights_dir: str):
+  The `processes` of a job (default: the JAX job's) share the fleet: each sends only the
+  requests it is given. Weight syncs and memory calls act on the whole fleet, so process 0
+  alone sends them (and writes the weights), once every process has reached the call, and no
+  process goes on before it is done; every process must make these calls (collectives).
+  """
+
+  def __init__(self, model_config, tokenizer, urls, weights_dir: str,
+               processes: Processes | None = None):
     if not urls:
       raise ValueError("config.rollout.urls is empty: the sglang backend needs server URLs")
     self.model_config, self.tokenizer, self.weights_dir = model_config, tokenizer, weights_dir
+    self.processes = processes or this_job()
     self._loop = asyncio.new_event_loop()
     self.client = SGLangClient(list(urls))
 
   def generate(self, requests, sampling, images=None):
     return self._loop.run_until_complete(self.client.generate(requests, sampling, images=images))
 
+  def _for_all_processes(self, action) -> None:
+    """`action()` on process 0 after every process's requests so far, before any later one."""
+    self.processes.barrier()
+    if self.processes.is_main:
+      action()
+    self.processes.barrier()
+
   def sync(self, params, version: str) -> None:
     """Write HF safetensors (+ tokenizer) for `version`, point every server at them, then drop
-    the previous version's directory."""
+    the previous version's directory. Only process 0 reads `params`."""
+    self._for_all_processes(lambda: self._write_and_load(params, version))
+
+  def _write_and_load(self, params, version: str) -> None:
     path = os.path.join(self.weights_dir, f"v{version}")
     save_hf(path, self.model_config, params, tokenizer=self.tokenizer)
     self._loop.run_until_complete(self.client.update_weights_from_disk(path, version))
@@ -108,10 +128,12 @@ class SGLangBackend:
         shutil.rmtree(os.path.join(self.weights_dir, name), ignore_errors=True)
 
   def release(self) -> None:
-    self._loop.run_until_complete(self.client.release_memory_occupation())
+    self._for_all_processes(
+        lambda: self._loop.run_until_complete(self.client.release_memory_occupation()))
 
   def resume(self) -> None:
-    self._loop.run_until_complete(self.client.resume_memory_occupation())
+    self._for_all_processes(
+        lambda: self._loop.run_until_complete(self.client.resume_memory_occupation()))
 
   def close(self) -> None:
     self._loop.run_until_complete(self.client.close())

@@ -22,10 +22,11 @@ from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.data.packing import PackedBatches, example_from_ids
 from kimi_jax.data.tasks import encode_text
 from kimi_jax.eval import compare
-from kimi_jax.eval.evaluate import sample_and_grade
+from kimi_jax.eval.evaluate import GradedSamples, sample_and_grade_share
 from kimi_jax.metrics.writers import JsonlWriter
 from kimi_jax.rollout.backends import build_backend
-from kimi_jax.training import rl
+from kimi_jax.sharding.processes import this_job
+from kimi_jax.training import multihost, rl
 from kimi_jax.training.dpo import pair_batch, run_dpo
 from kimi_jax.training.long2short import (Sample, build_dpo_pairs, merge_params,
                                           shortest_rejection_sampling)
@@ -39,17 +40,19 @@ from kimi_jax.training.workdir import RunDirectory
 
 def sample_long_model(config, task, tokenizer, model_config, params, workdir: str) -> list[Sample]:
   """`long2short.num_samples` graded samples of the long model for each of the first
-  `long2short.num_prompts` distinct training questions."""
+  `long2short.num_prompts` distinct training questions, each process sampling its share."""
   l2s = config.long2short
   first_of_question = {}
   for prompt in task.train:
     first_of_question.setdefault(prompt.question, prompt)
   distinct = list(first_of_question.values())
   backend = build_backend(config, model_config, tokenizer, params, "long", workdir)
+  processes = this_job()
   try:
-    graded = sample_and_grade(backend, tokenizer, task, distinct[:l2s.num_prompts],
-                              l2s.num_samples, l2s.temperature, config.eval.max_new_tokens,
-                              config.seed)
+    share = sample_and_grade_share(backend, tokenizer, task, distinct[:l2s.num_prompts],
+                                   l2s.num_samples, l2s.temperature, config.eval.max_new_tokens,
+                                   config.seed, processes)
+    graded = GradedSamples.concatenate(processes.allgather(share))
   finally:
     backend.close()
   samples = [Sample(task.prompt_text(p), response, bool(correct), int(tokens)) for p, response, correct,
@@ -60,7 +63,10 @@ def sample_long_model(config, task, tokenizer, model_config, params, workdir: st
 
 
 def write_jsonl(path: str, rows) -> None:
-  """One JSON object per line (dicts, or NamedTuples written field by field)."""
+  """One JSON object per line (dicts, or NamedTuples written field by field), written by
+  process 0 only."""
+  if not multihost.is_main_process():
+    return
   with open(path, "w") as f:
     for row in rows:
       f.write(json.dumps(row if isinstance(row, dict) else row._asdict()) + "\n")
@@ -85,8 +91,8 @@ def shortest(config, task, tokenizer, model_config, mesh, params, workdir: str):
 
 def dpo_batches(pairs, tokenizer, encode: Callable[[str], list[int]], batch_size: int,
                 seq_len: int, seed: int) -> list[dict]:
-  """Shuffled pair batches of exactly `batch_size` (the last one topped up from the start);
-  `encode` gives a prompt text's ids."""
+  """Shuffled pair batches of exactly `batch_size` (the last one topped up from the start),
+  this process's rows of each; `encode` gives a prompt text's ids."""
   triples = [(encode(p.prompt), tokenizer.encode(p.chosen) + [tokenizer.eos_id],
               tokenizer.encode(p.rejected) + [tokenizer.eos_id]) for p in pairs]
   random.Random(seed).shuffle(triples)

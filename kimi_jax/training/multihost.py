@@ -5,13 +5,13 @@ only process 0 writes files other than checkpoints.
 With one process every function here is the identity (or always-true), so single-host runs
 take exactly the code path they had before.
 """
-import pickle
-
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 from kimi_jax.checkpointing.hf import save_hf
+from kimi_jax.sharding.processes import allgather_objects  # noqa: F401 (the runners' gather)
+from kimi_jax.sharding.processes import this_job
 
 
 def is_main_process() -> bool:
@@ -22,30 +22,13 @@ def is_main_process() -> bool:
 def process_rows(num_rows: int) -> slice:
   """This process's contiguous share of `num_rows` batch rows (process i takes the i-th of
   process_count equal parts, the rows its devices hold under the batch sharding)."""
-  count = jax.process_count()
-  if num_rows % count:
-    raise ValueError(f"{num_rows} batch rows do not split over {count} processes")
-  per = num_rows // count
-  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+  return this_job().rows(num_rows)
 
 
 def process_offset(global_count: int) -> int:
   """Index of this process's first item when `global_count` items split into process_count
   equal contiguous shares (the prompt sampler's slices)."""
   return jax.process_index() * (global_count // jax.process_count())
-
-
-def allgather_objects(obj) -> list:
-  """`obj` of every process, in process order, on every process (a collective: every process
-  must call it). Objects travel pickled between the processes of one job."""
-  if jax.process_count() == 1:
-    return [obj]
-  data = np.frombuffer(pickle.dumps(obj), np.uint8)
-  sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64)))
-  padded = np.zeros(int(sizes.max()), np.uint8)
-  padded[:data.size] = data
-  gathered = np.asarray(multihost_utils.process_allgather(padded))
-  return [pickle.loads(row[:int(n)].tobytes()) for row, n in zip(gathered, sizes.reshape(-1))]
 
 
 def global_batch(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
@@ -128,3 +111,9 @@ def save_hf_from_main(path: str, model_config, params, **kwargs) -> None:
   params = addressable(params)
   if is_main_process():
     save_hf(path, model_config, params, **kwargs)
+
+
+def global_from_rows(rows: dict, sharding: jax.sharding.NamedSharding) -> dict:
+  """The batch of which this process built `rows` (its `process_rows`, an equal share of every
+  field) as global arrays; `rows` itself with one process."""
+  return {k: global_rows(v, sharding, v.shape[0] * jax.process_count()) for k, v in rows.items()}

@@ -17,7 +17,8 @@ from kimi_jax.training.steps import jit_step, keep_params, lm_step
 
 def run_sft(state, shardings, mesh, model_config, batches, num_steps: int, writer=None,
             log_every: int = 50, desc: str = "sft", post_update=keep_params):
-  """`num_steps` LM steps on `batches` (an iterator of packed numpy batches).
+  """`num_steps` LM steps on `batches` (an iterator of packed numpy batches, each holding this
+  process's rows, `multihost.process_rows`, of the global batch).
 
   Returns (state, last metrics). Progress is shown as a bar; metrics go to `writer`.
   """
@@ -25,7 +26,8 @@ def run_sft(state, shardings, mesh, model_config, batches, num_steps: int, write
   metrics = {}
   with tqdm(range(1, num_steps + 1), desc=desc, dynamic_ncols=True) as bar:
     for step in bar:
-      state, metrics = train_step(state, next(batches))
+      state, metrics = train_step(state, multihost.global_from_rows(next(batches),
+                                                                    train_step.sharding))
       if every_or_final(step, log_every, num_steps):
         metrics = jax.device_get(metrics)
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
@@ -84,7 +86,8 @@ def sft_warmup(config, task, tokenizer, model_config, mesh, workdir: str, params
 
 
 def image_sft_batches(config, task, tokenizer, model_config) -> ImageExampleBatches:
-  """Unpacked SFT batches of the task's prompts (with their images) and references."""
+  """Unpacked SFT batches of the task's prompts (with their images) and references, this
+  process's rows of each."""
   processing = images.run_image_processing(config)
   examples, num_patches = [], []
   for prompt in task.train:

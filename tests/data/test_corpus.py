@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from kimi_jax.data.corpus import CorpusBatches, TokenStream, read_documents
+from kimi_jax.sharding.processes import Processes
 from kimi_jax.data.sources import DataValidationError
 
 EOS = 99
@@ -61,6 +62,17 @@ def test_batches_visit_every_window_per_epoch_and_resume_exactly():
     got = next(fresh)
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_each_process_builds_its_rows_of_the_one_process_batch():
+  stream = TokenStream(documents(n=20), EOS)
+  whole = iter(CorpusBatches(stream, batch_size=4, seq_len=8, seed=5))
+  halves = [iter(CorpusBatches(stream, 4, 8, 5, Processes(i, 2, None))) for i in range(2)]
+  for _ in range(stream.num_windows(8) // 4 + 2):  # into the second epoch
+    expected, parts = next(whole), [next(it) for it in halves]
+    for key in expected:
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
+      assert parts[0][key].shape[0] == 2
 
 
 def test_read_documents_reports_bad_lines(tmp_path):

@@ -6,9 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.data import image_batches, image_prompts, rendered
+from kimi_jax.data.epochs import epoch_order
 from kimi_jax.data.packing import Example
+from kimi_jax.sharding.processes import Processes
 from kimi_jax.model import apply_vlm
 from kimi_jax.model.logprobs import token_logprobs
+from tests.data.read_recorder import ReadRecorder
 from tests.tiny_vlm import encoded, model, tokenizer
 
 # float32; a batch row's patches sit beside padding patches, apply_vlm's do not.
@@ -48,7 +51,8 @@ def test_token_logprobs_of_image_fields_equal_apply_vlm_per_row():
     np.testing.assert_allclose(ours[i][~vision], expected[~vision], atol=ATOL, rtol=0)
     assert vision.sum() > 0 or not len(p.images.image_grid_thw)
     assert np.all(np.exp(ours[i][vision]) == 0.0) and np.isfinite(ours[i]).all()
-  assert batch["frame_ids"].max() == 2  # three images, frame ids unique across rows
+  # frame ids count each row's images from 0 (a row's fields depend on that row alone)
+  assert batch["frame_ids"][0].max() == 0 and batch["frame_ids"][1].max() == 1
   assert (batch["frame_ids"][2] == -1).all()  # the text row has only padding patches
 
 
@@ -74,3 +78,32 @@ def test_sft_image_batches_one_example_per_row():
                                     examples[index].trained[1:])
       assert batch["loss_mask"][row, length - 1:].sum() == 0
   assert sorted(seen) == [0, 0, 1, 1, 2, 2]
+
+
+def test_each_process_builds_only_its_rows_of_the_one_process_batch():
+  # 6 examples (3 prompts, two responses each), batches of 4 rows over 2 processes: a process
+  # preprocesses only the images of its own rows' examples and reads no other example.
+  config, _ = model()
+  prompts = rows()
+  examples = [Example(np.array(p.ids + response, np.int32),
+                      np.array([False] * len(p.ids) + [True] * len(response)))
+              for response in ([5, 6, 2], [7, 2]) for p in prompts]
+  image_sets = [p.images if len(p.images.image_grid_thw) else None for p in prompts] * 2
+  make = lambda examples, images_of, processes: image_batches.ImageExampleBatches(
+      examples, images_of, config.vision, batch_size=4, seq_len=32, patches_per_row=64,
+      pad_id=0, seed=1, processes=processes)
+  whole = make(examples, image_sets.__getitem__, Processes(0, 1, None))
+  example_reads = [ReadRecorder(examples) for _ in range(2)]
+  image_reads = [ReadRecorder(image_sets) for _ in range(2)]
+  halves = [make(example_reads[i], image_reads[i].__getitem__, Processes(i, 2, None))
+            for i in range(2)]
+  stream = np.concatenate([epoch_order(1, epoch, len(examples)) for epoch in range(3)])
+  for step in range(3):  # 12 rows: two epochs
+    for recorder in example_reads + image_reads:
+      recorder.reads.clear()
+    expected, parts = next(whole), [next(it) for it in halves]
+    for key in expected:
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
+    for i in range(2):
+      own = stream[step * 4 + 2 * i:step * 4 + 2 * i + 2].tolist()
+      assert example_reads[i].reads == own and image_reads[i].reads == own

@@ -7,10 +7,12 @@ import pytest
 
 from kimi_jax.data.packing import (PLAIN, ChatTemplate, Example, PackedBatches,
                                encode_example, encode_prompt, pack_examples, plan_rows)
+from kimi_jax.sharding.processes import Processes
 from kimi_jax.data.synthetic import CHARSET, make_dataset, solve, target_response
 from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.model import ModelConfig, init_params
 from kimi_jax.model.logprobs import token_logprobs
+from tests.data.read_recorder import ReadRecorder
 
 PAD = 0
 
@@ -164,6 +166,36 @@ def test_packed_batches_cover_epochs_and_resume():
   for _ in range(3):
     expected, got = next(it), next(resumed)
     assert all(np.array_equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_each_process_packs_only_its_rows_of_the_one_process_batch(count):
+  examples = random_examples(np.random.default_rng(2), 40, max_len=9)
+  index_of = {tuple(e.tokens): i for i, e in enumerate(examples)}
+  assert len(index_of) == len(examples)
+  whole = iter(PackedBatches(examples, batch_size=8, seq_len=12, pad_id=PAD, seed=3))
+  recorders = [ReadRecorder(examples) for _ in range(count)]
+  shares = [iter(PackedBatches(r, 8, 12, PAD, 3, Processes(i, count, None)))
+            for i, r in enumerate(recorders)]
+  for _ in range(6):  # past the end of epoch 0: 6 batches of 8 rows hold > 40 examples
+    for recorder in recorders:
+      recorder.reads.clear()
+    expected = next(whole)
+    parts = [next(it) for it in shares]
+    for key in expected:
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
+    per = 8 // count
+    for i, recorder in enumerate(recorders):  # a process reads its own rows' examples only
+      own = {k: v[i * per:(i + 1) * per] for k, v in expected.items()}
+      assert sorted(recorder.reads) == sorted(index_of[tuple(tokens)] for tokens, _ in unpack(own))
+  assert [it.get_state() for it in shares] == [whole.get_state()] * count
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused():
+  examples = random_examples(np.random.default_rng(0), 4, max_len=8)
+  with pytest.raises(ValueError, match="6 batch rows do not split over 4 processes"):
+    PackedBatches(examples, batch_size=6, seq_len=8, pad_id=PAD, seed=0,
+                  processes=Processes(1, 4, None))
 
 
 def test_synthetic_task_fits_the_demo_rows():

@@ -1,6 +1,7 @@
 """Evaluation through a backend: planted answers give known metrics; the checkpoint comparison
 reproduces direct evaluation of each checkpoint and writes its table and plot."""
 import json
+import os
 
 import jax
 import numpy as np
@@ -12,41 +13,20 @@ from kimi_jax.checkpointing.hf import save_hf
 from kimi_jax.data import synthetic
 from kimi_jax.data.corpus import corpus_documents
 from kimi_jax.data.tasks import build_task
-from kimi_jax.data.tokenizer import char_tokenizer
 from kimi_jax.eval import compare
-from kimi_jax.eval.evaluate import evaluate, evaluate_with_config
+from kimi_jax.eval.evaluate import (GradedSamples, evaluate, evaluate_with_config,
+                                    sample_and_grade, sample_and_grade_share)
 from kimi_jax.eval.lm_loss import heldout_loss_by_position
 from kimi_jax.model import init_params
 from kimi_jax.model.config import with_execution
-from kimi_jax.rollout.backends import EngineBackend
+from kimi_jax.rollout.backends import EngineBackend, SGLangBackend
 from kimi_jax.rollout.engine import RolloutEngine
 from kimi_jax.rollout.server import BackgroundServer, RolloutServer
-from kimi_jax.rollout.types import Completion
+from kimi_jax.sharding.processes import Processes
 from kimi_jax.training.setup import build_model_config
-from tests.rollout.fakes import FakeBackend
-
-TOKENIZER = char_tokenizer(synthetic.CHARSET)
-
-
-class PlantedBackend(FakeBackend):
-  """Answers with the worked response when a request's seed is even and with answer + 1
-  (always wrong) when it is odd; records every request's sampling params."""
-
-  def __init__(self):
-    super().__init__()
-    self.sampling = []
-
-  def generate(self, inputs, sampling, images=None):
-    assert not any(images)  # text prompts
-    self.sampling += sampling
-    out = []
-    for ids, params in zip(inputs, sampling):
-      problem = synthetic.solve(TOKENIZER.decode(ids))
-      text = (synthetic.target_response(problem) if params.seed % 2 == 0
-              else f"#{int(problem.answer) + 1}")
-      out.append(Completion(list(ids), TOKENIZER.encode(text) + [TOKENIZER.eos_id],
-                            [0.0] * (len(text) + 1), {"type": "stop"}))
-    return out
+from tests.eval.planted_backend import TOKENIZER, PlantedBackend
+from tests.rollout.recording_server import RecordingEngine, RecordingRolloutServer
+from tests.sharding.thread_job import ThreadJob
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +47,107 @@ def test_planted_answers_give_known_metrics(task):
              for p in prompts] + [len(f"#{int(p.answer) + 1}") + 1 for p in prompts]
   assert result.mean_tokens == pytest.approx(np.mean(lengths))
   assert result.accuracy_per_1k_tokens == pytest.approx(500 / np.mean(lengths))
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_shares_of_the_processes_are_the_rows_of_one_process(task, count):
+  # 7 prompts x 3 samples: shares of 4 + 3 or 3 + 2 + 2 prompts, starting at odd request rows
+  # (12 or 9, 15), so a share seeded from its own row 0 would flip the planted parity.
+  prompts, samples = task.heldout[:7], 3
+  args = (TOKENIZER, task, prompts, samples, 1.0, 40, 10)
+  whole = sample_and_grade(PlantedBackend(), *args)
+  joined = GradedSamples.concatenate([
+      sample_and_grade_share(PlantedBackend(), *args, Processes(i, count, None))
+      for i in range(count)])
+  assert joined.prompts_R == whole.prompts_R and joined.responses_R == whole.responses_R
+  np.testing.assert_array_equal(joined.correct_R, whole.correct_R)
+  np.testing.assert_array_equal(joined.num_tokens_R, whole.num_tokens_R)
+
+
+@pytest.mark.parametrize("num_prompts, count", [(7, 2), (7, 3), (2, 3)])
+def test_processes_sample_only_their_share_and_all_get_the_one_process_result(task, num_prompts,
+                                                                              count):
+  # Stand-in processes (threads) with their own recording backends; (2, 3): process 2 has no
+  # prompt and still takes part in the gather.
+  prompts = task.heldout[:num_prompts]
+  evaluate_on = lambda backend, processes: evaluate(
+      backend, TOKENIZER, task, prompts, max_new_tokens=40, samples=3, temperature=1.0, k=2,
+      seed=10, processes=processes)
+  one_backend = PlantedBackend()
+  one = evaluate_on(one_backend, None)  # the JAX job of this test: one process
+  job = ThreadJob(count)
+  backends = [PlantedBackend() for _ in range(count)]
+  results = job.run(lambda processes: evaluate_on(backends[processes.index], processes))
+  assert results == [one] * count  # every field, every float bit
+  starts = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(num_prompts), count)])
+  for i, backend in enumerate(backends):  # its own prompts, with their one-process seeds
+    assert backend.questions == one_backend.questions[starts[i] * 3:starts[i + 1] * 3]
+    assert [s.seed for s in backend.sampling] == list(range(10 + starts[i] * 3,
+                                                            10 + starts[i + 1] * 3))
+
+
+class VersionRecordingBackend(SGLangBackend):
+  """Records the weight version of every completion it receives."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.versions = []
+
+  def generate(self, requests, sampling, images=None):
+    completions = super().generate(requests, sampling, images)
+    self.versions += [c.weight_version for c in completions]
+    return completions
+
+
+def test_processes_share_an_sglang_fleet_and_act_on_it_once(task, tmp_path):
+  # Two stand-in processes (threads) evaluate through one of our SGLang-API servers, sync two
+  # weight versions and release + resume its memory, as an RL run with the sglang backend
+  # does. Each sends only its share of the requests; process 0 alone writes and loads the
+  # weights and frees memory, with every process's requests before and after it.
+  config = get_config("smoke")
+  model_config = build_model_config(config.model, TOKENIZER)
+  params = {v: init_params(model_config, jax.random.key(int(v) + 1)) for v in ("0", "1")}
+  engine = RecordingEngine(model_config, params["0"], max_batch=config.rollout.max_batch,
+                         max_seq_len=config.rollout.max_seq_len,
+                         eos_token_ids=(TOKENIZER.eos_id,))
+  running = BackgroundServer(RecordingRolloutServer(engine, tokenizer=TOKENIZER))
+  prompts, samples = task.heldout[:5], 2
+  evaluate_on = lambda backend, processes: evaluate(
+      backend, TOKENIZER, task, prompts, max_new_tokens=12, samples=samples, temperature=1.0,
+      k=2, seed=10, processes=processes)
+
+  def process(processes):
+    backend = VersionRecordingBackend(model_config, TOKENIZER, [running.url],
+                                      str(tmp_path / "weights"), processes)
+    try:
+      results = []
+      for version in ("0", "1"):
+        backend.sync(params[version], version)
+        results.append(evaluate_on(backend, processes))
+      backend.release()
+      backend.resume()
+      return results, backend.versions
+    finally:
+      backend.close()
+
+  try:
+    (results0, versions0), (results1, versions1) = ThreadJob(2).run(process)
+  finally:
+    running.stop()
+  rows = samples * len(prompts)
+  # Every completion came from the weights synced before it: 6 + 4 rows per version.
+  assert versions0 == ["0"] * 6 + ["1"] * 6 and versions1 == ["0"] * 4 + ["1"] * 4
+  assert [e for e in engine.events if e[0] != "generate"] == [
+      ("update", "0"), ("update", "1"), ("release",), ("resume",)]
+  update1 = engine.events.index(("update", "1"))
+  seeds = lambda events: sorted(e[1] for e in events if e[0] == "generate")
+  assert seeds(engine.events[:update1]) == list(range(10, 10 + rows))  # each request once
+  assert seeds(engine.events[update1:]) == list(range(10, 10 + rows))
+  assert sorted(os.listdir(tmp_path / "weights")) == ["v1"]
+  for version, result0, result1 in zip(("0", "1"), results0, results1):
+    engine_backend = EngineBackend(model_config, params[version], config.rollout, config.rl,
+                                   TOKENIZER.eos_ids, version)
+    assert result0 == result1 == evaluate_on(engine_backend, None)
 
 
 def test_bad_eval_settings_are_refused(task):

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from kimi_jax.sharding.processes import Processes
 from kimi_jax.model import ModelConfig, apply_lm, init_params
 from kimi_jax.sharding.rules import make_mesh
 from kimi_jax.training.dpo import dpo_objective, pair_batch, run_dpo
@@ -58,6 +59,21 @@ def test_pair_batch_rejects_bad_pairs():
     pair_batch([([1], [2], [3]), ([1, 2], [3], [4, 5, 6, 7])], seq_len=4, pad_id=0)
   with pytest.raises(ValueError, match=r"pair 0 \(chosen\).*non-empty"):
     pair_batch([([1], [], [3])], seq_len=4, pad_id=0)
+
+
+def test_each_process_builds_its_rows_of_the_pair_batch():
+  # 3 pairs -> 6 rows; process i of 3 builds rows 2i, 2i + 1 (process 1: chosen of pair 2,
+  # rejected of pair 0). A bad pair fails on every process, not only on the one holding it.
+  pairs = random_pairs(3, seed=5)
+  whole = pair_batch(pairs, seq_len=12, pad_id=0)
+  parts = [pair_batch(pairs, 12, 0, Processes(i, 3, None)) for i in range(3)]
+  for key in whole:
+    np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+    assert parts[0][key].shape[0] == 2
+  bad = pairs[:2] + [(pairs[2][0], pairs[2][1], [])]
+  for i in range(3):
+    with pytest.raises(ValueError, match=r"pair 2 \(rejected\).*non-empty"):
+      pair_batch(bad, 12, 0, Processes(i, 3, None))
 
 
 def test_lm_head_gradient_matches_hand_derivation():

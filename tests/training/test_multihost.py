@@ -35,11 +35,12 @@ ONE_PROCESS_ENV = {**os.environ, "JAX_PLATFORMS": "cpu",
                    "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
-def start_cluster(entry: str, workdir: str) -> subprocess.Popen:
+def start_cluster(entry: str, workdir: str, *flags: str) -> subprocess.Popen:
   """launch/scripts/local_cluster.sh with 2 processes, in its own session (killable as one)."""
   return subprocess.Popen(["bash", "launch/scripts/local_cluster.sh", "2", entry,
-                           f"--workdir={workdir}", *FLAGS], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                           f"--workdir={workdir}", *FLAGS, *flags], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True,
                           env={**os.environ, "PORT": str(free_port()), "PYTHON": sys.executable})
 
 
@@ -99,6 +100,49 @@ def test_rl_as_two_processes_equals_one_process(rl_one_process, tmp_path):
   out = finish(start_cluster("train_rl", two))
   assert "[0] summary:" in out and "[1] summary:" not in out
   assert_same_rl_run(rl_one_process, two)
+
+
+@pytest.mark.slow
+def test_rl_as_two_processes_sharing_an_sglang_server_equals_one_process(rl_one_process,
+                                                                         tmp_path):
+  # Both processes send their own rollout and eval requests to one of our SGLang-API servers
+  # (on a thread of this test's process); process 0 alone writes and loads each version's
+  # weights. The same rollouts and updates as one process sampling with its own engine.
+  import jax
+  from experiments import rl_arith
+  from kimi_jax.data.tasks import build_task
+  from kimi_jax.model import init_params
+  from kimi_jax.rollout.server import BackgroundServer
+  from kimi_jax.training.setup import build_model_config, build_tokenizer
+  from tests.rollout.recording_server import RecordingEngine, RecordingRolloutServer
+  config = rl_arith.get_config("smoke")
+  tokenizer = build_tokenizer(config, build_task(config.task, seed=config.seed))
+  model_config = build_model_config(config.model, tokenizer)
+  engine = RecordingEngine(model_config, init_params(model_config, jax.random.key(0)),
+                           max_batch=config.rollout.max_batch,
+                           max_seq_len=config.rollout.max_seq_len,
+                           eos_token_ids=tuple(tokenizer.eos_ids),
+                           repetition_ngram=config.rl.repetition_ngram,
+                           repetition_count=config.rl.repetition_count)  # as EngineBackend
+  server = BackgroundServer(RecordingRolloutServer(engine, tokenizer=tokenizer))
+  two = str(tmp_path / "two")
+  try:
+    out = finish(start_cluster("train_rl", two, "--config.rollout.backend=sglang",
+                               f"--config.rollout.urls=('{server.url}',)"))
+  finally:
+    server.stop()
+  assert "[0] summary:" in out and "[1] summary:" not in out
+  assert_same_rl_run(rl_one_process, two)
+  # One weight update per policy version (the start, then each iteration's).
+  assert [e for e in engine.events if e[0] != "generate"] == [
+      ("update", v) for v in ("0", "1", "2", "3")]
+  assert os.listdir(f"{two}/rollout_weights") == ["v3"]
+  # Held-out requests (seeds eval.seed + row) reach the server once per evaluation (start,
+  # steps 2 and 3): each process sent only its share. Rollout seeds are hashed 30-bit ints.
+  first, num_rows = config.eval.seed, config.task.num_heldout * config.eval.samples
+  eval_seeds = [e[1] for e in engine.events
+                if e[0] == "generate" and first <= e[1] < first + num_rows]
+  assert sorted(eval_seeds) == sorted(list(range(first, first + num_rows)) * 3)
 
 
 @pytest.mark.slow
