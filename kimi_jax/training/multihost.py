@@ -55,18 +55,6 @@ def global_rows(rows, sharding: jax.sharding.NamedSharding, num_rows: int):
   return jax.make_array_from_process_local_data(sharding, rows, (num_rows, *rows.shape[1:]))
 
 
-def from_process_blocks(block: dict, sharding: jax.sharding.NamedSharding) -> dict:
-  """Global arrays of which every process holds one equal block of rows (process i the i-th,
-  the rows its devices take under `sharding`): the block's fields with P times its rows.
-  With one process, the block itself."""
-  if jax.process_count() == 1:
-    return block
-  count = jax.process_count()
-  return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * count,
-                                                                  *v.shape[1:]))
-          for k, v in block.items()}
-
-
 def local_rows(x) -> np.ndarray:
   """This process's rows (`process_rows`) of a batch field as numpy. An array spanning several
   processes is read from this process's own shards: nothing is gathered."""

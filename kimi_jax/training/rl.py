@@ -234,7 +234,7 @@ class PolicyTrainer:
                                    *images)
     plans = rl_layout.plan_minibatches(self.layout, self.layout.slice_of(group_id_B[::self.rl.k]),
                                        end_B, rows["loss_mask"].shape[1])
-    return [multihost.from_process_blocks(rl_layout.process_block(
+    return [multihost.global_from_rows(rl_layout.process_block(
         plan, self.layout, local, self.slices, pad_id, self.row_images), self.batch_sharding)
             for plan in plans]
 
