@@ -19,6 +19,7 @@ from kimi_jax.eval.summary import EvalResult
 from kimi_jax.metrics.plots import plot_checkpoint_comparison, plot_series
 from kimi_jax.model.config import with_execution
 from kimi_jax.rollout.backends import build_backend
+from kimi_jax.sharding.processes import this_job
 from kimi_jax.data.tasks import build_task
 
 
@@ -101,11 +102,23 @@ def write_lm_losses(losses: dict[str, dict[str, float]], workdir: str) -> str:
 
 def run(config, workdir: str, checkpoints: dict[str, str]) -> dict[str, EvalResult]:
   """Evaluate every checkpoint on the config task's held-out set; write table, JSON, plot.
-  With a corpus configured (`config.corpus.source`), also compare held-out LM loss by position."""
+  With a corpus configured (`config.corpus.source`), also compare held-out LM loss by position.
+  Every process of a job evaluates its share of the prompts; process 0 alone writes."""
   os.makedirs(workdir, exist_ok=True)
   task = build_task(config.task, config.get("data"), seed=config.seed)
   results = {name: evaluate_checkpoint(config, task, path, workdir)
              for name, path in tqdm(checkpoints.items(), desc="eval", total=len(checkpoints))}
+  losses = lm_losses(config, checkpoints) if config.corpus.source else None
+  if this_job().is_main:
+    write_results(config, results, checkpoints, workdir)
+    if losses is not None:
+      tqdm.write(write_lm_losses(losses, workdir))
+  return results
+
+
+def write_results(config, results: dict[str, EvalResult], checkpoints: dict[str, str],
+                  workdir: str) -> None:
+  """eval.json, eval_table.md and eval.png of the checkpoints' results."""
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump({name: {"checkpoint": checkpoints[name], **r.as_dict("eval")}
                for name, r in results.items()}, f, indent=2)
@@ -119,6 +132,3 @@ def run(config, workdir: str, checkpoints: dict[str, str]) -> dict[str, EvalResu
       os.path.join(workdir, "eval.png"), title=f"held-out {config.task.name} "
       f"({config.eval.samples} sample(s) at T={config.eval.temperature})")
   tqdm.write(table)
-  if config.corpus.source:
-    tqdm.write(write_lm_losses(lm_losses(config, checkpoints), workdir))
-  return results

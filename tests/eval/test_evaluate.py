@@ -210,6 +210,18 @@ def test_comparison_equals_direct_evaluation(engine_comparison, checkpoints, tas
 
 
 @pytest.mark.slow
+def test_a_process_other_than_0_evaluates_and_writes_nothing(engine_comparison, checkpoints,
+                                                              tmp_path, monkeypatch):
+  """compare.run as process 1 of a job (its writer check; the evaluation itself runs as this
+  one-process job): the same results, and no file (eval.json, table, plot) left to process 0."""
+  monkeypatch.setattr(compare, "this_job", lambda: Processes(1, 2, lambda obj: [obj, obj]))
+  results = compare.run(get_config("smoke"), str(tmp_path / "run"),
+                        {"one": checkpoints["one"][0]})
+  assert results["one"] == engine_comparison[0]["one"]
+  assert os.listdir(tmp_path / "run") == []
+
+
+@pytest.mark.slow
 def test_comparison_through_the_sglang_client_equals_the_engine(engine_comparison, checkpoints,
                                                                  tmp_path):
   """Same evaluation with samples from our SGLang-API server over loopback HTTP, weights pushed

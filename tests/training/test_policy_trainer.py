@@ -1,6 +1,8 @@
 """PolicyTrainer wiring: S_ref is pi_theta_i's log-probs from the loss's own program (an exactly
 inert tau term at theta = theta_i), the optimizer restarts every iteration, and the minibatch
 steps train on the rewards the registry gave the rollouts."""
+import dataclasses
+
 import jax
 import numpy as np
 import optax
@@ -16,6 +18,7 @@ from kimi_jax.rollout.partial import PartialRolloutBuffer
 from kimi_jax.rollout.types import Completion, SamplingParams, stop_reason
 from kimi_jax.sharding.rules import make_mesh
 from kimi_jax.training import rl
+from kimi_jax.training.scoring import RowFacts
 from kimi_jax.training.setup import build_basics
 from kimi_jax.training.state import init_train_state
 from kimi_jax.training.steps import keep_params
@@ -201,7 +204,7 @@ class ScriptedArithBackend:
     pass
 
 
-def test_minibatch_steps_train_on_the_registry_rewards(tmp_path):
+def test_minibatch_steps_train_on_the_registry_rewards(tmp_path, monkeypatch):
   config = get_config("smoke")
   with config.unlocked():
     config.rl.length_penalty.update(weight=0.5, warmup_iterations=0)
@@ -213,6 +216,9 @@ def test_minibatch_steps_train_on_the_registry_rewards(tmp_path):
   sampler = iter(PromptSampler(task.train, make_strategy(config.sampler),
                                config.rl.prompts_per_iteration, config.seed))
   sampling = SamplingParams(temperature=1.0, stop_token_ids=(tokenizer.eos_id,))
+  sent, allgather = [], rl.multihost.allgather_objects
+  monkeypatch.setattr(rl.multihost, "allgather_objects",
+                      lambda obj: sent.append(obj) or allgather(obj))
   state, metrics = rl.rl_iteration(state, 0, trainer, ScriptedArithBackend(tokenizer), sampling,
                                    sampler, PartialRolloutBuffer(), task, tokenizer, config,
                                    str(tmp_path))
@@ -241,3 +247,11 @@ def test_minibatch_steps_train_on_the_registry_rewards(tmp_path):
         assert reward == pytest.approx(want, abs=1e-6)
   assert num_groups == config.rl.prompts_per_iteration
   assert 0 < metrics["accuracy"] < 1
+  # What a process sends the others: per-row facts and counts (and the KL metric's sums), never
+  # token ids or text.
+  [(facts, buffered, new_tokens), kl_sums] = sent
+  assert isinstance(facts, RowFacts) and len(facts) == num_groups * config.rl.k
+  assert all(np.shape(getattr(facts, f.name)) == (len(facts),)
+             for f in dataclasses.fields(RowFacts))
+  assert isinstance(buffered, int) and isinstance(new_tokens, int)
+  assert [type(x) for x in kl_sums] == [np.float64, int]
