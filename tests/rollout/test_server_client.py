@@ -157,7 +157,13 @@ def test_abort_all_mid_generation_returns_partial_tokens(served):
       await client.wait_until_idle()
       return aborted, await client.generate(prompts, sampling)
 
-  aborted, full = asyncio.run(scenario())
+  # The abort races the batch's 50 decode chunks: on a loaded machine the whole batch can
+  # finish before the abort arrives (all 4 then end by length). Such a race lost says nothing
+  # about aborting, so it is run again, up to 5 times.
+  for _ in range(5):
+    aborted, full = asyncio.run(scenario())
+    if any(cut.finish_reason["type"] == "abort" for cut in aborted):
+      break
   for cut, whole in zip(aborted, full):
     assert cut.finish_reason == {"type": "abort", "message": "aborted by /abort_request"}
     assert 0 < len(cut.output_ids) < 200 and len(cut.logprobs) == len(cut.output_ids)
