@@ -1,4 +1,5 @@
 """Every experiment variant builds, passes the run's validation, and fits its own data."""
+import jax
 import pytest
 
 from experiments import (code_rl, long2short_arith, long_context_arith, math_rl, rl_arith,
@@ -81,6 +82,26 @@ def test_sgd_learning_rate_times_tau_is_bounded_and_named():
   with config.unlocked():
     config.rl.tau = 10.0  # lr 5e-3 x 10: the tau term overshoots
   with pytest.raises(ValueError, match=r"config.rl.tau=10.0: with SGD, optimizer.learning_rate"):
+    validate_config(config)
+
+
+def test_batch_slices_are_checked_at_start_against_the_process_count(monkeypatch):
+  """Before any set-up or SFT warm-up: slices must divide the prompts and minibatches, and the
+  processes must own whole slices (0: one slice per process, so 3 processes make 3 slices)."""
+  config = rl_arith.get_config("smoke")  # 4 prompts, 2 groups per minibatch, 2 slices
+  with config.unlocked():
+    config.rl.batch_slices = 4
+  with pytest.raises(ValueError, match=r"config.rl.groups_per_minibatch=2: must split into 4"):
+    validate_config(config)
+  monkeypatch.setattr(jax, "process_count", lambda: 4)
+  with config.unlocked():
+    config.rl.batch_slices = 2
+  with pytest.raises(ValueError, match=r"config.rl.batch_slices=2: must be a multiple of the 4"):
+    validate_config(config)
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  with config.unlocked():
+    config.rl.batch_slices = 0
+  with pytest.raises(ValueError, match=r"config.rl.prompts_per_iteration=4: must split into 3"):
     validate_config(config)
 
 

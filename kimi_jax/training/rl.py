@@ -407,10 +407,13 @@ def _checks(config):
          is_int(rl.groups_per_minibatch) and rl.groups_per_minibatch >= 1, "must be an int >= 1")
   yield ("rl.batch_slices", is_int(rl.batch_slices) and rl.batch_slices >= 0,
          "must be an int >= 0 (0: one slice per process)")
+  processes = jax.process_count()
+  slices = rl.batch_slices or processes
+  yield ("rl.batch_slices", slices % processes == 0,
+         f"must be a multiple of the {processes} processes (each owns whole slices)")
   for name in ("prompts_per_iteration", "groups_per_minibatch"):
-    yield (f"rl.{name}", not rl.batch_slices
-           or (is_int(rl[name]) and rl[name] % rl.batch_slices == 0),
-           f"must split into rl.batch_slices={rl.batch_slices} equal slices")
+    yield (f"rl.{name}", is_int(rl[name]) and rl[name] % slices == 0,
+           f"must split into {slices} equal batch slices (rl.batch_slices; 0: one per process)")
   yield ("rl.temperature", is_number(rl.temperature) and rl.temperature > 0,
          "must be > 0 for on-policy sampling")
   yield ("rl.loss", rl.loss in LOSSES, f"expected one of {LOSSES}")
