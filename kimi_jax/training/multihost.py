@@ -28,7 +28,7 @@ def process_rows(num_rows: int) -> slice:
 def process_offset(global_count: int) -> int:
   """Index of this process's first item when `global_count` items split into process_count
   equal contiguous shares (the prompt sampler's slices)."""
-  return jax.process_index() * (global_count // jax.process_count())
+  return process_rows(global_count).start
 
 
 def global_batch(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from kimi_jax.data.images import ProcessedImages
-from kimi_jax.training.rl_data import TIME_FIELDS, RowImages, counted_ends
+from kimi_jax.training.rl_data import TIME_FIELDS, RowImages
 
 # Per-row fields a process's own rows carry into its minibatch blocks.
 ROW_FIELDS = ("tokens", "targets", "loss_mask", "rewards")
@@ -75,9 +75,11 @@ class Layout:
 @dataclasses.dataclass(frozen=True)
 class MinibatchPlan:
   """One minibatch: `rows_HxR` the fact row of each of its rows per slice (-1: a row of an
-  empty group), `length` its time axis, and with packing each row's packed row and offset
-  within its slice's `packed_rows` rows (-1: a row with nothing to run)."""
+  empty group), `end_HxR` where each row's counted tokens end (0: none), `length` its time
+  axis, and with packing each row's packed row and offset within its slice's `packed_rows`
+  rows (-1: a row with nothing to run)."""
   rows_HxR: np.ndarray
+  end_HxR: np.ndarray
   length: int
   packed_row_HxR: np.ndarray | None = None
   offset_HxR: np.ndarray | None = None
@@ -118,15 +120,15 @@ def plan_minibatches(layout: Layout, slice_G: np.ndarray, end_B: np.ndarray,
     queues.append(groups[np.argsort(-end_G[groups], kind="stable")])
   count = max(1, max(-(-len(q) // per) for q in queues))
   queues = [np.concatenate([q, np.full(count * per - len(q), -1)]) for q in queues]
-  row_ends = lambda rows: np.where(rows >= 0, end_B[np.maximum(rows, 0)], 0)
   plans = []
   for i in range(count):
     groups_HxG = np.stack([q[i * per:(i + 1) * per] for q in queues])
     rows_HxR = np.where(groups_HxG[..., None] >= 0, groups_HxG[..., None] * k + np.arange(k),
                         -1).reshape(layout.num_slices, per * k)
-    length = bucket_length(int(row_ends(rows_HxR).max()), width, layout.min_length)
-    plans.append(_packed(layout, rows_HxR, row_ends(rows_HxR), length) if layout.pack
-                 else MinibatchPlan(rows_HxR, length))
+    end_HxR = np.where(rows_HxR >= 0, end_B[np.maximum(rows_HxR, 0)], 0)
+    length = bucket_length(int(end_HxR.max()), width, layout.min_length)
+    plans.append(_packed(layout, rows_HxR, end_HxR, length) if layout.pack
+                 else MinibatchPlan(rows_HxR, end_HxR, length))
   return plans
 
 
@@ -137,7 +139,7 @@ def _packed(layout: Layout, rows_HxR, end_HxR, length: int) -> MinibatchPlan:
   needed, r = max(used for *_, used in plans), rows_HxR.shape[1]
   rows = next(n for n in (r // 4, r // 2, r)
               if n >= needed and n > 0 and n * layout.num_slices % layout.row_multiple == 0)
-  return MinibatchPlan(rows_HxR, length, np.stack([p for p, _, _ in plans]),
+  return MinibatchPlan(rows_HxR, end_HxR, length, np.stack([p for p, _, _ in plans]),
                        np.stack([o for _, o, _ in plans]), rows)
 
 
@@ -210,7 +212,7 @@ def _packed_block(plan: MinibatchPlan, block: dict, slices: range) -> dict[str, 
   out = {name: np.zeros((rows * len(slices), length), np.int32)
          for name in ("tokens", "targets", "positions", "segment_ids")}
   unpack_RxT = np.zeros(block["loss_mask"].shape, np.int32)
-  end_R = counted_ends(block["loss_mask"])
+  end_R = plan.end_HxR[list(slices)].reshape(-1)
   packed_R = plan.packed_row_HxR[list(slices)].reshape(-1)
   offset_R = plan.offset_HxR[list(slices)].reshape(-1)
   per_slice = plan.rows_HxR.shape[1]
