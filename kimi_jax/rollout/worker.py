@@ -5,7 +5,9 @@ every `Update` through per-request sinks called on the loop. Commands come in tw
 urgent ones (abort, pause) run before the next decode chunk; ordered ones (submit, weight
 swap) run in arrival order, and a weight swap waits until the engine is idle (or paused), so
 requests already admitted finish on the weights they started with, like SGLang's
-/update_weights_from_disk.
+/update_weights_from_disk. An urgent command still comes after the ordered ones sent before it
+that can run (not a weight swap waiting for idle), so an abort reaches a request submitted
+just before it.
 
 If a decode step raises, every request in flight receives an `EngineFailure` instead of an
 `Update`, the engine is reset and the loop goes on; `healthy` is False from the failure until
@@ -61,8 +63,10 @@ class EngineWorker:
     self.healthy = True
     self._loop: asyncio.AbstractEventLoop | None = None
     self._wake = threading.Condition()
-    self._urgent: list[Callable[[], None]] = []
-    self._ordered: collections.deque[tuple[Callable[[], None], bool]] = collections.deque()
+    # Commands with their sending order: (seq, run) and (seq, run, barrier).
+    self._sent = 0
+    self._urgent: list[tuple[int, Callable[[], None]]] = []
+    self._ordered: collections.deque[tuple[int, Callable[[], None], bool]] = collections.deque()
     self._sinks: dict[int, Sink] = {}
     self._uid_names: dict[int, tuple[str, str]] = {}  # uid -> (request rid, sample id)
     self._stopping = False
@@ -92,10 +96,11 @@ class EngineWorker:
         self._loop.call_soon_threadsafe(_resolve, future, result)
 
     with self._wake:
+      self._sent += 1
       if urgent:
-        self._urgent.append(run)
+        self._urgent.append((self._sent, run))
       else:
-        self._ordered.append((run, barrier))
+        self._ordered.append((self._sent, run, barrier))
       self._wake.notify()
     return future
 
@@ -148,7 +153,7 @@ class EngineWorker:
 
   def _head_ready(self) -> bool:
     """Under the lock: may the oldest ordered command run now (a barrier waits for idle)?"""
-    return bool(self._ordered) and (not self._ordered[0][1] or self.paused
+    return bool(self._ordered) and (not self._ordered[0][2] or self.paused
                                     or not self.engine.has_work)
 
   def _ready(self) -> bool:
@@ -165,14 +170,10 @@ class EngineWorker:
         if self._stopping:
           return
         urgent, self._urgent = self._urgent, []
-      for run in urgent:
+      for seq, run in urgent:
+        self._run_ordered(sent_before=seq)
         run()
-      while True:
-        with self._wake:
-          if not self._head_ready():
-            break
-          run, _ = self._ordered.popleft()
-        run()
+      self._run_ordered()
       throughput = self.load.tokens_per_s
       if self._can_step():
         start = time.perf_counter()
@@ -186,6 +187,15 @@ class EngineWorker:
           throughput = _THROUGHPUT_EMA * throughput + (1 - _THROUGHPUT_EMA) * rate
       self.load = LoadSnapshot(self.engine.num_running, self.engine.num_queued,
                                self.engine.num_tokens, throughput)
+
+  def _run_ordered(self, sent_before: float = float("inf")) -> None:
+    """Run the ordered commands sent before `sent_before` while the oldest may run now."""
+    while True:
+      with self._wake:
+        if not self._head_ready() or self._ordered[0][0] >= sent_before:
+          return
+        _, run, _ = self._ordered.popleft()
+      run()
 
   def _recover(self, error: Exception) -> None:
     """Fail every request in flight with `error`, then reset the engine."""
