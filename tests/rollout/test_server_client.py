@@ -180,7 +180,10 @@ def test_abort_by_rid_and_pause_modes(served):
         "input_ids": [3, 4, 5], "rid": "keep", "sampling_params": long}))
     drop = asyncio.create_task(http("POST", url, "/generate", {
         "input_ids": [6, 7], "rid": "drop", "sampling_params": long}))
-    while (await http("GET", url, "/v1/loads"))[1]["loads"][0]["num_used_tokens"] <= 5:
+    # Both requests admitted (an abort for a rid the server has not received yet reaches
+    # nothing, as in SGLang) and decoding.
+    while not ((load := (await http("GET", url, "/v1/loads"))[1]["loads"][0])["num_total_reqs"]
+               == 2 and load["num_used_tokens"] > 5):
       await asyncio.sleep(0.001)
     await http("POST", url, "/pause_generation", {"mode": "in_place"})
     assert (await http("POST", url, "/abort_request", {"rid": "drop"}))[0] == 200
@@ -196,7 +199,8 @@ def test_abort_by_rid_and_pause_modes(served):
     paused = await http("POST", url, "/pause_generation", {"mode": "abort"})
     held = asyncio.create_task(http("POST", url, "/generate", {
         "input_ids": [8, 9], "sampling_params": {"temperature": 0, "max_new_tokens": 3}}))
-    await asyncio.sleep(0.05)
+    while (await http("GET", url, "/get_load"))[1][0]["num_reqs"] == 0:  # held admitted
+      await asyncio.sleep(0.005)
     waiting = (await http("GET", url, "/get_load"))[1][0]["num_waiting_reqs"]
     await http("POST", url, "/continue_generation")
     return dropped[1], kept[1], paused, (await late)[1], waiting, (await held)[1]
